@@ -1,0 +1,22 @@
+"""eventful: vision transformers that re-process only what changed between frames."""
+
+from eventful.convert import convert
+from eventful.core.model import EventfulViT
+from eventful.core.ops import OpCount
+from eventful.core.policies import Policy, Threshold, TopFraction, TopK
+from eventful.core.state import StreamState
+from eventful.core.stream import Stream
+from eventful.models.vit import ViT
+
+__all__ = [
+    "EventfulViT",
+    "OpCount",
+    "Policy",
+    "Stream",
+    "StreamState",
+    "Threshold",
+    "TopFraction",
+    "TopK",
+    "ViT",
+    "convert",
+]

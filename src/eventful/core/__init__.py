@@ -1,0 +1,1 @@
+"""The engine: gates, buffers, incremental attention, eventful blocks, policies, state, ops."""

@@ -1,0 +1,179 @@
+"""The eventful transformer block: gates around every token-wise op, cached attention products.
+
+Levels (DESIGN.md):
+- "tokenwise": token gates and buffers around the qkv projection, the output projection and
+  the MLP; attention runs densely over the buffered q, k, v.
+- "qk": as tokenwise, and the query-key product is cached and updated by rows and columns.
+- "full": as qk, and the attention-value product is cached and updated by deltas.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eventful.core.attention import update_attention_value_product, update_query_key_product
+from eventful.core.gates import token_gate, write_rows
+from eventful.core.policies import Policy
+from eventful.core.selection import Selection
+from eventful.models.vit import Block, LayerScale, attention_scale
+
+LEVELS = ("tokenwise", "qk", "full")
+
+
+def _scaled_linear(linear: nn.Linear, scale: Tensor) -> nn.Linear:
+    """A copy of `linear` whose outputs are multiplied by `scale` (out_features,)."""
+    scaled = copy.deepcopy(linear)
+    with torch.no_grad():
+        scaled.weight.mul_(scale.unsqueeze(1))
+        if scaled.bias is not None:
+            scaled.bias.mul_(scale)
+    return scaled
+
+
+def _layer_scale(module: nn.Module, dim: int) -> Tensor:
+    if isinstance(module, LayerScale):
+        return module.gamma.detach()
+    return torch.ones(dim)
+
+
+class EventfulBlock(nn.Module):
+    """An eventful copy of a pre-norm `Block`; tokens (B, N, D) -> (B, N, D) with state.
+
+    Conversion folds the attention scale into the q rows of the qkv projection and each
+    LayerScale into the projection before it, so the eventful block does no extra work for
+    them. The original block is not modified.
+    """
+
+    def __init__(self, block: Block, level: str) -> None:
+        super().__init__()
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        dim = block.norm1.normalized_shape[0]
+        self.level = level
+        self.dim = dim
+        self.heads = block.attn.heads
+        self.hidden = block.mlp.fc1.out_features
+        query_scale = torch.ones(3 * dim)
+        query_scale[:dim] = attention_scale(dim, self.heads)
+        self.norm1 = copy.deepcopy(block.norm1)
+        self.qkv = _scaled_linear(block.attn.qkv, query_scale)
+        self.proj = _scaled_linear(block.attn.proj, _layer_scale(block.ls1, dim))
+        self.norm2 = copy.deepcopy(block.norm2)
+        self.fc1 = copy.deepcopy(block.mlp.fc1)
+        self.fc2 = _scaled_linear(block.mlp.fc2, _layer_scale(block.ls2, dim))
+
+    def state_shapes(self, batch: int, num_tokens: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of this block's per-stream-batch state tensors."""
+        tokens = (batch, num_tokens, self.dim)
+        shapes = {
+            "qkv_reference": tokens,
+            "qkv": (batch, num_tokens, 3 * self.dim),
+            "proj_reference": tokens,
+            "proj": tokens,
+            "mlp_reference": tokens,
+            "mlp": tokens,
+        }
+        square = (batch, self.heads, num_tokens, num_tokens)
+        if self.level in ("qk", "full"):
+            shapes["query_key_product"] = square
+        if self.level == "full":
+            shapes["attention_reference"] = square
+            shapes["attention_value_product"] = (
+                batch,
+                self.heads,
+                num_tokens,
+                self.dim // self.heads,
+            )
+        return shapes
+
+    def forward(
+        self,
+        x: Tensor,
+        state: dict[str, Tensor],
+        policy: Policy,
+        fresh_streams: list[int],
+        trace: list[dict[str, Selection]] | None = None,
+    ) -> Tensor:
+        batch, num_tokens, dim = x.shape
+        incremental = len(fresh_streams) < batch
+
+        qkv_selection, rows = token_gate(x, state["qkv_reference"], policy, fresh_streams)
+        qkv_rows = self.qkv(self.norm1(rows))
+        old_values = None
+        if self.level == "full" and incremental:
+            old_values = self._values_at(state["qkv"], qkv_selection, fresh_streams)
+        write_rows(state["qkv"], qkv_selection, qkv_rows)
+
+        attended = self._attend(state, qkv_selection, fresh_streams, old_values)
+        attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
+
+        proj_selection, rows = token_gate(attended, state["proj_reference"], policy, fresh_streams)
+        write_rows(state["proj"], proj_selection, self.proj(rows))
+        y = x + state["proj"]
+
+        mlp_selection, rows = token_gate(y, state["mlp_reference"], policy, fresh_streams)
+        hidden = F.gelu(self.fc1(self.norm2(rows)))
+        write_rows(state["mlp"], mlp_selection, self.fc2(hidden))
+        if trace is not None:
+            trace.append({"qkv": qkv_selection, "proj": proj_selection, "mlp": mlp_selection})
+        return y + state["mlp"]
+
+    def _split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Views q, k, v (B, H, N, dh) of the qkv buffer (B, N, 3 D)."""
+        batch, num_tokens, _ = qkv.shape
+        heads = qkv.view(batch, num_tokens, 3, self.heads, self.dim // self.heads)
+        q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def _values_at(
+        self, qkv: Tensor, selection: Selection, fresh_streams: list[int]
+    ) -> list[Tensor | None]:
+        """Per stream, the buffered values (H, s, dh) at the selected tokens, before update."""
+        _, _, v = self._split_heads(qkv)
+        return [
+            None if stream in fresh_streams else v[stream].index_select(1, index)
+            for stream, index in enumerate(selection.per_stream)
+        ]
+
+    def _attend(
+        self,
+        state: dict[str, Tensor],
+        selection: Selection,
+        fresh_streams: list[int],
+        old_values: list[Tensor | None] | None,
+    ) -> Tensor:
+        """Attention output (B, H, N, dh) over the buffered q, k, v, at this block's level."""
+        q, k, v = self._split_heads(state["qkv"])
+        if self.level == "tokenwise":
+            return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+        logits = state["query_key_product"]
+        for stream, index in enumerate(selection.per_stream):
+            if stream in fresh_streams:
+                torch.matmul(q[stream], k[stream].transpose(1, 2), out=logits[stream])
+            else:
+                update_query_key_product(logits[stream], q[stream], k[stream], index)
+        attention = logits.softmax(dim=-1)
+        if self.level == "qk":
+            return torch.matmul(attention, v)
+
+        product = state["attention_value_product"]
+        reference = state["attention_reference"]
+        for stream, index in enumerate(selection.per_stream):
+            if stream in fresh_streams:
+                reference[stream].copy_(attention[stream])
+                torch.matmul(attention[stream], v[stream], out=product[stream])
+            else:
+                update_attention_value_product(
+                    product[stream],
+                    attention[stream],
+                    reference[stream],
+                    v[stream].index_select(1, index),
+                    old_values[stream],
+                    index,
+                )
+        return product

@@ -1,0 +1,158 @@
+"""The eventful ViT: weights only; every cache lives in a `StreamState` passed to each step."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from eventful.core.block import LEVELS, EventfulBlock
+from eventful.core.ops import StepTrace
+from eventful.core.policies import Policy
+from eventful.core.state import StreamState
+from eventful.models.vit import ViT
+
+if TYPE_CHECKING:
+    from eventful.core.stream import Stream
+
+
+def _levels_for(level: str | Sequence[str], depth: int) -> list[str]:
+    levels = [level] * depth if isinstance(level, str) else list(level)
+    if len(levels) != depth:
+        raise ValueError(f"expected one level or {depth} levels (one per block), got {len(levels)}")
+    for name in levels:
+        if name not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {name!r}")
+    return levels
+
+
+class EventfulViT(nn.Module):
+    """An eventful copy of a `ViT`: frames (B, C, H, W) + state -> final-norm tokens (B, T, D).
+
+    `policy` decides, at every gate, which tokens each stream re-processes; assign a new one
+    between steps at will. `level` is one of "tokenwise", "qk", "full", or one per block.
+    """
+
+    def __init__(self, vit: ViT, policy: Policy, level: str | Sequence[str] = "full") -> None:
+        super().__init__()
+        levels = _levels_for(level, len(vit.blocks))
+        self.embedding = copy.deepcopy(vit.embedding)
+        self.blocks = nn.ModuleList(
+            EventfulBlock(block, name) for block, name in zip(vit.blocks, levels, strict=True)
+        )
+        self.norm = copy.deepcopy(vit.norm)
+        self.policy = policy
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        if not isinstance(policy, Policy):
+            raise TypeError(
+                f"policy must be an eventful policy (TopK, TopFraction, Threshold), got {policy!r}"
+            )
+        self._policy = policy
+
+    @property
+    def levels(self) -> list[str]:
+        return [block.level for block in self.blocks]
+
+    def new_state(self, batch_size: int = 1) -> StreamState:
+        """Empty caches for `batch_size` independent streams; the first step fills them."""
+        return StreamState(batch_size)
+
+    def stream(
+        self, batch_size: int = 1, count_ops: bool = True, check_finite: bool = True
+    ) -> Stream:
+        """A stateful wrapper over a new state: `y = stream(frames)`, one call per time step."""
+        from eventful.core.stream import Stream
+
+        return Stream(self, batch_size, count_ops=count_ops, check_finite=check_finite)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        frames: Tensor,
+        state: StreamState,
+        trace: StepTrace | None = None,
+        check_finite: bool = True,
+    ) -> Tensor:
+        """One time step of every stream in `state`; `trace`, if given, records selections.
+
+        Input errors are raised before any cache is touched.
+        """
+        num_tokens = self.check_input(frames, state, check_finite)
+        input_size = (frames.shape[-2], frames.shape[-1])
+        fresh = state.fresh_streams()
+        if not state.allocated or state.input_size != input_size:
+            shapes = [block.state_shapes(state.batch_size, num_tokens) for block in self.blocks]
+            state.allocate(shapes, input_size, frames.dtype, frames.device)
+        if trace is not None:
+            trace.num_tokens = num_tokens
+            trace.fresh_streams = fresh
+        tokens = self.embedding(frames)
+        for block, block_state in zip(self.blocks, state.blocks, strict=True):
+            tokens = block(
+                tokens, block_state, self.policy, fresh, None if trace is None else trace.blocks
+            )
+        state.mark_processed()
+        return self.norm(tokens)
+
+    def check_input(self, frames: Tensor, state: StreamState, check_finite: bool) -> int:
+        """Validate frames against the model and state; returns the token count per stream."""
+        if not isinstance(frames, Tensor):
+            raise TypeError(f"expected frames as a torch.Tensor, got {type(frames).__name__}")
+        channels = self.embedding.in_chans
+        patch = self.embedding.patch_size
+        if frames.dim() != 4 or frames.shape[1] != channels:
+            raise ValueError(
+                f"expected frames of shape (B, {channels}, H, W), got {tuple(frames.shape)}"
+            )
+        height, width = frames.shape[-2:]
+        if height < patch or width < patch:
+            raise ValueError(
+                f"expected frames of at least {patch}x{patch} pixels (one patch), "
+                f"got {height}x{width}"
+            )
+        if frames.shape[0] != state.batch_size:
+            raise ValueError(
+                f"frames hold a batch of {frames.shape[0]}, but the stream state holds "
+                f"{state.batch_size} streams"
+            )
+        weight = self.embedding.patch_projection.weight
+        if frames.device != weight.device:
+            raise ValueError(
+                f"frames are on {frames.device}, but the model is on {weight.device}; "
+                "move one of them"
+            )
+        if frames.dtype != weight.dtype:
+            raise ValueError(
+                f"frames have dtype {frames.dtype}, but the model has dtype {weight.dtype}"
+            )
+        if state.allocated:
+            if state.device != frames.device:
+                raise ValueError(
+                    f"the stream state is on {state.device}, but frames are on {frames.device}; "
+                    "move it with state.to(device)"
+                )
+            if state.dtype != frames.dtype:
+                raise ValueError(
+                    f"the stream state has dtype {state.dtype}, frames have dtype {frames.dtype}"
+                )
+            size = (height, width)
+            if state.input_size != size and not all(state.fresh):
+                raise ValueError(
+                    f"frames of {height}x{width} pixels differ from the "
+                    f"{state.input_size[0]}x{state.input_size[1]} this stream state was built "
+                    "for; reset every stream (stream.reset()) to change the input size"
+                )
+        num_tokens = self.embedding.num_tokens(height, width)
+        self.policy.validate(num_tokens)
+        if check_finite and not bool(torch.isfinite(frames).all()):
+            raise ValueError("frames contain NaN or Inf values; expected finite pixel values")
+        return num_tokens

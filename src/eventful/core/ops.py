@@ -1,0 +1,116 @@
+"""Multiply-accumulate counts of an eventful step, derived from shapes and selection sizes.
+
+Conventions (the paper's code): a linear layer costs input elements x out_features plus one
+add per output element for its bias; a matmul costs output elements x inner dimension; an add
+or subtraction costs one per output element. LayerNorm, softmax, GELU, the patch embedding and
+the final norm are not counted; LayerScale and the attention scale are folded into weights.
+
+Categories:
+- "linear": the token-wise linear layers (qkv, output projection, MLP);
+- "attention": the query-key and attention-value matmuls, dense or incremental;
+- "adds": residual adds and accumulation into the cached attention-value product;
+- "gates": gate errors and their norms, and the deltas of the delta gates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from eventful.core.selection import Selection
+
+CATEGORIES = ("linear", "attention", "adds", "gates")
+
+
+@dataclass
+class StepTrace:
+    """What one step ran: per block, the selection of each gate, and the fresh streams."""
+
+    num_tokens: int
+    fresh_streams: list[int]
+    blocks: list[dict[str, Selection]] = field(default_factory=list)
+
+
+@dataclass
+class OpCount:
+    """Multiply-accumulates of one step, per stream and category, with the dense figure."""
+
+    per_stream: list[dict[str, int]]
+    dense_per_stream: list[int]
+
+    @property
+    def total(self) -> int:
+        """Eventful multiply-accumulates, summed over the batch."""
+        return sum(sum(stream.values()) for stream in self.per_stream)
+
+    @property
+    def dense(self) -> int:
+        """Multiply-accumulates of the dense model on the same input, summed over the batch."""
+        return sum(self.dense_per_stream)
+
+    @property
+    def by_category(self) -> dict[str, int]:
+        return {name: sum(stream[name] for stream in self.per_stream) for name in CATEGORIES}
+
+
+def linear_macs(rows: int, layer: nn.Linear) -> int:
+    bias = layer.out_features if layer.bias is not None else 0
+    return rows * (layer.in_features * layer.out_features + bias)
+
+
+def dense_block_macs(block: nn.Module, num_tokens: int) -> dict[str, int]:
+    """One stream of one block run densely."""
+    n, d = num_tokens, block.dim
+    linear = (
+        linear_macs(n, block.qkv)
+        + linear_macs(n, block.proj)
+        + linear_macs(n, block.fc1)
+        + linear_macs(n, block.fc2)
+    )
+    return {"linear": linear, "attention": 2 * n * n * d, "adds": 2 * n * d, "gates": 0}
+
+
+def eventful_block_macs(
+    block: nn.Module, selections: dict[str, Selection], stream: int, step_fresh: list[int]
+) -> dict[str, int]:
+    """One stream of one eventful block, as executed in the traced step."""
+    n, d = selections["qkv"].num_tokens, block.dim
+    s_qkv = selections["qkv"].counts[stream]
+    s_proj = selections["proj"].counts[stream]
+    s_mlp = selections["mlp"].counts[stream]
+    linear = (
+        linear_macs(s_qkv, block.qkv)
+        + linear_macs(s_proj, block.proj)
+        + linear_macs(s_mlp, block.fc1)
+        + linear_macs(s_mlp, block.fc2)
+    )
+    adds = 2 * n * d
+    batch = selections["qkv"].batch_size
+    # Gates compute an error and its norm for every token of every stream, unless the whole
+    # batch is fresh (then they only copy the input into the reference).
+    gates = 0 if len(step_fresh) == batch else 3 * 2 * n * d
+    if stream in step_fresh or block.level == "tokenwise":
+        attention = 2 * n * n * d
+    elif block.level == "qk":
+        attention = 2 * s_qkv * n * d + n * n * d
+    else:
+        attention = 2 * s_qkv * n * d + 2 * n * s_qkv * d
+        gates += s_qkv * d + block.heads * n * s_qkv
+        adds += 2 * n * d
+    return {"linear": linear, "attention": attention, "adds": adds, "gates": gates}
+
+
+def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
+    """Op counts of a traced step of the eventful blocks `blocks`."""
+    batch = trace.blocks[0]["qkv"].batch_size
+    per_stream = [dict.fromkeys(CATEGORIES, 0) for _ in range(batch)]
+    dense = [0] * batch
+    for block, selections in zip(blocks, trace.blocks, strict=True):
+        dense_macs = sum(dense_block_macs(block, trace.num_tokens).values())
+        for stream in range(batch):
+            macs = eventful_block_macs(block, selections, stream, trace.fresh_streams)
+            for name, value in macs.items():
+                per_stream[stream][name] += value
+            dense[stream] += dense_macs
+    return OpCount(per_stream, dense)

@@ -1,0 +1,118 @@
+"""Per-stream caches of an eventful model, kept apart from its weights."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def _stream_index(value: object) -> int:
+    """An integer stream index; numpy and torch integers are accepted, booleans are not."""
+    if isinstance(value, bool):
+        raise TypeError(f"stream indices must be integers, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"stream indices must be integers, got {value!r}") from None
+
+
+class StreamState:
+    """The caches of a batch of B independent streams for one eventful model.
+
+    Holds, per block, the gate references, token buffers and attention caches (all with a
+    leading batch dimension), the input size they were built for, and which streams are
+    *fresh*: reset or never run, so their next step runs densely and refills their caches.
+    Tensors are allocated on the first step, on the frames' device.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.fresh = [True] * batch_size
+        self.input_size: tuple[int, int] | None = None
+        self.blocks: list[dict[str, Tensor]] = []
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.blocks)
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.blocks[0]["qkv"].device if self.blocks else None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.blocks[0]["qkv"].dtype if self.blocks else None
+
+    def fresh_streams(self) -> list[int]:
+        return [stream for stream, fresh in enumerate(self.fresh) if fresh]
+
+    def allocate(
+        self,
+        shapes: list[dict[str, tuple[int, ...]]],
+        input_size: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """(Re)build every cache, zero-filled, for inputs of `input_size` (H, W) pixels."""
+        self.blocks = [
+            {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in block.items()}
+            for block in shapes
+        ]
+        self.input_size = input_size
+
+    def reset(self, streams: Iterable[int] | None = None) -> None:
+        """Mark all streams, or the given ones, fresh; the others keep their caches untouched."""
+        if streams is None:
+            self.fresh = [True] * self.batch_size
+            return
+        chosen = [_stream_index(stream) for stream in streams]
+        for stream in chosen:
+            if not 0 <= stream < self.batch_size:
+                raise IndexError(
+                    f"stream index {stream} out of range for a batch of {self.batch_size} streams"
+                )
+        for stream in chosen:
+            self.fresh[stream] = True
+
+    def mark_processed(self) -> None:
+        self.fresh = [False] * self.batch_size
+
+    def to(self, device: torch.device | str) -> StreamState:
+        """Move every cache to `device`, in place; returns self."""
+        self.blocks = [
+            {name: tensor.to(device) for name, tensor in block.items()} for block in self.blocks
+        ]
+        return self
+
+    def nbytes(self) -> int:
+        """Bytes held by all caches of all streams."""
+        return sum(t.numel() * t.element_size() for block in self.blocks for t in block.values())
+
+    def nbytes_per_stream(self) -> int:
+        return self.nbytes() // self.batch_size
+
+    def state_dict(self) -> dict:
+        """A snapshot (copied tensors) that `load_state_dict` or `torch.save` accept."""
+        return {
+            "batch_size": self.batch_size,
+            "fresh": list(self.fresh),
+            "input_size": self.input_size,
+            "blocks": [{name: t.clone() for name, t in block.items()} for block in self.blocks],
+        }
+
+    def load_state_dict(self, snapshot: dict) -> None:
+        """Restore a snapshot from `state_dict`; the stream continues exactly where it was."""
+        if snapshot["batch_size"] != self.batch_size:
+            raise ValueError(
+                f"snapshot holds {snapshot['batch_size']} streams, expected {self.batch_size}"
+            )
+        self.fresh = list(snapshot["fresh"])
+        self.input_size = None if snapshot["input_size"] is None else tuple(snapshot["input_size"])
+        self.blocks = [
+            {name: t.clone() for name, t in block.items()} for block in snapshot["blocks"]
+        ]

@@ -1,0 +1,14 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from eventful.synthetic import moving_squares
+
+
+@pytest.fixture
+def video() -> torch.Tensor:
+    """A 20-frame moving scene for 1 stream: (20, 1, 3, 64, 64)."""
+    return moving_squares(20, size=64, batch=1, seed=1)

@@ -1,0 +1,267 @@
+"""Bad input is rejected with a clear error before any stream's cached state is touched."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import eventful
+
+LEVELS = ("tokenwise", "qk", "full")
+BATCH = 2
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_model(level="full"):
+    torch.manual_seed(0)
+    vit = eventful.ViT(image_size=32, patch_size=8, dim=32, depth=2, heads=4).eval()
+    return eventful.convert(vit, policy=eventful.TopK(5), level=level).eval()
+
+
+def frames(step, batch=BATCH, size=32):
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.rand(batch, 3, size, size, generator=generator)
+
+
+def warm_streams(model, batch=BATCH):
+    """A stream and its twin, both run for 2 valid steps, and a snapshot of the stream."""
+    stream, twin = model.stream(batch_size=batch), model.stream(batch_size=batch)
+    for step in range(2):
+        stream(frames(step, batch))
+        twin(frames(step, batch))
+    return stream, twin, stream.state_dict()
+
+
+def assert_untouched(stream, twin, snapshot):
+    """The state equals `snapshot`, and the next valid step matches the twin bit for bit."""
+    state = stream.state_dict()
+    assert state["batch_size"] == snapshot["batch_size"]
+    assert state["fresh"] == snapshot["fresh"]
+    assert state["input_size"] == snapshot["input_size"]
+    assert len(state["blocks"]) == len(snapshot["blocks"])
+    for got, want in zip(state["blocks"], snapshot["blocks"], strict=True):
+        assert got.keys() == want.keys()
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), name
+    step = frames(2, stream.batch_size)
+    assert torch.equal(stream(step), twin(step))
+
+
+def with_value(value):
+    bad = frames(9)
+    bad[1, 2, 5, 7] = value
+    return bad
+
+
+BAD_FRAMES = [
+    pytest.param(
+        lambda: [[0.0]], TypeError, "expected frames as a torch.Tensor, got list", id="not-tensor"
+    ),
+    pytest.param(
+        lambda: frames(9)[0],
+        ValueError,
+        r"expected frames of shape \(B, 3, H, W\), got \(3, 32, 32\)",
+        id="rank-3",
+    ),
+    pytest.param(
+        lambda: torch.rand(BATCH, 1, 32, 32),
+        ValueError,
+        r"expected frames of shape \(B, 3, H, W\), got \(2, 1, 32, 32\)",
+        id="one-channel",
+    ),
+    pytest.param(
+        lambda: torch.rand(BATCH, 3, 4, 32),
+        ValueError,
+        r"at least 8x8 pixels \(one patch\), got 4x32",
+        id="smaller-than-a-patch",
+    ),
+    pytest.param(
+        lambda: frames(9, size=40),
+        ValueError,
+        "frames of 40x40 pixels differ from the 32x32 this stream state was built for",
+        id="other-size",
+    ),
+    pytest.param(lambda: with_value(math.nan), ValueError, "NaN or Inf values", id="nan"),
+    pytest.param(lambda: with_value(-math.inf), ValueError, "NaN or Inf values", id="inf"),
+    pytest.param(
+        lambda: frames(9, batch=3),
+        ValueError,
+        "frames hold a batch of 3, but the stream state holds 2 streams",
+        id="batch-3-for-2",
+    ),
+    pytest.param(
+        lambda: frames(9).double(),
+        ValueError,
+        "frames have dtype torch.float64, but the model has dtype torch.float32",
+        id="float64",
+    ),
+    pytest.param(
+        lambda: frames(9).cuda(),
+        ValueError,
+        "frames are on cuda:0, but the model is on cpu",
+        id="cuda-frames-cpu-model",
+        marks=needs_cuda,
+    ),
+]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize(("make_bad", "error", "match"), BAD_FRAMES)
+def test_bad_frames_are_rejected_and_state_untouched(level, make_bad, error, match):
+    stream, twin, snapshot = warm_streams(make_model(level))
+    with pytest.raises(error, match=match):
+        stream(make_bad())
+    assert_untouched(stream, twin, snapshot)
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "error", "match"), [p for p in BAD_FRAMES if p.id != "other-size"]
+)
+def test_bad_first_frames_leave_a_new_stream_unallocated(make_bad, error, match):
+    stream = make_model().stream(batch_size=BATCH)
+    with pytest.raises(error, match=match):
+        stream(make_bad())
+    assert stream.state_dict() == {
+        "batch_size": BATCH,
+        "fresh": [True, True],
+        "input_size": None,
+        "blocks": [],
+    }
+
+
+def test_state_dtype_mismatch_is_rejected_and_state_untouched():
+    model = make_model()
+    stream, twin, snapshot = warm_streams(model)
+    model.double()
+    with pytest.raises(
+        ValueError, match=r"state has dtype torch\.float32, frames have dtype torch\.float64"
+    ):
+        stream(frames(9).double())
+    model.float()  # float32 -> float64 -> float32 is exact
+    assert_untouched(stream, twin, snapshot)
+
+
+@needs_cuda
+def test_state_on_another_device_is_rejected_and_state_untouched():
+    model = make_model()
+    stream, twin, snapshot = warm_streams(model)
+    model.cuda()
+    with pytest.raises(ValueError, match=r"state is on cpu, but frames are on cuda:0.*state\.to"):
+        stream(frames(9).cuda())
+    model.cpu()
+    assert_untouched(stream, twin, snapshot)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_new_frame_size_is_accepted_only_after_resetting_every_stream(level):
+    model = make_model(level)
+    stream, twin, _ = warm_streams(model)
+    stream.reset([0])
+    snapshot = stream.state_dict()
+    with pytest.raises(ValueError, match=r"40x40 pixels differ from the 32x32.*stream\.reset\(\)"):
+        stream(frames(9, size=40))
+    twin.reset([0])
+    assert_untouched(stream, twin, snapshot)
+
+    stream.reset()
+    output = stream(frames(9, size=40))
+    assert output.shape == (BATCH, 1 + 25, 32)
+    assert stream.state_dict()["input_size"] == (40, 40)
+    assert torch.equal(output, model.stream(batch_size=BATCH)(frames(9, size=40)))
+
+
+def test_unchecked_stream_runs_on_finite_frames():
+    model = make_model()
+    unchecked = model.stream(batch_size=1, check_finite=False)
+    checked = model.stream(batch_size=1)
+    assert unchecked.check_finite is False
+    for step in range(3):
+        assert torch.equal(unchecked(frames(step, batch=1)), checked(frames(step, batch=1)))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("k", [18, 1000])
+def test_k_above_the_token_count_is_rejected_and_state_untouched(level, k):
+    model = make_model(level)
+    stream, twin, snapshot = warm_streams(model)
+    model.policy = eventful.TopK(k)
+    with pytest.raises(ValueError, match=rf"TopK\(k={k}\) exceeds the 17 tokens.*k <= 17"):
+        stream(frames(2))
+    model.policy = eventful.TopK(5)
+    assert_untouched(stream, twin, snapshot)
+
+
+@pytest.mark.parametrize(
+    ("make_policy", "match"),
+    [
+        (lambda: eventful.TopK(0), "positive integer k, got 0"),
+        (lambda: eventful.TopK(-3), "positive integer k, got -3"),
+        (lambda: eventful.TopK(2.5), "positive integer k, got 2.5"),
+        (lambda: eventful.TopK(True), "positive integer k, got True"),
+        (lambda: eventful.TopFraction(0), r"fraction in \(0, 1\], got 0"),
+        (lambda: eventful.TopFraction(1.5), r"fraction in \(0, 1\], got 1.5"),
+        (lambda: eventful.Threshold(-1), "threshold >= 0, got -1"),
+        (lambda: eventful.Threshold(math.nan), "threshold >= 0, got nan"),
+        (lambda: eventful.TopK(4, norm=3), "norm must be one of 1, 2 or math.inf, got 3"),
+    ],
+)
+def test_invalid_policy_arguments_are_rejected(make_policy, match):
+    with pytest.raises(ValueError, match=match):
+        make_policy()
+
+
+def test_assigning_a_non_policy_is_rejected_and_keeps_the_old_policy():
+    model = make_model()
+    policy = model.policy
+    with pytest.raises(TypeError, match=r"policy must be an eventful policy .*got 5"):
+        model.policy = 5
+    assert model.policy is policy
+    vit = eventful.ViT(image_size=32, patch_size=8, dim=32, depth=2, heads=4)
+    with pytest.raises(TypeError, match="got 'top5'"):
+        eventful.convert(vit, policy="top5")
+
+
+@pytest.mark.parametrize(
+    ("level", "match"),
+    [
+        ("dense", r"level must be one of \('tokenwise', 'qk', 'full'\), got 'dense'"),
+        (["full", "dense"], "level must be one of .*got 'dense'"),
+        (["full"] * 3, r"expected one level or 2 levels \(one per block\), got 3"),
+        (["qk"], r"expected one level or 2 levels \(one per block\), got 1"),
+    ],
+)
+def test_invalid_levels_are_rejected(level, match):
+    vit = eventful.ViT(image_size=32, patch_size=8, dim=32, depth=2, heads=4)
+    with pytest.raises(ValueError, match=match):
+        eventful.convert(vit, policy=eventful.TopK(5), level=level)
+
+
+@pytest.mark.parametrize(
+    ("streams", "error", "match"),
+    [
+        ([5], IndexError, "stream index 5 out of range for a batch of 2 streams"),
+        ([-1], IndexError, "stream index -1 out of range for a batch of 2 streams"),
+        ([0, 5], IndexError, "stream index 5 out of range"),
+        (["a"], TypeError, "stream indices must be integers, got 'a'"),
+        ([0, True], TypeError, "stream indices must be integers, got True"),
+    ],
+)
+def test_invalid_reset_indices_are_rejected_and_state_untouched(streams, error, match):
+    stream, twin, snapshot = warm_streams(make_model())
+    with pytest.raises(error, match=match):
+        stream.reset(streams)
+    assert_untouched(stream, twin, snapshot)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])
+def test_invalid_batch_size_is_rejected(batch_size):
+    with pytest.raises(ValueError, match=f"positive integer, got {batch_size!r}"):
+        make_model().stream(batch_size=batch_size)
+
+
+def test_converting_an_unsupported_model_names_the_supported_ones():
+    with pytest.raises(
+        TypeError, match=r"cannot convert a Linear; supported models: eventful\.ViT"
+    ):
+        eventful.convert(nn.Linear(3, 3), policy=eventful.TopK(5))

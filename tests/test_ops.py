@@ -1,0 +1,96 @@
+"""Op counts equal hand-derived formulas.
+
+The configuration: 32x32 input, 16x16 patches (N = 1 + 4 = 5 tokens), D = 8, H = 2 heads,
+MLP hidden M = 16, one block. Conventions: linear = rows * in * out + rows * out (bias);
+matmul = output elements * inner dimension; add = one per output element.
+"""
+
+import pytest
+import torch
+
+import eventful
+
+N, D, H, M = 5, 8, 2, 16
+QKV = N * D * 3 * D + N * 3 * D  # 960 + 120
+PROJ = N * D * D + N * D  # 320 + 40
+FC1 = N * D * M + N * M  # 640 + 80
+FC2 = N * M * D + N * D  # 640 + 40
+DENSE = {"linear": QKV + PROJ + FC1 + FC2, "attention": 2 * N * N * D, "adds": 2 * N * D}
+DENSE_TOTAL = 2840 + 400 + 80
+
+S = 2  # TopK(2): every gate re-processes 2 of the 5 tokens
+LINEAR_S = S * (D * 3 * D + 3 * D) + S * (D * D + D) + S * (D * M + M) + S * (M * D + D)
+GATES = 3 * (N * D + N * D)  # per gate: error subtraction and its squared norm, every token
+EVENTFUL = {
+    "tokenwise": {
+        "linear": LINEAR_S,
+        "attention": 2 * N * N * D,
+        "adds": 2 * N * D,
+        "gates": GATES,
+    },
+    # Rows and columns of the query-key product, then a dense attention-value product.
+    "qk": {
+        "linear": LINEAR_S,
+        "attention": 2 * S * N * D + N * N * D,
+        "adds": 2 * N * D,
+        "gates": GATES,
+    },
+    # Rows and columns of q k^T, A[:, S] dV and dA V_old; deltas dV (S x D) and dA (H x N x S);
+    # two accumulations into the cached product (N x D each).
+    "full": {
+        "linear": LINEAR_S,
+        "attention": 2 * S * N * D + 2 * N * S * D,
+        "adds": 2 * N * D + 2 * N * D,
+        "gates": GATES + S * D + H * N * S,
+    },
+}
+
+
+def small_model(level: str) -> eventful.EventfulViT:
+    torch.manual_seed(0)
+    vit = eventful.ViT(image_size=32, patch_size=16, dim=D, depth=1, heads=H, mlp_ratio=2.0)
+    return eventful.convert(vit.eval(), policy=eventful.TopK(S), level=level)
+
+
+def test_hand_derived_numbers_are_what_the_formulas_say():
+    assert DENSE_TOTAL == sum(DENSE.values())
+    assert LINEAR_S == 432 + 144 + 288 + 272
+
+
+@pytest.mark.parametrize("level", ["tokenwise", "qk", "full"])
+def test_dense_and_eventful_counts_equal_hand_derived_formulas(level):
+    stream = small_model(level).stream(batch_size=2)
+    frames = torch.randn(3, 2, 3, 32, 32)
+    stream(frames[0])
+    assert stream.ops.dense == 2 * DENSE_TOTAL
+    assert stream.ops.by_category == {**{k: 2 * v for k, v in DENSE.items()}, "gates": 0}
+    assert stream.ops.total == stream.ops.dense
+    for frame in frames[1:]:
+        stream(frame)
+        assert stream.ops.per_stream == [EVENTFUL[level], EVENTFUL[level]]
+        assert stream.ops.by_category == {k: 2 * v for k, v in EVENTFUL[level].items()}
+        assert stream.ops.total == 2 * sum(EVENTFUL[level].values())
+        assert stream.ops.dense == 2 * DENSE_TOTAL
+
+
+def test_counts_scale_with_depth_and_threshold_counts_per_stream():
+    torch.manual_seed(0)
+    vit = eventful.ViT(image_size=32, patch_size=16, dim=D, depth=3, heads=H, mlp_ratio=2.0)
+    stream = eventful.convert(vit.eval(), policy=eventful.Threshold(0.0), level="qk").stream()
+    stream(torch.randn(1, 3, 32, 32))
+    stream(torch.randn(1, 3, 32, 32))
+    # Threshold 0 selects all N tokens at every gate of all 3 blocks.
+    all_tokens = {
+        "linear": DENSE["linear"],
+        "attention": 2 * N * N * D + N * N * D,
+        "adds": 2 * N * D,
+        "gates": GATES,
+    }
+    assert stream.ops.by_category == {k: 3 * v for k, v in all_tokens.items()}
+    assert stream.ops.dense == 3 * DENSE_TOTAL
+
+
+def test_counting_off_records_nothing():
+    stream = small_model("full").stream(count_ops=False)
+    stream(torch.randn(1, 3, 32, 32))
+    assert stream.ops is None and stream.trace is None
