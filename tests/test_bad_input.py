@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -201,6 +202,8 @@ def test_k_above_the_token_count_is_rejected_and_state_untouched(level, k):
         (lambda: eventful.TopK(True), "positive integer k, got True"),
         (lambda: eventful.TopFraction(0), r"fraction in \(0, 1\], got 0"),
         (lambda: eventful.TopFraction(1.5), r"fraction in \(0, 1\], got 1.5"),
+        (lambda: eventful.TopFraction(True), r"fraction in \(0, 1\], got True"),
+        (lambda: eventful.Threshold(True), "threshold >= 0, got True"),
         (lambda: eventful.Threshold(-1), "threshold >= 0, got -1"),
         (lambda: eventful.Threshold(math.nan), "threshold >= 0, got nan"),
         (lambda: eventful.TopK(4, norm=3), "norm must be one of 1, 2 or math.inf, got 3"),
@@ -252,6 +255,12 @@ def test_invalid_reset_indices_are_rejected_and_state_untouched(streams, error, 
     with pytest.raises(error, match=match):
         stream.reset(streams)
     assert_untouched(stream, twin, snapshot)
+
+
+def test_reset_accepts_numpy_and_torch_integer_indices():
+    stream, _, _ = warm_streams(make_model())
+    stream.reset([np.int64(1), torch.tensor(0)])
+    assert stream.state.fresh == [True, True]
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])
