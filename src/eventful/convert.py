@@ -2,24 +2,74 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 from torch import nn
 
-from eventful.core.model import EventfulViT
+from eventful.core.model import EventfulModule, EventfulViT
 from eventful.core.policies import Policy
+from eventful.core.wrapper import EncoderCall, EventfulWrapper
+from eventful.models import hf
 from eventful.models.vit import ViT
 
-SUPPORTED = ("eventful.ViT",)
+SUPPORTED = (
+    "eventful.ViT; transformers ViTModel, Dinov2Model, Dinov2WithRegistersModel; and any model "
+    "that calls exactly one of these as its encoder (ViTForImageClassification, "
+    "Dinov2ForImageClassification, a backbone with your own head, ...)"
+)
 
 
-def convert(model: nn.Module, policy: Policy, level: str | Sequence[str] = "full") -> EventfulViT:
+def convert(
+    model: nn.Module, policy: Policy, level: str | Sequence[str] = "full"
+) -> EventfulModule:
     """A new eventful module computing what `model` computes; `model` is left unchanged.
 
+    The converted model is called as `model(frames, state)` or through `model.stream()` and
+    returns what `model` returns: tokens (B, T, D) for `eventful.ViT`, the transformers output
+    object for transformers models, the wrapper's own output for models with a head.
     level: "tokenwise", "qk" or "full" for every block, or a sequence with one per block.
     """
     if isinstance(model, ViT):
         return EventfulViT(model, policy, level)
-    raise TypeError(
-        f"cannot convert a {type(model).__name__}; supported models: {', '.join(SUPPORTED)}"
-    )
+    if _is_encoder(model):
+        return EventfulWrapper(_encoder_call(model, policy, level), "")
+    path, encoder = _find_encoder(model)
+    call = _encoder_call(encoder, policy, level)
+    # The copy takes the call where the encoder was, without copying the encoder's weights.
+    wrapped = copy.deepcopy(model, memo={id(encoder): call})
+    return EventfulWrapper(wrapped, path)
+
+
+def _is_encoder(module: nn.Module) -> bool:
+    return isinstance(module, ViT) or hf.is_hf_encoder(module)
+
+
+def _encoder_call(encoder: nn.Module, policy: Policy, level: str | Sequence[str]) -> EncoderCall:
+    if isinstance(encoder, ViT):
+        return EncoderCall(EventfulViT(encoder, policy, level), nn.Identity(), _no_options)
+    vit = hf.vit_from_hf(encoder)
+    output = hf.HFEncoderOutput(encoder)
+    return EncoderCall(EventfulViT(vit, policy, level), output, hf.check_hf_encoder_options)
+
+
+def _no_options(options: dict) -> None:
+    if options:
+        raise TypeError(f"an eventful.ViT encoder takes frames only, got options {options}")
+
+
+def _find_encoder(model: nn.Module) -> tuple[str, nn.Module]:
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        inside_found = any(name.startswith(prefix + ".") for prefix, _ in found)
+        if not inside_found and _is_encoder(module):
+            found.append((name, module))
+    if not found:
+        raise TypeError(f"cannot convert a {type(model).__name__}; supported models: {SUPPORTED}")
+    if len(found) > 1:
+        names = ", ".join(repr(name) for name, _ in found)
+        raise TypeError(
+            f"cannot convert a {type(model).__name__}: it holds {len(found)} encoders ({names}); "
+            "expected exactly one"
+        )
+    return found[0]

@@ -29,7 +29,35 @@ def _levels_for(level: str | Sequence[str], depth: int) -> list[str]:
     return levels
 
 
-class EventfulViT(nn.Module):
+class EventfulModule(nn.Module):
+    """What every converted model offers: an eventful `encoder`, new states and streams.
+
+    Call it as `model(frames, state)`; `model.stream(batch_size)` wraps a state for the usual
+    one-call-per-step loop.
+    """
+
+    @property
+    def encoder(self) -> EventfulViT:
+        raise NotImplementedError
+
+    @property
+    def levels(self) -> list[str]:
+        return [block.level for block in self.encoder.blocks]
+
+    def new_state(self, batch_size: int = 1) -> StreamState:
+        """Empty caches for `batch_size` independent streams; the first step fills them."""
+        return StreamState(batch_size)
+
+    def stream(
+        self, batch_size: int = 1, count_ops: bool = True, check_finite: bool = True
+    ) -> Stream:
+        """A stateful wrapper over a new state: `y = stream(frames)`, one call per time step."""
+        from eventful.core.stream import Stream
+
+        return Stream(self, batch_size, count_ops=count_ops, check_finite=check_finite)
+
+
+class EventfulViT(EventfulModule):
     """An eventful copy of a `ViT`: frames (B, C, H, W) + state -> final-norm tokens (B, T, D).
 
     `policy` decides, at every gate, which tokens each stream re-processes; assign a new one
@@ -59,20 +87,8 @@ class EventfulViT(nn.Module):
         self._policy = policy
 
     @property
-    def levels(self) -> list[str]:
-        return [block.level for block in self.blocks]
-
-    def new_state(self, batch_size: int = 1) -> StreamState:
-        """Empty caches for `batch_size` independent streams; the first step fills them."""
-        return StreamState(batch_size)
-
-    def stream(
-        self, batch_size: int = 1, count_ops: bool = True, check_finite: bool = True
-    ) -> Stream:
-        """A stateful wrapper over a new state: `y = stream(frames)`, one call per time step."""
-        from eventful.core.stream import Stream
-
-        return Stream(self, batch_size, count_ops=count_ops, check_finite=check_finite)
+    def encoder(self) -> EventfulViT:
+        return self
 
     @torch.no_grad()
     def forward(

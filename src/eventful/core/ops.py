@@ -72,25 +72,26 @@ def dense_block_macs(block: nn.Module, num_tokens: int) -> dict[str, int]:
 
 
 def eventful_block_macs(
-    block: nn.Module, selections: dict[str, Selection], stream: int, step_fresh: list[int]
+    block: nn.Module, num_tokens: int, counts: dict[str, int], fresh: bool, gates_run: bool
 ) -> dict[str, int]:
-    """One stream of one eventful block, as executed in the traced step."""
-    n, d = selections["qkv"].num_tokens, block.dim
-    s_qkv = selections["qkv"].counts[stream]
-    s_proj = selections["proj"].counts[stream]
-    s_mlp = selections["mlp"].counts[stream]
+    """One stream of one eventful block.
+
+    counts: tokens selected at each gate ("qkv", "proj", "mlp"); fresh: the stream runs densely
+    to fill its caches; gates_run: the gates computed errors (false when the whole batch is
+    fresh: then they only copy the input into the reference).
+    """
+    n, d = num_tokens, block.dim
+    s_qkv = counts["qkv"]
     linear = (
         linear_macs(s_qkv, block.qkv)
-        + linear_macs(s_proj, block.proj)
-        + linear_macs(s_mlp, block.fc1)
-        + linear_macs(s_mlp, block.fc2)
+        + linear_macs(counts["proj"], block.proj)
+        + linear_macs(counts["mlp"], block.fc1)
+        + linear_macs(counts["mlp"], block.fc2)
     )
     adds = 2 * n * d
-    batch = selections["qkv"].batch_size
-    # Gates compute an error and its norm for every token of every stream, unless the whole
-    # batch is fresh (then they only copy the input into the reference).
-    gates = 0 if len(step_fresh) == batch else 3 * 2 * n * d
-    if stream in step_fresh or block.level == "tokenwise":
+    # Every gate computes an error and its norm for every token of every stream.
+    gates = 3 * 2 * n * d if gates_run else 0
+    if fresh or block.level == "tokenwise":
         attention = 2 * n * n * d
     elif block.level == "qk":
         attention = 2 * s_qkv * n * d + n * n * d
@@ -106,11 +107,49 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
     batch = trace.blocks[0]["qkv"].batch_size
     per_stream = [dict.fromkeys(CATEGORIES, 0) for _ in range(batch)]
     dense = [0] * batch
+    gates_run = len(trace.fresh_streams) < batch
     for block, selections in zip(blocks, trace.blocks, strict=True):
-        dense_macs = sum(dense_block_macs(block, trace.num_tokens).values())
+        block_dense = sum(dense_block_macs(block, trace.num_tokens).values())
         for stream in range(batch):
-            macs = eventful_block_macs(block, selections, stream, trace.fresh_streams)
+            counts = {gate: selection.counts[stream] for gate, selection in selections.items()}
+            fresh = stream in trace.fresh_streams
+            macs = eventful_block_macs(block, trace.num_tokens, counts, fresh, gates_run)
             for name, value in macs.items():
                 per_stream[stream][name] += value
-            dense[stream] += dense_macs
+            dense[stream] += block_dense
     return OpCount(per_stream, dense)
+
+
+def steady_topk_macs(blocks: nn.ModuleList, num_tokens: int, k: int) -> int:
+    """Multiply-accumulates of one stream's step after the first under `TopK(k)`."""
+    counts = dict.fromkeys(("qkv", "proj", "mlp"), k)
+    return sum(
+        sum(eventful_block_macs(block, num_tokens, counts, False, True).values())
+        for block in blocks
+    )
+
+
+def dense_macs(blocks: nn.ModuleList, num_tokens: int) -> int:
+    """Multiply-accumulates of one stream's dense step."""
+    return sum(sum(dense_block_macs(block, num_tokens).values()) for block in blocks)
+
+
+def topk_for_op_ratio(blocks: nn.ModuleList, num_tokens: int, ratio: float) -> int:
+    """The largest k for which steps after the first cost at most 1 / ratio of dense.
+
+    Raises ValueError when even k = 1 costs more than that.
+    """
+    budget = dense_macs(blocks, num_tokens) / ratio
+    if steady_topk_macs(blocks, num_tokens, 1) > budget:
+        raise ValueError(
+            f"an op ratio of {ratio} is out of reach: even TopK(1) costs more than 1/{ratio} "
+            "of the dense model"
+        )
+    low, high = 1, num_tokens
+    while low < high:
+        middle = (low + high + 1) // 2
+        if steady_topk_macs(blocks, num_tokens, middle) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low

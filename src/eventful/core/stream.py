@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from eventful.core.model import EventfulViT
+from eventful.core.model import EventfulModule
 from eventful.core.ops import OpCount, StepTrace, count_step
 from eventful.core.state import StreamState
 
@@ -22,7 +22,7 @@ class Stream:
 
     def __init__(
         self,
-        model: EventfulViT,
+        model: EventfulModule,
         batch_size: int = 1,
         count_ops: bool = True,
         check_finite: bool = True,
@@ -43,7 +43,7 @@ class Stream:
         trace = StepTrace(num_tokens=0, fresh_streams=[]) if self.count_ops else None
         output = self.model(frames, self.state, trace=trace, check_finite=self.check_finite)
         self.trace = trace
-        self.ops = None if trace is None else count_step(self.model.blocks, trace)
+        self.ops = None if trace is None else count_step(self.model.encoder.blocks, trace)
         return output
 
     def updated_fraction(self, gate: str = "qkv") -> list[float]:

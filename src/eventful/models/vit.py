@@ -144,7 +144,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, qkv_bias)
         self.ls1 = nn.Identity() if layer_scale_init is None else LayerScale(dim, layer_scale_init)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, round(dim * mlp_ratio))
         self.ls2 = nn.Identity() if layer_scale_init is None else LayerScale(dim, layer_scale_init)
 
     def forward(self, x: Tensor) -> Tensor:
