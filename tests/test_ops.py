@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import eventful
+from eventful.core.ops import dense_macs, steady_topk_macs, topk_for_op_ratio
 
 N, D, H, M = 5, 8, 2, 16
 QKV = N * D * 3 * D + N * 3 * D  # 960 + 120
@@ -94,3 +95,28 @@ def test_counting_off_records_nothing():
     stream = small_model("full").stream(count_ops=False)
     stream(torch.randn(1, 3, 32, 32))
     assert stream.ops is None and stream.trace is None
+
+
+def test_topk_for_op_ratio_picks_the_largest_k_within_the_budget():
+    model = small_model("full")
+    blocks = model.encoder.blocks
+    k = topk_for_op_ratio(blocks, N, 1.5)
+    dense = dense_macs(blocks, N)
+    assert steady_topk_macs(blocks, N, k) * 1.5 <= dense
+    assert k == N or steady_topk_macs(blocks, N, k + 1) * 1.5 > dense
+    # Averaged over 4 frames, the dense first frame leaves less for the other three.
+    assert topk_for_op_ratio(blocks, N, 1.5, frames=4) <= k
+    # The steady cost equals what a stream counts for TopK(k) after its first frame.
+    model.policy = eventful.TopK(k)
+    stream = model.stream()
+    stream(torch.randn(1, 3, 32, 32))
+    stream(torch.randn(1, 3, 32, 32))
+    assert stream.ops.total == steady_topk_macs(blocks, N, k)
+
+
+def test_unreachable_op_ratio_is_an_error():
+    blocks = small_model("full").encoder.blocks
+    with pytest.raises(ValueError, match="op ratio of 1000 is out of reach"):
+        topk_for_op_ratio(blocks, N, 1000)
+    with pytest.raises(ValueError, match="cannot be reached in 2 frames"):
+        topk_for_op_ratio(blocks, N, 2, frames=2)

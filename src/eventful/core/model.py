@@ -100,7 +100,9 @@ class EventfulViT(EventfulModule):
     ) -> Tensor:
         """One time step of every stream in `state`; `trace`, if given, records selections.
 
-        Input errors are raised before any cache is touched.
+        Input errors are raised before any cache is touched. Should the step itself fail
+        midway, every stream is reset (its next step runs densely), so no half-updated cache
+        is ever used.
         """
         num_tokens = self.check_input(frames, state, check_finite)
         input_size = (frames.shape[-2], frames.shape[-1])
@@ -111,11 +113,16 @@ class EventfulViT(EventfulModule):
         if trace is not None:
             trace.num_tokens = num_tokens
             trace.fresh_streams = fresh
-        tokens = self.embedding(frames)
-        for block, block_state in zip(self.blocks, state.blocks, strict=True):
-            tokens = block(
-                tokens, block_state, self.policy, fresh, None if trace is None else trace.blocks
-            )
+        try:
+            tokens = self.embedding(frames)
+            for block, block_state in zip(self.blocks, state.blocks, strict=True):
+                tokens = block(
+                    tokens, block_state, self.policy, fresh, None if trace is None else trace.blocks
+                )
+        except Exception:
+            # A failure inside the step (out of memory, say) may leave caches half-updated.
+            state.reset()
+            raise
         state.mark_processed()
         return self.norm(tokens)
 

@@ -134,16 +134,23 @@ def dense_macs(blocks: nn.ModuleList, num_tokens: int) -> int:
     return sum(sum(dense_block_macs(block, num_tokens).values()) for block in blocks)
 
 
-def topk_for_op_ratio(blocks: nn.ModuleList, num_tokens: int, ratio: float) -> int:
-    """The largest k for which steps after the first cost at most 1 / ratio of dense.
+def topk_for_op_ratio(
+    blocks: nn.ModuleList, num_tokens: int, ratio: float, frames: int | None = None
+) -> int:
+    """The largest k for which `TopK(k)` runs on at most 1 / ratio of the dense ops.
 
-    Raises ValueError when even k = 1 costs more than that.
+    Without `frames`, the ratio holds for every step after the first; with it, on average over
+    that many frames, the first of which runs densely. Raises ValueError when no k reaches it.
     """
-    budget = dense_macs(blocks, num_tokens) / ratio
+    dense = dense_macs(blocks, num_tokens)
+    budget = dense / ratio
+    if frames is not None:
+        if frames < 2 or frames <= ratio:
+            raise ValueError(f"an average op ratio of {ratio} cannot be reached in {frames} frames")
+        budget = (frames * dense / ratio - dense) / (frames - 1)
     if steady_topk_macs(blocks, num_tokens, 1) > budget:
         raise ValueError(
-            f"an op ratio of {ratio} is out of reach: even TopK(1) costs more than 1/{ratio} "
-            "of the dense model"
+            f"an op ratio of {ratio} is out of reach: even TopK(1) costs more than that"
         )
     low, high = 1, num_tokens
     while low < high:

@@ -66,6 +66,9 @@ class EncoderCall(nn.Module):
 class EventfulWrapper(EventfulModule):
     """A converted model whose encoder is eventful: frames + state -> the model's own output.
 
+    If the wrapped model fails after its encoder has stepped (its head raises, or it calls the
+    encoder a second time), every stream of the state is reset: its next step runs densely.
+
     `model` is the copy of the user's model that holds the `EncoderCall` at `call_path`
     ("" when the encoder is the whole model).
     """
@@ -105,6 +108,12 @@ class EventfulWrapper(EventfulModule):
             output = self.model(frames)
             if not call._step["called"]:
                 raise RuntimeError("the wrapped model did not call its encoder")
+        except Exception:
+            if call._step["called"]:
+                # The encoder stepped, then the wrapped model failed: the caller never saw
+                # this step complete, so drop the caches rather than keep a half-done step.
+                state.reset()
+            raise
         finally:
             call._step = None
         return output

@@ -24,7 +24,14 @@ from eventful.models.vit import ViT
 
 SUPPORTED_ENCODERS = ("ViTModel", "Dinov2Model", "Dinov2WithRegistersModel")
 # Implementations that all compute plain softmax attention, which the eventful blocks reproduce.
-SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+SUPPORTED_ATTENTION = (
+    "eager",
+    "sdpa",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "flex_attention",
+)
 # Encoder call options that do not change what the encoder computes.
 IGNORED_OPTIONS = ("interpolate_pos_encoding", "return_dict")
 
@@ -199,7 +206,8 @@ def check_hf_encoder_options(options: dict) -> None:
     for name, value in options.items():
         if name in IGNORED_OPTIONS or value is None or value is False:
             continue
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else value
         raise ValueError(
-            f"the eventful encoder does not support the option {name}={value!r}; it returns "
+            f"the eventful encoder does not support the option {name}={shown!r}; it returns "
             "the final hidden state (and pooler output) only, for unmasked inputs"
         )

@@ -1,0 +1,56 @@
+"""Shared by the benchmark scripts: the machine they ran on, and BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Every table below is written by a script in `benchmarks/`; the command and the machine "
+    "that produced it stand above each table. Nothing here is typed by hand.\n"
+)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        if names:
+            cpu = names[0].strip()
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md with `body`."""
+    text = BENCHMARKS.read_text() if BENCHMARKS.is_file() else HEADER
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    section = f"{begin}\nCommand: `{command()}`  \nMachine: {machine()}\n\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), flags=re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    BENCHMARKS.write_text(text)
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

