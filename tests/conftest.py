@@ -1,6 +1,10 @@
 import os
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Real weights are extracted once into a cache outside the user's own.
+os.environ.setdefault("EVENTFUL_CACHE", str(Path(tempfile.gettempdir()) / "eventful-test-cache"))
 
 import pytest
 import torch

@@ -1,60 +1,195 @@
-"""The `eventful` command."""
+"""The `eventful` command: run an eventful model on a video and show what it saves and costs."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-import eventful
-from eventful.synthetic import moving_squares
+from eventful.core.block import LEVELS
+from eventful.core.policies import parse_policy
+from eventful.zoo import MODEL_NAMES, load_model
+
+DEMO_CLIP = "bikes.mp4"
 
 
-def demo(frames: int, level: str, fraction: float, seed: int) -> None:
-    """Eventful against dense on a synthetic moving scene, with a randomly initialised ViT-S/16.
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors in one line, like every other error of the command."""
 
-    A stand-in until the real-weights demo exists: it shows the ops saved per frame and how
-    far the eventful output is from the dense one.
-    """
-    torch.manual_seed(seed)
-    vit = eventful.ViT(image_size=224, patch_size=16, dim=384, depth=12, heads=6).eval()
-    model = eventful.convert(vit, policy=eventful.TopFraction(fraction), level=level)
-    stream = model.stream(batch_size=1)
-    video = moving_squares(frames, size=224, seed=seed)
-    print(f"ViT-S/16 (random weights), 224x224, level={level}, policy={model.policy}")
-    print(f"{'frame':>5} {'GMACs':>8} {'dense':>8} {'saved':>6} {'max |diff|':>11} {'cosine':>7}")
-    total, dense_total = 0, 0
-    with torch.no_grad():
-        for index, frame in enumerate(video):
-            output = stream(frame)
-            reference = vit(frame)
-            cosine = F.cosine_similarity(output, reference, dim=-1).mean().item()
-            difference = (output - reference).abs().max().item()
-            ops = stream.ops
-            total += ops.total
-            dense_total += ops.dense
-            saved = 1 - ops.total / ops.dense
-            print(
-                f"{index:>5} {ops.total / 1e9:>8.3f} {ops.dense / 1e9:>8.3f} {saved:>6.1%} "
-                f"{difference:>11.2e} {cosine:>7.4f}"
-            )
-    print(f"over {frames} frames: {dense_total / total:.2f}x fewer multiply-accumulates than dense")
+    def error(self, message: str) -> None:
+        print(f"eventful: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="eventful", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    run = commands.add_parser("run", help="run an eventful model on a video")
+    run.add_argument("video", help="a video file that ffmpeg can decode")
+    add_run_options(run)
+    demo = commands.add_parser(
+        "demo", help=f"the real DINOv2 saliency model on a real clip ({DEMO_CLIP}), compared"
+    )
+    demo.add_argument("--output", default="eventful-demo", help="folder for demo.json/png/mp4")
+    add_run_options(demo)
+    return parser
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="dinov2-saliency", help=f"one of {MODEL_NAMES}")
+    parser.add_argument("--size", type=int, default=224, help="model input side in pixels")
+    parser.add_argument(
+        "--policy", default="fraction:0.25", help="topk:K, fraction:F or threshold:T"
+    )
+    parser.add_argument("--level", choices=LEVELS, default="full")
+    parser.add_argument("--compare", action="store_true", help="also run dense; report fidelity")
+    parser.add_argument("--json", type=Path, help="write the run report as JSON")
+    parser.add_argument("--viz", type=Path, help="write frame | updated tokens | saliency video")
+    parser.add_argument("--plot", type=Path, help="write a PNG of ops and fidelity per frame")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--max-frames", type=int, help="stop after this many frames")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eventful", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="eventful vs dense on a synthetic moving scene")
-    demo_parser.add_argument("--frames", type=int, default=12)
-    demo_parser.add_argument("--level", choices=("tokenwise", "qk", "full"), default="full")
-    demo_parser.add_argument("--fraction", type=float, default=0.25)
-    demo_parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except KeyboardInterrupt:
+        print("eventful: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure is one line for the user, never a traceback
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"eventful: error: {message}", file=sys.stderr)
+        return 1
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from eventful.video.clips import registry_clip
+    from eventful.video.report import run_report, summary_table
+    from eventful.video.runner import run_video
+
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"--max-frames must be at least 1, got {args.max_frames}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    policy = parse_policy(args.policy)
     if args.command == "demo":
-        demo(args.frames, args.level, args.fraction, args.seed)
+        video = registry_clip(DEMO_CLIP)
+        output = Path(args.output)
+        output.mkdir(parents=True, exist_ok=True)
+        args.compare = True
+        args.json = args.json or output / "demo.json"
+        args.plot = args.plot or output / "demo.png"
+        args.viz = args.viz or output / "demo.mp4"
+    else:
+        video = Path(args.video)
+    model = load_model(args.model, args.size)
+    progress = Progress()
+    visualise = _visualiser(args.viz, model, video) if args.viz else None
+
+    def on_frame(view) -> None:
+        progress.update(view.result)
+        if visualise is not None:
+            visualise(view)
+
+    try:
+        result = run_video(
+            video,
+            model,
+            policy,
+            level=args.level,
+            compare=args.compare,
+            max_frames=args.max_frames,
+            device=args.device,
+            on_frame=on_frame,
+        )
+    finally:
+        progress.finish()
+        if visualise is not None:
+            visualise.close()
+    if not result.frames:
+        raise ValueError(
+            f"no frame of {video} could be decoded ({result.frames_failed} failed); nothing to do"
+        )
+    report = run_report(result)
+    print(summary_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"report: {args.json}")
+    if args.plot:
+        from eventful.viz.plot import plot_run
+
+        plot_run(report, args.plot)
+        print(f"plot: {args.plot}")
+    if args.viz:
+        print(f"video: {args.viz}")
     return 0
+
+
+def _visualiser(path: Path, model, video: Path):
+    """A per-frame callback writing the side-by-side video, with a close() method."""
+    from eventful.video.decode import VideoReader
+    from eventful.viz.video import SideBySideWriter, update_map
+
+    fps = VideoReader(video).fps if Path(video).is_file() else 25.0
+    writer = None
+    size = model.input_size
+    grid = (size // model.patch_size, size // model.patch_size)
+
+    class Visualiser:
+        def __call__(self, view) -> None:
+            nonlocal writer
+            if writer is None:
+                writer = SideBySideWriter(path, size, fps)
+            updated = update_map(view.updated_tokens, model.num_prefix_tokens, grid, size)
+            saliency = None if view.saliency is None else view.saliency.cpu()
+            writer.write(model.display(view.image), updated, saliency)
+
+        def close(self) -> None:
+            if writer is not None:
+                writer.close()
+
+    return Visualiser()
+
+
+class Progress:
+    """A one-line progress display on stderr: frames, fps, tokens updated, ops saved."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.frames = 0
+        self.macs = 0
+        self.dense_macs = 0
+        self.updated = 0.0
+        self.interactive = sys.stderr.isatty()
+        self.shown = False
+
+    def update(self, frame) -> None:
+        self.frames += 1
+        self.macs += frame.macs
+        self.dense_macs += frame.dense_macs
+        self.updated += frame.updated_fraction
+        if self.interactive or self.frames % 50 == 0:
+            elapsed = time.perf_counter() - self.start
+            saved = 1 - self.macs / self.dense_macs
+            line = (
+                f"frame {self.frames} | {self.frames / elapsed:.1f} fps | tokens updated "
+                f"{self.updated / self.frames:.1%} | ops saved {saved:.1%}"
+            )
+            end = "\r" if self.interactive else "\n"
+            print(line, end=end, file=sys.stderr, flush=True)
+            self.shown = True
+
+    def finish(self) -> None:
+        if self.shown and self.interactive:
+            print(file=sys.stderr)
 
 
 if __name__ == "__main__":

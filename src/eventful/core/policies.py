@@ -101,3 +101,25 @@ class Threshold(Policy):
     def __repr__(self) -> str:
         norm = "" if self.norm == 2 else f", norm={self.norm}"
         return f"Threshold({self.threshold}{norm})"
+
+
+def parse_policy(text: str) -> Policy:
+    """A policy from its command-line form: `topk:K`, `fraction:F` or `threshold:T`."""
+    kind, _, value = text.partition(":")
+    makers = {
+        "topk": (TopK, int),
+        "fraction": (TopFraction, float),
+        "threshold": (Threshold, float),
+    }
+    if kind not in makers or not value:
+        raise ValueError(
+            f"malformed policy {text!r}; expected topk:K, fraction:F or threshold:T "
+            "(for example topk:64, fraction:0.25, threshold:0.5)"
+        )
+    make, number = makers[kind]
+    try:
+        parsed = number(value)
+    except ValueError:
+        expected = "an integer" if number is int else "a number"
+        raise ValueError(f"malformed policy {text!r}: {value!r} is not {expected}") from None
+    return make(parsed)

@@ -46,16 +46,31 @@ class Stream:
         self.ops = None if trace is None else count_step(self.model.encoder.blocks, trace)
         return output
 
-    def updated_fraction(self, gate: str = "qkv") -> list[float]:
-        """Per stream, the fraction of tokens one gate re-processed, averaged over blocks."""
+    def updated_fraction(self, gates: tuple[str, ...] = ("qkv", "proj", "mlp")) -> list[float]:
+        """Per stream, the fraction of tokens the token-wise layers processed in the last step,
+        averaged over blocks and the given gates."""
+        trace = self._last_trace()
+        fractions = [0.0] * self.batch_size
+        share = 1 / (len(trace.blocks) * len(gates))
+        for selections in trace.blocks:
+            for gate in gates:
+                selection = selections[gate]
+                for stream, count in enumerate(selection.counts):
+                    fractions[stream] += share * count / selection.num_tokens
+        return fractions
+
+    def updated_tokens(self, stream: int = 0, gate: str = "qkv") -> torch.Tensor:
+        """For each token (T,), the fraction of blocks whose `gate` processed it last step."""
+        trace = self._last_trace()
+        counts = torch.zeros(trace.num_tokens)
+        for selections in trace.blocks:
+            counts[selections[gate].per_stream[stream].cpu()] += 1
+        return counts / len(trace.blocks)
+
+    def _last_trace(self) -> StepTrace:
         if self.trace is None:
             raise RuntimeError("no step traced yet: call the stream with count_ops=True first")
-        fractions = [0.0] * self.batch_size
-        for selections in self.trace.blocks:
-            selection = selections[gate]
-            for stream, count in enumerate(selection.counts):
-                fractions[stream] += count / selection.num_tokens / len(self.trace.blocks)
-        return fractions
+        return self.trace
 
     def reset(self, streams: Iterable[int] | None = None) -> None:
         """Forget the caches of all streams, or of the given ones: their next step is dense."""

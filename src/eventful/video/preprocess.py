@@ -37,3 +37,11 @@ def letterbox(frame: np.ndarray | Tensor, size: int = 224) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
     return ((padded - mean) / std)[0]
+
+
+def unnormalize(image: Tensor) -> np.ndarray:
+    """A normalised image (3, H, W) -> RGB (H, W, 3) uint8, for display."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1) * 255
+    return pixels.round().byte().permute(1, 2, 0).numpy()

@@ -1,0 +1,118 @@
+"""What a video run reports: the JSON document and the summary table."""
+
+from __future__ import annotations
+
+import statistics
+
+from eventful.video.runner import RunResult
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def run_report(result: RunResult) -> dict:
+    """The JSON document of `eventful run --json`.
+
+    gops: 1e9 multiply-accumulates per frame, averaged over all frames (the first included);
+    ms_per_frame: median wall time over the frames after the first; updated_fraction: mean
+    fraction of tokens processed by the token-wise layers. Dense timing and fidelity need
+    --compare and are null without it.
+    """
+    frames = result.frames
+    compare = result.compare
+    size = result.model.input_size
+    return {
+        "video": result.video,
+        "frames": len(frames),
+        "frames_failed": result.frames_failed,
+        "model": result.model.name,
+        "input_size": [size, size],
+        "tokens": result.tokens,
+        "policy": repr(result.policy),
+        "level": result.level,
+        "device": result.device,
+        "notes": result.notes,
+        "dense": {
+            "gops_per_frame": _mean([f.dense_macs / 1e9 for f in frames]),
+            "ms_per_frame": result.median_ms(dense=True) if compare else None,
+        },
+        "eventful": {
+            "gops_per_frame": _mean([f.macs / 1e9 for f in frames]),
+            "ms_per_frame": result.median_ms(),
+            "updated_fraction": _mean([f.updated_fraction for f in frames]),
+        },
+        "fidelity": {
+            "feature_cosine_mean": _mean([f.feature_cosine for f in frames]) if compare else None,
+            "feature_cosine_min": (
+                min(f.feature_cosine for f in frames) if compare and frames else None
+            ),
+            "saliency_mae": _mean([f.saliency_mae for f in frames]) if compare else None,
+        },
+        "per_frame": [
+            {
+                "index": f.index,
+                "gops": f.macs / 1e9,
+                "updated_fraction": f.updated_fraction,
+                "feature_cosine": f.feature_cosine,
+                "saliency_mae": f.saliency_mae,
+                "ms": f.ms,
+                "dense_ms": f.dense_ms,
+            }
+            for f in frames
+        ],
+    }
+
+
+def summary_table(report: dict) -> str:
+    """A plain-text table of a run report, for the terminal."""
+    dense, eventful, fidelity = report["dense"], report["eventful"], report["fidelity"]
+
+    def number(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    def ratio(numerator: float | None, denominator: float | None, word: str) -> str:
+        if not numerator or not denominator:
+            return ""
+        return f"{numerator / denominator:.2f}x {word}"
+
+    rows = [
+        ("", "dense", "eventful", ""),
+        (
+            "GMACs / frame",
+            number(dense["gops_per_frame"], 3),
+            number(eventful["gops_per_frame"], 3),
+            ratio(dense["gops_per_frame"], eventful["gops_per_frame"], "fewer ops"),
+        ),
+        (
+            "ms / frame",
+            number(dense["ms_per_frame"], 1),
+            number(eventful["ms_per_frame"], 1),
+            ratio(dense["ms_per_frame"], eventful["ms_per_frame"], "faster"),
+        ),
+        ("tokens updated", "100%", f"{eventful['updated_fraction']:.1%}", ""),
+    ]
+    if fidelity["feature_cosine_mean"] is not None:
+        rows.append(
+            (
+                "feature cosine",
+                "",
+                f"mean {fidelity['feature_cosine_mean']:.4f}",
+                f"min {fidelity['feature_cosine_min']:.4f}",
+            )
+        )
+    if fidelity["saliency_mae"] is not None:
+        rows.append(("saliency MAE", "", f"{fidelity['saliency_mae']:.4f}", ""))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    header = (
+        f"{report['model']} on {report['video']}: {report['frames']} frames "
+        f"({report['frames_failed']} failed), {report['input_size'][0]}x"
+        f"{report['input_size'][1]}, {report['tokens']} tokens, {report['policy']}, "
+        f"level {report['level']}"
+    )
+    return "\n".join([header, *lines, *report["notes"]])

@@ -1,0 +1,148 @@
+"""Run an eventful model over a video, frame by frame, and record what it saves and costs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import eventful
+from eventful.core.policies import Policy
+from eventful.evaluation import feature_cosine, output_tokens, saliency_mae
+from eventful.models.saliency import SaliencyOutput
+from eventful.video.decode import VideoReader
+from eventful.zoo import ZooModel
+
+
+@dataclass
+class FrameResult:
+    """One decoded frame: its cost, its time and, with a comparison, its distance to dense."""
+
+    index: int
+    macs: int
+    dense_macs: int
+    updated_fraction: float
+    ms: float
+    dense_ms: float | None = None
+    feature_cosine: float | None = None
+    saliency_mae: float | None = None
+
+
+@dataclass
+class FrameView:
+    """What the per-frame callbacks see, beyond the numbers: for progress and visualisation."""
+
+    result: FrameResult
+    image: Tensor  # the model input (3, S, S)
+    updated_tokens: Tensor  # (T,) fraction of blocks that re-processed each token
+    saliency: Tensor | None  # (S, S) in [0, 1]
+
+
+@dataclass
+class RunResult:
+    video: str
+    model: ZooModel
+    policy: Policy
+    level: str
+    compare: bool
+    device: str
+    fps: float
+    tokens: int
+    frames: list[FrameResult] = field(default_factory=list)
+    frames_failed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def median_ms(self, dense: bool = False) -> float | None:
+        """Median wall time per frame over the frames after the first."""
+        times = [f.dense_ms if dense else f.ms for f in self.frames[1:]]
+        times = [t for t in times if t is not None]
+        return statistics.median(times) if times else None
+
+
+def run_video(
+    video: str | Path,
+    model: ZooModel,
+    policy: Policy,
+    level: str = "full",
+    compare: bool = False,
+    max_frames: int | None = None,
+    device: str = "cpu",
+    on_frame: Callable[[FrameView], None] | None = None,
+) -> RunResult:
+    """Stream `video` through the eventful copy of `model.dense`, one frame per step.
+
+    A change of the decoded frame size resets the stream (its next step is dense) and adds a
+    note. Raises `VideoError` when the video cannot be read, ValueError for bad settings.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    reader = VideoReader(video, max_frames)
+    dense = model.dense.to(device)
+    converted = eventful.convert(dense, policy=policy, level=level).to(device)
+    stream = converted.stream(batch_size=1, check_finite=False)
+    size = model.input_size
+    tokens = converted.encoder.embedding.num_tokens(size, size)
+    policy.validate(tokens)
+    result = RunResult(
+        video=str(video),
+        model=model,
+        policy=policy,
+        level=level,
+        compare=compare,
+        device=device,
+        fps=reader.fps,
+        tokens=tokens,
+    )
+    frame_size = None
+    for index, rgb in enumerate(reader):
+        if frame_size is not None and rgb.shape[:2] != frame_size:
+            stream.reset()
+            result.notes.append(
+                f"frame {index}: resolution changed from {frame_size[1]}x{frame_size[0]} to "
+                f"{rgb.shape[1]}x{rgb.shape[0]}; stream reset"
+            )
+        frame_size = rgb.shape[:2]
+        image = model.preprocess(rgb)
+        batch = image.unsqueeze(0).to(device)
+        output, ms = _timed(stream, batch, device)
+        frame = FrameResult(
+            index=index,
+            macs=stream.ops.total,
+            dense_macs=stream.ops.dense,
+            updated_fraction=stream.updated_fraction()[0],
+            ms=ms,
+        )
+        if compare:
+            reference, frame.dense_ms = _timed(dense, batch, device)
+            cosine = feature_cosine(
+                output_tokens(output), output_tokens(reference), model.num_prefix_tokens
+            )
+            frame.feature_cosine = cosine.item()
+            if isinstance(output, SaliencyOutput):
+                frame.saliency_mae = saliency_mae(output.saliency, reference.saliency).item()
+        result.frames.append(frame)
+        result.frames_failed = reader.frames_failed
+        if on_frame is not None:
+            saliency = output.saliency[0, 0] if isinstance(output, SaliencyOutput) else None
+            on_frame(FrameView(frame, image, stream.updated_tokens(), saliency))
+    result.frames_failed = reader.frames_failed
+    if reader.stopped_early:
+        result.notes.append(reader.stopped_early)
+    return result
+
+
+@torch.no_grad()
+def _timed(call: Callable, batch: Tensor, device: str):
+    """call(batch) and its wall time in milliseconds."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    value = call(batch)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return value, (time.perf_counter() - start) * 1000

@@ -1,0 +1,1 @@
+"""Visualisation: per-frame plots and side-by-side videos of what was updated."""

@@ -1,0 +1,60 @@
+"""A video of each frame, the tokens re-processed in it, and the model's saliency map."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def colourise(values: Tensor, colormap: str = "inferno") -> np.ndarray:
+    """Values (H, W) in [0, 1] -> RGB (H, W, 3) uint8."""
+    import matplotlib
+
+    lookup = matplotlib.colormaps[colormap](np.linspace(0, 1, 256))[:, :3]
+    levels = (values.detach().float().cpu().clamp(0, 1) * 255).round().long().numpy()
+    return (lookup[levels] * 255).round().astype(np.uint8)
+
+
+def update_map(updated_tokens: Tensor, prefix: int, grid: tuple[int, int], size: int) -> Tensor:
+    """Per-token update fractions (T,) -> a (size, size) map over the patch grid."""
+    patches = updated_tokens[prefix:].reshape(1, 1, *grid)
+    return F.interpolate(patches, size=(size, size), mode="nearest")[0, 0]
+
+
+class SideBySideWriter:
+    """Writes frames of three panels: the input, the updated tokens over it, the saliency map."""
+
+    def __init__(self, path: str | Path, size: int, fps: float) -> None:
+        import av
+
+        self.size = size + size % 2  # yuv420p needs even sides
+        self._container = av.open(str(path), mode="w")
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        self._stream = self._container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        self._stream.width = 3 * self.size
+        self._stream.height = self.size
+        self._stream.pix_fmt = "yuv420p"
+
+    def write(self, image: np.ndarray, updated: Tensor, saliency: Tensor | None) -> None:
+        """image (S, S, 3) uint8, updated (S, S) in [0, 1], saliency (S, S) in [0, 1] or None."""
+        import av
+
+        heat = colourise(updated)
+        overlay = (0.45 * image + 0.55 * heat).astype(np.uint8)
+        third = colourise(saliency) if saliency is not None else np.zeros_like(image)
+        panels = np.concatenate([image, overlay, third], axis=1)
+        height, width = panels.shape[:2]
+        canvas = np.zeros((self.size, 3 * self.size, 3), dtype=np.uint8)
+        canvas[:height, :width] = panels
+        frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+
+    def close(self) -> None:
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
