@@ -4,7 +4,7 @@ import torch
 
 import eventful
 
-LEVELS = ("tokenwise", "qk", "full")
+LEVELS = ("tokenwise", "qk", "full", "exact")
 
 # Every block variant the canonical ViT has: plain, LayerScale, registers, no qkv bias.
 VARIANTS = {

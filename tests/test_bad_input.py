@@ -9,7 +9,7 @@ from torch import nn
 
 import eventful
 
-LEVELS = ("tokenwise", "qk", "full")
+LEVELS = ("tokenwise", "qk", "full", "exact")
 BATCH = 2
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -228,7 +228,7 @@ def test_assigning_a_non_policy_is_rejected_and_keeps_the_old_policy():
 @pytest.mark.parametrize(
     ("level", "match"),
     [
-        ("dense", r"level must be one of \('tokenwise', 'qk', 'full'\), got 'dense'"),
+        ("dense", r"level must be one of \('tokenwise', 'qk', 'full', 'exact'\), got 'dense'"),
         (["full", "dense"], "level must be one of .*got 'dense'"),
         (["full"] * 3, r"expected one level or 2 levels \(one per block\), got 3"),
         (["qk"], r"expected one level or 2 levels \(one per block\), got 1"),

@@ -44,6 +44,15 @@ EVENTFUL = {
         "adds": 2 * N * D + 2 * N * D,
         "gates": GATES + S * D + H * N * S,
     },
+    # Every row swaps old for new contributions of the S changed keys (logits and values, old
+    # and new: 4 N S D); the S changed queries' rows are recomputed (2 S N D). Running sums:
+    # rescale U (N x D) and Z (H x N), and two accumulations into each.
+    "exact": {
+        "linear": LINEAR_S,
+        "attention": 4 * N * S * D + 2 * S * N * D,
+        "adds": 2 * N * D + 3 * N * D + 3 * N * H,
+        "gates": GATES,
+    },
 }
 
 
@@ -58,7 +67,7 @@ def test_hand_derived_numbers_are_what_the_formulas_say():
     assert LINEAR_S == 432 + 144 + 288 + 272
 
 
-@pytest.mark.parametrize("level", ["tokenwise", "qk", "full"])
+@pytest.mark.parametrize("level", ["tokenwise", "qk", "full", "exact"])
 def test_dense_and_eventful_counts_equal_hand_derived_formulas(level):
     stream = small_model(level).stream(batch_size=2)
     frames = torch.randn(3, 2, 3, 32, 32)

@@ -128,6 +128,8 @@ def test_one_model_serves_independent_stream_batches(video):
         ("qk", (5 + 3) * NUM_TOKENS * 48 + 4 * NUM_TOKENS**2),
         # + the attention reference (H, N, N) and the attention-value product (N, D)
         ("full", (5 + 3 + 1) * NUM_TOKENS * 48 + 2 * 4 * NUM_TOKENS**2),
+        # + the running numerators (N, D), denominators and shifts (H, N): no N x N cache
+        ("exact", (5 + 3 + 1) * NUM_TOKENS * 48 + 2 * 4 * NUM_TOKENS),
     ],
 )
 def test_cache_bytes_per_stream_are_reported(level, per_block, video):

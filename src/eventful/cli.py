@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     from eventful.video.clips import registry_clip
+    from eventful.video.decode import VideoReader
     from eventful.video.report import run_report, summary_table
     from eventful.video.runner import run_video
 
@@ -90,6 +91,7 @@ def run_command(args: argparse.Namespace) -> int:
         args.viz = args.viz or output / "demo.mp4"
     else:
         video = Path(args.video)
+        VideoReader(video).close()  # an unreadable video fails before the model loads
     model = load_model(args.model, args.size)
     progress = Progress()
     visualise = _visualiser(args.viz, model, video) if args.viz else None

@@ -41,3 +41,73 @@ def update_attention_value_product(
     attention_delta = delta_gate(new_columns, attention_reference, index, dim=2)
     product.baddbmm_(new_columns, new_values - old_values)
     product.baddbmm_(attention_delta, old_values)
+
+
+def recompute_attention_rows(
+    numerator: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rows: Tensor,
+) -> None:
+    """Unnormalised attention of the queries `rows` over all keys, written into the running sums.
+
+    numerator (H, N, dh) holds U_i = sum_j exp(l_ij - m_i) v_j, denominator (H, N) Z_i and shift
+    (H, N) m_i, with logits l_ij = q_i . k_j; the attention output of row i is U_i / Z_i.
+    """
+    logits = torch.matmul(q.index_select(1, rows), k.transpose(1, 2))
+    row_shift = logits.amax(dim=-1)
+    weights = torch.exp(logits - row_shift.unsqueeze(-1))
+    numerator.index_copy_(1, rows, torch.matmul(weights, v))
+    denominator.index_copy_(1, rows, weights.sum(dim=-1))
+    shift.index_copy_(1, rows, row_shift)
+
+
+def update_exact_attention(
+    numerator: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    old_keys: Tensor,
+    old_values: Tensor,
+    index: Tensor,
+) -> int:
+    """Exact incremental attention (DESIGN.md, "Beyond the paper"): no N x N cache or softmax.
+
+    The tokens `index` (s,) changed: `old_keys`, `old_values` (H, s, dh) are their keys and
+    values before the change, q, k, v (H, N, dh) hold the new ones. Every row swaps the old
+    contribution of those keys for the new one, after raising its shift to the largest new
+    logit (so no exponent overflows); the changed queries' rows are recomputed over all keys;
+    rows whose denominator has underflowed are recomputed too (finding them reads one count
+    back from the device). Cost: 6 s N dh per head. Returns how many underflowed rows were
+    recomputed.
+    """
+    if index.numel() == 0:
+        return 0
+    new_keys = k.index_select(1, index)
+    new_values = v.index_select(1, index)
+    new_logits = torch.matmul(q, new_keys.transpose(1, 2))
+    old_logits = torch.matmul(q, old_keys.transpose(1, 2))
+    raised = torch.maximum(shift, new_logits.amax(dim=-1))
+    rescale = torch.exp(shift - raised)
+    numerator.mul_(rescale.unsqueeze(-1))
+    denominator.mul_(rescale)
+    shift.copy_(raised)
+    new_weights = torch.exp(new_logits - raised.unsqueeze(-1))
+    old_weights = torch.exp(old_logits - raised.unsqueeze(-1))
+    numerator.baddbmm_(new_weights, new_values).baddbmm_(old_weights, old_values, alpha=-1)
+    denominator.add_(new_weights.sum(dim=-1)).sub_(old_weights.sum(dim=-1))
+    recompute_attention_rows(numerator, denominator, shift, q, k, v, index)
+    underflowed = (denominator < UNDERFLOW).any(dim=0).nonzero().squeeze(1)
+    if underflowed.numel() > 0:
+        recompute_attention_rows(numerator, denominator, shift, q, k, v, underflowed)
+    return underflowed.numel()
+
+
+# A denominator this small means the row's shift has gone stale far above its logits (its
+# largest key changed and dropped): its sums have lost their precision, so recompute the row.
+UNDERFLOW = 1e-20

@@ -5,6 +5,9 @@ Levels (DESIGN.md):
   the MLP; attention runs densely over the buffered q, k, v.
 - "qk": as tokenwise, and the query-key product is cached and updated by rows and columns.
 - "full": as qk, and the attention-value product is cached and updated by deltas.
+- "exact": token gates as tokenwise; attention kept unnormalised per query row (running sums of
+  exp(logit) v and exp(logit)) and updated exactly for the changed keys and queries: no N x N
+  cache and no N x N softmax (DESIGN.md, "Beyond the paper").
 """
 
 from __future__ import annotations
@@ -15,13 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eventful.core.attention import update_attention_value_product, update_query_key_product
+from eventful.core.attention import (
+    recompute_attention_rows,
+    update_attention_value_product,
+    update_exact_attention,
+    update_query_key_product,
+)
 from eventful.core.gates import token_gate, write_rows
+from eventful.core.ops import StepTrace
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
 from eventful.models.vit import Block, LayerScale, attention_scale
 
-LEVELS = ("tokenwise", "qk", "full")
+LEVELS = ("tokenwise", "qk", "full", "exact")
 
 
 def _scaled_linear(linear: nn.Linear, scale: Tensor) -> nn.Linear:
@@ -80,14 +89,14 @@ class EventfulBlock(nn.Module):
         square = (batch, self.heads, num_tokens, num_tokens)
         if self.level in ("qk", "full"):
             shapes["query_key_product"] = square
+        per_head = (batch, self.heads, num_tokens, self.dim // self.heads)
         if self.level == "full":
             shapes["attention_reference"] = square
-            shapes["attention_value_product"] = (
-                batch,
-                self.heads,
-                num_tokens,
-                self.dim // self.heads,
-            )
+            shapes["attention_value_product"] = per_head
+        if self.level == "exact":
+            shapes["attention_numerator"] = per_head
+            shapes["attention_denominator"] = per_head[:3]
+            shapes["attention_shift"] = per_head[:3]
         return shapes
 
     def forward(
@@ -96,19 +105,20 @@ class EventfulBlock(nn.Module):
         state: dict[str, Tensor],
         policy: Policy,
         fresh_streams: list[int],
-        trace: list[dict[str, Selection]] | None = None,
+        trace: StepTrace | None = None,
     ) -> Tensor:
         batch, num_tokens, dim = x.shape
         incremental = len(fresh_streams) < batch
 
         qkv_selection, rows = token_gate(x, state["qkv_reference"], policy, fresh_streams)
         qkv_rows = self.qkv(self.norm1(rows))
-        old_values = None
-        if self.level == "full" and incremental:
-            old_values = self._values_at(state["qkv"], qkv_selection, fresh_streams)
+        old_keys_values = None
+        if self.level in ("full", "exact") and incremental:
+            old_keys_values = self._keys_values_at(state["qkv"], qkv_selection, fresh_streams)
         write_rows(state["qkv"], qkv_selection, qkv_rows)
 
-        attended = self._attend(state, qkv_selection, fresh_streams, old_values)
+        recomputed = [0] * batch
+        attended = self._attend(state, qkv_selection, fresh_streams, old_keys_values, recomputed)
         attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
 
         proj_selection, rows = token_gate(attended, state["proj_reference"], policy, fresh_streams)
@@ -119,7 +129,10 @@ class EventfulBlock(nn.Module):
         hidden = F.gelu(self.fc1(self.norm2(rows)))
         write_rows(state["mlp"], mlp_selection, self.fc2(hidden))
         if trace is not None:
-            trace.append({"qkv": qkv_selection, "proj": proj_selection, "mlp": mlp_selection})
+            trace.blocks.append(
+                {"qkv": qkv_selection, "proj": proj_selection, "mlp": mlp_selection}
+            )
+            trace.recomputed_rows.append(recomputed)
         return y + state["mlp"]
 
     def _split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,13 +142,15 @@ class EventfulBlock(nn.Module):
         q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    def _values_at(
+    def _keys_values_at(
         self, qkv: Tensor, selection: Selection, fresh_streams: list[int]
-    ) -> list[Tensor | None]:
-        """Per stream, the buffered values (H, s, dh) at the selected tokens, before update."""
-        _, _, v = self._split_heads(qkv)
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """Per stream, the buffered keys and values (H, s, dh) at the selected tokens."""
+        _, k, v = self._split_heads(qkv)
         return [
-            None if stream in fresh_streams else v[stream].index_select(1, index)
+            None
+            if stream in fresh_streams
+            else (k[stream].index_select(1, index), v[stream].index_select(1, index))
             for stream, index in enumerate(selection.per_stream)
         ]
 
@@ -144,12 +159,20 @@ class EventfulBlock(nn.Module):
         state: dict[str, Tensor],
         selection: Selection,
         fresh_streams: list[int],
-        old_values: list[Tensor | None] | None,
+        old_keys_values: list[tuple[Tensor, Tensor] | None] | None,
+        recomputed: list[int],
     ) -> Tensor:
-        """Attention output (B, H, N, dh) over the buffered q, k, v, at this block's level."""
+        """Attention output (B, H, N, dh) over the buffered q, k, v, at this block's level.
+
+        `recomputed[b]` receives the rows the exact level recomputed beyond the selection.
+        """
         q, k, v = self._split_heads(state["qkv"])
         if self.level == "tokenwise":
             return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        if self.level == "exact":
+            return self._attend_exact(
+                state, q, k, v, selection, fresh_streams, old_keys_values, recomputed
+            )
 
         logits = state["query_key_product"]
         for stream, index in enumerate(selection.per_stream):
@@ -173,7 +196,25 @@ class EventfulBlock(nn.Module):
                     attention[stream],
                     reference[stream],
                     v[stream].index_select(1, index),
-                    old_values[stream],
+                    old_keys_values[stream][1],
                     index,
                 )
         return product
+
+    def _attend_exact(
+        self, state, q, k, v, selection, fresh_streams, old_keys_values, recomputed
+    ) -> Tensor:
+        numerator = state["attention_numerator"]
+        denominator = state["attention_denominator"]
+        shift = state["attention_shift"]
+        for stream, index in enumerate(selection.per_stream):
+            sums = (numerator[stream], denominator[stream], shift[stream])
+            heads = (q[stream], k[stream], v[stream])
+            if stream in fresh_streams:
+                recompute_attention_rows(*sums, *heads, index)
+            else:
+                old_keys, old_values = old_keys_values[stream]
+                recomputed[stream] = update_exact_attention(
+                    *sums, *heads, old_keys, old_values, index
+                )
+        return numerator / denominator.unsqueeze(-1)

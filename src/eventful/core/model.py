@@ -116,9 +116,7 @@ class EventfulViT(EventfulModule):
         try:
             tokens = self.embedding(frames)
             for block, block_state in zip(self.blocks, state.blocks, strict=True):
-                tokens = block(
-                    tokens, block_state, self.policy, fresh, None if trace is None else trace.blocks
-                )
+                tokens = block(tokens, block_state, self.policy, fresh, trace)
         except Exception:
             # A failure inside the step (out of memory, say) may leave caches half-updated.
             state.reset()

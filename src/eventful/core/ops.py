@@ -29,7 +29,10 @@ class StepTrace:
 
     num_tokens: int
     fresh_streams: list[int]
+    # Per block: the Selection of each gate ("qkv", "proj", "mlp").
     blocks: list[dict[str, Selection]] = field(default_factory=list)
+    # Per block and stream: rows the exact level recomputed beyond the selection.
+    recomputed_rows: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -72,13 +75,19 @@ def dense_block_macs(block: nn.Module, num_tokens: int) -> dict[str, int]:
 
 
 def eventful_block_macs(
-    block: nn.Module, num_tokens: int, counts: dict[str, int], fresh: bool, gates_run: bool
+    block: nn.Module,
+    num_tokens: int,
+    counts: dict[str, int],
+    fresh: bool,
+    gates_run: bool,
+    recomputed_rows: int = 0,
 ) -> dict[str, int]:
     """One stream of one eventful block.
 
     counts: tokens selected at each gate ("qkv", "proj", "mlp"); fresh: the stream runs densely
     to fill its caches; gates_run: the gates computed errors (false when the whole batch is
-    fresh: then they only copy the input into the reference).
+    fresh: then they only copy the input into the reference); recomputed_rows: rows the exact
+    level recomputed beyond the selection.
     """
     n, d = num_tokens, block.dim
     s_qkv = counts["qkv"]
@@ -93,6 +102,12 @@ def eventful_block_macs(
     gates = 3 * 2 * n * d if gates_run else 0
     if fresh or block.level == "tokenwise":
         attention = 2 * n * n * d
+    elif block.level == "exact":
+        # Every row swaps old for new contributions of the s changed keys (logits and values,
+        # old and new: 4 n s d); the s changed queries' rows, and any underflowed rows, are
+        # recomputed over all keys (2 n d each). Running sums: rescale, two accumulations.
+        attention = 4 * n * s_qkv * d + 2 * (s_qkv + recomputed_rows) * n * d
+        adds += 3 * n * d + 3 * n * block.heads
     elif block.level == "qk":
         attention = 2 * s_qkv * n * d + n * n * d
     else:
@@ -108,12 +123,16 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
     per_stream = [dict.fromkeys(CATEGORIES, 0) for _ in range(batch)]
     dense = [0] * batch
     gates_run = len(trace.fresh_streams) < batch
-    for block, selections in zip(blocks, trace.blocks, strict=True):
+    for block, selections, recomputed_rows in zip(
+        blocks, trace.blocks, trace.recomputed_rows, strict=True
+    ):
         block_dense = sum(dense_block_macs(block, trace.num_tokens).values())
         for stream in range(batch):
             counts = {gate: selection.counts[stream] for gate, selection in selections.items()}
             fresh = stream in trace.fresh_streams
-            macs = eventful_block_macs(block, trace.num_tokens, counts, fresh, gates_run)
+            macs = eventful_block_macs(
+                block, trace.num_tokens, counts, fresh, gates_run, recomputed_rows[stream]
+            )
             for name, value in macs.items():
                 per_stream[stream][name] += value
             dense[stream] += block_dense

@@ -59,6 +59,9 @@ class VideoReader:
             return min(count, self.max_frames) if count else self.max_frames
         return count or None
 
+    def close(self) -> None:
+        self._container.close()
+
     def __iter__(self) -> Iterator[np.ndarray]:
         import av
 

@@ -72,10 +72,14 @@ def summary_table(report: dict) -> str:
     def number(value: float | None, digits: int = 2) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    def ratio(numerator: float | None, denominator: float | None, word: str) -> str:
-        if not numerator or not denominator:
+    def ratio(
+        dense_value: float | None, eventful_value: float | None, better: str, worse: str
+    ) -> str:
+        if not dense_value or not eventful_value:
             return ""
-        return f"{numerator / denominator:.2f}x {word}"
+        if dense_value >= eventful_value:
+            return f"{dense_value / eventful_value:.2f}x {better}"
+        return f"{eventful_value / dense_value:.2f}x {worse}"
 
     rows = [
         ("", "dense", "eventful", ""),
@@ -83,13 +87,13 @@ def summary_table(report: dict) -> str:
             "GMACs / frame",
             number(dense["gops_per_frame"], 3),
             number(eventful["gops_per_frame"], 3),
-            ratio(dense["gops_per_frame"], eventful["gops_per_frame"], "fewer ops"),
+            ratio(dense["gops_per_frame"], eventful["gops_per_frame"], "fewer ops", "more ops"),
         ),
         (
             "ms / frame",
             number(dense["ms_per_frame"], 1),
             number(eventful["ms_per_frame"], 1),
-            ratio(dense["ms_per_frame"], eventful["ms_per_frame"], "faster"),
+            ratio(dense["ms_per_frame"], eventful["ms_per_frame"], "faster", "slower"),
         ),
         ("tokens updated", "100%", f"{eventful['updated_fraction']:.1%}", ""),
     ]

@@ -1,0 +1,85 @@
+"""The exact level keeps attention exact with respect to the buffered q, k, v."""
+
+import pytest
+import torch
+
+import eventful
+from eventful.core.attention import recompute_attention_rows, update_exact_attention
+from tests.helpers import tiny_vit
+
+POLICIES = {"topk": eventful.TopK(9), "threshold": eventful.Threshold(0.7)}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_exact_level_equals_dense_attention_over_the_buffers(policy, video):
+    # The tokenwise level runs dense attention over the same buffered q, k, v, with the same
+    # gates, so the exact level must give the same outputs: its only approximation is the gates.
+    vit = tiny_vit(layer_scale_init=0.5)
+    exact = eventful.convert(vit, policy=POLICIES[policy], level="exact").stream()
+    tokenwise = eventful.convert(vit, policy=POLICIES[policy], level="tokenwise").stream()
+    for frame in video:
+        assert torch.allclose(exact(frame), tokenwise(frame), atol=1e-4)
+        assert exact.trace.blocks[0]["qkv"].counts == tokenwise.trace.blocks[0]["qkv"].counts
+
+
+def test_exact_level_is_closer_to_dense_than_the_full_level(video):
+    vit = tiny_vit()
+    errors = {}
+    for level in ("full", "exact"):
+        stream = eventful.convert(vit, policy=eventful.TopK(9), level=level).stream()
+        errors[level] = max((stream(f) - vit(f)).abs().max().item() for f in video)
+    assert errors["exact"] < errors["full"]
+
+
+def dense_attention(q, k, v):
+    return torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+
+
+def running_sums(q, k, v):
+    heads, tokens, width = q.shape
+    sums = (
+        torch.zeros(heads, tokens, width),
+        torch.zeros(heads, tokens),
+        torch.zeros(heads, tokens),
+    )
+    recompute_attention_rows(*sums, q, k, v, torch.arange(tokens))
+    return sums
+
+
+def test_updates_follow_many_changes_of_keys_values_and_queries():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 4, generator=generator) for _ in range(3))
+    sums = running_sums(q, k, v)
+    for _ in range(50):
+        index = torch.randperm(12, generator=generator)[:3]
+        old_keys, old_values = k[:, index].clone(), v[:, index].clone()
+        for tensor in (q, k, v):
+            tensor[:, index] += 0.5 * torch.randn(2, 3, 4, generator=generator)
+        update_exact_attention(*sums, q, k, v, old_keys, old_values, index)
+    numerator, denominator, _ = sums
+    output = numerator / denominator.unsqueeze(-1)
+    assert torch.allclose(output, dense_attention(q, k, v), atol=1e-4)
+
+
+def test_a_dominant_key_that_collapses_triggers_a_row_recompute():
+    q = torch.ones(1, 4, 2)
+    k = torch.zeros(1, 4, 2)
+    k[0, 0] = 40.0  # logit 80 for every query: it dominates every row
+    v = torch.arange(8.0).reshape(1, 4, 2)
+    sums = running_sums(q, k, v)
+    index = torch.tensor([0])
+    old_keys, old_values = k[:, index].clone(), v[:, index].clone()
+    k[0, 0] = -40.0  # now logit -80: the rows' shift (80) is far above every logit
+    recomputed = update_exact_attention(*sums, q, k, v, old_keys, old_values, index)
+    numerator, denominator, _ = sums
+    assert recomputed == 3  # rows 1..3 underflowed (row 0 is a changed query, recomputed anyway)
+    assert torch.allclose(numerator / denominator.unsqueeze(-1), dense_attention(q, k, v))
+
+
+def test_no_change_leaves_the_sums_untouched():
+    q, k, v = (torch.randn(2, 6, 4) for _ in range(3))
+    sums = running_sums(q, k, v)
+    before = [t.clone() for t in sums]
+    empty = torch.zeros(0, dtype=torch.long)
+    assert update_exact_attention(*sums, q, k, v, k[:, empty], v[:, empty], empty) == 0
+    assert all(torch.equal(a, b) for a, b in zip(sums, before, strict=True))
