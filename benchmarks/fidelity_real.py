@@ -16,6 +16,7 @@ import torch
 from report import markdown_table, write_section
 
 import eventful
+from eventful.core.block import LEVELS
 from eventful.core.ops import topk_for_op_ratio
 from eventful.evaluation import compare_with_dense
 from eventful.models.imgfocus import imgfocus_saliency
@@ -23,7 +24,6 @@ from eventful.video.clips import registry_clip
 from eventful.video.decode import decode_frames
 from eventful.video.preprocess import letterbox
 
-LEVELS = ("tokenwise", "qk", "full")
 RATIOS = (2, 4)
 
 

@@ -88,19 +88,19 @@ def update_exact_attention(
     """
     if index.numel() == 0:
         return 0
-    new_keys = k.index_select(1, index)
-    new_values = v.index_select(1, index)
-    new_logits = torch.matmul(q, new_keys.transpose(1, 2))
-    old_logits = torch.matmul(q, old_keys.transpose(1, 2))
-    raised = torch.maximum(shift, new_logits.amax(dim=-1))
+    count = index.shape[0]
+    # Old and new keys side by side: one matmul for all logits, one for all value updates.
+    keys = torch.cat([k.index_select(1, index), old_keys], dim=1)
+    values = torch.cat([v.index_select(1, index), -old_values], dim=1)
+    logits = torch.matmul(q, keys.transpose(1, 2))
+    raised = torch.maximum(shift, logits[..., :count].amax(dim=-1))
     rescale = torch.exp(shift - raised)
     numerator.mul_(rescale.unsqueeze(-1))
     denominator.mul_(rescale)
     shift.copy_(raised)
-    new_weights = torch.exp(new_logits - raised.unsqueeze(-1))
-    old_weights = torch.exp(old_logits - raised.unsqueeze(-1))
-    numerator.baddbmm_(new_weights, new_values).baddbmm_(old_weights, old_values, alpha=-1)
-    denominator.add_(new_weights.sum(dim=-1)).sub_(old_weights.sum(dim=-1))
+    weights = torch.exp(logits - raised.unsqueeze(-1))
+    numerator.baddbmm_(weights, values)
+    denominator.add_(weights[..., :count].sum(dim=-1)).sub_(weights[..., count:].sum(dim=-1))
     recompute_attention_rows(numerator, denominator, shift, q, k, v, index)
     underflowed = (denominator < UNDERFLOW).any(dim=0).nonzero().squeeze(1)
     if underflowed.numel() > 0:
