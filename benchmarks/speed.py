@@ -12,7 +12,6 @@ after the first, with min and max. Writes the `speed` section of BENCHMARKS.md a
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 from report import machine, markdown_table, write_section
+from torch.profiler import ProfilerActivity, profile
 
 import eventful
 from eventful.core.block import LEVELS
@@ -121,18 +121,16 @@ def real_frames(size: int, steps: int, batch: int) -> list[torch.Tensor]:
     return [torch.stack([decoded[t + 40 * b] for b in range(batch)]) for t in range(steps)]
 
 
-def _status_mb(field_name: str) -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(field_name + r":\s+(\d+)", status).group(1)) / 1024
-
-
 def step_peak_mb(call, *args) -> float:
-    """Memory a call adds at its peak: the process's resident peak during it, minus before."""
-    Path("/proc/self/clear_refs").write_text("5")  # resets the resident peak (VmHWM)
-    before = _status_mb("VmRSS")
-    with torch.no_grad():
+    """Peak memory a call allocates on top of what exists before it (the torch profiler's
+    allocation and free events, replayed in order)."""
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as run:
         call(*args)
-    return _status_mb("VmHWM") - before
+    level = peak = 0
+    for event in sorted(run.events(), key=lambda event: event.time_range.start):
+        level += event.self_cpu_memory_usage
+        peak = max(peak, level)
+    return peak / 2**20
 
 
 @dataclass
@@ -298,8 +296,8 @@ def main() -> None:
         f"batch starts 40 b frames later), interleaved step by step, {args.steps} steps, "
         "medians over the steps after the first with [min-max] in ms. Speedup = dense ms / "
         "eventful ms; op ratio = dense ops / eventful ops over the same steps; efficiency = "
-        "speedup / op ratio. Cache MB/stream: the eventful state; step peak: memory a step adds "
-        "at its peak (resident peak during the step minus resident memory before it). "
+        "speedup / op ratio. Cache MB/stream: the eventful state; step peak: the most memory a "
+        "step allocates at once on top of the model and the state (torch profiler). "
         "Cosine: patch-feature cosine to the dense model, where the weights are real.\n\n"
         "#### Our dense path against Hugging Face's model on the same weights\n\n"
         + markdown_table(baseline_header, baseline_rows)

@@ -189,7 +189,7 @@ def test_compared_report_has_every_documented_key(compared_report, clip):
     assert report["input_size"] == [224, 224]
     assert report["tokens"] == 1 + (224 // 14) ** 2
     assert report["policy"] == "TopFraction(0.25)"
-    assert report["level"] == "full"
+    assert report["level"] == "exact"
     assert report["frames"] == 4
     assert report["frames_failed"] == 0
     assert set(report["dense"]) >= {"gops_per_frame", "ms_per_frame"}

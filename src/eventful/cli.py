@@ -45,7 +45,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy", default="fraction:0.25", help="topk:K, fraction:F or threshold:T"
     )
-    parser.add_argument("--level", choices=LEVELS, default="full")
+    parser.add_argument("--level", choices=LEVELS, default="exact")
     parser.add_argument("--compare", action="store_true", help="also run dense; report fidelity")
     parser.add_argument("--json", type=Path, help="write the run report as JSON")
     parser.add_argument("--viz", type=Path, help="write frame | updated tokens | saliency video")

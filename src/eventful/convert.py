@@ -21,14 +21,15 @@ SUPPORTED = (
 
 
 def convert(
-    model: nn.Module, policy: Policy, level: str | Sequence[str] = "full"
+    model: nn.Module, policy: Policy, level: str | Sequence[str] = "exact"
 ) -> EventfulModule:
     """A new eventful module computing what `model` computes; `model` is left unchanged.
 
     The converted model is called as `model(frames, state)` or through `model.stream()` and
     returns what `model` returns: tokens (B, T, D) for `eventful.ViT`, the transformers output
     object for transformers models, the wrapper's own output for models with a head.
-    level: "tokenwise", "qk" or "full" for every block, or a sequence with one per block.
+    level: "tokenwise", "qk", "full" or "exact" (the default: exact attention, no N x N cache;
+    see BENCHMARKS.md) for every block, or a sequence with one per block.
     """
     if isinstance(model, ViT):
         return EventfulViT(model, policy, level)

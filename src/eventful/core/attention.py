@@ -43,6 +43,27 @@ def update_attention_value_product(
     product.baddbmm_(attention_delta, old_values)
 
 
+def attention_with_logsumexp(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax attention (H, Nq, dh) of q over k, v, and each row's log-sum-exp (H, Nq).
+
+    On the CPU this is one fused flash-attention call that never materialises the logits.
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False, scale=1.0
+        )[:2]
+        return output[0], logsumexp[0]
+    logits = torch.matmul(q, k.transpose(1, 2))
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    return torch.matmul(torch.exp(logits - logsumexp.unsqueeze(-1)), v), logsumexp
+
+
+def exact_update_is_dense(selected: int, tokens: int) -> bool:
+    """Whether the exact level recomputes every row: its incremental update costs 6 s N dh per
+    head, a dense recompute 2 N^2 dh, so from s = N / 3 on the recompute is cheaper."""
+    return 3 * selected >= tokens
+
+
 def recompute_attention_rows(
     numerator: Tensor,
     denominator: Tensor,
@@ -52,17 +73,16 @@ def recompute_attention_rows(
     v: Tensor,
     rows: Tensor,
 ) -> None:
-    """Unnormalised attention of the queries `rows` over all keys, written into the running sums.
+    """Attention of the queries `rows` over all keys, written into the running sums.
 
     numerator (H, N, dh) holds U_i = sum_j exp(l_ij - m_i) v_j, denominator (H, N) Z_i and shift
-    (H, N) m_i, with logits l_ij = q_i . k_j; the attention output of row i is U_i / Z_i.
+    (H, N) m_i, with logits l_ij = q_i . k_j; the attention output of row i is U_i / Z_i. With
+    the shift at the row's log-sum-exp, U_i is the attention output and Z_i is 1.
     """
-    logits = torch.matmul(q.index_select(1, rows), k.transpose(1, 2))
-    row_shift = logits.amax(dim=-1)
-    weights = torch.exp(logits - row_shift.unsqueeze(-1))
-    numerator.index_copy_(1, rows, torch.matmul(weights, v))
-    denominator.index_copy_(1, rows, weights.sum(dim=-1))
-    shift.index_copy_(1, rows, row_shift)
+    output, logsumexp = attention_with_logsumexp(q.index_select(1, rows), k, v)
+    numerator.index_copy_(1, rows, output)
+    denominator.index_fill_(1, rows, 1.0)
+    shift.index_copy_(1, rows, logsumexp)
 
 
 def update_exact_attention(
@@ -80,27 +100,34 @@ def update_exact_attention(
 
     The tokens `index` (s,) changed: `old_keys`, `old_values` (H, s, dh) are their keys and
     values before the change, q, k, v (H, N, dh) hold the new ones. Every row swaps the old
-    contribution of those keys for the new one, after raising its shift to the largest new
-    logit (so no exponent overflows); the changed queries' rows are recomputed over all keys;
-    rows whose denominator has underflowed are recomputed too (finding them reads one count
-    back from the device). Cost: 6 s N dh per head. Returns how many underflowed rows were
+    contribution of those keys for the new one (each computed as fused attention over the s
+    keys, rescaled by its log-sum-exp), after raising its shift to the new log-sum-exp so that
+    no exponent overflows; the changed queries' rows are recomputed over all keys; rows whose
+    denominator has underflowed are recomputed too (finding them reads one count back from
+    the device). From s = N / 3 on, every row is recomputed instead, which costs less.
+    Cost: 6 s N dh per head, at most 2 N^2 dh. Returns how many underflowed rows were
     recomputed.
     """
+    tokens = q.shape[1]
     if index.numel() == 0:
         return 0
-    count = index.shape[0]
-    # Old and new keys side by side: one matmul for all logits, one for all value updates.
-    keys = torch.cat([k.index_select(1, index), old_keys], dim=1)
-    values = torch.cat([v.index_select(1, index), -old_values], dim=1)
-    logits = torch.matmul(q, keys.transpose(1, 2))
-    raised = torch.maximum(shift, logits[..., :count].amax(dim=-1))
+    if exact_update_is_dense(index.numel(), tokens):
+        recompute_attention_rows(numerator, denominator, shift, q, k, v, torch.arange(tokens))
+        return 0
+    new_output, new_logsumexp = attention_with_logsumexp(
+        q, k.index_select(1, index), v.index_select(1, index)
+    )
+    old_output, old_logsumexp = attention_with_logsumexp(q, old_keys, old_values)
+    raised = torch.maximum(shift, new_logsumexp)
     rescale = torch.exp(shift - raised)
     numerator.mul_(rescale.unsqueeze(-1))
     denominator.mul_(rescale)
     shift.copy_(raised)
-    weights = torch.exp(logits - raised.unsqueeze(-1))
-    numerator.baddbmm_(weights, values)
-    denominator.add_(weights[..., :count].sum(dim=-1)).sub_(weights[..., count:].sum(dim=-1))
+    new_weight = torch.exp(new_logsumexp - raised)
+    old_weight = torch.exp(old_logsumexp - raised)
+    numerator.addcmul_(new_weight.unsqueeze(-1), new_output)
+    numerator.addcmul_(old_weight.unsqueeze(-1), old_output, value=-1)
+    denominator.add_(new_weight).sub_(old_weight)
     recompute_attention_rows(numerator, denominator, shift, q, k, v, index)
     underflowed = (denominator < UNDERFLOW).any(dim=0).nonzero().squeeze(1)
     if underflowed.numel() > 0:

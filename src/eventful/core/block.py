@@ -65,7 +65,6 @@ class EventfulBlock(nn.Module):
         self.level = level
         self.dim = dim
         self.heads = block.attn.heads
-        self.hidden = block.mlp.fc1.out_features
         query_scale = torch.ones(3 * dim)
         query_scale[:dim] = attention_scale(dim, self.heads)
         self.norm1 = copy.deepcopy(block.norm1)

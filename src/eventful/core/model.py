@@ -61,10 +61,11 @@ class EventfulViT(EventfulModule):
     """An eventful copy of a `ViT`: frames (B, C, H, W) + state -> final-norm tokens (B, T, D).
 
     `policy` decides, at every gate, which tokens each stream re-processes; assign a new one
-    between steps at will. `level` is one of "tokenwise", "qk", "full", or one per block.
+    between steps at will. `level` is one of "tokenwise", "qk", "full", "exact" (the default),
+    or one per block.
     """
 
-    def __init__(self, vit: ViT, policy: Policy, level: str | Sequence[str] = "full") -> None:
+    def __init__(self, vit: ViT, policy: Policy, level: str | Sequence[str] = "exact") -> None:
         super().__init__()
         levels = _levels_for(level, len(vit.blocks))
         self.embedding = copy.deepcopy(vit.embedding)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from eventful.core.attention import exact_update_is_dense
 from eventful.core.selection import Selection
 
 CATEGORIES = ("linear", "attention", "adds", "gates")
@@ -101,6 +102,8 @@ def eventful_block_macs(
     # Every gate computes an error and its norm for every token of every stream.
     gates = 3 * 2 * n * d if gates_run else 0
     if fresh or block.level == "tokenwise":
+        attention = 2 * n * n * d
+    elif block.level == "exact" and exact_update_is_dense(s_qkv, n):
         attention = 2 * n * n * d
     elif block.level == "exact":
         # Every row swaps old for new contributions of the s changed keys (logits and values,

@@ -68,7 +68,7 @@ def run_video(
     video: str | Path,
     model: ZooModel,
     policy: Policy,
-    level: str = "full",
+    level: str = "exact",
     compare: bool = False,
     max_frames: int | None = None,
     device: str = "cpu",
