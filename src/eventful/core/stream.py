@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +40,8 @@ class Stream:
         return self.state.batch_size
 
     @torch.no_grad()
-    def __call__(self, frames: Tensor) -> Tensor:
+    def __call__(self, frames: Tensor) -> Any:
+        """One time step: frames (B, C, H, W) -> what the converted model returns."""
         trace = StepTrace(num_tokens=0, fresh_streams=[]) if self.count_ops else None
         output = self.model(frames, self.state, trace=trace, check_finite=self.check_finite)
         self.trace = trace
