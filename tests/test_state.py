@@ -152,3 +152,13 @@ def test_state_moves_between_devices_and_continues(video):
     moved.to("cuda")
     output = moved(video[3].cuda())
     assert torch.allclose(output.cpu(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("level", ["tokenwise", "exact"])
+def test_compiled_stream_gives_the_eager_outputs_and_counts(level):
+    model = eventful.convert(tiny_vit(), policy=eventful.TopK(9), level=level)
+    video = moving_squares(4, size=64, batch=2, seed=6)
+    eager, compiled = model.stream(2), model.stream(2, compile=True)
+    for frame in video:
+        assert torch.allclose(compiled(frame), eager(frame), atol=1e-5)
+        assert compiled.ops.per_stream == eager.ops.per_stream

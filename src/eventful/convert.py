@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from eventful.core.model import EventfulModule, EventfulViT
@@ -21,7 +22,10 @@ SUPPORTED = (
 
 
 def convert(
-    model: nn.Module, policy: Policy, level: str | Sequence[str] = "exact"
+    model: nn.Module,
+    policy: Policy,
+    level: str | Sequence[str] = "exact",
+    cache_dtype: torch.dtype | None = None,
 ) -> EventfulModule:
     """A new eventful module computing what `model` computes; `model` is left unchanged.
 
@@ -30,13 +34,14 @@ def convert(
     object for transformers models, the wrapper's own output for models with a head.
     level: "tokenwise", "qk", "full" or "exact" (the default: exact attention, no N x N cache;
     see BENCHMARKS.md) for every block, or a sequence with one per block.
+    cache_dtype: e.g. torch.float16 to halve the N x N attention caches of "qk" and "full".
     """
     if isinstance(model, ViT):
-        return EventfulViT(model, policy, level)
+        return EventfulViT(model, policy, level, cache_dtype)
     if _is_encoder(model):
-        return EventfulWrapper(_encoder_call(model, policy, level), "")
+        return EventfulWrapper(_encoder_call(model, policy, level, cache_dtype), "")
     path, encoder = _find_encoder(model)
-    call = _encoder_call(encoder, policy, level)
+    call = _encoder_call(encoder, policy, level, cache_dtype)
     # The copy takes the call where the encoder was, without copying the encoder's weights.
     wrapped = copy.deepcopy(model, memo={id(encoder): call})
     return EventfulWrapper(wrapped, path)
@@ -46,12 +51,17 @@ def _is_encoder(module: nn.Module) -> bool:
     return isinstance(module, ViT) or hf.is_hf_encoder(module)
 
 
-def _encoder_call(encoder: nn.Module, policy: Policy, level: str | Sequence[str]) -> EncoderCall:
+def _encoder_call(
+    encoder: nn.Module,
+    policy: Policy,
+    level: str | Sequence[str],
+    cache_dtype: torch.dtype | None,
+) -> EncoderCall:
     if isinstance(encoder, ViT):
-        return EncoderCall(EventfulViT(encoder, policy, level), nn.Identity(), _no_options)
-    vit = hf.vit_from_hf(encoder)
-    output = hf.HFEncoderOutput(encoder)
-    return EncoderCall(EventfulViT(vit, policy, level), output, hf.check_hf_encoder_options)
+        eventful_vit = EventfulViT(encoder, policy, level, cache_dtype)
+        return EncoderCall(eventful_vit, nn.Identity(), _no_options)
+    eventful_vit = EventfulViT(hf.vit_from_hf(encoder), policy, level, cache_dtype)
+    return EncoderCall(eventful_vit, hf.HFEncoderOutput(encoder), hf.check_hf_encoder_options)
 
 
 def _no_options(options: dict) -> None:

@@ -18,9 +18,9 @@ def update_query_key_product(logits: Tensor, q: Tensor, k: Tensor, index: Tensor
     Cost: 2 s N dh per head instead of N^2 dh.
     """
     rows = torch.matmul(q.index_select(1, index), k.transpose(1, 2))
-    logits.index_copy_(1, index, rows)
+    logits.index_copy_(1, index, rows.to(logits.dtype))
     columns = torch.matmul(q, k.index_select(1, index).transpose(1, 2))
-    logits.index_copy_(2, index, columns)
+    logits.index_copy_(2, index, columns.to(logits.dtype))
 
 
 def update_attention_value_product(

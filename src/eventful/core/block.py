@@ -57,10 +57,18 @@ class EventfulBlock(nn.Module):
     them. The original block is not modified.
     """
 
-    def __init__(self, block: Block, level: str) -> None:
+    def __init__(self, block: Block, level: str, cache_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        if cache_dtype is not None and (
+            not isinstance(cache_dtype, torch.dtype) or not cache_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"cache_dtype must be a floating-point torch dtype such as torch.float16, "
+                f"got {cache_dtype!r}"
+            )
+        self.cache_dtype = cache_dtype
         dim = block.norm1.normalized_shape[0]
         self.level = level
         self.dim = dim
@@ -74,29 +82,35 @@ class EventfulBlock(nn.Module):
         self.fc1 = copy.deepcopy(block.mlp.fc1)
         self.fc2 = _scaled_linear(block.mlp.fc2, _layer_scale(block.ls2, dim))
 
-    def state_shapes(self, batch: int, num_tokens: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of this block's per-stream-batch state tensors."""
+    def state_specs(
+        self, batch: int, num_tokens: int, dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each of this block's state tensors for a batch of streams.
+
+        The N x N attention caches of the "qk" and "full" levels take `cache_dtype` when set.
+        """
         tokens = (batch, num_tokens, self.dim)
-        shapes = {
-            "qkv_reference": tokens,
-            "qkv": (batch, num_tokens, 3 * self.dim),
-            "proj_reference": tokens,
-            "proj": tokens,
-            "mlp_reference": tokens,
-            "mlp": tokens,
+        square_dtype = self.cache_dtype or dtype
+        specs = {
+            "qkv_reference": (tokens, dtype),
+            "qkv": ((batch, num_tokens, 3 * self.dim), dtype),
+            "proj_reference": (tokens, dtype),
+            "proj": (tokens, dtype),
+            "mlp_reference": (tokens, dtype),
+            "mlp": (tokens, dtype),
         }
         square = (batch, self.heads, num_tokens, num_tokens)
-        if self.level in ("qk", "full"):
-            shapes["query_key_product"] = square
         per_head = (batch, self.heads, num_tokens, self.dim // self.heads)
+        if self.level in ("qk", "full"):
+            specs["query_key_product"] = (square, square_dtype)
         if self.level == "full":
-            shapes["attention_reference"] = square
-            shapes["attention_value_product"] = per_head
+            specs["attention_reference"] = (square, square_dtype)
+            specs["attention_value_product"] = (per_head, dtype)
         if self.level == "exact":
-            shapes["attention_numerator"] = per_head
-            shapes["attention_denominator"] = per_head[:3]
-            shapes["attention_shift"] = per_head[:3]
-        return shapes
+            specs["attention_numerator"] = (per_head, dtype)
+            specs["attention_denominator"] = (per_head[:3], dtype)
+            specs["attention_shift"] = (per_head[:3], dtype)
+        return specs
 
     def forward(
         self,
@@ -176,10 +190,10 @@ class EventfulBlock(nn.Module):
         logits = state["query_key_product"]
         for stream, index in enumerate(selection.per_stream):
             if stream in fresh_streams:
-                torch.matmul(q[stream], k[stream].transpose(1, 2), out=logits[stream])
+                logits[stream].copy_(torch.matmul(q[stream], k[stream].transpose(1, 2)))
             else:
                 update_query_key_product(logits[stream], q[stream], k[stream], index)
-        attention = logits.softmax(dim=-1)
+        attention = logits.softmax(dim=-1, dtype=v.dtype)
         if self.level == "qk":
             return torch.matmul(attention, v)
 

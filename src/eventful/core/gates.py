@@ -40,7 +40,7 @@ def delta_gate(new_rows: Tensor, reference: Tensor, index: Tensor, dim: int) -> 
     `new_rows` are the slices of the current value at `index` along `dim` of `reference`.
     """
     delta = new_rows - reference.index_select(dim, index)
-    reference.index_copy_(dim, index, new_rows)
+    reference.index_copy_(dim, index, new_rows.to(reference.dtype))
     return delta
 
 

@@ -49,12 +49,16 @@ class EventfulModule(nn.Module):
         return StreamState(batch_size)
 
     def stream(
-        self, batch_size: int = 1, count_ops: bool = True, check_finite: bool = True
+        self,
+        batch_size: int = 1,
+        count_ops: bool = True,
+        check_finite: bool = True,
+        compile: bool = False,
     ) -> Stream:
         """A stateful wrapper over a new state: `y = stream(frames)`, one call per time step."""
         from eventful.core.stream import Stream
 
-        return Stream(self, batch_size, count_ops=count_ops, check_finite=check_finite)
+        return Stream(self, batch_size, count_ops, check_finite, compile)
 
 
 class EventfulViT(EventfulModule):
@@ -62,15 +66,23 @@ class EventfulViT(EventfulModule):
 
     `policy` decides, at every gate, which tokens each stream re-processes; assign a new one
     between steps at will. `level` is one of "tokenwise", "qk", "full", "exact" (the default),
-    or one per block.
+    or one per block. `cache_dtype` (e.g. torch.float16) stores the N x N attention caches of
+    the "qk" and "full" levels in half precision: half the memory, at some fidelity cost.
     """
 
-    def __init__(self, vit: ViT, policy: Policy, level: str | Sequence[str] = "exact") -> None:
+    def __init__(
+        self,
+        vit: ViT,
+        policy: Policy,
+        level: str | Sequence[str] = "exact",
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         levels = _levels_for(level, len(vit.blocks))
         self.embedding = copy.deepcopy(vit.embedding)
         self.blocks = nn.ModuleList(
-            EventfulBlock(block, name) for block, name in zip(vit.blocks, levels, strict=True)
+            EventfulBlock(block, name, cache_dtype)
+            for block, name in zip(vit.blocks, levels, strict=True)
         )
         self.norm = copy.deepcopy(vit.norm)
         self.policy = policy
@@ -109,8 +121,11 @@ class EventfulViT(EventfulModule):
         input_size = (frames.shape[-2], frames.shape[-1])
         fresh = state.fresh_streams()
         if not state.allocated or state.input_size != input_size:
-            shapes = [block.state_shapes(state.batch_size, num_tokens) for block in self.blocks]
-            state.allocate(shapes, input_size, frames.dtype, frames.device)
+            specs = [
+                block.state_specs(state.batch_size, num_tokens, frames.dtype)
+                for block in self.blocks
+            ]
+            state.allocate(specs, input_size, frames.device)
         if trace is not None:
             trace.num_tokens = num_tokens
             trace.fresh_streams = fresh

@@ -53,15 +53,19 @@ class StreamState:
 
     def allocate(
         self,
-        shapes: list[dict[str, tuple[int, ...]]],
+        specs: list[dict[str, tuple[tuple[int, ...], torch.dtype]]],
         input_size: tuple[int, int],
-        dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        """(Re)build every cache, zero-filled, for inputs of `input_size` (H, W) pixels."""
+        """(Re)build every cache, zero-filled, for inputs of `input_size` (H, W) pixels.
+
+        specs: per block, each tensor's name, shape and dtype."""
         self.blocks = [
-            {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in block.items()}
-            for block in shapes
+            {
+                name: torch.zeros(shape, dtype=dtype, device=device)
+                for name, (shape, dtype) in block.items()
+            }
+            for block in specs
         ]
         self.input_size = input_size
 

@@ -18,7 +18,8 @@ class Stream:
 
     After each call, `ops` holds the step's op counts (when `count_ops`) and `trace` the
     tokens every gate selected per stream. `check_finite=False` skips the NaN/Inf check of
-    the frames, which on CUDA waits for the device once per step.
+    the frames, which on CUDA waits for the device once per step. `compile=True` runs the
+    step through `torch.compile` (static shapes; the first calls compile, for some seconds).
     """
 
     def __init__(
@@ -27,8 +28,10 @@ class Stream:
         batch_size: int = 1,
         count_ops: bool = True,
         check_finite: bool = True,
+        compile: bool = False,
     ) -> None:
         self.model = model
+        self._step = torch.compile(model, dynamic=False) if compile else model
         self.state = StreamState(batch_size)
         self.count_ops = count_ops
         self.check_finite = check_finite
@@ -43,7 +46,7 @@ class Stream:
     def __call__(self, frames: Tensor) -> Any:
         """One time step: frames (B, C, H, W) -> what the converted model returns."""
         trace = StepTrace(num_tokens=0, fresh_streams=[]) if self.count_ops else None
-        output = self.model(frames, self.state, trace=trace, check_finite=self.check_finite)
+        output = self._step(frames, self.state, trace=trace, check_finite=self.check_finite)
         self.trace = trace
         self.ops = None if trace is None else count_step(self.model.encoder.blocks, trace)
         return output
