@@ -73,6 +73,7 @@ def run_command(args: argparse.Namespace) -> int:
     from eventful.video.decode import VideoReader
     from eventful.video.report import run_report, summary_table
     from eventful.video.runner import run_video
+    from eventful.viz.video import RunVisualiser
 
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be at least 1, got {args.max_frames}")
@@ -91,10 +92,12 @@ def run_command(args: argparse.Namespace) -> int:
         args.viz = args.viz or output / "demo.mp4"
     else:
         video = Path(args.video)
-        VideoReader(video).close()  # an unreadable video fails before the model loads
+    probe = VideoReader(video)  # an unreadable video fails before the model loads
+    fps = probe.fps
+    probe.close()
     model = load_model(args.model, args.size)
     progress = Progress()
-    visualise = _visualiser(args.viz, model, video) if args.viz else None
+    visualise = RunVisualiser(args.viz, model, fps) if args.viz else None
 
     def on_frame(view) -> None:
         progress.update(view.result)
@@ -133,32 +136,6 @@ def run_command(args: argparse.Namespace) -> int:
     if args.viz:
         print(f"video: {args.viz}")
     return 0
-
-
-def _visualiser(path: Path, model, video: Path):
-    """A per-frame callback writing the side-by-side video, with a close() method."""
-    from eventful.video.decode import VideoReader
-    from eventful.viz.video import SideBySideWriter, update_map
-
-    fps = VideoReader(video).fps if Path(video).is_file() else 25.0
-    writer = None
-    size = model.input_size
-    grid = (size // model.patch_size, size // model.patch_size)
-
-    class Visualiser:
-        def __call__(self, view) -> None:
-            nonlocal writer
-            if writer is None:
-                writer = SideBySideWriter(path, size, fps)
-            updated = update_map(view.updated_tokens, model.num_prefix_tokens, grid, size)
-            saliency = None if view.saliency is None else view.saliency.cpu()
-            writer.write(model.display(view.image), updated, saliency)
-
-        def close(self) -> None:
-            if writer is not None:
-                writer.close()
-
-    return Visualiser()
 
 
 class Progress:

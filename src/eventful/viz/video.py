@@ -9,6 +9,9 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
+from eventful.video.runner import FrameView
+from eventful.zoo import ZooModel
+
 
 def colourise(values: Tensor, colormap: str = "inferno") -> np.ndarray:
     """Values (H, W) in [0, 1] -> RGB (H, W, 3) uint8."""
@@ -58,3 +61,27 @@ class SideBySideWriter:
         for packet in self._stream.encode():
             self._container.mux(packet)
         self._container.close()
+
+
+class RunVisualiser:
+    """The per-frame callback of a video run that writes the side-by-side video."""
+
+    def __init__(self, path: str | Path, model: ZooModel, fps: float) -> None:
+        self.path = path
+        self.model = model
+        self.fps = fps
+        side = model.input_size // model.patch_size
+        self.grid = (side, side)
+        self.writer: SideBySideWriter | None = None
+
+    def __call__(self, view: FrameView) -> None:
+        if self.writer is None:
+            self.writer = SideBySideWriter(self.path, self.model.input_size, self.fps)
+        size = self.model.input_size
+        updated = update_map(view.updated_tokens, self.model.num_prefix_tokens, self.grid, size)
+        saliency = None if view.saliency is None else view.saliency.cpu()
+        self.writer.write(self.model.display(view.image), updated, saliency)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
