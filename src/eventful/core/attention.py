@@ -26,7 +26,7 @@ def update_query_key_product(logits: Tensor, q: Tensor, k: Tensor, index: Tensor
 def update_attention_value_product(
     product: Tensor,
     attention: Tensor,
-    attention_reference: Tensor,
+    reference_by_key: Tensor,
     new_values: Tensor,
     old_values: Tensor,
     index: Tensor,
@@ -36,11 +36,13 @@ def update_attention_value_product(
     With dA the change of the attention columns at `index` since their reference (a delta
     gate) and dV = new_values - old_values (H, s, dh):  product += A[:, S] dV + dA V_old.
     Columns outside `index` keep their stale share of the product: the paper's approximation.
+    The reference is stored key-major, (H, N keys, N queries), so that the columns a step
+    reads and writes are contiguous rows.
     """
     new_columns = attention.index_select(2, index)
-    attention_delta = delta_gate(new_columns, attention_reference, index, dim=2)
+    attention_delta = delta_gate(new_columns.transpose(1, 2), reference_by_key, index, dim=1)
     product.baddbmm_(new_columns, new_values - old_values)
-    product.baddbmm_(attention_delta, old_values)
+    product.baddbmm_(attention_delta.transpose(1, 2), old_values)
 
 
 def attention_with_logsumexp(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -104,6 +104,7 @@ class EventfulBlock(nn.Module):
         if self.level in ("qk", "full"):
             specs["query_key_product"] = (square, square_dtype)
         if self.level == "full":
+            # Key-major: (B, H, N keys, N queries); see update_attention_value_product.
             specs["attention_reference"] = (square, square_dtype)
             specs["attention_value_product"] = (per_head, dtype)
         if self.level == "exact":
@@ -201,7 +202,7 @@ class EventfulBlock(nn.Module):
         reference = state["attention_reference"]
         for stream, index in enumerate(selection.per_stream):
             if stream in fresh_streams:
-                reference[stream].copy_(attention[stream])
+                reference[stream].copy_(attention[stream].transpose(1, 2))
                 torch.matmul(attention[stream], v[stream], out=product[stream])
             else:
                 update_attention_value_product(
