@@ -41,10 +41,6 @@ def is_hf_encoder(module: nn.Module) -> bool:
     return cls.__module__.startswith("transformers.") and cls.__name__ in SUPPORTED_ENCODERS
 
 
-def is_hf_model(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("transformers.")
-
-
 def _unsupported(encoder: nn.Module, what: str) -> TypeError:
     return TypeError(f"cannot convert this {type(encoder).__name__}: {what}")
 

@@ -51,14 +51,6 @@ class VideoReader:
         rate = self._stream.average_rate or self._stream.guessed_rate
         return float(rate) if rate else 25.0
 
-    @property
-    def frame_count_hint(self) -> int | None:
-        """The container's frame count, which some containers get wrong; None if unknown."""
-        count = self._stream.frames
-        if self.max_frames is not None:
-            return min(count, self.max_frames) if count else self.max_frames
-        return count or None
-
     def close(self) -> None:
         self._container.close()
 
