@@ -158,22 +158,25 @@ class EventfulBlock(nn.Module):
 
     def _keys_values_at(
         self, qkv: Tensor, selection: Selection, fresh_streams: list[int]
-    ) -> list[tuple[Tensor, Tensor] | None]:
-        """Per stream, the buffered keys and values (H, s, dh) at the selected tokens."""
+    ) -> list[tuple[Tensor | None, Tensor] | None]:
+        """Per stream, the buffered keys and values (H, s, dh) at the selected tokens, read
+        before they are overwritten. Only the exact level needs the old keys (else None)."""
         _, k, v = self._split_heads(qkv)
-        return [
-            None
-            if stream in fresh_streams
-            else (k[stream].index_select(1, index), v[stream].index_select(1, index))
-            for stream, index in enumerate(selection.per_stream)
-        ]
+        old = []
+        for stream, index in enumerate(selection.per_stream):
+            if stream in fresh_streams:
+                old.append(None)
+                continue
+            keys = k[stream].index_select(1, index) if self.level == "exact" else None
+            old.append((keys, v[stream].index_select(1, index)))
+        return old
 
     def _attend(
         self,
         state: dict[str, Tensor],
         selection: Selection,
         fresh_streams: list[int],
-        old_keys_values: list[tuple[Tensor, Tensor] | None] | None,
+        old_keys_values: list[tuple[Tensor | None, Tensor] | None] | None,
         recomputed: list[int],
     ) -> Tensor:
         """Attention output (B, H, N, dh) over the buffered q, k, v, at this block's level.
@@ -218,6 +221,7 @@ class EventfulBlock(nn.Module):
     def _attend_exact(
         self, state, q, k, v, selection, fresh_streams, old_keys_values, recomputed
     ) -> Tensor:
+        """Attention output (B, H, N, dh) from the running sums of the exact level."""
         numerator = state["attention_numerator"]
         denominator = state["attention_denominator"]
         shift = state["attention_shift"]
