@@ -9,7 +9,12 @@ import pytest
 import torch
 
 import eventful
-from eventful.core.ops import dense_macs, steady_topk_macs, topk_for_op_ratio
+from eventful.core.ops import (
+    dense_macs,
+    eventful_block_macs,
+    steady_topk_macs,
+    topk_for_op_ratio,
+)
 
 N, D, H, M = 5, 8, 2, 16
 QKV = N * D * 3 * D + N * 3 * D  # 960 + 120
@@ -36,11 +41,12 @@ EVENTFUL = {
         "adds": 2 * N * D,
         "gates": GATES,
     },
-    # Rows and columns of q k^T, A[:, S] dV and dA V_old; deltas dV (S x D) and dA (H x N x S);
-    # two accumulations into the cached product (N x D each).
+    # With 3 S >= N the full level takes every row's log-sum-exp from all logits (N^2 D); then
+    # A[:, S] dV and dA V_old; deltas dV (S x D) and dA (H x N x S); two accumulations into the
+    # cached product (N x D each).
     "full": {
         "linear": LINEAR_S,
-        "attention": 2 * S * N * D + 2 * N * S * D,
+        "attention": N * N * D + 2 * N * S * D,
         "adds": 2 * N * D + 2 * N * D,
         "gates": GATES + S * D + H * N * S,
     },
@@ -141,3 +147,20 @@ def test_exact_level_incremental_counts_equal_hand_derived_formulas():
         "adds": 2 * N * D + 3 * N * D + 3 * N * H,
         "gates": GATES,
     }
+
+
+def test_full_level_below_a_third_of_the_tokens_counts_its_running_sums():
+    # N = 17 tokens, S = 2 < N / 3: new and old logits of the changed keys (2 N S D), the
+    # changed rows (S N D) and 3 underflowed rows (3 N D) over all keys, then A[:, S] dV and
+    # dA V_old (2 N S D); running sums (rescale, add, subtract: 3 N H) on top of the two
+    # accumulations into the cached product.
+    block = small_model("full").encoder.blocks[0]
+    tokens, selected, underflowed = 17, 2, 3
+    counts = dict.fromkeys(("qkv", "proj", "mlp"), selected)
+    macs = eventful_block_macs(block, tokens, counts, False, True, underflowed)
+    assert macs["attention"] == (
+        2 * tokens * selected * D
+        + (selected + underflowed) * tokens * D
+        + 2 * tokens * selected * D
+    )
+    assert macs["adds"] == 2 * tokens * D + 3 * tokens * H + 2 * tokens * D

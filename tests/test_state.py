@@ -126,8 +126,9 @@ def test_one_model_serves_independent_stream_batches(video):
         ("tokenwise", (5 + 3) * NUM_TOKENS * 48),
         # + the query-key product (H, N, N)
         ("qk", (5 + 3) * NUM_TOKENS * 48 + 4 * NUM_TOKENS**2),
-        # + the attention reference (H, N, N) and the attention-value product (N, D)
-        ("full", (5 + 3 + 1) * NUM_TOKENS * 48 + 2 * 4 * NUM_TOKENS**2),
+        # + the attention reference (H, N, N), the attention-value product (N, D) and the
+        # running log-sum-exp sums (denominators and shifts, H x N): no query-key product
+        ("full", (5 + 3 + 1) * NUM_TOKENS * 48 + 4 * NUM_TOKENS**2 + 2 * 4 * NUM_TOKENS),
         # + the running numerators (N, D), denominators and shifts (H, N): no N x N cache
         ("exact", (5 + 3 + 1) * NUM_TOKENS * 48 + 2 * 4 * NUM_TOKENS),
     ],

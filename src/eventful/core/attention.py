@@ -25,7 +25,7 @@ def update_query_key_product(logits: Tensor, q: Tensor, k: Tensor, index: Tensor
 
 def update_attention_value_product(
     product: Tensor,
-    attention: Tensor,
+    new_columns_by_key: Tensor,
     reference_by_key: Tensor,
     new_values: Tensor,
     old_values: Tensor,
@@ -33,16 +33,134 @@ def update_attention_value_product(
 ) -> None:
     """Cached attention-value product (H, N, dh), updated by the deltas of the tokens `index`.
 
-    With dA the change of the attention columns at `index` since their reference (a delta
-    gate) and dV = new_values - old_values (H, s, dh):  product += A[:, S] dV + dA V_old.
-    Columns outside `index` keep their stale share of the product: the paper's approximation.
-    The reference is stored key-major, (H, N keys, N queries), so that the columns a step
-    reads and writes are contiguous rows.
+    new_columns_by_key (H, s, N): the current attention columns A[:, S] of the changed keys,
+    key-major. With dA their change since their reference (a delta gate) and
+    dV = new_values - old_values (H, s, dh):  product += A[:, S] dV + dA V_old. Columns outside
+    `index` keep their stale share of the product: the paper's approximation. The reference is
+    stored key-major, (H, N keys, N queries), so that the columns a step reads and writes are
+    contiguous rows.
     """
-    new_columns = attention.index_select(2, index)
-    attention_delta = delta_gate(new_columns.transpose(1, 2), reference_by_key, index, dim=1)
-    product.baddbmm_(new_columns, new_values - old_values)
+    attention_delta = delta_gate(new_columns_by_key, reference_by_key, index, dim=1)
+    product.baddbmm_(new_columns_by_key.transpose(1, 2), new_values - old_values)
     product.baddbmm_(attention_delta.transpose(1, 2), old_values)
+
+
+def recompute_full_attention(
+    product: Tensor,
+    reference_by_key: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+) -> None:
+    """Dense step of the full level: product = A V, reference = A^T, row sums at A's log-sum-exp.
+
+    The only place the full level forms an N x N softmax: a fresh stream's first step.
+    """
+    logits = torch.matmul(q, k.transpose(1, 2))
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    attention = torch.exp(logits.sub_(logsumexp.unsqueeze(-1)))
+    reference_by_key.copy_(attention.transpose(1, 2))
+    torch.matmul(attention, v, out=product)
+    shift.copy_(logsumexp)
+    denominator.fill_(1.0)
+
+
+def update_full_attention(
+    product: Tensor,
+    reference_by_key: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    old_keys: Tensor,
+    old_values: Tensor,
+    index: Tensor,
+) -> int:
+    """The paper's full-level update, with no N x N softmax and no cached query-key product.
+
+    The attention columns A[:, S] of the changed keys `index` (s,) are all the update of the
+    attention-value product reads (`update_attention_value_product`). Each needs only the new
+    logits k_S q^T and its row's log-sum-exp over all keys, kept as running sums (shift m_i
+    and denominator Z_i, log-sum-exp = m_i + log Z_i) and updated exactly, as the exact level
+    updates its sums: every row swaps the old keys' share for the new keys'; the changed
+    queries' rows, and rows whose denominator underflowed, are recomputed over all keys. From
+    s = N / 3 on, every row's log-sum-exp is recomputed from all logits instead.
+    old_keys, old_values (H, s, dh) are the changed tokens' keys and values before the change;
+    q, k, v (H, N, dh) hold the new ones. Cost: 5 s N dh per head (at most N^2 dh + 2 s N dh).
+    Returns how many underflowed rows were recomputed.
+    """
+    tokens = q.shape[1]
+    if index.numel() == 0:
+        return 0
+    queries_by_column = q.transpose(1, 2)
+    recomputed = 0
+    if exact_update_is_dense(index.numel(), tokens):
+        logits_by_key = torch.matmul(k, queries_by_column)
+        shift.copy_(torch.logsumexp(logits_by_key, dim=1))
+        denominator.fill_(1.0)
+        new_logits = logits_by_key.index_select(1, index)
+    else:
+        new_logits = torch.matmul(k.index_select(1, index), queries_by_column)
+        old_logits = torch.matmul(old_keys, queries_by_column)
+        # The old keys' share is part of Z_i, so exp(old logit - m_i) <= Z_i: no overflow.
+        raised = torch.maximum(shift, new_logits.amax(dim=1))
+        by_row = raised.unsqueeze(1)
+        denominator.mul_(torch.exp(shift - raised))
+        denominator.add_((new_logits - by_row).exp_().sum(dim=1))
+        denominator.sub_(old_logits.sub_(by_row).exp_().sum(dim=1))
+        shift.copy_(raised)
+        _recompute_logsumexp_rows(denominator, shift, q, k, index)
+        underflowed = (denominator < UNDERFLOW).any(dim=0).nonzero().squeeze(1)
+        if underflowed.numel() > 0:
+            _recompute_logsumexp_rows(denominator, shift, q, k, underflowed)
+        recomputed = underflowed.numel()
+    logsumexp = shift + torch.log(denominator)
+    new_columns_by_key = new_logits.sub_(logsumexp.unsqueeze(1)).exp_()
+    update_attention_value_product(
+        product, new_columns_by_key, reference_by_key, v.index_select(1, index), old_values, index
+    )
+    return recomputed
+
+
+def _recompute_logsumexp_rows(
+    denominator: Tensor, shift: Tensor, q: Tensor, k: Tensor, rows: Tensor
+) -> None:
+    """Set the running sums of the query rows `rows` to their log-sum-exp over all keys."""
+    logits = torch.matmul(q.index_select(1, rows), k.transpose(1, 2))
+    shift.index_copy_(1, rows, torch.logsumexp(logits, dim=-1))
+    denominator.index_fill_(1, rows, 1.0)
+
+
+def _swap_row_contributions(
+    denominator: Tensor,
+    shift: Tensor,
+    new_logsumexp: Tensor,
+    old_logsumexp: Tensor,
+    numerator: Tensor | None = None,
+    new_output: Tensor | None = None,
+    old_output: Tensor | None = None,
+) -> None:
+    """Running softmax sums (H, N) of every row: remove the old keys' share, add the new keys'.
+
+    A key set's share of row i is exp(lse_i - m_i) in the denominator (lse: the row's
+    log-sum-exp over those keys) and that times its attention output in the numerator, when
+    one is kept. The shift m_i is first raised to cover the new share, so no exponent
+    overflows.
+    """
+    raised = torch.maximum(shift, new_logsumexp)
+    rescale = torch.exp(shift - raised)
+    denominator.mul_(rescale)
+    shift.copy_(raised)
+    new_weight = torch.exp(new_logsumexp - raised)
+    old_weight = torch.exp(old_logsumexp - raised)
+    denominator.add_(new_weight).sub_(old_weight)
+    if numerator is not None:
+        numerator.mul_(rescale.unsqueeze(-1))
+        numerator.addcmul_(new_weight.unsqueeze(-1), new_output)
+        numerator.addcmul_(old_weight.unsqueeze(-1), old_output, value=-1)
 
 
 def attention_with_logsumexp(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,16 +238,9 @@ def update_exact_attention(
         q, k.index_select(1, index), v.index_select(1, index)
     )
     old_output, old_logsumexp = attention_with_logsumexp(q, old_keys, old_values)
-    raised = torch.maximum(shift, new_logsumexp)
-    rescale = torch.exp(shift - raised)
-    numerator.mul_(rescale.unsqueeze(-1))
-    denominator.mul_(rescale)
-    shift.copy_(raised)
-    new_weight = torch.exp(new_logsumexp - raised)
-    old_weight = torch.exp(old_logsumexp - raised)
-    numerator.addcmul_(new_weight.unsqueeze(-1), new_output)
-    numerator.addcmul_(old_weight.unsqueeze(-1), old_output, value=-1)
-    denominator.add_(new_weight).sub_(old_weight)
+    _swap_row_contributions(
+        denominator, shift, new_logsumexp, old_logsumexp, numerator, new_output, old_output
+    )
     recompute_attention_rows(numerator, denominator, shift, q, k, v, index)
     underflowed = (denominator < UNDERFLOW).any(dim=0).nonzero().squeeze(1)
     if underflowed.numel() > 0:

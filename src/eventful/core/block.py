@@ -4,7 +4,10 @@ Levels (DESIGN.md):
 - "tokenwise": token gates and buffers around the qkv projection, the output projection and
   the MLP; attention runs densely over the buffered q, k, v.
 - "qk": as tokenwise, and the query-key product is cached and updated by rows and columns.
-- "full": as qk, and the attention-value product is cached and updated by deltas.
+- "full": the paper's full level: the attention-value product is cached and updated by
+  deltas of the changed keys' attention columns. Those columns are computed from fresh logits
+  and each row's log-sum-exp, kept as running sums: no N x N softmax, and only the N x N
+  attention reference is cached (no query-key product).
 - "exact": token gates as tokenwise; attention kept unnormalised per query row (running sums of
   exp(logit) v and exp(logit)) and updated exactly for the changed keys and queries: no N x N
   cache and no N x N softmax (DESIGN.md, "Beyond the paper").
@@ -20,8 +23,9 @@ from torch import Tensor, nn
 
 from eventful.core.attention import (
     recompute_attention_rows,
-    update_attention_value_product,
+    recompute_full_attention,
     update_exact_attention,
+    update_full_attention,
     update_query_key_product,
 )
 from eventful.core.gates import token_gate, write_rows
@@ -87,7 +91,8 @@ class EventfulBlock(nn.Module):
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each of this block's state tensors for a batch of streams.
 
-        The N x N attention caches of the "qk" and "full" levels take `cache_dtype` when set.
+        The N x N attention caches of the "qk" and "full" levels take `cache_dtype` when set;
+        the running log-sum-exp sums of "full" and "exact" keep the step's dtype.
         """
         tokens = (batch, num_tokens, self.dim)
         square_dtype = self.cache_dtype or dtype
@@ -101,7 +106,7 @@ class EventfulBlock(nn.Module):
         }
         square = (batch, self.heads, num_tokens, num_tokens)
         per_head = (batch, self.heads, num_tokens, self.dim // self.heads)
-        if self.level in ("qk", "full"):
+        if self.level == "qk":
             specs["query_key_product"] = (square, square_dtype)
         if self.level == "full":
             # Key-major: (B, H, N keys, N queries); see update_attention_value_product.
@@ -109,6 +114,7 @@ class EventfulBlock(nn.Module):
             specs["attention_value_product"] = (per_head, dtype)
         if self.level == "exact":
             specs["attention_numerator"] = (per_head, dtype)
+        if self.level in ("full", "exact"):
             specs["attention_denominator"] = (per_head[:3], dtype)
             specs["attention_shift"] = (per_head[:3], dtype)
         return specs
@@ -158,17 +164,16 @@ class EventfulBlock(nn.Module):
 
     def _keys_values_at(
         self, qkv: Tensor, selection: Selection, fresh_streams: list[int]
-    ) -> list[tuple[Tensor | None, Tensor] | None]:
+    ) -> list[tuple[Tensor, Tensor] | None]:
         """Per stream, the buffered keys and values (H, s, dh) at the selected tokens, read
-        before they are overwritten. Only the exact level needs the old keys (else None)."""
+        before they are overwritten."""
         _, k, v = self._split_heads(qkv)
         old = []
         for stream, index in enumerate(selection.per_stream):
             if stream in fresh_streams:
                 old.append(None)
                 continue
-            keys = k[stream].index_select(1, index) if self.level == "exact" else None
-            old.append((keys, v[stream].index_select(1, index)))
+            old.append((k[stream].index_select(1, index), v[stream].index_select(1, index)))
         return old
 
     def _attend(
@@ -176,18 +181,23 @@ class EventfulBlock(nn.Module):
         state: dict[str, Tensor],
         selection: Selection,
         fresh_streams: list[int],
-        old_keys_values: list[tuple[Tensor | None, Tensor] | None] | None,
+        old_keys_values: list[tuple[Tensor, Tensor] | None] | None,
         recomputed: list[int],
     ) -> Tensor:
         """Attention output (B, H, N, dh) over the buffered q, k, v, at this block's level.
 
-        `recomputed[b]` receives the rows the exact level recomputed beyond the selection.
+        `recomputed[b]` receives the rows the full or exact level recomputed beyond the
+        selection.
         """
         q, k, v = self._split_heads(state["qkv"])
         if self.level == "tokenwise":
             return F.scaled_dot_product_attention(q, k, v, scale=1.0)
         if self.level == "exact":
             return self._attend_exact(
+                state, q, k, v, selection, fresh_streams, old_keys_values, recomputed
+            )
+        if self.level == "full":
+            return self._attend_full(
                 state, q, k, v, selection, fresh_streams, old_keys_values, recomputed
             )
 
@@ -197,24 +207,24 @@ class EventfulBlock(nn.Module):
                 logits[stream].copy_(torch.matmul(q[stream], k[stream].transpose(1, 2)))
             else:
                 update_query_key_product(logits[stream], q[stream], k[stream], index)
-        attention = logits.softmax(dim=-1, dtype=v.dtype)
-        if self.level == "qk":
-            return torch.matmul(attention, v)
+        return torch.matmul(logits.softmax(dim=-1, dtype=v.dtype), v)
 
+    def _attend_full(
+        self, state, q, k, v, selection, fresh_streams, old_keys_values, recomputed
+    ) -> Tensor:
+        """Attention output (B, H, N, dh): the cached attention-value product, updated."""
         product = state["attention_value_product"]
-        reference = state["attention_reference"]
+        caches = (state["attention_reference"], state["attention_denominator"])
+        shift = state["attention_shift"]
         for stream, index in enumerate(selection.per_stream):
+            sums = (product[stream], caches[0][stream], caches[1][stream], shift[stream])
+            heads = (q[stream], k[stream], v[stream])
             if stream in fresh_streams:
-                reference[stream].copy_(attention[stream].transpose(1, 2))
-                torch.matmul(attention[stream], v[stream], out=product[stream])
+                recompute_full_attention(*sums, *heads)
             else:
-                update_attention_value_product(
-                    product[stream],
-                    attention[stream],
-                    reference[stream],
-                    v[stream].index_select(1, index),
-                    old_keys_values[stream][1],
-                    index,
+                old_keys, old_values = old_keys_values[stream]
+                recomputed[stream] = update_full_attention(
+                    *sums, *heads, old_keys, old_values, index
                 )
         return product
 

@@ -87,8 +87,8 @@ def eventful_block_macs(
 
     counts: tokens selected at each gate ("qkv", "proj", "mlp"); fresh: the stream runs densely
     to fill its caches; gates_run: the gates computed errors (false when the whole batch is
-    fresh: then they only copy the input into the reference); recomputed_rows: rows the exact
-    level recomputed beyond the selection.
+    fresh: then they only copy the input into the reference); recomputed_rows: rows the full
+    or exact level recomputed beyond the selection.
     """
     n, d = num_tokens, block.dim
     s_qkv = counts["qkv"]
@@ -114,7 +114,15 @@ def eventful_block_macs(
     elif block.level == "qk":
         attention = 2 * s_qkv * n * d + n * n * d
     else:
-        attention = 2 * s_qkv * n * d + 2 * n * s_qkv * d
+        # Full: the changed keys' attention columns need their new logits (n s d) and each
+        # row's log-sum-exp, kept as running sums like the exact level's (old logits n s d,
+        # changed and underflowed rows over all keys) or, from s = n / 3 on, recomputed from
+        # all logits (n n d); then two accumulations into the attention-value product.
+        if exact_update_is_dense(s_qkv, n):
+            attention = n * n * d + 2 * n * s_qkv * d
+        else:
+            attention = 2 * n * s_qkv * d + (s_qkv + recomputed_rows) * n * d + 2 * n * s_qkv * d
+            adds += 3 * n * block.heads
         gates += s_qkv * d + block.heads * n * s_qkv
         adds += 2 * n * d
     return {"linear": linear, "attention": attention, "adds": adds, "gates": gates}
