@@ -274,3 +274,158 @@ def test_converting_an_unsupported_model_names_the_supported_ones():
         TypeError, match=r"cannot convert a Linear; supported models: eventful\.ViT"
     ):
         eventful.convert(nn.Linear(3, 3), policy=eventful.TopK(5))
+
+
+# --- budgets, token bounds, schedules and drift control -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: eventful.OpsBudget(0), "positive, finite budget in GMACs per frame, got 0$"),
+        (lambda: eventful.OpsBudget(-1.5), "OpsBudget expects a positive.*got -1.5"),
+        (lambda: eventful.OpsBudget(math.nan), "OpsBudget expects a positive.*got nan"),
+        (lambda: eventful.OpsBudget(math.inf), "OpsBudget expects a positive.*got inf"),
+        (lambda: eventful.OpsBudget(True), "OpsBudget expects a positive.*got True"),
+        (lambda: eventful.OpsBudget("1"), "OpsBudget expects a positive.*got '1'"),
+        (lambda: eventful.OpsBudget(1.0, horizon=0), "positive integer horizon, got 0"),
+        (lambda: eventful.LatencyBudget(0), "budget in milliseconds per frame, got 0$"),
+        (lambda: eventful.LatencyBudget(-5), "LatencyBudget expects a positive.*got -5"),
+        (lambda: eventful.LatencyBudget(math.nan), "LatencyBudget expects a positive.*got nan"),
+        (lambda: eventful.LatencyBudget(False), "LatencyBudget expects a positive.*got False"),
+        (lambda: eventful.LatencyBudget(5.0, window=1), "integer window >= 2, got 1"),
+        (lambda: eventful.LatencyBudget(5.0, tolerance=0), "tolerance > 0, got 0"),
+        (lambda: eventful.Threshold(0.5, min_tokens=0), "min_tokens must be a positive.*got 0"),
+        (lambda: eventful.Threshold(0.5, min_tokens=-2), "min_tokens must be.*got -2"),
+        (lambda: eventful.Threshold(0.5, min_tokens=True), "min_tokens must be.*got True"),
+        (lambda: eventful.Threshold(0.5, max_tokens=2.5), "max_tokens must be.*got 2.5"),
+        (
+            lambda: eventful.Threshold(0.5, min_tokens=8, max_tokens=4),
+            r"min_tokens \(8\) exceeds max_tokens \(4\)",
+        ),
+        (lambda: eventful.DriftControl(refresh_every=0), "refresh_every must be a positive.*got 0"),
+        (lambda: eventful.DriftControl(refresh_every=-3), "refresh_every must be.*got -3"),
+        (lambda: eventful.DriftControl(refresh_every=True), "refresh_every must be.*got True"),
+        (lambda: eventful.DriftControl(refresh_every=2.5), "refresh_every must be.*got 2.5"),
+        (lambda: eventful.DriftControl(error_bound=-1), "error_bound must be >= 0.*got -1"),
+        (lambda: eventful.DriftControl(error_bound=math.nan), "error_bound must be.*got nan"),
+        (lambda: eventful.DriftControl(error_bound=True), "error_bound must be.*got True"),
+        (lambda: eventful.DriftControl(scene_cut_factor=1), "scene_cut_factor must be > 1.*got 1"),
+        (lambda: eventful.DriftControl(scene_cut_factor=0.5), "scene_cut_factor.*got 0.5"),
+        (lambda: eventful.DriftControl(scene_cut_factor=math.inf), "scene_cut_factor.*got inf"),
+        (lambda: eventful.DriftControl(scene_cut_factor=True), "scene_cut_factor.*got True"),
+    ],
+)
+def test_invalid_budget_bound_and_drift_arguments_are_rejected(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def ops_range(model, num_tokens=17):
+    """GMACs per frame of k = 1 and of the dense model, as the budget messages print them."""
+    from eventful.core.ops import dense_macs, steady_topk_macs
+
+    blocks = model.encoder.blocks
+    one, dense = steady_topk_macs(blocks, num_tokens, 1), dense_macs(blocks, num_tokens)
+    return f"{one / 1e9:.6g}", f"{dense / 1e9:.6g}"
+
+
+@pytest.mark.parametrize("too", ["low", "high"])
+def test_ops_budget_out_of_reach_is_rejected_at_the_step_and_state_untouched(too):
+    model = make_model()
+    stream, twin, snapshot = warm_streams(model)
+    one, dense = ops_range(model)
+    expected = f"expected a budget from {one} to {dense} GMACs per frame"
+    if too == "low":
+        gops = float(one) / 2
+        match = rf"OpsBudget\({gops}\) is below the {one} GMACs .*\(k=1\) .* at 17 tokens"
+    else:
+        gops = float(dense) * 2
+        match = rf"OpsBudget\({gops}\) exceeds the {dense} GMACs per frame of the dense model"
+    model.policy = eventful.OpsBudget(gops)
+    with pytest.raises(ValueError, match=match) as error:
+        stream(frames(2))
+    assert expected in str(error.value)
+    model.policy = eventful.TopK(5)
+    assert_untouched(stream, twin, snapshot)
+
+
+def test_ops_budget_change_out_of_reach_is_rejected_and_keeps_the_old_budget():
+    model = make_model()
+    _, dense = ops_range(model)
+    policy = model.policy = eventful.OpsBudget(float(dense) / 3)
+    stream, _, snapshot = warm_streams(model)
+    k = policy.k
+    with pytest.raises(ValueError, match=r"exceeds the .* GMACs per frame of the dense model"):
+        policy.budget = float(dense) * 2
+    with pytest.raises(ValueError, match=r"OpsBudget expects a positive.*got -1"):
+        policy.set_budget(-1)
+    assert policy.budget == float(dense) / 3 and policy.k == k
+    state = stream.state_dict()
+    assert all(
+        torch.equal(state["blocks"][b][name], tensor)
+        for b, block in enumerate(snapshot["blocks"])
+        for name, tensor in block.items()
+    )
+
+
+def test_latency_budget_change_to_a_non_positive_budget_is_rejected_and_kept():
+    policy = eventful.LatencyBudget(20.0)
+    with pytest.raises(ValueError, match=r"LatencyBudget expects a positive.*got 0"):
+        policy.budget = 0
+    assert policy.budget == 20.0
+
+
+def test_threshold_floor_above_the_token_count_is_rejected_and_state_untouched():
+    model = make_model()
+    stream, twin, snapshot = warm_streams(model)
+    model.policy = eventful.Threshold(0.5, min_tokens=18)
+    with pytest.raises(ValueError, match=r"min_tokens=18\) exceeds the 17 tokens.* <= 17"):
+        stream(frames(2))
+    model.policy = eventful.TopK(5)
+    assert_untouched(stream, twin, snapshot)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("5:ops:1,3:ops:1", "budget schedule frame 3 follows frame 5; expected distinct frames"),
+        ("5:ops:1,5:ops:2", "budget schedule frame 5 appears twice"),
+        ("-1:ops:1", "budget schedule frame -1 is negative; expected frames >= 0"),
+        ("abc", "malformed budget schedule entry 'abc'; expected FRAME:POLICY"),
+        ("5:", "malformed budget schedule entry '5:'"),
+        ("1.5:ops:1", "malformed budget schedule entry '1.5:ops:1'"),
+        ("0:ops:1,", "malformed budget schedule entry ''"),
+        ("5:banana", "malformed policy 'banana'"),
+        ("5:ops:0", "OpsBudget expects a positive.*got 0.0"),
+    ],
+)
+def test_malformed_budget_schedules_are_rejected(text, match):
+    from eventful.core.budget import parse_schedule
+
+    with pytest.raises(ValueError, match=match):
+        parse_schedule(text)
+
+
+DRIFT = {"refresh_every": 2, "error_bound": 0.5, "scene_cut_factor": 4}
+
+
+@pytest.mark.parametrize(("make_bad", "error", "match"), BAD_FRAMES)
+def test_bad_frames_with_drift_control_change_neither_state_nor_triggers(make_bad, error, match):
+    model = make_model()
+    drift = eventful.DriftControl(**DRIFT)
+    stream, twin = (model.stream(batch_size=BATCH, drift=drift) for _ in range(2))
+    for step in range(2):
+        stream(frames(step))
+        twin(frames(step))
+    snapshot = stream.state_dict()
+    with pytest.raises(error, match=match):
+        stream(make_bad())
+    assert stream.steps == 2 and stream.event_log == twin.event_log
+    assert_untouched(stream, twin, snapshot)  # the next step refreshes both alike
+    assert stream.events == twin.events and len(stream.events) == BATCH
+
+
+def test_stream_rejects_a_drift_control_of_another_type():
+    with pytest.raises(TypeError, match="drift must be a DriftControl or None, got 5"):
+        make_model().stream(drift=5)

@@ -309,6 +309,77 @@ def test_demo_writes_json_png_and_mp4_with_fidelity(clip, tmp_path):  # clip: sk
         assert sum(1 for _ in container.decode(video=0)) == 2
 
 
+# --- budgets, schedules and drift control --------------------------------------------------
+# At --size 112 (65 tokens) the model costs 1.42 GMACs per frame densely, 0.026 at k = 1.
+
+
+@pytest.fixture(scope="module")
+def scheduled_run(clip, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scheduled")
+    paths = {kind: folder / f"run.{kind}" for kind in ("json", "png")}
+    outcome = invoke(
+        "run", clip, "--size", 112, "--max-frames", 12, "--policy", "ops:0.6",
+        "--budget-schedule", "6:ops:0.3", "--refresh", 4, "--scene-cut", 50,
+        "--error-bound", 1e9, "--json", paths["json"], "--plot", paths["png"],
+    )  # fmt: skip
+    assert outcome.code == 0, outcome.err
+    return outcome, json.loads(paths["json"].read_text()), paths["png"]
+
+
+def test_budget_schedule_changes_the_budget_in_force_at_its_frames(scheduled_run):
+    _, report, _ = scheduled_run
+    frames = report["per_frame"]
+    assert report["policy"] == "OpsBudget(0.6)"
+    assert report["budget_schedule"] == [[6, "OpsBudget(0.3)"]]
+    assert [f["budget_gops"] for f in frames] == [0.6] * 6 + [0.3] * 6
+    assert [f["policy"] for f in frames] == ["OpsBudget(0.6)"] * 6 + ["OpsBudget(0.3)"] * 6
+    assert all(f["budget_ms"] is None for f in frames)
+    # The cost follows the budget: the frames after the change cost less than those before.
+    incremental = [f["gops"] for f in frames if f["updated_fraction"] < 1]
+    assert max(incremental[-3:]) < min(incremental[1:3])
+
+
+def test_refresh_option_runs_a_dense_frame_every_n_frames_and_reports_it(scheduled_run):
+    outcome, report, _ = scheduled_run
+    frames = report["per_frame"]
+    assert report["drift"] == {"refresh_every": 4, "error_bound": 1e9, "scene_cut_factor": 50.0}
+    assert report["events"] == {"periodic": 2}
+    assert [f["index"] for f in frames if f["events"]] == [4, 8]
+    assert frames[4]["events"] == [{"stream": 0, "kind": "periodic", "value": None}]
+    dense = [f["index"] for f in frames if f["updated_fraction"] == pytest.approx(1.0)]
+    assert dense == [0, 4, 8]
+    assert "refreshes and resets: 2 periodic" in outcome.out
+
+
+def test_scheduled_run_plots_a_png(scheduled_run):
+    _, _, plot = scheduled_run
+    assert plot.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_latency_budget_is_reported_per_frame_and_plotted(clip, tmp_path):
+    report_path, plot_path = tmp_path / "run.json", tmp_path / "run.png"
+    outcome = invoke(
+        "run", clip, "--size", 112, "--max-frames", 3, "--policy", "latency:100000",
+        "--json", report_path, "--plot", plot_path,
+    )  # fmt: skip
+    assert outcome.code == 0, outcome.err
+    frames = json.loads(report_path.read_text())["per_frame"]
+    assert [f["budget_ms"] for f in frames] == [100000.0] * 3
+    # 100 s per frame leaves room for every token on every frame.
+    assert [f["updated_fraction"] for f in frames] == pytest.approx([1.0] * 3)
+    assert plot_path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_resolution_change_is_reported_as_an_event_of_its_frame(resolution_change, tmp_path):
+    report_path = tmp_path / "run.json"
+    outcome = invoke("run", resolution_change, "--size", 112, "--json", report_path)
+    assert outcome.code == 0, outcome.err
+    report = json.loads(report_path.read_text())
+    events = [(f["index"], f["events"]) for f in report["per_frame"] if f["events"]]
+    assert events == [(3, [{"stream": 0, "kind": "resolution", "value": None}])]
+    assert report["events"] == {"resolution": 1}
+
+
 # --- bad input: one line on stderr, a non-zero exit code, never a traceback ---------------
 
 
@@ -379,3 +450,31 @@ def test_console_command_reports_bad_input_in_one_line_without_traceback(audio_o
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines() == [f"eventful: error: {audio_only} has no video stream"]
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (["--budget-schedule", "5:ops:1,3:ops:1"], "budget schedule frame 3 follows frame 5"),
+        (["--budget-schedule", "5:ops:1,5:ops:0.5"], "budget schedule frame 5 appears twice"),
+        (["--budget-schedule=-1:ops:1"], "budget schedule frame -1 is negative"),
+        (["--budget-schedule", "soon:ops:1"], "malformed budget schedule entry 'soon:ops:1'"),
+        (["--budget-schedule", "5:banana"], "malformed policy 'banana'"),
+        (["--policy", "ops:0"], "OpsBudget expects a positive, finite budget"),
+        (["--policy", "latency:-5"], "LatencyBudget expects a positive, finite budget"),
+        (["--refresh", 0], "refresh_every must be a positive integer or None, got 0"),
+        (["--scene-cut", 1], "scene_cut_factor must be > 1 or None, got 1.0"),
+        (["--error-bound", -1], "error_bound must be >= 0 or None, got -1.0"),
+    ],
+)
+def test_bad_budget_and_drift_options_are_one_line_errors(clip, options, fragment):
+    assert_one_line_error(invoke("run", clip, *options), 1, fragment)
+
+
+def test_ops_budget_above_the_dense_cost_is_a_one_line_error(clip):
+    outcome = invoke("run", clip, "--size", 112, "--policy", "ops:5")
+    assert_one_line_error(outcome, 1, "OpsBudget(5.0) exceeds the 1.42242 GMACs per frame")
+
+
+def test_non_integer_refresh_is_an_argument_error_with_exit_code_2(clip):
+    assert_one_line_error(invoke("run", clip, "--refresh", "often"), 2, "invalid int value")

@@ -1,6 +1,8 @@
 """eventful: vision transformers that re-process only what changed between frames."""
 
 from eventful.convert import convert
+from eventful.core.budget import LatencyBudget, OpsBudget
+from eventful.core.drift import DriftControl, DriftEvent
 from eventful.core.model import EventfulViT
 from eventful.core.ops import OpCount
 from eventful.core.policies import Policy, Threshold, TopFraction, TopK
@@ -9,8 +11,12 @@ from eventful.core.stream import Stream
 from eventful.models.vit import ViT
 
 __all__ = [
+    "DriftControl",
+    "DriftEvent",
     "EventfulViT",
+    "LatencyBudget",
     "OpCount",
+    "OpsBudget",
     "Policy",
     "Stream",
     "StreamState",

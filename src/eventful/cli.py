@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from eventful.core.block import LEVELS
+from eventful.core.budget import parse_schedule
+from eventful.core.drift import DriftControl
 from eventful.core.policies import parse_policy
 from eventful.zoo import MODEL_NAMES, load_model
 
@@ -43,7 +45,31 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="dinov2-saliency", help=f"one of {MODEL_NAMES}")
     parser.add_argument("--size", type=int, default=224, help="model input side in pixels")
     parser.add_argument(
-        "--policy", default="fraction:0.25", help="topk:K, fraction:F or threshold:T"
+        "--policy",
+        default="fraction:0.25",
+        help="topk:K, fraction:F, threshold:T, ops:G (a budget of G GMACs per frame) or "
+        "latency:MS (a budget of MS milliseconds per frame)",
+    )
+    parser.add_argument(
+        "--budget-schedule",
+        metavar="FRAME:POLICY,...",
+        help="change the policy or budget at given frames, e.g. 0:ops:2,100:ops:1,200:fraction:0.5 "
+        "(--policy holds until the first; a budget of the kind in force keeps what it learned)",
+    )
+    parser.add_argument(
+        "--refresh", type=int, metavar="N", help="a dense frame once N frames pass without one"
+    )
+    parser.add_argument(
+        "--error-bound",
+        type=float,
+        metavar="B",
+        help="a dense frame after one whose unprocessed change (first block) exceeds B",
+    )
+    parser.add_argument(
+        "--scene-cut",
+        type=float,
+        metavar="F",
+        help="a dense frame where the pixel change exceeds F times the recent median",
     )
     parser.add_argument("--level", choices=LEVELS, default="exact")
     parser.add_argument("--compare", action="store_true", help="also run dense; report fidelity")
@@ -82,6 +108,13 @@ def run_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     policy = parse_policy(args.policy)
+    schedule = parse_schedule(args.budget_schedule) if args.budget_schedule else []
+    drift = None
+    if (args.refresh, args.error_bound, args.scene_cut) != (None, None, None):
+        try:
+            drift = DriftControl(args.refresh, args.error_bound, args.scene_cut)
+        except ValueError as error:
+            raise ValueError(f"{error} (from --refresh, --error-bound, --scene-cut)") from None
     if args.command == "demo":
         video = registry_clip(DEMO_CLIP)
         output = Path(args.output)
@@ -114,6 +147,8 @@ def run_command(args: argparse.Namespace) -> int:
             max_frames=args.max_frames,
             device=args.device,
             on_frame=on_frame,
+            drift=drift,
+            schedule=schedule,
         )
     finally:
         progress.finish()

@@ -56,3 +56,12 @@ def write_rows(buffer: Tensor, selection: Selection, rows: Tensor) -> None:
         buffer.copy_(rows.view_as(buffer))
     else:
         buffer.view(-1, buffer.shape[-1]).index_copy_(0, selection.flat, rows)
+
+
+def unprocessed_change(current: Tensor, reference: Tensor) -> Tensor:
+    """Per stream (B,), the change a gate has not passed on: summed L2 norms of current - reference.
+
+    Call it after the gate ran on current, reference (B, N, D): selected tokens then equal their
+    reference, so only unselected tokens count, each with its change since it was last processed.
+    """
+    return torch.linalg.vector_norm(current - reference, dim=-1).sum(1)

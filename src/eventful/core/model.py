@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from eventful.core.block import LEVELS, EventfulBlock
+from eventful.core.gates import unprocessed_change
 from eventful.core.ops import StepTrace
 from eventful.core.policies import Policy
 from eventful.core.state import StreamState
 from eventful.models.vit import ViT
 
 if TYPE_CHECKING:
+    from eventful.core.drift import DriftControl
     from eventful.core.stream import Stream
 
 
@@ -54,11 +57,15 @@ class EventfulModule(nn.Module):
         count_ops: bool = True,
         check_finite: bool = True,
         compile: bool = False,
+        drift: DriftControl | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> Stream:
-        """A stateful wrapper over a new state: `y = stream(frames)`, one call per time step."""
+        """A stateful wrapper over a new state: `y = stream(frames)`, one call per time step.
+
+        See `Stream` for the arguments."""
         from eventful.core.stream import Stream
 
-        return Stream(self, batch_size, count_ops, check_finite, compile)
+        return Stream(self, batch_size, count_ops, check_finite, compile, drift, clock)
 
 
 class EventfulViT(EventfulModule):
@@ -95,7 +102,8 @@ class EventfulViT(EventfulModule):
     def policy(self, policy: Policy) -> None:
         if not isinstance(policy, Policy):
             raise TypeError(
-                f"policy must be an eventful policy (TopK, TopFraction, Threshold), got {policy!r}"
+                f"policy must be an eventful policy (TopK, TopFraction, Threshold, OpsBudget, "
+                f"LatencyBudget), got {policy!r}"
             )
         self._policy = policy
 
@@ -110,15 +118,18 @@ class EventfulViT(EventfulModule):
         state: StreamState,
         trace: StepTrace | None = None,
         check_finite: bool = True,
+        refresh: Sequence[int] = (),
     ) -> Tensor:
         """One time step of every stream in `state`; `trace`, if given, records selections.
 
-        Input errors are raised before any cache is touched. Should the step itself fail
-        midway, every stream is reset (its next step runs densely), so no half-updated cache
-        is ever used.
+        `refresh`: streams to reset once the input has passed its checks, so that this step
+        runs them densely (drift control). Input errors are raised before any cache is touched.
+        Should the step itself fail midway, every stream is reset (its next step runs densely),
+        so no half-updated cache is ever used.
         """
         num_tokens = self.check_input(frames, state, check_finite)
         input_size = (frames.shape[-2], frames.shape[-1])
+        state.reset(refresh)
         fresh = state.fresh_streams()
         if not state.allocated or state.input_size != input_size:
             specs = [
@@ -131,8 +142,15 @@ class EventfulViT(EventfulModule):
             trace.fresh_streams = fresh
         try:
             tokens = self.embedding(frames)
-            for block, block_state in zip(self.blocks, state.blocks, strict=True):
-                tokens = block(tokens, block_state, self.policy, fresh, trace)
+            blocks = zip(self.blocks, state.blocks, strict=True)
+            for index, (block, block_state) in enumerate(blocks):
+                block_input = tokens
+                policy = self.policy.for_block(block_state, fresh)
+                tokens = block(tokens, block_state, policy, fresh, trace)
+                if index == 0 and trace is not None:
+                    trace.unprocessed_change = unprocessed_change(
+                        block_input, block_state["qkv_reference"]
+                    )
         except Exception:
             # A failure inside the step (out of memory, say) may leave caches half-updated.
             state.reset()
@@ -189,7 +207,7 @@ class EventfulViT(EventfulModule):
                     "for; reset every stream (stream.reset()) to change the input size"
                 )
         num_tokens = self.embedding.num_tokens(height, width)
-        self.policy.validate(num_tokens)
+        self.policy.validate(num_tokens, self.blocks)
         if check_finite and not bool(torch.isfinite(frames).all()):
             raise ValueError("frames contain NaN or Inf values; expected finite pixel values")
         return num_tokens

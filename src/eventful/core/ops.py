@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from eventful.core.attention import exact_update_is_dense
 from eventful.core.selection import Selection
@@ -32,8 +32,11 @@ class StepTrace:
     fresh_streams: list[int]
     # Per block: the Selection of each gate ("qkv", "proj", "mlp").
     blocks: list[dict[str, Selection]] = field(default_factory=list)
-    # Per block and stream: rows the exact level recomputed beyond the selection.
+    # Per block and stream: rows the full or exact level recomputed beyond the selection.
     recomputed_rows: list[list[int]] = field(default_factory=list)
+    # Per stream (B,): change the first block's qkv gate left unprocessed (gates.py,
+    # unprocessed_change); None until the step has run its first block.
+    unprocessed_change: Tensor | None = None
 
 
 @dataclass
@@ -178,14 +181,21 @@ def topk_for_op_ratio(
         if frames < 2 or frames <= ratio:
             raise ValueError(f"an average op ratio of {ratio} cannot be reached in {frames} frames")
         budget = (frames * dense / ratio - dense) / (frames - 1)
-    if steady_topk_macs(blocks, num_tokens, 1) > budget:
+    k = largest_topk_within(blocks, num_tokens, budget)
+    if k == 0:
         raise ValueError(
             f"an op ratio of {ratio} is out of reach: even TopK(1) costs more than that"
         )
-    low, high = 1, num_tokens
+    return k
+
+
+def largest_topk_within(blocks: nn.ModuleList, num_tokens: int, macs: float) -> int:
+    """The largest k (at most `num_tokens`) whose steady `TopK(k)` step costs one stream at
+    most `macs` multiply-accumulates (`steady_topk_macs`); 0 when even k = 1 costs more."""
+    low, high = 0, num_tokens
     while low < high:
         middle = (low + high + 1) // 2
-        if steady_topk_macs(blocks, num_tokens, middle) <= budget:
+        if steady_topk_macs(blocks, num_tokens, middle) <= macs:
             low = middle
         else:
             high = middle - 1

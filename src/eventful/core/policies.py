@@ -1,15 +1,23 @@
 """Policies: map per-token error norms (B, N) to the tokens each stream re-processes.
 
-A policy is stateless and may be swapped between steps without resetting a stream.
+TopK, TopFraction and Threshold are stateless. The budget controllers of
+`eventful.core.budget` learn from each finished step through `Policy.observe`. Any policy may
+be swapped between steps without resetting a stream.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from eventful.core.selection import Selection
+
+if TYPE_CHECKING:
+    from eventful.core.ops import OpCount
 
 _NORMS = (1, 2, math.inf)
 
@@ -24,16 +32,50 @@ def _check_norm(norm: float) -> float:
     return norm
 
 
+@dataclass(frozen=True)
+class StepReport:
+    """What a policy may learn from a finished step: `Stream` passes one to `Policy.observe`.
+
+    seconds: wall time of the step by the stream's clock; fresh_streams: the streams that ran
+    densely; ops: the step's multiply-accumulates (None when the stream does not count ops).
+    """
+
+    seconds: float
+    batch_size: int
+    fresh_streams: list[int]
+    ops: OpCount | None
+
+
 class Policy:
-    """Base class. `norm` is the order of the per-token vector norm of the gate error."""
+    """Base class. `norm` is the order of the per-token vector norm of the gate error.
+
+    `needs_wall_time`: `observe` reads the step's wall time, so a `Stream` on CUDA waits for the
+    device at the end of each step to measure it.
+    """
 
     norm: float = 2
+    needs_wall_time: bool = False
 
-    def validate(self, num_tokens: int) -> None:
-        """Raise ValueError if the policy cannot run on inputs of `num_tokens` tokens."""
+    def validate(self, num_tokens: int, blocks: nn.ModuleList | None = None) -> None:
+        """Raise ValueError if the policy cannot run on inputs of `num_tokens` tokens.
+
+        `blocks`, the eventful blocks the policy is about to serve, lets a policy that predicts
+        ops (OpsBudget) check itself against the model.
+        """
 
     def select(self, error_norms: Tensor) -> Selection:
         raise NotImplementedError
+
+    def observe(self, report: StepReport) -> None:
+        """Feedback after each step (a `Stream` calls it); stateless policies ignore it."""
+
+    def for_block(self, block_state: dict[str, Tensor], fresh_streams: list[int]) -> Policy:
+        """The policy that serves one block's gates in this step; the model asks before each
+        block. Stateless policies serve themselves; a policy with per-stream, per-token state
+        (`MaxAge`) keeps it in `block_state`, so that it is saved, moved and reset with the
+        stream, and learns from `fresh_streams` which streams run densely (their first step or
+        a reset)."""
+        return self
 
 
 class TopK(Policy):
@@ -45,7 +87,7 @@ class TopK(Policy):
         self.k = k
         self.norm = _check_norm(norm)
 
-    def validate(self, num_tokens: int) -> None:
+    def validate(self, num_tokens: int, blocks: nn.ModuleList | None = None) -> None:
         if self.k > num_tokens:
             raise ValueError(
                 f"TopK(k={self.k}) exceeds the {num_tokens} tokens of this input; "
@@ -84,37 +126,85 @@ class TopFraction(Policy):
 class Threshold(Policy):
     """Each stream re-processes the tokens whose error norm is at least `threshold`.
 
-    Counts differ between streams. `Threshold(0)` selects every token. The per-stream counts
-    size the work, so on CUDA building the selection reads them back to the host once per gate;
-    on the CPU nothing waits.
+    Counts differ between streams. `min_tokens` and `max_tokens` bound them: a stream takes at
+    least its `min_tokens` and at most its `max_tokens` tokens of largest error (ties broken
+    arbitrarily); a ceiling above the token count does nothing. `Threshold(0)` selects every
+    token. The per-stream counts size the work, so on CUDA building the selection reads them
+    back to the host once per gate; on the CPU nothing waits.
     """
 
-    def __init__(self, threshold: float, norm: float = 2) -> None:
+    def __init__(
+        self,
+        threshold: float,
+        norm: float = 2,
+        min_tokens: int | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
         if not _is_real(threshold) or not threshold >= 0.0:
             raise ValueError(f"Threshold expects a threshold >= 0, got {threshold!r}")
+        for name, value in (("min_tokens", min_tokens), ("max_tokens", max_tokens)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
+            raise ValueError(
+                f"min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens}); "
+                "expected min_tokens <= max_tokens"
+            )
         self.threshold = float(threshold)
         self.norm = _check_norm(norm)
+        self.min_tokens = min_tokens
+        self.max_tokens = max_tokens
+
+    def validate(self, num_tokens: int, blocks: nn.ModuleList | None = None) -> None:
+        if self.min_tokens is not None and self.min_tokens > num_tokens:
+            raise ValueError(
+                f"Threshold(min_tokens={self.min_tokens}) exceeds the {num_tokens} tokens of "
+                f"this input; expected min_tokens <= {num_tokens}"
+            )
 
     def select(self, error_norms: Tensor) -> Selection:
-        return Selection.from_mask(error_norms >= self.threshold)
+        mask = error_norms >= self.threshold
+        num_tokens = error_norms.shape[1]
+        if self.max_tokens is not None and self.max_tokens < num_tokens:
+            mask &= _largest(error_norms, self.max_tokens)
+        if self.min_tokens is not None:
+            mask |= _largest(error_norms, self.min_tokens)
+        return Selection.from_mask(mask)
 
     def __repr__(self) -> str:
-        norm = "" if self.norm == 2 else f", norm={self.norm}"
-        return f"Threshold({self.threshold}{norm})"
+        options = "" if self.norm == 2 else f", norm={self.norm}"
+        if self.min_tokens is not None:
+            options += f", min_tokens={self.min_tokens}"
+        if self.max_tokens is not None:
+            options += f", max_tokens={self.max_tokens}"
+        return f"Threshold({self.threshold}{options})"
+
+
+def _largest(error_norms: Tensor, count: int) -> Tensor:
+    """(B, N) mask of each stream's `count` tokens of largest error."""
+    index = error_norms.topk(count, dim=1, sorted=False).indices
+    return torch.zeros_like(error_norms, dtype=torch.bool).scatter_(1, index, True)
 
 
 def parse_policy(text: str) -> Policy:
-    """A policy from its command-line form: `topk:K`, `fraction:F` or `threshold:T`."""
+    """A policy from its command-line form: `topk:K`, `fraction:F`, `threshold:T`, `ops:G`
+    (OpsBudget, G = 1e9 multiply-accumulates per frame) or `latency:MS` (LatencyBudget)."""
+    from eventful.core.budget import LatencyBudget, OpsBudget  # budget builds on this module
+
     kind, _, value = text.partition(":")
     makers = {
         "topk": (TopK, int),
         "fraction": (TopFraction, float),
         "threshold": (Threshold, float),
+        "ops": (OpsBudget, float),
+        "latency": (LatencyBudget, float),
     }
     if kind not in makers or not value:
         raise ValueError(
-            f"malformed policy {text!r}; expected topk:K, fraction:F or threshold:T "
-            "(for example topk:64, fraction:0.25, threshold:0.5)"
+            f"malformed policy {text!r}; expected topk:K, fraction:F, threshold:T, ops:G or "
+            "latency:MS (for example topk:64, fraction:0.25, threshold:0.5, ops:1.5, latency:40)"
         )
     make, number = makers[kind]
     try:

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from eventful.core.drift import DriftControl, DriftEvent
 from eventful.core.model import EventfulModule
 from eventful.core.ops import OpCount, StepTrace, count_step
+from eventful.core.policies import StepReport
 from eventful.core.state import StreamState
 
 
 class Stream:
     """Runs `model` step by step over its own `StreamState`.
 
-    After each call, `ops` holds the step's op counts (when `count_ops`) and `trace` the
-    tokens every gate selected per stream. `check_finite=False` skips the NaN/Inf check of
-    the frames, which on CUDA waits for the device once per step. `compile=True` runs the
-    step through `torch.compile` (static shapes; the first calls compile, for some seconds).
+    After each call, `ops` holds the step's op counts (when `count_ops`), `trace` the tokens
+    every gate selected per stream, `seconds` the step's wall time by `clock` (default
+    `time.perf_counter`; inject another to drive a LatencyBudget in tests) and `events` the
+    drift-control refreshes of the step (`event_log`: all of them so far); `steps` counts the
+    steps run. After each step the policy in force receives a `StepReport` (`Policy.observe`).
+    `drift` (a `DriftControl`) refreshes streams whose caches may have drifted.
+    `check_finite=False` skips the NaN/Inf check of the frames, which on CUDA waits for the
+    device once per step. `compile=True` runs the step through `torch.compile` (static shapes;
+    the first calls compile, for some seconds).
     """
 
     def __init__(
@@ -29,14 +37,24 @@ class Stream:
         count_ops: bool = True,
         check_finite: bool = True,
         compile: bool = False,
+        drift: DriftControl | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        if drift is not None and not isinstance(drift, DriftControl):
+            raise TypeError(f"drift must be a DriftControl or None, got {drift!r}")
         self.model = model
         self._step = torch.compile(model, dynamic=False) if compile else model
         self.state = StreamState(batch_size)
         self.count_ops = count_ops
         self.check_finite = check_finite
+        self.clock = clock
+        self.drift = None if drift is None else drift.monitor(batch_size)
         self.ops: OpCount | None = None
         self.trace: StepTrace | None = None
+        self.seconds: float | None = None
+        self.steps = 0
+        self.events: list[DriftEvent] = []
+        self.event_log: list[DriftEvent] = []
 
     @property
     def batch_size(self) -> int:
@@ -45,10 +63,35 @@ class Stream:
     @torch.no_grad()
     def __call__(self, frames: Tensor) -> Any:
         """One time step: frames (B, C, H, W) -> what the converted model returns."""
-        trace = StepTrace(num_tokens=0, fresh_streams=[]) if self.count_ops else None
-        output = self._step(frames, self.state, trace=trace, check_finite=self.check_finite)
+        policy = self.model.encoder.policy
+        fresh = list(self.state.fresh)
+        plan = None if self.drift is None else self.drift.plan(frames, self.steps, fresh)
+        refresh = [] if plan is None else plan.streams
+        needs_trace = self.count_ops or (
+            self.drift is not None and self.drift.control.error_bound is not None
+        )
+        trace = StepTrace(num_tokens=0, fresh_streams=[]) if needs_trace else None
+        start = self.clock()
+        output = self._step(
+            frames, self.state, trace=trace, check_finite=self.check_finite, refresh=refresh
+        )
+        if policy.needs_wall_time and frames.is_cuda:
+            torch.cuda.synchronize(frames.device)
+        self.seconds = self.clock() - start
+        dense = sorted({stream for stream, was in enumerate(fresh) if was} | set(refresh))
         self.trace = trace
-        self.ops = None if trace is None else count_step(self.model.encoder.blocks, trace)
+        self.ops = (
+            count_step(self.model.encoder.blocks, trace)
+            if trace is not None and self.count_ops
+            else None
+        )
+        if plan is not None:
+            unprocessed = None if trace is None else trace.unprocessed_change
+            self.drift.commit(plan, frames, self.steps, dense, unprocessed)
+        self.events = plan.events if plan is not None else []
+        self.event_log.extend(self.events)
+        self.steps += 1
+        policy.observe(StepReport(self.seconds, self.batch_size, dense, self.ops))
         return output
 
     def updated_fraction(self, gates: tuple[str, ...] = ("qkv", "proj", "mlp")) -> list[float]:

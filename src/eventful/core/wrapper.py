@@ -8,7 +8,7 @@ runs unchanged on the eventful encoder's tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -100,9 +100,16 @@ class EventfulWrapper(EventfulModule):
         state: StreamState,
         trace: StepTrace | None = None,
         check_finite: bool = True,
+        refresh: Sequence[int] = (),
     ) -> Any:
+        """One time step; the arguments are those of `EventfulViT.forward`."""
         call = self.call
-        arguments = {"state": state, "trace": trace, "check_finite": check_finite}
+        arguments = {
+            "state": state,
+            "trace": trace,
+            "check_finite": check_finite,
+            "refresh": refresh,
+        }
         call._step = {"arguments": arguments, "called": False}
         try:
             output = self.model(frames)

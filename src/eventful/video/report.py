@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 
 from eventful.video.runner import RunResult
 
@@ -18,11 +19,15 @@ def run_report(result: RunResult) -> dict:
     gops: 1e9 multiply-accumulates per frame, averaged over all frames (the first included);
     ms_per_frame: median wall time over the frames after the first; updated_fraction: mean
     fraction of tokens processed by the token-wise layers. Dense timing and fidelity need
-    --compare and are null without it.
+    --compare and are null without it. policy: the policy in force at the first frame;
+    budget_schedule: the (frame, policy) changes asked for. Per frame: the policy in force,
+    its budget (budget_gops for an OpsBudget, budget_ms for a LatencyBudget, else null) and
+    the events (drift-control refreshes, resolution resets) at that frame.
     """
     frames = result.frames
     compare = result.compare
     size = result.model.input_size
+    drift = result.drift
     return {
         "video": result.video,
         "frames": len(frames),
@@ -30,10 +35,17 @@ def run_report(result: RunResult) -> dict:
         "model": result.model.name,
         "input_size": [size, size],
         "tokens": result.tokens,
-        "policy": repr(result.policy),
+        "policy": frames[0].policy if frames else repr(result.policy),
+        "budget_schedule": [[frame, repr(policy)] for frame, policy in result.schedule],
         "level": result.level,
         "device": result.device,
         "notes": result.notes,
+        "drift": {
+            "refresh_every": drift.refresh_every if drift else None,
+            "error_bound": drift.error_bound if drift else None,
+            "scene_cut_factor": drift.scene_cut_factor if drift else None,
+        },
+        "events": dict(Counter(event.kind for f in frames for event in f.events)),
         "dense": {
             "gops_per_frame": _mean([f.dense_macs / 1e9 for f in frames]),
             "ms_per_frame": result.median_ms(dense=True) if compare else None,
@@ -59,6 +71,13 @@ def run_report(result: RunResult) -> dict:
                 "saliency_mae": f.saliency_mae,
                 "ms": f.ms,
                 "dense_ms": f.dense_ms,
+                "policy": f.policy,
+                "budget_gops": f.budget_gops,
+                "budget_ms": f.budget_ms,
+                "events": [
+                    {"stream": event.stream, "kind": event.kind, "value": event.value}
+                    for event in f.events
+                ],
             }
             for f in frames
         ],
@@ -119,4 +138,6 @@ def summary_table(report: dict) -> str:
         f"{report['input_size'][1]}, {report['tokens']} tokens, {report['policy']}, "
         f"level {report['level']}"
     )
-    return "\n".join([header, *lines, *report["notes"]])
+    events = ", ".join(f"{count} {kind}" for kind, count in report["events"].items())
+    notes = [*report["notes"], *([f"refreshes and resets: {events}"] if events else [])]
+    return "\n".join([header, *lines, *notes])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 
 import eventful
+from eventful.core.budget import LatencyBudget, OpsBudget, scheduled_policy
+from eventful.core.drift import DriftControl, DriftEvent
 from eventful.core.policies import Policy
 from eventful.evaluation import feature_cosine, output_tokens, saliency_mae
 from eventful.models.saliency import SaliencyOutput
@@ -28,6 +30,10 @@ class FrameResult:
     dense_macs: int
     updated_fraction: float
     ms: float
+    policy: str = ""  # the policy in force, as repr() writes it
+    budget_gops: float | None = None  # the OpsBudget in force
+    budget_ms: float | None = None  # the LatencyBudget in force
+    events: list[DriftEvent] = field(default_factory=list)  # refreshes and resets at this frame
     dense_ms: float | None = None
     feature_cosine: float | None = None
     saliency_mae: float | None = None
@@ -56,6 +62,8 @@ class RunResult:
     frames: list[FrameResult] = field(default_factory=list)
     frames_failed: int = 0
     notes: list[str] = field(default_factory=list)
+    drift: DriftControl | None = None
+    schedule: list[tuple[int, Policy]] = field(default_factory=list)
 
     def median_ms(self, dense: bool = False) -> float | None:
         """Median wall time per frame over the frames after the first."""
@@ -73,21 +81,29 @@ def run_video(
     max_frames: int | None = None,
     device: str = "cpu",
     on_frame: Callable[[FrameView], None] | None = None,
+    drift: DriftControl | None = None,
+    schedule: Sequence[tuple[int, Policy]] = (),
 ) -> RunResult:
     """Stream `video` through the eventful copy of `model.dense`, one frame per step.
 
-    A change of the decoded frame size resets the stream (its next step is dense) and adds a
-    note. Raises `VideoError` when the video cannot be read, ValueError for bad settings.
+    A change of the decoded frame size resets the stream (its next step is dense), adds a
+    note and a "resolution" event. `drift` refreshes the stream on its triggers; `schedule`
+    (frame, policy) pairs put a policy in force from a frame on (`scheduled_policy`: a budget
+    controller of the same kind changes its budget). Raises `VideoError` when the video cannot
+    be read, ValueError for bad settings.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available")
     reader = VideoReader(video, max_frames)
     dense = model.dense.to(device)
     converted = eventful.convert(dense, policy=policy, level=level).to(device)
-    stream = converted.stream(batch_size=1, check_finite=False)
+    stream = converted.stream(batch_size=1, check_finite=False, drift=drift)
     size = model.input_size
     tokens = converted.encoder.embedding.num_tokens(size, size)
-    policy.validate(tokens)
+    blocks = converted.encoder.blocks
+    for entry in [policy, *(scheduled for _, scheduled in schedule)]:
+        entry.validate(tokens, blocks)
+    changes = dict(schedule)
     result = RunResult(
         video=str(video),
         model=model,
@@ -97,18 +113,25 @@ def run_video(
         device=device,
         fps=reader.fps,
         tokens=tokens,
+        drift=drift,
+        schedule=list(schedule),
     )
     frame_size = None
     for index, rgb in enumerate(reader):
+        events = []
         if frame_size is not None and rgb.shape[:2] != frame_size:
             stream.reset()
+            events.append(DriftEvent(index, 0, "resolution"))
             result.notes.append(
                 f"frame {index}: resolution changed from {frame_size[1]}x{frame_size[0]} to "
                 f"{rgb.shape[1]}x{rgb.shape[0]}; stream reset"
             )
+        if index in changes:
+            converted.policy = scheduled_policy(converted.policy, changes[index])
         frame_size = rgb.shape[:2]
         image = model.preprocess(rgb)
         batch = image.unsqueeze(0).to(device)
+        in_force = converted.policy
         output, ms = _timed(stream, batch, device)
         frame = FrameResult(
             index=index,
@@ -116,6 +139,10 @@ def run_video(
             dense_macs=stream.ops.dense,
             updated_fraction=stream.updated_fraction()[0],
             ms=ms,
+            policy=repr(in_force),
+            budget_gops=in_force.budget if isinstance(in_force, OpsBudget) else None,
+            budget_ms=in_force.budget if isinstance(in_force, LatencyBudget) else None,
+            events=events + stream.events,
         )
         if compare:
             reference, frame.dense_ms = _timed(dense, batch, device)

@@ -1,0 +1,214 @@
+"""Drift control: periodic, error-triggered and scene-cut refreshes fire at exactly the frames
+the sequence demands, per stream, and leave the other streams of the batch untouched."""
+
+import pytest
+import torch
+
+import eventful
+from eventful.core.gates import unprocessed_change
+from eventful.synthetic import moving_squares
+from tests.helpers import LEVELS, tiny_vit
+
+NUM_TOKENS = 1 + 8 * 8
+
+
+def converted(level="exact", k=8):
+    return eventful.convert(tiny_vit(), policy=eventful.TopK(k), level=level)
+
+
+def with_cut(frames_before, batch, cut_stream, cut_at):
+    """Moving squares for `batch` streams; stream `cut_stream` switches scene at `cut_at`."""
+    video = moving_squares(frames_before, size=64, batch=batch, seed=1)
+    other = moving_squares(frames_before, size=64, batch=batch, seed=9)
+    video[cut_at:, cut_stream] = other[cut_at:, cut_stream]
+    return video
+
+
+def events_of(stream):
+    return [(event.frame, event.stream, event.kind) for event in stream.event_log]
+
+
+def dense_frames(stream, frames, stream_index=0):
+    """Indices of the frames that `stream_index` processed entirely."""
+    dense = []
+    for index, frame in enumerate(frames):
+        stream(frame)
+        if stream.updated_fraction()[stream_index] == pytest.approx(1.0):
+            dense.append(index)
+    return dense
+
+
+def test_periodic_refresh_fires_every_n_frames_counting_from_the_first_frame():
+    stream = converted().stream(drift=eventful.DriftControl(refresh_every=5))
+    dense = dense_frames(stream, moving_squares(23, size=64, seed=2))
+    assert dense == [0, 5, 10, 15, 20]  # frame 0 is the stream's first step: dense, no event
+    assert events_of(stream) == [(f, 0, "periodic") for f in (5, 10, 15, 20)]
+    assert all(event.value is None for event in stream.event_log)
+
+
+def test_periodic_refresh_counts_from_each_streams_own_last_dense_step():
+    stream = converted().stream(batch_size=2, drift=eventful.DriftControl(refresh_every=5))
+    for index, frame in enumerate(moving_squares(17, size=64, batch=2, seed=3)):
+        if index == 3:
+            stream.reset([1])  # a dense step the caller asked for: no event
+        stream(frame)
+    assert events_of(stream) == [
+        (5, 0, "periodic"),
+        (8, 1, "periodic"),
+        (10, 0, "periodic"),
+        (13, 1, "periodic"),
+        (15, 0, "periodic"),
+    ]
+
+
+def test_events_hold_the_last_step_and_event_log_all_of_them():
+    stream = converted().stream(drift=eventful.DriftControl(refresh_every=2))
+    video = moving_squares(5, size=64, seed=4)
+    stream(video[0])
+    assert stream.events == [] and stream.steps == 1
+    stream(video[1])
+    assert stream.events == []
+    stream(video[2])
+    assert stream.events == [eventful.DriftEvent(2, 0, "periodic")]
+    stream(video[3])
+    assert stream.events == []
+    assert stream.event_log == [eventful.DriftEvent(2, 0, "periodic")]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_scene_cut_fires_at_the_cut_only_and_leaves_the_other_stream_untouched(level):
+    video = with_cut(14, batch=2, cut_stream=1, cut_at=7)
+    model = converted(level)
+    watched = model.stream(batch_size=2, drift=eventful.DriftControl(scene_cut_factor=4))
+    plain = model.stream(batch_size=2)
+    for frame in video:
+        output, expected = watched(frame), plain(frame)
+        assert torch.equal(output[0], expected[0])
+    assert events_of(watched) == [(7, 1, "scene_cut")]
+    assert watched.event_log[0].value > 4
+    for got, want in zip(watched.state.blocks, plain.state.blocks, strict=True):
+        for name in want:
+            assert torch.equal(got[name][0], want[name][0]), name
+
+
+def test_scene_cut_step_is_dense_for_the_cut_stream_only():
+    video = with_cut(10, batch=2, cut_stream=1, cut_at=7)
+    stream = converted().stream(batch_size=2, drift=eventful.DriftControl(scene_cut_factor=4))
+    for frame in video[:8]:
+        stream(frame)
+    assert stream.updated_fraction() == pytest.approx([8 / NUM_TOKENS, 1.0])
+    assert stream.trace.fresh_streams == [1]
+
+
+def test_scene_cut_needs_a_history_of_changes_before_it_can_fire():
+    # A cut at frame 2 follows only one measured change: too little to know what is usual.
+    video = with_cut(8, batch=1, cut_stream=0, cut_at=2)
+    stream = converted().stream(drift=eventful.DriftControl(scene_cut_factor=4))
+    for frame in video:
+        stream(frame)
+    assert stream.event_log == []
+
+
+def test_a_camera_that_moves_every_few_frames_in_a_still_scene_is_no_scene_cut():
+    # A textured scene that pans by one pixel every fourth frame, still in between: the pan
+    # frames change far more than the median frame (zero), but far less than a cut does.
+    scene = moving_squares(1, size=96, num_squares=0)[0]
+    video = [torch.roll(scene, shifts=t // 4, dims=-1)[..., :64, :64] for t in range(24)]
+    stream = converted().stream(drift=eventful.DriftControl(scene_cut_factor=4))
+    for frame in video:
+        stream(frame)
+    assert stream.event_log == []
+    cut = torch.flip(video[-1], dims=(-1, -2))
+    stream(cut)
+    assert events_of(stream) == [(24, 0, "scene_cut")]
+
+
+def test_a_scene_cut_and_a_periodic_refresh_at_one_frame_record_one_event():
+    video = with_cut(12, batch=1, cut_stream=0, cut_at=10)
+    drift = eventful.DriftControl(refresh_every=5, scene_cut_factor=4)
+    stream = converted().stream(drift=drift)
+    for frame in video:
+        stream(frame)
+    assert events_of(stream) == [(5, 0, "periodic"), (10, 0, "scene_cut")]
+
+
+def test_unprocessed_change_sums_the_errors_the_first_qkv_gate_left_unselected():
+    model = converted(k=3)
+    stream = model.stream(batch_size=2)
+    video = moving_squares(6, size=64, batch=2, seed=5)
+    for frame in video[:5]:
+        stream(frame)
+    reference = stream.state.blocks[0]["qkv_reference"].clone()
+    tokens = model.embedding(video[5])
+    errors = torch.linalg.vector_norm(tokens - reference, dim=-1)
+    stream(video[5])
+    selected = stream.trace.blocks[0]["qkv"]
+    for index, chosen in enumerate(selected.per_stream):
+        left = torch.ones(NUM_TOKENS, dtype=torch.bool)
+        left[chosen] = False
+        expected = errors[index][left].sum()
+        assert torch.allclose(stream.trace.unprocessed_change[index], expected, rtol=1e-5)
+        assert expected > 0
+    assert torch.allclose(
+        unprocessed_change(tokens, stream.state.blocks[0]["qkv_reference"]),
+        stream.trace.unprocessed_change,
+    )
+
+
+def test_unprocessed_change_of_a_dense_step_is_zero():
+    stream = converted().stream(batch_size=2)
+    stream(moving_squares(1, size=64, batch=2)[0])
+    assert stream.trace.unprocessed_change.tolist() == [0.0, 0.0]
+
+
+def test_error_bound_refreshes_a_stream_on_the_step_after_it_is_exceeded():
+    video = moving_squares(20, size=64, batch=2, seed=6)
+    model = converted(k=4)
+    plain = model.stream(batch_size=2)
+    changes, outputs = [], []
+    for frame in video:
+        outputs.append(plain(frame))
+        changes.append(plain.trace.unprocessed_change.tolist())
+    # A bound that stream 0 first exceeds at frame 5, and stream 1 not before.
+    bound = (changes[5][0] + max(row[0] for row in changes[:5])) / 2
+    assert changes[5][0] > bound and max(row[1] for row in changes[:6]) < bound
+    watched = model.stream(batch_size=2, drift=eventful.DriftControl(error_bound=bound))
+    seen = []
+    for index, frame in enumerate(video):
+        output = watched(frame)
+        seen.append(watched.trace.unprocessed_change.tolist())
+        if not any(event.stream == 1 for event in watched.event_log):
+            assert torch.equal(output[1], outputs[index][1])  # stream 1 untouched
+    first = watched.event_log[0]
+    assert (first.frame, first.stream, first.kind) == (6, 0, "error")
+    assert first.value == pytest.approx(changes[5][0])
+    # Every event follows a step above the bound, and every step above it triggers one.
+    expected = [
+        (index + 1, stream, "error")
+        for index, row in enumerate(seen[:-1])
+        for stream, change in enumerate(row)
+        if change > bound
+    ]
+    assert events_of(watched) == expected
+
+
+def test_error_bound_works_without_op_counts():
+    stream = converted(k=4).stream(count_ops=False, drift=eventful.DriftControl(error_bound=0.0))
+    video = moving_squares(4, size=64, seed=7)
+    for frame in video:
+        stream(frame)
+    assert stream.ops is None
+    # Frame 1 leaves some change: frame 2 runs densely, which leaves none; frame 3 leaves some.
+    assert events_of(stream) == [(2, 0, "error")]
+
+
+def test_drift_control_is_settings_shared_by_streams():
+    drift = eventful.DriftControl(refresh_every=3)
+    model = converted()
+    first, second = model.stream(drift=drift), model.stream(drift=drift)
+    video = moving_squares(4, size=64, seed=8)
+    for frame in video:
+        first(frame)
+    second(video[0])
+    assert events_of(first) == [(3, 0, "periodic")]
+    assert events_of(second) == []
