@@ -4,7 +4,12 @@ import pytest
 import torch
 
 import eventful
-from eventful.core.attention import recompute_attention_rows, update_exact_attention
+from eventful.core.attention import (
+    recompute_attention_rows,
+    recompute_full_attention,
+    update_exact_attention,
+    update_full_attention,
+)
 from tests.helpers import tiny_vit
 
 POLICIES = {"topk": eventful.TopK(9), "threshold": eventful.Threshold(0.7)}
@@ -83,3 +88,41 @@ def test_no_change_leaves_the_sums_untouched():
     empty = torch.zeros(0, dtype=torch.long)
     assert update_exact_attention(*sums, q, k, v, k[:, empty], v[:, empty], empty) == 0
     assert all(torch.equal(a, b) for a, b in zip(sums, before, strict=True))
+
+
+@pytest.mark.parametrize("level", ["exact", "full"])
+def test_rows_whose_dominant_key_changes_keep_their_precision(level):
+    # Every query attends almost only to key 0 (logit 12 above the rest). When key 0 drops,
+    # the rows' running sums lose about 5 of float32's 7 digits to cancellation without being
+    # near underflow; they must be recomputed, so attention stays exact to the buffers.
+    generator = torch.Generator().manual_seed(3)
+    q = torch.zeros(2, 40, 4)
+    q[..., 0] = 4.0
+    k = 0.1 * torch.randn(2, 40, 4, generator=generator)
+    k[:, 0, 0] = 3.0
+    v = torch.randn(2, 40, 4, generator=generator)
+    index = torch.tensor([0, 7])
+    if level == "exact":
+        sums = running_sums(q, k, v)
+    else:
+        sums = (
+            torch.empty(2, 40, 4),
+            torch.empty(2, 40, 40),
+            torch.empty(2, 40),
+            torch.empty(2, 40),
+        )
+        recompute_full_attention(*sums, q, k, v)
+    old_keys, old_values = k[:, index].clone(), v[:, index].clone()
+    k[:, 0, 0] = -3.0
+    k[:, 7] += 0.1
+    if level == "exact":
+        update_exact_attention(*sums, q, k, v, old_keys, old_values, index)
+        numerator, denominator, _ = sums
+        output = numerator / denominator.unsqueeze(-1)
+        expected = dense_attention(q, k, v)
+    else:
+        update_full_attention(*sums, q, k, v, old_keys, old_values, index)
+        # Every row's attention column of the changed keys, kept key-major in the reference.
+        output = sums[1][:, index].transpose(1, 2)
+        expected = torch.softmax(q @ k.transpose(1, 2), dim=-1)[:, :, index]
+    assert torch.allclose(output, expected, rtol=1e-3, atol=1e-6)
