@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +34,18 @@ def machine() -> str:
     )
 
 
+def engine_version() -> str:
+    """The git commit the benchmark ran on, marked when the working tree had local changes."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" with local changes" if git("status", "--porcelain", "src") else "")
+
+
 def command() -> str:
     return "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
 
@@ -41,7 +54,10 @@ def write_section(name: str, body: str) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md with `body`."""
     text = BENCHMARKS.read_text() if BENCHMARKS.is_file() else HEADER
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    section = f"{begin}\nCommand: `{command()}`  \nMachine: {machine()}\n\n{body.strip()}\n{end}"
+    section = (
+        f"{begin}\nCommand: `{command()}`  \nMachine: {machine()}  \n"
+        f"Engine: commit {engine_version()}\n\n{body.strip()}\n{end}"
+    )
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), flags=re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
