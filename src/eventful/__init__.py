@@ -3,9 +3,11 @@
 from eventful.convert import convert
 from eventful.core.budget import LatencyBudget, OpsBudget
 from eventful.core.drift import DriftControl, DriftEvent
+from eventful.core.error_bound import ErrorBound
 from eventful.core.model import EventfulViT
 from eventful.core.ops import OpCount
 from eventful.core.policies import Policy, Threshold, TopFraction, TopK
+from eventful.core.staleness import MaxAge
 from eventful.core.state import StreamState
 from eventful.core.stream import Stream
 from eventful.models.vit import ViT
@@ -13,8 +15,10 @@ from eventful.models.vit import ViT
 __all__ = [
     "DriftControl",
     "DriftEvent",
+    "ErrorBound",
     "EventfulViT",
     "LatencyBudget",
+    "MaxAge",
     "OpCount",
     "OpsBudget",
     "Policy",
