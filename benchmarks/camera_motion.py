@@ -39,6 +39,7 @@ from torch import Tensor
 import eventful
 from eventful.calibration import calibrate_error_bound
 from eventful.core import attention
+from eventful.core.gates import unprocessed_change
 from eventful.core.policies import Policy
 from eventful.core.staleness import GATES, MaxAge
 from eventful.evaluation import feature_cosine
@@ -66,11 +67,6 @@ class Run:
     block_cosines: list[list[float]] = field(default_factory=list)
     block_unprocessed: list[list[float]] = field(default_factory=list)
     attention_errors: list[float] = field(default_factory=list)
-
-
-def unprocessed_change(current: Tensor, reference: Tensor) -> float:
-    """Summed error norms of the tokens whose reference differs from the current input."""
-    return torch.linalg.vector_norm(current - reference, dim=-1).sum().item()
 
 
 def attention_error(converted: eventful.EventfulViT, state: eventful.StreamState) -> float:
@@ -118,10 +114,10 @@ class BlockProbe:
 
     def _before(self, module, args) -> None:
         x, state = args[0], args[1]
-        self._total = unprocessed_change(x, state["qkv_reference"])
+        self._total = unprocessed_change(x, state["qkv_reference"]).sum().item()
 
     def _after(self, module, args, output) -> None:
-        left = unprocessed_change(args[0], args[1]["qkv_reference"])
+        left = unprocessed_change(args[0], args[1]["qkv_reference"]).sum().item()
         self.shares.append(left / self._total if self._total > 0 else 0.0)
         self.outputs.append(output)
 

@@ -13,7 +13,7 @@ from eventful.core.error_bound import ErrorBound, bounded_selection_mask
 from eventful.core.staleness import GATES, MaxAge
 from eventful.evaluation import feature_cosine
 from eventful.synthetic import moving_squares
-from tests.helpers import LEVELS, tiny_vit
+from tests.helpers import LEVELS, max_difference_to_dense, tiny_vit
 
 TOLERANCE = 1e-4
 NUM_TOKENS = 65  # tiny_vit at 64 x 64: 1 + 8 x 8
@@ -25,15 +25,6 @@ def step_gates(policy, block_state, error_norms, fresh=()):
     view = policy.for_block(block_state, list(fresh))
     selections = [view.select(error_norms) for _ in GATES]
     return [set(index.tolist()) for index in selections[0].per_stream]
-
-
-def max_difference_to_dense(vit, policy, level, video) -> float:
-    stream = eventful.convert(vit, policy=policy, level=level).stream(batch_size=video.shape[1])
-    worst = 0.0
-    with torch.no_grad():
-        for frame in video:
-            worst = max(worst, (stream(frame) - vit(frame)).abs().max().item())
-    return worst
 
 
 def test_token_never_selected_by_error_is_selected_once_its_reference_is_max_age_old():

@@ -4,18 +4,9 @@ import pytest
 import torch
 
 import eventful
-from tests.helpers import LEVELS, VARIANTS, tiny_vit
+from tests.helpers import LEVELS, VARIANTS, max_difference_to_dense, tiny_vit
 
 TOLERANCE = 1e-4
-
-
-def max_difference_to_dense(vit, policy, level, video) -> float:
-    stream = eventful.convert(vit, policy=policy, level=level).stream(batch_size=video.shape[1])
-    worst = 0.0
-    with torch.no_grad():
-        for frame in video:
-            worst = max(worst, (stream(frame) - vit(frame)).abs().max().item())
-    return worst
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

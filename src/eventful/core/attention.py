@@ -114,7 +114,7 @@ def update_full_attention(
         denominator.sub_(old_logits.sub_(by_row).exp_().sum(dim=1))
         shift.copy_(raised)
         _recompute_logsumexp_rows(denominator, shift, q, k, index)
-        underflowed = (denominator < UNDERFLOW).any(dim=0).nonzero().squeeze(1)
+        underflowed = _rows_that_lost_precision(denominator)
         if underflowed.numel() > 0:
             _recompute_logsumexp_rows(denominator, shift, q, k, underflowed)
         recomputed = underflowed.numel()
@@ -124,6 +124,11 @@ def update_full_attention(
         product, new_columns_by_key, reference_by_key, v.index_select(1, index), old_values, index
     )
     return recomputed
+
+
+def _rows_that_lost_precision(denominator: Tensor) -> Tensor:
+    """Query rows (r,) whose running denominator (H, N) fell below `UNDERFLOW` in any head."""
+    return (denominator < UNDERFLOW).any(dim=0).nonzero().squeeze(1)
 
 
 def _recompute_logsumexp_rows(
@@ -136,20 +141,19 @@ def _recompute_logsumexp_rows(
 
 
 def _swap_row_contributions(
+    numerator: Tensor,
     denominator: Tensor,
     shift: Tensor,
+    new_output: Tensor,
     new_logsumexp: Tensor,
+    old_output: Tensor,
     old_logsumexp: Tensor,
-    numerator: Tensor | None = None,
-    new_output: Tensor | None = None,
-    old_output: Tensor | None = None,
 ) -> None:
-    """Running softmax sums (H, N) of every row: remove the old keys' share, add the new keys'.
+    """Running softmax sums of every row: remove the old keys' share, add the new keys'.
 
-    A key set's share of row i is exp(lse_i - m_i) in the denominator (lse: the row's
-    log-sum-exp over those keys) and that times its attention output in the numerator, when
-    one is kept. The shift m_i is first raised to cover the new share, so no exponent
-    overflows.
+    A key set's share of row i is exp(lse_i - m_i) in the denominator (H, N) (lse: the row's
+    log-sum-exp over those keys) and that times its attention output in the numerator
+    (H, N, dh). The shift m_i is first raised to cover the new share, so no exponent overflows.
     """
     raised = torch.maximum(shift, new_logsumexp)
     rescale = torch.exp(shift - raised)
@@ -158,10 +162,9 @@ def _swap_row_contributions(
     new_weight = torch.exp(new_logsumexp - raised)
     old_weight = torch.exp(old_logsumexp - raised)
     denominator.add_(new_weight).sub_(old_weight)
-    if numerator is not None:
-        numerator.mul_(rescale.unsqueeze(-1))
-        numerator.addcmul_(new_weight.unsqueeze(-1), new_output)
-        numerator.addcmul_(old_weight.unsqueeze(-1), old_output, value=-1)
+    numerator.mul_(rescale.unsqueeze(-1))
+    numerator.addcmul_(new_weight.unsqueeze(-1), new_output)
+    numerator.addcmul_(old_weight.unsqueeze(-1), old_output, value=-1)
 
 
 def attention_with_logsumexp(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -240,10 +243,10 @@ def update_exact_attention(
     )
     old_output, old_logsumexp = attention_with_logsumexp(q, old_keys, old_values)
     _swap_row_contributions(
-        denominator, shift, new_logsumexp, old_logsumexp, numerator, new_output, old_output
+        numerator, denominator, shift, new_output, new_logsumexp, old_output, old_logsumexp
     )
     recompute_attention_rows(numerator, denominator, shift, q, k, v, index)
-    underflowed = (denominator < UNDERFLOW).any(dim=0).nonzero().squeeze(1)
+    underflowed = _rows_that_lost_precision(denominator)
     if underflowed.numel() > 0:
         recompute_attention_rows(numerator, denominator, shift, q, k, v, underflowed)
     return underflowed.numel()

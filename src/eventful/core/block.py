@@ -214,10 +214,9 @@ class EventfulBlock(nn.Module):
     ) -> Tensor:
         """Attention output (B, H, N, dh): the cached attention-value product, updated."""
         product = state["attention_value_product"]
-        caches = (state["attention_reference"], state["attention_denominator"])
-        shift = state["attention_shift"]
+        names = ("attention_reference", "attention_denominator", "attention_shift")
         for stream, index in enumerate(selection.per_stream):
-            sums = (product[stream], caches[0][stream], caches[1][stream], shift[stream])
+            sums = (product[stream], *(state[name][stream] for name in names))
             heads = (q[stream], k[stream], v[stream])
             if stream in fresh_streams:
                 recompute_full_attention(*sums, *heads)
