@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import eventful
+from eventful.core.drift import CUT_GRID
 from eventful.core.gates import unprocessed_change
 from eventful.synthetic import moving_squares
 from tests.helpers import LEVELS, tiny_vit
@@ -121,6 +122,28 @@ def test_a_camera_that_moves_every_few_frames_in_a_still_scene_is_no_scene_cut()
     cut = torch.flip(video[-1], dims=(-1, -2))
     stream(cut)
     assert events_of(stream) == [(24, 0, "scene_cut")]
+
+
+def detailed_scene(seed):
+    """(3, 64, 256): large smooth shapes under fine pixel noise, like a real frame's detail."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = torch.rand(1, 3, 3, 12, generator=generator)
+    shapes = torch.nn.functional.interpolate(shapes, size=(64, 256), mode="bilinear")[0]
+    return 3 * shapes + torch.rand(3, 64, 256, generator=generator)
+
+
+@pytest.mark.parametrize("grid, fires", [(CUT_GRID, True), (10**6, False)])
+def test_a_cut_that_follows_a_fast_pan_is_found_on_the_coarse_grid(monkeypatch, grid, fires):
+    # A fast pan (4 pixels per frame) changes every pixel's detail, so at full resolution a cut
+    # to another scene barely stands out against it; the cells' means move little with the pan
+    # and a lot at the cut. A grid finer than the frame (10**6) compares at full resolution.
+    monkeypatch.setattr("eventful.core.drift.CUT_GRID", grid)
+    panning, other = detailed_scene(0), detailed_scene(1)
+    video = [panning[..., 4 * t : 4 * t + 64] for t in range(12)] + [other[..., :64]]
+    stream = converted().stream(drift=eventful.DriftControl(scene_cut_factor=4))
+    for frame in video:
+        stream(frame.unsqueeze(0))
+    assert events_of(stream) == ([(12, 0, "scene_cut")] if fires else [])
 
 
 def test_a_scene_cut_and_a_periodic_refresh_at_one_frame_record_one_event():

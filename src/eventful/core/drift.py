@@ -15,6 +15,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import Tensor
 
 # Scene cuts compare a frame's change with the typical change of up to CUT_HISTORY earlier
@@ -22,10 +23,15 @@ from torch import Tensor
 # (a camera that moves every few frames raises the mean, not the median), and at least
 # CUT_CONTRAST_FLOOR times the previous frame's contrast (its mean absolute deviation), so that
 # in a still scene a small motion is not a cut: a cut replaces the content, and changes the
-# frame by about its whole contrast.
+# frame by a large part of its whole contrast.
+# Images (B, C, H, W) are compared on a CUT_GRID x CUT_GRID grid of cell means. Motion mostly
+# moves detail within a cell, a cut replaces the cells: on bikes.mp4 the cut that follows a
+# fast pan (frame 76) changes the full-resolution frame 3.3x its recent frames' change, the
+# grid 4.9x (BENCHMARKS.md, "scene-cuts").
 CUT_HISTORY = 16
 CUT_MIN_HISTORY = 3
-CUT_CONTRAST_FLOOR = 0.1
+CUT_CONTRAST_FLOOR = 0.05
+CUT_GRID = 16
 
 # Trigger kinds, in the order of precedence when several fire for one stream at one frame;
 # "resolution" is recorded by the video runner, which resets the stream on a new frame size.
@@ -66,9 +72,10 @@ class DriftControl:
         change since it was last processed; `StepTrace.unprocessed_change`) is compared with B;
         a stream above it runs its next step densely.
     scene_cut_factor: F > 1. A stream runs densely at a frame whose change, the mean absolute
-        difference of its input to the previous frame's, exceeds F times the typical change of
-        its recent frames (`CUT_HISTORY`, at least `CUT_MIN_HISTORY` of them: the larger of
-        their median and mean, and at least a tenth of the frame's contrast). Costs one
+        difference of its input to the previous frame's (images compared as `CUT_GRID` x
+        `CUT_GRID` cell means), exceeds F times the typical change of its recent frames
+        (`CUT_HISTORY`, at least `CUT_MIN_HISTORY` of them: the larger of their median and
+        mean, and at least `CUT_CONTRAST_FLOOR` times the frame's contrast). Costs one
         device-to-host read per step on CUDA.
 
     A stream already due to run densely (its first step, or reset by the caller) triggers
@@ -132,7 +139,8 @@ class DriftMonitor:
         self.last_dense = [0] * batch_size
         self.over_bound: list[float | None] = [None] * batch_size
         self.changes = [deque(maxlen=CUT_HISTORY) for _ in range(batch_size)]
-        self.previous: Tensor | None = None
+        self.previous: Tensor | None = None  # the last frames, coarse (`_coarse`)
+        self.previous_shape: tuple[int, ...] | None = None
         self.previous_contrast: list[float] = [0.0] * batch_size
 
     def plan(self, frames: object, frame: int, fresh: list[bool]) -> DriftPlan:
@@ -170,8 +178,9 @@ class DriftMonitor:
             else:
                 for history, change in zip(self.changes, plan.changes, strict=True):
                     history.append(change)
-            self.previous = frames.detach().clone()
-            flat = self.previous.flatten(1)
+            self.previous = _coarse(frames.detach()).clone()
+            self.previous_shape = tuple(frames.shape)
+            flat = self.previous.flatten(1).float()
             deviation = (flat - flat.mean(1, keepdim=True)).abs().mean(1)
             self.previous_contrast = deviation.tolist()
 
@@ -195,16 +204,22 @@ class DriftMonitor:
         return None
 
     def _frame_changes(self, frames: object) -> list[float] | None:
-        """Per stream, the mean absolute change of `frames` (B, ...) to the previous frames;
-        None without scene-cut detection, a previous frame or a matching shape."""
+        """Per stream, the mean absolute change of `frames` (B, ...) to the previous frames,
+        both coarse (`_coarse`); None without scene-cut detection, a previous frame or a
+        matching shape."""
         previous = self.previous
-        if (
-            self.control.scene_cut_factor is None
-            or previous is None
-            or not isinstance(frames, Tensor)
-            or frames.shape != previous.shape
-            or frames.dtype != previous.dtype
-            or frames.device != previous.device
-        ):
+        if self.control.scene_cut_factor is None or previous is None:
             return None
-        return (frames - previous).abs().flatten(1).mean(1).tolist()
+        if not isinstance(frames, Tensor) or tuple(frames.shape) != self.previous_shape:
+            return None
+        coarse = _coarse(frames)
+        if coarse.dtype != previous.dtype or coarse.device != previous.device:
+            return None
+        return (coarse - previous).abs().flatten(1).float().mean(1).tolist()
+
+
+def _coarse(frames: Tensor) -> Tensor:
+    """Images (B, C, H, W) as CUT_GRID x CUT_GRID cell means; other inputs as they are."""
+    if frames.ndim == 4 and min(frames.shape[-2:]) > CUT_GRID:
+        return F.adaptive_avg_pool2d(frames, CUT_GRID)
+    return frames
