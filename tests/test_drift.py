@@ -235,3 +235,31 @@ def test_drift_control_is_settings_shared_by_streams():
     second(video[0])
     assert events_of(first) == [(3, 0, "periodic")]
     assert events_of(second) == []
+
+
+def test_a_restored_stream_keeps_its_drift_history(tmp_path):
+    # Saved after 7 frames, restored into a new stream: the periodic refresh and the scene cut
+    # still fire where they would have, and every output matches the original stream's.
+    video = with_cut(14, batch=2, cut_stream=1, cut_at=11)
+    drift = eventful.DriftControl(refresh_every=5, scene_cut_factor=4)
+    model = converted()
+    original = model.stream(batch_size=2, drift=drift)
+    for frame in video[:7]:
+        original(frame)
+    torch.save(original.state_dict(), tmp_path / "stream.pt")
+    restored = model.stream(batch_size=2, drift=drift)
+    restored.load_state_dict(torch.load(tmp_path / "stream.pt"))
+    for frame in video[7:]:
+        assert torch.equal(restored(frame), original(frame))
+        assert restored.events == original.events
+    assert events_of(restored) == [(10, 0, "periodic"), (10, 1, "periodic"), (11, 1, "scene_cut")]
+
+
+def test_a_drift_snapshot_for_another_batch_size_is_rejected_and_nothing_changes():
+    drift = eventful.DriftControl(refresh_every=5)
+    single = converted().stream(drift=drift)
+    single(moving_squares(1, size=64)[0])
+    pair = converted().stream(batch_size=2, drift=drift)
+    with pytest.raises(ValueError, match="snapshot holds 1 streams, expected 2"):
+        pair.load_state_dict(single.state_dict())
+    assert pair.steps == 0 and not pair.state.allocated

@@ -143,6 +143,33 @@ class DriftMonitor:
         self.previous_shape: tuple[int, ...] | None = None
         self.previous_contrast: list[float] = [0.0] * batch_size
 
+    def state_dict(self) -> dict:
+        """A snapshot (copied) of the triggers' running state, for `load_state_dict`."""
+        return {
+            "last_dense": list(self.last_dense),
+            "over_bound": list(self.over_bound),
+            "changes": [list(history) for history in self.changes],
+            "previous": None if self.previous is None else self.previous.clone(),
+            "previous_shape": self.previous_shape,
+            "previous_contrast": list(self.previous_contrast),
+        }
+
+    def load_state_dict(self, snapshot: dict) -> None:
+        """Restore a snapshot from `state_dict` of a monitor with as many streams."""
+        if len(snapshot["last_dense"]) != len(self.last_dense):
+            raise ValueError(
+                f"drift snapshot holds {len(snapshot['last_dense'])} streams, "
+                f"expected {len(self.last_dense)}"
+            )
+        self.last_dense = list(snapshot["last_dense"])
+        self.over_bound = list(snapshot["over_bound"])
+        self.changes = [deque(history, maxlen=CUT_HISTORY) for history in snapshot["changes"]]
+        previous = snapshot["previous"]
+        self.previous = None if previous is None else previous.clone()
+        shape = snapshot["previous_shape"]
+        self.previous_shape = None if shape is None else tuple(shape)
+        self.previous_contrast = list(snapshot["previous_contrast"])
+
     def plan(self, frames: object, frame: int, fresh: list[bool]) -> DriftPlan:
         """The refreshes due at step `frame` of streams whose `fresh` flag is False."""
         changes = self._frame_changes(frames)

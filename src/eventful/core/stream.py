@@ -131,7 +131,27 @@ class Stream:
         return self
 
     def state_dict(self) -> dict:
-        return self.state.state_dict()
+        """A snapshot (copied tensors) of the caches (`StreamState.state_dict`), the step count
+        and the drift control's running state (None without drift control); `torch.save` and
+        `load_state_dict` accept it. The policy's own state (a budget's history) is not in it."""
+        snapshot = self.state.state_dict()
+        snapshot["steps"] = self.steps
+        snapshot["drift"] = None if self.drift is None else self.drift.state_dict()
+        return snapshot
 
     def load_state_dict(self, snapshot: dict) -> None:
+        """Continue exactly where the snapshot's stream was. A snapshot without drift history
+        (taken without drift control) starts this stream's triggers afresh from its step."""
+        steps = snapshot.get("steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"snapshot steps must be a non-negative integer, got {steps!r}")
+        monitor = None
+        if self.drift is not None:
+            monitor = self.drift.control.monitor(self.batch_size)
+            if snapshot.get("drift") is None:
+                monitor.last_dense = [steps] * self.batch_size
+            else:
+                monitor.load_state_dict(snapshot["drift"])
         self.state.load_state_dict(snapshot)
+        self.steps = steps
+        self.drift = monitor
