@@ -146,6 +146,17 @@ def test_a_cut_that_follows_a_fast_pan_is_found_on_the_coarse_grid(monkeypatch, 
     assert events_of(stream) == ([(12, 0, "scene_cut")] if fires else [])
 
 
+def test_a_blank_input_that_stays_blank_is_no_cut_and_a_scene_that_appears_is_one():
+    # A covered camera: every change and the contrast are zero, so the typical change is zero.
+    blank = torch.zeros(1, 3, 64, 64)
+    stream = converted().stream(drift=eventful.DriftControl(scene_cut_factor=4))
+    for _ in range(6):
+        stream(blank)
+    assert stream.event_log == []
+    stream(moving_squares(1, size=64)[0])
+    assert events_of(stream) == [(6, 0, "scene_cut")]
+
+
 def test_a_scene_cut_and_a_periodic_refresh_at_one_frame_record_one_event():
     video = with_cut(12, batch=1, cut_stream=0, cut_at=10)
     drift = eventful.DriftControl(refresh_every=5, scene_cut_factor=4)

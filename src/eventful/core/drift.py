@@ -211,17 +211,26 @@ class DriftMonitor:
             deviation = (flat - flat.mean(1, keepdim=True)).abs().mean(1)
             self.previous_contrast = deviation.tolist()
 
+    def cut_ratio(self, stream: int, change: float) -> float | None:
+        """A frame change of `stream` over its typical change; None while its history is
+        shorter than CUT_MIN_HISTORY. A scene cut is a ratio above `scene_cut_factor`."""
+        history = self.changes[stream]
+        if len(history) < CUT_MIN_HISTORY:
+            return None
+        typical = max(
+            statistics.median(history),
+            statistics.fmean(history),
+            CUT_CONTRAST_FLOOR * self.previous_contrast[stream],
+        )
+        if typical == 0:  # a frozen, featureless input: anything that appears is a cut
+            return math.inf if change > 0 else 0.0
+        return change / typical
+
     def _fired(self, stream: int, frame: int, changes: list[float] | None) -> DriftEvent | None:
         control = self.control
-        if changes is not None and len(self.changes[stream]) >= CUT_MIN_HISTORY:
-            history = self.changes[stream]
-            typical = max(
-                statistics.median(history),
-                statistics.fmean(history),
-                CUT_CONTRAST_FLOOR * self.previous_contrast[stream],
-            )
-            ratio = changes[stream] / typical
-            if ratio > control.scene_cut_factor:
+        if changes is not None:
+            ratio = self.cut_ratio(stream, changes[stream])
+            if ratio is not None and ratio > control.scene_cut_factor:
                 return DriftEvent(frame, stream, "scene_cut", ratio)
         if self.over_bound[stream] is not None:
             return DriftEvent(frame, stream, "error", self.over_bound[stream])
