@@ -26,8 +26,7 @@ from torch import Tensor
 # frame by a large part of its whole contrast.
 # Images (B, C, H, W) are compared on a CUT_GRID x CUT_GRID grid of cell means. Motion mostly
 # moves detail within a cell, a cut replaces the cells: on bikes.mp4 the cut that follows a
-# fast pan (frame 76) changes the full-resolution frame 3.3x its recent frames' change, the
-# grid 4.9x (BENCHMARKS.md, "scene-cuts").
+# fast pan stands out on the grid and not at full resolution (BENCHMARKS.md, "scene-cuts").
 CUT_HISTORY = 16
 CUT_MIN_HISTORY = 3
 CUT_CONTRAST_FLOOR = 0.05
