@@ -274,3 +274,15 @@ def test_a_drift_snapshot_for_another_batch_size_is_rejected_and_nothing_changes
     with pytest.raises(ValueError, match="snapshot holds 1 streams, expected 2"):
         pair.load_state_dict(single.state_dict())
     assert pair.steps == 0 and not pair.state.allocated
+
+
+def test_a_snapshot_without_drift_history_starts_the_triggers_from_its_step():
+    video = moving_squares(14, size=64)
+    plain = converted().stream()
+    for frame in video[:7]:
+        plain(frame)
+    watched = converted().stream(drift=eventful.DriftControl(refresh_every=5))
+    watched.load_state_dict(plain.state_dict())
+    for frame in video[7:]:
+        watched(frame)
+    assert events_of(watched) == [(12, 0, "periodic")]
