@@ -217,8 +217,8 @@ def fixed_quarter_row(
     ]
 
 
-def quarter_part(args, vit: eventful.ViT, clips: dict, dense: dict) -> None:
-    """Part 1 and 2: a fixed quarter of the tokens, before and after each fix; per block."""
+def fixed_quarter(args, vit: eventful.ViT, clips: dict, dense: dict) -> None:
+    """A fixed quarter of the tokens, before and after each fix; per block."""
     aged = f"MaxAge(TopK(64), {args.max_age})"
     plain = MaxAge(eventful.TopK(K), NEVER)
     kept = MaxAge(eventful.TopK(K), args.max_age)
@@ -337,7 +337,7 @@ def main() -> None:
     parser.add_argument("--recompute-below", type=float, default=1e-20)
     parser.add_argument("--cut-factor", type=float, default=4.0)
     args = parser.parse_args()
-    quarter_part(args, *load_inputs(args))
+    fixed_quarter(args, *load_inputs(args))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import eventful
 from eventful.calibration import calibrate_error_bound
 
 
-def bound_part(args, vit: eventful.ViT, clips: dict, dense: dict) -> None:
+def error_bounded(args, vit: eventful.ViT, clips: dict, dense: dict) -> None:
     """The error-bounded mode, calibrated on each clip and run on every clip."""
     rows = []
     for max_age in (None, args.max_age):
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--initial-bound", type=float, default=16.0)
     parser.add_argument("--refine-steps", type=int, default=4)
     args = parser.parse_args()
-    bound_part(args, *load_inputs(args))
+    error_bounded(args, *load_inputs(args))
 
 
 if __name__ == "__main__":
