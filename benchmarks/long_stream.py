@@ -45,8 +45,8 @@ def looped_clips(frames: int) -> Iterator[torch.Tensor]:
 
 
 def slow_drift(frames: int) -> Iterator[torch.Tensor]:
-    """A real frame, panned one pixel every 4 frames back and forth across twice its width (no
-    jump where the pan turns), brightening by 1e-4 per frame."""
+    """A 224x224 window panned back and forth across a real frame letterboxed to 448, one pixel
+    every 4 frames (no jump where the pan turns), brightening by 1e-4 per frame."""
     first = next(iter(decode_frames(registry_clip(CLIPS[0]), 1)))
     wide = letterbox(first, 448)
     span = 448 - 224
