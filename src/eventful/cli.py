@@ -69,7 +69,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "--scene-cut",
         type=float,
         metavar="F",
-        help="a dense frame where the pixel change exceeds F times the recent typical change",
+        help="a dense frame where the frame's change (as 16x16 cell means) exceeds F times the "
+        "recent typical change",
     )
     parser.add_argument("--level", choices=LEVELS, default="exact")
     parser.add_argument("--compare", action="store_true", help="also run dense; report fidelity")

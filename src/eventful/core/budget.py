@@ -16,7 +16,14 @@ from collections import deque
 from torch import Tensor, nn
 
 from eventful.core.ops import dense_macs, largest_topk_within, steady_topk_macs
-from eventful.core.policies import Policy, StepReport, _check_norm, _is_real, parse_policy
+from eventful.core.policies import (
+    Policy,
+    StepReport,
+    _check_norm,
+    _is_real,
+    parse_policy,
+    select_largest,
+)
 from eventful.core.selection import Selection
 
 
@@ -52,8 +59,7 @@ class BudgetPolicy(Policy):
     def select(self, error_norms: Tensor) -> Selection:
         if self.k is None:
             raise RuntimeError(f"{self!r} has not seen its input yet: call validate first")
-        index = error_norms.topk(self.k, dim=1, sorted=False).indices
-        return Selection.from_indices(index, error_norms.shape[1])
+        return select_largest(error_norms, self.k)
 
     def _checked(self, value: object) -> float:
         if not _is_real(value) or not math.isfinite(value) or value <= 0:

@@ -78,6 +78,12 @@ class Policy:
         return self
 
 
+def select_largest(error_norms: Tensor, k: int) -> Selection:
+    """Each stream's k tokens of largest error (B, N): equal counts, static shapes, no sync."""
+    index = error_norms.topk(k, dim=1, sorted=False).indices
+    return Selection.from_indices(index, error_norms.shape[1])
+
+
 class TopK(Policy):
     """Each stream re-processes its k tokens of largest error. Static shapes; no sync."""
 
@@ -95,8 +101,7 @@ class TopK(Policy):
             )
 
     def select(self, error_norms: Tensor) -> Selection:
-        index = error_norms.topk(self.k, dim=1, sorted=False).indices
-        return Selection.from_indices(index, error_norms.shape[1])
+        return select_largest(error_norms, self.k)
 
     def __repr__(self) -> str:
         return f"TopK({self.k})"
@@ -115,9 +120,7 @@ class TopFraction(Policy):
         return max(1, round(self.fraction * num_tokens))
 
     def select(self, error_norms: Tensor) -> Selection:
-        k = self.count(error_norms.shape[1])
-        index = error_norms.topk(k, dim=1, sorted=False).indices
-        return Selection.from_indices(index, error_norms.shape[1])
+        return select_largest(error_norms, self.count(error_norms.shape[1]))
 
     def __repr__(self) -> str:
         return f"TopFraction({self.fraction})"

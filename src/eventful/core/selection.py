@@ -62,6 +62,14 @@ class Selection:
         flat = torch.cat([index + stream * num_tokens for stream, index in enumerate(per_stream)])
         return Selection(tuple(per_stream), flat, num_tokens)
 
+    def mask(self) -> Tensor:
+        """(B, N) bool mask of the tokens this selection holds."""
+        mask = torch.zeros(
+            self.batch_size * self.num_tokens, dtype=torch.bool, device=self.flat.device
+        )
+        mask[self.flat] = True
+        return mask.view(self.batch_size, self.num_tokens)
+
     def with_all_tokens_for(self, streams: list[int]) -> Selection:
         """The same selection, except that the given streams select every token."""
         if not streams:

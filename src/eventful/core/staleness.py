@@ -96,7 +96,7 @@ class _AgedGates(Policy):
         due = ages >= self.owner.max_age
         scores = torch.where(due, _DUE * (1 + ages.float() * 2.0**-10), error_norms.float())
         selection = self.owner.policy.select(scores)
-        ages.add_(1).masked_fill_(selected_mask(selection, ages.shape[0]), 0)
+        ages.add_(1).masked_fill_(selection.mask(), 0)
         if self.fresh:
             ages[self.fresh] = 0
         return selection
@@ -108,11 +108,3 @@ class _AgedGates(Policy):
             ages = torch.zeros(error_norms.shape, dtype=torch.int32, device=error_norms.device)
             self.block_state[key] = ages
         return ages
-
-
-def selected_mask(selection: Selection, batch_size: int) -> Tensor:
-    """(B, N) bool mask of the tokens a selection holds."""
-    device = selection.flat.device
-    mask = torch.zeros(batch_size * selection.num_tokens, dtype=torch.bool, device=device)
-    mask[selection.flat] = True
-    return mask.view(batch_size, selection.num_tokens)
