@@ -15,7 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from report import markdown_table, write_section
+from report import markdown_table, write_or_print
 
 import eventful
 from eventful.core.attention import (
@@ -168,10 +168,7 @@ def main() -> None:
         "[min-max] ms. MMAC: multiply-accumulates as the op counter counts them "
         "(eventful.core.ops); GMAC/s: the rate the work ran at.\n\n" + markdown_table(header, rows)
     )
-    if args.write:
-        write_section("attention-update", body)
-    else:
-        print(body)
+    write_or_print("attention-update", body, args.write)
 
 
 if __name__ == "__main__":

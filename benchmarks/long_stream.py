@@ -19,7 +19,7 @@ import statistics
 from collections.abc import Iterator
 
 import torch
-from report import markdown_table, write_section
+from report import markdown_table, write_or_print
 
 import eventful
 from eventful.core.drift import DriftControl
@@ -137,10 +137,7 @@ def main() -> None:
         "clips' own cuts; the synthetic pan turns smoothly and has no cut.\n\n"
         + markdown_table(header, rows)
     )
-    if args.write:
-        write_section("long-stream", body)
-    else:
-        print(body)
+    write_or_print("long-stream", body, args.write)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,14 @@ def write_section(name: str, body: str) -> None:
     BENCHMARKS.write_text(text)
 
 
+def write_or_print(name: str, body: str, write: bool) -> None:
+    """Write the section `name` of BENCHMARKS.md (`--write`), or print its body."""
+    if write:
+        write_section(name, body)
+    else:
+        print(body)
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

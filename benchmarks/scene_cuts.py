@@ -12,10 +12,10 @@ margin on either side of the factor). Writes the `scene-cuts` section of BENCHMA
 from __future__ import annotations
 
 import argparse
-import contextlib
+from unittest import mock
 
 import torch
-from report import markdown_table, write_section
+from report import markdown_table, write_or_print
 
 import eventful
 from eventful.core import drift
@@ -24,18 +24,6 @@ from eventful.video.decode import decode_frames
 from eventful.video.preprocess import letterbox
 
 CLIPS = ("bikes.mp4", "bigbuckbunny.mp4")
-
-
-@contextlib.contextmanager
-def grid(cells: int):
-    """Compare frames on a `cells` x `cells` grid for one run (more cells than pixels: full
-    resolution)."""
-    saved = drift.CUT_GRID
-    drift.CUT_GRID = cells
-    try:
-        yield
-    finally:
-        drift.CUT_GRID = saved
 
 
 def cut_ratios(frames: list[torch.Tensor], factor: float) -> list[float | None]:
@@ -61,7 +49,7 @@ def main() -> None:
             (f"{drift.CUT_GRID}x{drift.CUT_GRID} grid", drift.CUT_GRID),
             ("full resolution", 10**9),
         ):
-            with grid(cells):
+            with mock.patch.object(drift, "CUT_GRID", cells):  # more cells than pixels: full size
                 ratios = cut_ratios(frames, args.factor)
             known = [(index, r) for index, r in enumerate(ratios) if r is not None]
             flagged = [(index, r) for index, r in known if r > args.factor]
@@ -91,10 +79,7 @@ def main() -> None:
             rows,
         )
     )
-    if args.write:
-        write_section("scene-cuts", body)
-    else:
-        print(body)
+    write_or_print("scene-cuts", body, args.write)
 
 
 if __name__ == "__main__":
