@@ -2,7 +2,7 @@
 
 from eventful.convert import convert
 from eventful.core.budget import LatencyBudget, OpsBudget
-from eventful.core.drift import DriftControl, DriftEvent
+from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent
 from eventful.core.error_bound import ErrorBound
 from eventful.core.model import EventfulViT
 from eventful.core.ops import OpCount
@@ -13,6 +13,7 @@ from eventful.core.stream import Stream
 from eventful.models.vit import ViT
 
 __all__ = [
+    "DEFAULT_DRIFT",
     "DriftControl",
     "DriftEvent",
     "ErrorBound",

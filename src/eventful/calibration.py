@@ -1,5 +1,8 @@
-"""Calibrate the error-bounded mode: the largest `ErrorBound` that keeps every frame of some
-calibration frames above a target cosine similarity to the dense model (the fewest ops).
+"""Calibrations on real frames.
+
+`calibrate_error_bound`: the largest `ErrorBound` that keeps every frame of some calibration
+frames above a target cosine similarity to the dense model (the fewest ops).
+`calibrate_fidelity_estimate`: the fit behind a stream's estimate of its own error.
 
 With `max_age`, the policy calibrated is `MaxAge(ErrorBound(bound), max_age)`, which also
 renews every token's reference (and cached attention row) at least every `max_age` steps
@@ -16,8 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from eventful.core.error_bound import ErrorBound
+from eventful.core.estimate import FidelityEstimate, fit_fidelity_estimate, mean_unprocessed_share
+from eventful.core.fingerprint import model_fingerprint
 from eventful.core.model import EventfulModule
-from eventful.core.policies import Policy
+from eventful.core.policies import Policy, TopFraction
 from eventful.core.staleness import MaxAge
 from eventful.evaluation import feature_cosine, output_tokens
 
@@ -76,9 +81,9 @@ def run_bound(
 ) -> BoundTrial:
     """One fresh single stream of `converted` under `ErrorBound(bound)` (in `MaxAge` with a
     `max_age`) over `frames` (each (1, C, H, W)), stopping at the first frame whose cosine
-    falls below the target."""
+    falls below the target. Drift control is off: the bound alone is measured."""
     converted.policy = bounded_policy(bound, max_age)
-    stream = converted.stream(batch_size=1)
+    stream = converted.stream(batch_size=1, drift=None)
     cosines, macs, dense_macs = [], 0, 0
     for frame, reference in zip(frames, dense_tokens, strict=True):
         tokens = output_tokens(stream(frame))
@@ -179,3 +184,43 @@ def _bracket(meets, start: float, steps: int) -> tuple[float, float | None]:
             return bad / 4, bad
         bad /= 4
     return 0.0, bad
+
+
+@torch.no_grad()
+def calibrate_fidelity_estimate(
+    dense: nn.Module,
+    converted: EventfulModule,
+    clips: Sequence[Sequence[Tensor]],
+    policies: Sequence[Policy] | None = None,
+    quantile: float = 0.9,
+    skip_tokens: int = 1,
+) -> FidelityEstimate:
+    """Fit the fidelity estimate of `converted` (`eventful.core.estimate`) on real frames.
+
+    Each clip (frames (1, C, H, W)) runs as a fresh stream under each policy (default: a tenth,
+    a quarter and half of the tokens, so that the unprocessed share spans a wide range), with
+    drift control off, next to `dense`; every step's mean unprocessed share is paired with its
+    measured patch-feature cosine. The converted model's policy is restored afterwards.
+    """
+    if policies is None:
+        policies = [TopFraction(0.1), TopFraction(0.25), TopFraction(0.5)]
+    clips = [list(clip) for clip in clips]
+    if not any(clips):
+        raise ValueError("expected at least one clip with frames to calibrate on, got none")
+    saved_policy = converted.policy
+    shares: list[float] = []
+    cosines: list[float] = []
+    try:
+        for clip in clips:
+            references = [output_tokens(dense(frame)) for frame in clip]
+            for policy in policies:
+                converted.policy = policy
+                stream = converted.stream(drift=None)
+                for frame, reference in zip(clip, references, strict=True):
+                    tokens = output_tokens(stream(frame))
+                    shares.append(mean_unprocessed_share(stream.trace).item())
+                    cosines.append(feature_cosine(tokens, reference, skip_tokens).item())
+    finally:
+        converted.policy = saved_policy
+    fingerprint = model_fingerprint(converted.encoder)
+    return fit_fidelity_estimate(shares, cosines, fingerprint, converted.levels, quantile)

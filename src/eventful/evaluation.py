@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eventful.core.drift import DEFAULT_DRIFT, DriftControl
 from eventful.core.model import EventfulModule
 from eventful.models.saliency import SaliencyOutput
 
@@ -53,9 +54,11 @@ def compare_with_dense(
     converted: EventfulModule,
     frames: Iterable[Tensor],
     skip_tokens: int = 1,
+    drift: DriftControl | None = DEFAULT_DRIFT,
 ) -> list[FrameFidelity]:
-    """Run a fresh single stream of `converted` and `dense` on each frame (1, C, H, W)."""
-    stream = converted.stream(batch_size=1)
+    """Run a fresh single stream of `converted` (with `drift`) and `dense` on each frame
+    (1, C, H, W)."""
+    stream = converted.stream(batch_size=1, drift=drift)
     results = []
     for index, frame in enumerate(frames):
         output = stream(frame)

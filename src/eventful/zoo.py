@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from torch import Tensor, nn
 
+from eventful.core.estimate import FidelityEstimate
+
 MODEL_NAMES = ("dinov2-saliency",)
+
+# Fidelity estimates fitted for the models of the zoo (benchmarks/calibrate_estimate.py), one
+# file per model and attention level: <name>-<level>.json.
+ESTIMATES = Path(__file__).parent / "models" / "estimates"
 
 
 @dataclass
@@ -23,6 +30,17 @@ class ZooModel:
     input_size: int
     patch_size: int
     num_prefix_tokens: int  # tokens before the patches, left out of the feature cosine
+
+    def estimate_path(self, level: str) -> Path:
+        """Where the fidelity estimate of this model at one attention level is kept."""
+        return ESTIMATES / f"{self.name}-{level}.json"
+
+    def fidelity_estimate(self, levels: Sequence[str]) -> FidelityEstimate | None:
+        """The shipped fidelity estimate for these per-block levels, None if there is none
+        (estimates are fitted for one level in every block)."""
+        if len(set(levels)) != 1 or not self.estimate_path(levels[0]).is_file():
+            return None
+        return FidelityEstimate.load(self.estimate_path(levels[0]))
 
 
 def load_model(name: str, size: int | None = None) -> ZooModel:

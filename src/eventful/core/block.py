@@ -28,7 +28,8 @@ from eventful.core.attention import (
     update_full_attention,
     update_query_key_product,
 )
-from eventful.core.gates import token_gate, write_rows
+from eventful.core.escalation import Escalation
+from eventful.core.gates import GateStep, token_gate, write_rows
 from eventful.core.ops import StepTrace
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
@@ -103,6 +104,10 @@ class EventfulBlock(nn.Module):
             "proj": (tokens, dtype),
             "mlp_reference": (tokens, dtype),
             "mlp": (tokens, dtype),
+            # Each gate's scale: the mean token norm of its input at the last dense step.
+            "qkv_scale": ((batch,), dtype),
+            "proj_scale": ((batch,), dtype),
+            "mlp_scale": ((batch,), dtype),
         }
         square = (batch, self.heads, num_tokens, num_tokens)
         per_head = (batch, self.heads, num_tokens, self.dim // self.heads)
@@ -126,12 +131,26 @@ class EventfulBlock(nn.Module):
         policy: Policy,
         fresh_streams: list[int],
         trace: StepTrace | None = None,
+        escalation: Escalation | None = None,
     ) -> Tensor:
         batch, num_tokens, dim = x.shape
         incremental = len(fresh_streams) < batch
+        measure = trace is not None
 
-        qkv_selection, rows = token_gate(x, state["qkv_reference"], policy, fresh_streams)
-        qkv_rows = self.qkv(self.norm1(rows))
+        def gate(name: str, current: Tensor) -> GateStep:
+            return token_gate(
+                current,
+                state[f"{name}_reference"],
+                state[f"{name}_scale"],
+                policy,
+                fresh_streams,
+                escalation,
+                measure,
+            )
+
+        qkv_gate = gate("qkv", x)
+        qkv_selection = qkv_gate.selection
+        qkv_rows = self.qkv(self.norm1(qkv_gate.rows))
         old_keys_values = None
         if self.level in ("full", "exact") and incremental:
             old_keys_values = self._keys_values_at(state["qkv"], qkv_selection, fresh_streams)
@@ -141,18 +160,15 @@ class EventfulBlock(nn.Module):
         attended = self._attend(state, qkv_selection, fresh_streams, old_keys_values, recomputed)
         attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
 
-        proj_selection, rows = token_gate(attended, state["proj_reference"], policy, fresh_streams)
-        write_rows(state["proj"], proj_selection, self.proj(rows))
+        proj_gate = gate("proj", attended)
+        write_rows(state["proj"], proj_gate.selection, self.proj(proj_gate.rows))
         y = x + state["proj"]
 
-        mlp_selection, rows = token_gate(y, state["mlp_reference"], policy, fresh_streams)
-        hidden = F.gelu(self.fc1(self.norm2(rows)))
-        write_rows(state["mlp"], mlp_selection, self.fc2(hidden))
+        mlp_gate = gate("mlp", y)
+        hidden = F.gelu(self.fc1(self.norm2(mlp_gate.rows)))
+        write_rows(state["mlp"], mlp_gate.selection, self.fc2(hidden))
         if trace is not None:
-            trace.blocks.append(
-                {"qkv": qkv_selection, "proj": proj_selection, "mlp": mlp_selection}
-            )
-            trace.recomputed_rows.append(recomputed)
+            trace.record_block({"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}, recomputed)
         return y + state["mlp"]
 
     def _split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:

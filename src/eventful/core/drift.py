@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from eventful.core.checks import check_count, check_number
+from eventful.core.escalation import Escalation
+
 # Scene cuts compare a frame's change with the typical change of up to CUT_HISTORY earlier
 # frames, once at least CUT_MIN_HISTORY are known: the larger of their median and their mean
 # (a camera that moves every few frames raises the mean, not the median), and at least
@@ -32,9 +35,16 @@ CUT_MIN_HISTORY = 3
 CUT_CONTRAST_FLOOR = 0.05
 CUT_GRID = 16
 
+# A content change needs no history: the frame's change is a large share of the contrast of the
+# frame or of the previous one, whichever is larger (a cut, a flash, a scene that appears from
+# black or from a near-featureless frame). Changes below CONTENT_MIN_CHANGE (in the input's
+# units, for normalised images about one grey level of a cell mean) never count, so that noise
+# on a dark or covered camera is not content.
+CONTENT_MIN_CHANGE = 0.02
+
 # Trigger kinds, in the order of precedence when several fire for one stream at one frame;
 # "resolution" is recorded by the video runner, which resets the stream on a new frame size.
-KINDS = ("scene_cut", "error", "periodic", "resolution")
+KINDS = ("scene_cut", "content_change", "error", "periodic", "resolution")
 
 
 @dataclass(frozen=True)
@@ -42,8 +52,9 @@ class DriftEvent:
     """One stream ran a frame densely because of a trigger.
 
     frame: the step index of the dense step (0 = the stream's first step); kind: one of
-    `KINDS`; value: what crossed its bound (error: the unprocessed change; scene_cut: the
-    frame's change over the typical change), None for the others.
+    `KINDS`; value: what crossed its bound (error: the unprocessed share; scene_cut: the
+    frame's change over the typical change; content_change: the frame's change over its
+    contrast), None for the others.
     """
 
     frame: int
@@ -52,74 +63,94 @@ class DriftEvent:
     value: float | None = None
 
 
-def _optional_number(name: str, value: object, integer: bool = False) -> None:
-    if value is None:
-        return
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        expected = "a positive integer" if integer else "a finite number"
-        raise ValueError(f"{name} must be {expected} or None, got {value!r}")
-
-
+@dataclass(frozen=True)
 class DriftControl:
-    """Which triggers refresh a stream; pass it to `model.stream(drift=...)`. Each is optional.
+    """Which triggers refresh a stream, and how far a gate may escalate; pass it to
+    `model.stream(drift=...)`. Every setting is optional (None: off). `DEFAULT_DRIFT` is what
+    `model.stream()` uses unless told otherwise; `drift=None` turns everything off.
 
     refresh_every: N > 0. A stream runs densely once N frames have passed since its last dense
         step (with no other refresh: frames N, 2N, ...).
-    error_bound: B >= 0. After each step, the change the first block's qkv gate left
-        unprocessed (per stream, the sum over tokens of the L2 norm of each unselected token's
-        change since it was last processed; `StepTrace.unprocessed_change`) is compared with B;
-        a stream above it runs its next step densely.
+    error_bound: B >= 0. After each step, the unprocessed share of the first block's qkv gate
+        (`StepTrace.unprocessed_share`: the change of the patch embeddings that the step did not
+        pass on, as a share of their size; see `eventful.core.gates`) is compared with B; a
+        stream above it runs its next step densely.
     scene_cut_factor: F > 1. A stream runs densely at a frame whose change, the mean absolute
         difference of its input to the previous frame's (images compared as `CUT_GRID` x
         `CUT_GRID` cell means), exceeds F times the typical change of its recent frames
         (`CUT_HISTORY`, at least `CUT_MIN_HISTORY` of them: the larger of their median and
-        mean, and at least `CUT_CONTRAST_FLOOR` times the frame's contrast). Costs one
-        device-to-host read per step on CUDA.
+        mean, and at least `CUT_CONTRAST_FLOOR` times the frame's contrast).
+    content_change: C > 0. A stream runs densely at a frame whose change (as above) exceeds C
+        times the contrast (mean absolute deviation of the cell means) of the frame or of the
+        previous frame, whichever is larger, and exceeds `CONTENT_MIN_CHANGE`. It needs no
+        history: it catches a cut in the first frames of a stream and a scene that appears
+        from black, a single colour or a faint frame.
+    escalation_bound: E >= 0, with escalation_max_tokens (None: every token). At every gate, a
+        stream whose unprocessed share after the policy's selection exceeds E selects more of
+        its tokens of largest change, up to escalation_max_tokens (`eventful.core.escalation`).
 
-    A stream already due to run densely (its first step, or reset by the caller) triggers
-    nothing; when several triggers fire for one stream at one frame, one event is recorded,
-    the first of `KINDS`. Settings only: one DriftControl may serve several streams.
+    The scene-cut and content tests cost one device-to-host read per step on CUDA. A stream
+    already due to run densely (its first step, or reset by the caller) triggers nothing; when
+    several triggers fire for one stream at one frame, one event is recorded, the first of
+    `KINDS`. Settings only: one DriftControl may serve several streams.
     """
 
-    def __init__(
-        self,
-        refresh_every: int | None = None,
-        error_bound: float | None = None,
-        scene_cut_factor: float | None = None,
-    ) -> None:
-        _optional_number("refresh_every", refresh_every, integer=True)
-        if refresh_every is not None and refresh_every < 1:
+    refresh_every: int | None = None
+    error_bound: float | None = None
+    scene_cut_factor: float | None = None
+    content_change: float | None = None
+    escalation_bound: float | None = None
+    escalation_max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        check_count("refresh_every", self.refresh_every)
+        check_number("error_bound", self.error_bound, 0, inclusive=True)
+        check_number("scene_cut_factor", self.scene_cut_factor, 1, inclusive=False)
+        check_number("content_change", self.content_change, 0, inclusive=False)
+        if self.escalation_max_tokens is not None and self.escalation_bound is None:
             raise ValueError(
-                f"refresh_every must be a positive integer or None, got {refresh_every!r}"
+                f"escalation_max_tokens={self.escalation_max_tokens} needs an escalation_bound; "
+                "expected both, or escalation_max_tokens=None"
             )
-        _optional_number("error_bound", error_bound)
-        if error_bound is not None and error_bound < 0:
-            raise ValueError(f"error_bound must be >= 0 or None, got {error_bound!r}")
-        _optional_number("scene_cut_factor", scene_cut_factor)
-        if scene_cut_factor is not None and scene_cut_factor <= 1:
-            raise ValueError(f"scene_cut_factor must be > 1 or None, got {scene_cut_factor!r}")
-        self.refresh_every = refresh_every
-        self.error_bound = None if error_bound is None else float(error_bound)
-        self.scene_cut_factor = None if scene_cut_factor is None else float(scene_cut_factor)
+        _ = self.escalation  # validates the escalation settings
+
+    @property
+    def escalation(self) -> Escalation | None:
+        """The gates' `Escalation`, or None without an escalation_bound."""
+        if self.escalation_bound is None:
+            return None
+        return Escalation(self.escalation_bound, self.escalation_max_tokens)
+
+    @property
+    def watches_frames(self) -> bool:
+        """Whether a trigger compares each frame with the previous one."""
+        return self.scene_cut_factor is not None or self.content_change is not None
 
     def monitor(self, batch_size: int) -> DriftMonitor:
         """The per-stream running state of these triggers for a batch of streams."""
         return DriftMonitor(self, batch_size)
 
-    def __repr__(self) -> str:
-        return (
-            f"DriftControl(refresh_every={self.refresh_every}, error_bound={self.error_bound}, "
-            f"scene_cut_factor={self.scene_cut_factor})"
-        )
+
+# What `model.stream()` uses unless told otherwise, chosen on real video (BENCHMARKS.md,
+# "safe-defaults"); `dataclasses.replace(DEFAULT_DRIFT, refresh_every=60)` changes one setting.
+DEFAULT_DRIFT = DriftControl(
+    refresh_every=300,
+    scene_cut_factor=4.0,
+    content_change=0.3,
+    escalation_bound=0.3,
+)
 
 
 @dataclass(frozen=True)
 class DriftPlan:
-    """What the triggers decided before a step: the events, and the frame changes measured."""
+    """What the triggers decided before a step: the events, and what was measured of the frames
+    (per stream: change to the previous frames, contrast; the frames as cell means), for
+    `DriftMonitor.commit`."""
 
     events: list[DriftEvent]
-    changes: list[float] | None
+    changes: list[float] | None = None
+    contrasts: list[float] | None = None
+    coarse: Tensor | None = None
 
     @property
     def streams(self) -> list[int]:
@@ -171,15 +202,19 @@ class DriftMonitor:
 
     def plan(self, frames: object, frame: int, fresh: list[bool]) -> DriftPlan:
         """The refreshes due at step `frame` of streams whose `fresh` flag is False."""
-        changes = self._frame_changes(frames)
+        coarse = contrasts = changes = None
+        if self.control.watches_frames and isinstance(frames, Tensor):
+            coarse = _coarse(frames.detach())
+            contrasts = _contrast(coarse)
+            changes = self._frame_changes(frames, coarse)
         events = []
         for stream, already_fresh in enumerate(fresh):
             if already_fresh:
                 continue
-            fired = self._fired(stream, frame, changes)
+            fired = self._fired(stream, frame, changes, contrasts)
             if fired:
                 events.append(fired)
-        return DriftPlan(events, changes)
+        return DriftPlan(events, changes, contrasts, coarse)
 
     def commit(
         self,
@@ -187,28 +222,26 @@ class DriftMonitor:
         frames: Tensor,
         frame: int,
         dense_streams: list[int],
-        unprocessed_change: Tensor | None,
+        unprocessed_share: Tensor | None,
     ) -> None:
         """Record the completed step `frame`, in which `dense_streams` ran densely."""
         for stream in dense_streams:
             self.last_dense[stream] = frame
-        if self.control.error_bound is not None and unprocessed_change is not None:
+        if self.control.error_bound is not None and unprocessed_share is not None:
             bound = self.control.error_bound
             self.over_bound = [
-                change if change > bound else None for change in unprocessed_change.tolist()
+                share if share > bound else None for share in unprocessed_share.tolist()
             ]
-        if self.control.scene_cut_factor is not None:
+        if self.control.watches_frames and plan.coarse is not None:
             if plan.changes is None:
                 for history in self.changes:
                     history.clear()
             else:
                 for history, change in zip(self.changes, plan.changes, strict=True):
                     history.append(change)
-            self.previous = _coarse(frames.detach()).clone()
+            self.previous = plan.coarse.clone()
             self.previous_shape = tuple(frames.shape)
-            flat = self.previous.flatten(1).float()
-            deviation = (flat - flat.mean(1, keepdim=True)).abs().mean(1)
-            self.previous_contrast = deviation.tolist()
+            self.previous_contrast = list(plan.contrasts)
 
     def cut_ratio(self, stream: int, change: float) -> float | None:
         """A frame change of `stream` over its typical change; None while its history is
@@ -225,12 +258,31 @@ class DriftMonitor:
             return math.inf if change > 0 else 0.0
         return change / typical
 
-    def _fired(self, stream: int, frame: int, changes: list[float] | None) -> DriftEvent | None:
+    def content_ratio(self, stream: int, change: float, contrast: float) -> float:
+        """A frame change of `stream` over the larger of its contrast and the previous frame's;
+        a content change is a ratio above `content_change` (and a change above
+        CONTENT_MIN_CHANGE)."""
+        if change <= CONTENT_MIN_CHANGE:
+            return 0.0
+        larger = max(contrast, self.previous_contrast[stream])
+        return math.inf if larger == 0 else change / larger
+
+    def _fired(
+        self,
+        stream: int,
+        frame: int,
+        changes: list[float] | None,
+        contrasts: list[float] | None,
+    ) -> DriftEvent | None:
         control = self.control
-        if changes is not None:
+        if changes is not None and control.scene_cut_factor is not None:
             ratio = self.cut_ratio(stream, changes[stream])
             if ratio is not None and ratio > control.scene_cut_factor:
                 return DriftEvent(frame, stream, "scene_cut", ratio)
+        if changes is not None and control.content_change is not None:
+            ratio = self.content_ratio(stream, changes[stream], contrasts[stream])
+            if ratio > control.content_change:
+                return DriftEvent(frame, stream, "content_change", ratio)
         if self.over_bound[stream] is not None:
             return DriftEvent(frame, stream, "error", self.over_bound[stream])
         every = control.refresh_every
@@ -238,16 +290,13 @@ class DriftMonitor:
             return DriftEvent(frame, stream, "periodic")
         return None
 
-    def _frame_changes(self, frames: object) -> list[float] | None:
+    def _frame_changes(self, frames: Tensor, coarse: Tensor) -> list[float] | None:
         """Per stream, the mean absolute change of `frames` (B, ...) to the previous frames,
-        both coarse (`_coarse`); None without scene-cut detection, a previous frame or a
-        matching shape."""
+        both coarse (`_coarse`); None without a previous frame of the same shape, dtype and
+        device."""
         previous = self.previous
-        if self.control.scene_cut_factor is None or previous is None:
+        if previous is None or tuple(frames.shape) != self.previous_shape:
             return None
-        if not isinstance(frames, Tensor) or tuple(frames.shape) != self.previous_shape:
-            return None
-        coarse = _coarse(frames)
         if coarse.dtype != previous.dtype or coarse.device != previous.device:
             return None
         return (coarse - previous).abs().flatten(1).float().mean(1).tolist()
@@ -258,3 +307,9 @@ def _coarse(frames: Tensor) -> Tensor:
     if frames.ndim == 4 and min(frames.shape[-2:]) > CUT_GRID:
         return F.adaptive_avg_pool2d(frames, CUT_GRID)
     return frames
+
+
+def _contrast(coarse: Tensor) -> list[float]:
+    """Per stream, the mean absolute deviation of coarse frames (B, ...) from their mean."""
+    flat = coarse.flatten(1).float()
+    return (flat - flat.mean(1, keepdim=True)).abs().mean(1).tolist()

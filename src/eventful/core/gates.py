@@ -3,35 +3,80 @@
 A gate's *reference* holds, for every token, the value it had when it was last selected.
 Unselected tokens keep their old reference, so their error keeps accumulating until a policy
 picks them: nothing drifts without bound under a threshold.
+
+A gate also measures what it leaves undone: its *unprocessed share*, per stream, is the sum of
+the L2 norms of the unselected tokens' changes since they were last processed, over N times the
+gate's *scale* (the mean L2 norm of the gate's input tokens at the stream's last dense step).
+It is a share of the gate input's size, comparable between gates and models: 0 when every token
+is selected, about 1 when every token changed by as much as a typical token's whole size.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from eventful.core.escalation import Escalation
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
 
 
+@dataclass(frozen=True)
+class GateStep:
+    """What one gate did in one step.
+
+    selection: the tokens selected; rows: their rows (M, D) of the gate input; unprocessed:
+    per stream (B,), the unprocessed share after the selection (None unless measured);
+    escalated: per stream, the tokens escalation added beyond the policy's (None if none).
+    """
+
+    selection: Selection
+    rows: Tensor
+    unprocessed: Tensor | None = None
+    escalated: list[int] | None = None
+
+
 def token_gate(
-    current: Tensor, reference: Tensor, policy: Policy, fresh_streams: list[int]
-) -> tuple[Selection, Tensor]:
+    current: Tensor,
+    reference: Tensor,
+    scale: Tensor,
+    policy: Policy,
+    fresh_streams: list[int],
+    escalation: Escalation | None = None,
+    measure: bool = False,
+) -> GateStep:
     """Select the tokens of `current` that changed most since their reference.
 
-    current, reference: (B, N, D). Returns the selection and the selected rows (M, D) of
-    `current`, and sets `reference` to `current` at the selected tokens. Streams listed in
-    `fresh_streams` have no valid reference and select every token.
+    current, reference: (B, N, D); scale: (B,), the gate's scale, which fresh streams renew.
+    Sets `reference` to `current` at the selected tokens. Streams listed in `fresh_streams`
+    have no valid reference and select every token. `escalation` adds tokens beyond the
+    policy's while a stream's unprocessed share exceeds its bound; `measure` reports the share.
     """
     batch, num_tokens, dim = current.shape
+    if fresh_streams:
+        norms = torch.linalg.vector_norm(current[fresh_streams], dim=-1).mean(1)
+        scale[fresh_streams] = norms.to(scale.dtype)
     if len(fresh_streams) == batch:
         reference.copy_(current)
-        return Selection.all_tokens(batch, num_tokens, current.device), current.reshape(-1, dim)
-    error_norms = torch.linalg.vector_norm(current - reference, ord=policy.norm, dim=-1)
+        selection = Selection.all_tokens(batch, num_tokens, current.device)
+        unprocessed = current.new_zeros(batch) if measure else None
+        return GateStep(selection, current.reshape(-1, dim), unprocessed)
+    change = current - reference
+    error_norms = torch.linalg.vector_norm(change, ord=policy.norm, dim=-1)
     selection = policy.select(error_norms).with_all_tokens_for(fresh_streams)
+    unprocessed = escalated = None
+    if escalation is not None or measure:
+        l2_norms = error_norms if policy.norm == 2 else torch.linalg.vector_norm(change, dim=-1)
+        size = scale.clamp_min(torch.finfo(scale.dtype).tiny) * num_tokens
+        if escalation is not None:
+            selection, escalated = escalation.extend(selection, l2_norms, size)
+        if measure:
+            unprocessed = l2_norms.masked_fill(selection.mask(), 0).sum(1) / size
     rows = gather_rows(current, selection)
     write_rows(reference, selection, rows)
-    return selection, rows
+    return GateStep(selection, rows, unprocessed, escalated)
 
 
 def delta_gate(new_rows: Tensor, reference: Tensor, index: Tensor, dim: int) -> Tensor:

@@ -11,14 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from eventful.core.block import LEVELS, EventfulBlock
-from eventful.core.gates import unprocessed_change
+from eventful.core.drift import DEFAULT_DRIFT, DriftControl
+from eventful.core.escalation import Escalation
 from eventful.core.ops import StepTrace
 from eventful.core.policies import Policy
 from eventful.core.state import StreamState
 from eventful.models.vit import ViT
 
 if TYPE_CHECKING:
-    from eventful.core.drift import DriftControl
+    from eventful.core.estimate import FidelityEstimate
     from eventful.core.stream import Stream
 
 
@@ -57,15 +58,16 @@ class EventfulModule(nn.Module):
         count_ops: bool = True,
         check_finite: bool = True,
         compile: bool = False,
-        drift: DriftControl | None = None,
+        drift: DriftControl | None = DEFAULT_DRIFT,
         clock: Callable[[], float] = time.perf_counter,
+        estimate: FidelityEstimate | None = None,
     ) -> Stream:
         """A stateful wrapper over a new state: `y = stream(frames)`, one call per time step.
 
         See `Stream` for the arguments."""
         from eventful.core.stream import Stream
 
-        return Stream(self, batch_size, count_ops, check_finite, compile, drift, clock)
+        return Stream(self, batch_size, count_ops, check_finite, compile, drift, clock, estimate)
 
 
 class EventfulViT(EventfulModule):
@@ -119,15 +121,18 @@ class EventfulViT(EventfulModule):
         trace: StepTrace | None = None,
         check_finite: bool = True,
         refresh: Sequence[int] = (),
+        escalation: Escalation | None = None,
     ) -> Tensor:
         """One time step of every stream in `state`; `trace`, if given, records selections.
 
         `refresh`: streams to reset once the input has passed its checks, so that this step
-        runs them densely (drift control). Input errors are raised before any cache is touched.
+        runs them densely (drift control). `escalation` lets every gate select beyond the
+        policy where it would leave too much change unprocessed (`eventful.core.escalation`).
+        Input errors are raised before any cache is touched.
         Should the step itself fail midway, every stream is reset (its next step runs densely),
         so no half-updated cache is ever used.
         """
-        num_tokens = self.check_input(frames, state, check_finite)
+        num_tokens = self.check_input(frames, state, check_finite, escalation)
         input_size = (frames.shape[-2], frames.shape[-1])
         state.reset(refresh)
         fresh = state.fresh_streams()
@@ -143,14 +148,9 @@ class EventfulViT(EventfulModule):
         try:
             tokens = self.embedding(frames)
             blocks = zip(self.blocks, state.blocks, strict=True)
-            for index, (block, block_state) in enumerate(blocks):
-                block_input = tokens
+            for block, block_state in blocks:
                 policy = self.policy.for_block(block_state, fresh)
-                tokens = block(tokens, block_state, policy, fresh, trace)
-                if index == 0 and trace is not None:
-                    trace.unprocessed_change = unprocessed_change(
-                        block_input, block_state["qkv_reference"]
-                    )
+                tokens = block(tokens, block_state, policy, fresh, trace, escalation)
         except Exception:
             # A failure inside the step (out of memory, say) may leave caches half-updated.
             state.reset()
@@ -158,8 +158,15 @@ class EventfulViT(EventfulModule):
         state.mark_processed()
         return self.norm(tokens)
 
-    def check_input(self, frames: Tensor, state: StreamState, check_finite: bool) -> int:
-        """Validate frames against the model and state; returns the token count per stream."""
+    def check_input(
+        self,
+        frames: Tensor,
+        state: StreamState,
+        check_finite: bool,
+        escalation: Escalation | None = None,
+    ) -> int:
+        """Validate frames (and an escalation's cap) against the model and state; returns the
+        token count per stream."""
         if not isinstance(frames, Tensor):
             raise TypeError(f"expected frames as a torch.Tensor, got {type(frames).__name__}")
         channels = self.embedding.in_chans
@@ -208,6 +215,8 @@ class EventfulViT(EventfulModule):
                 )
         num_tokens = self.embedding.num_tokens(height, width)
         self.policy.validate(num_tokens, self.blocks)
+        if escalation is not None:
+            escalation.validate(num_tokens, self.policy)
         if check_finite and not bool(torch.isfinite(frames).all()):
             raise ValueError("frames contain NaN or Inf values; expected finite pixel values")
         return num_tokens

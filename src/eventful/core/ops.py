@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from eventful.core.attention import exact_update_is_dense
+from eventful.core.gates import GateStep
 from eventful.core.selection import Selection
 
 CATEGORIES = ("linear", "attention", "adds", "gates")
@@ -26,7 +27,7 @@ CATEGORIES = ("linear", "attention", "adds", "gates")
 
 @dataclass
 class StepTrace:
-    """What one step ran: per block, the selection of each gate, and the fresh streams."""
+    """What one step ran: per block, what each gate selected and left undone; fresh streams."""
 
     num_tokens: int
     fresh_streams: list[int]
@@ -34,9 +35,24 @@ class StepTrace:
     blocks: list[dict[str, Selection]] = field(default_factory=list)
     # Per block and stream: rows the full or exact level recomputed beyond the selection.
     recomputed_rows: list[list[int]] = field(default_factory=list)
-    # Per stream (B,): change the first block's qkv gate left unprocessed (gates.py,
-    # unprocessed_change); None until the step has run its first block.
-    unprocessed_change: Tensor | None = None
+    # Per block and gate: per stream (B,), the unprocessed share the gate left (gates.py).
+    unprocessed: list[dict[str, Tensor]] = field(default_factory=list)
+    # Per block and gate: per stream, the tokens escalation added (escalation.py; 0 if none).
+    escalated: list[dict[str, list[int]]] = field(default_factory=list)
+
+    def record_block(self, gates: dict[str, GateStep], recomputed_rows: list[int]) -> None:
+        """Append one block's gate steps and the rows its attention recomputed."""
+        self.blocks.append({name: step.selection for name, step in gates.items()})
+        self.unprocessed.append({name: step.unprocessed for name, step in gates.items()})
+        batch = len(recomputed_rows)
+        self.escalated.append({name: step.escalated or [0] * batch for name, step in gates.items()})
+        self.recomputed_rows.append(recomputed_rows)
+
+    @property
+    def unprocessed_share(self) -> Tensor:
+        """Per stream (B,), the unprocessed share of the first block's qkv gate: the change of
+        the patch embeddings (with position) that the step did not pass on."""
+        return self.unprocessed[0]["qkv"]
 
 
 @dataclass
@@ -45,6 +61,14 @@ class OpCount:
 
     per_stream: list[dict[str, int]]
     dense_per_stream: list[int]
+    # Per stream: the part of per_stream spent on tokens that escalation added beyond the
+    # policy's selection (eventful.core.escalation); included in per_stream.
+    escalated_per_stream: list[int] = field(default_factory=list)
+
+    @property
+    def escalated(self) -> int:
+        """Multiply-accumulates spent on escalated tokens, summed over the batch."""
+        return sum(self.escalated_per_stream)
 
     @property
     def total(self) -> int:
@@ -136,21 +160,28 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
     batch = trace.blocks[0]["qkv"].batch_size
     per_stream = [dict.fromkeys(CATEGORIES, 0) for _ in range(batch)]
     dense = [0] * batch
+    escalated = [0] * batch
     gates_run = len(trace.fresh_streams) < batch
-    for block, selections, recomputed_rows in zip(
-        blocks, trace.blocks, trace.recomputed_rows, strict=True
-    ):
+    steps = zip(blocks, trace.blocks, trace.escalated, trace.recomputed_rows, strict=True)
+    for block, selections, added, recomputed_rows in steps:
         block_dense = sum(dense_block_macs(block, trace.num_tokens).values())
         for stream in range(batch):
             counts = {gate: selection.counts[stream] for gate, selection in selections.items()}
             fresh = stream in trace.fresh_streams
+            recomputed = recomputed_rows[stream]
             macs = eventful_block_macs(
-                block, trace.num_tokens, counts, fresh, gates_run, recomputed_rows[stream]
+                block, trace.num_tokens, counts, fresh, gates_run, recomputed
             )
             for name, value in macs.items():
                 per_stream[stream][name] += value
             dense[stream] += block_dense
-    return OpCount(per_stream, dense)
+            if any(added[gate][stream] for gate in counts):
+                own = {gate: count - added[gate][stream] for gate, count in counts.items()}
+                without = eventful_block_macs(
+                    block, trace.num_tokens, own, fresh, gates_run, recomputed
+                )
+                escalated[stream] += sum(macs.values()) - sum(without.values())
+    return OpCount(per_stream, dense, escalated)
 
 
 def steady_topk_macs(blocks: nn.ModuleList, num_tokens: int, k: int) -> int:

@@ -66,6 +66,11 @@ class Policy:
     def select(self, error_norms: Tensor) -> Selection:
         raise NotImplementedError
 
+    def tokens_per_stream(self, num_tokens: int) -> int | None:
+        """The tokens each stream selects at every gate for inputs of `num_tokens` tokens, when
+        the policy fixes that count (TopK, TopFraction); None when it varies."""
+        return None
+
     def observe(self, report: StepReport) -> None:
         """Feedback after each step (a `Stream` calls it); stateless policies ignore it."""
 
@@ -103,6 +108,9 @@ class TopK(Policy):
     def select(self, error_norms: Tensor) -> Selection:
         return select_largest(error_norms, self.k)
 
+    def tokens_per_stream(self, num_tokens: int) -> int | None:
+        return self.k
+
     def __repr__(self) -> str:
         return f"TopK({self.k})"
 
@@ -121,6 +129,9 @@ class TopFraction(Policy):
 
     def select(self, error_norms: Tensor) -> Selection:
         return select_largest(error_norms, self.count(error_norms.shape[1]))
+
+    def tokens_per_stream(self, num_tokens: int) -> int | None:
+        return self.count(num_tokens)
 
     def __repr__(self) -> str:
         return f"TopFraction({self.fraction})"

@@ -57,6 +57,9 @@ class MaxAge(Policy):
     def validate(self, num_tokens: int, blocks: nn.ModuleList | None = None) -> None:
         self.policy.validate(num_tokens, blocks)
 
+    def tokens_per_stream(self, num_tokens: int) -> int | None:
+        return self.policy.tokens_per_stream(num_tokens)
+
     def observe(self, report: StepReport) -> None:
         """Passed on, so that a wrapped budget controller keeps learning."""
         self.policy.observe(report)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eventful.core.drift import DriftControl, DriftEvent
+from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent
+from eventful.core.estimate import FidelityEstimate
 from eventful.core.model import EventfulModule
 from eventful.core.ops import OpCount, StepTrace, count_step
 from eventful.core.policies import StepReport
@@ -24,7 +25,10 @@ class Stream:
     `time.perf_counter`; inject another to drive a LatencyBudget in tests) and `events` the
     drift-control refreshes of the step (`event_log`: all of them so far); `steps` counts the
     steps run. After each step the policy in force receives a `StepReport` (`Policy.observe`).
-    `drift` (a `DriftControl`) refreshes streams whose caches may have drifted.
+    `drift` (a `DriftControl`; `DEFAULT_DRIFT` unless given, None for none) refreshes streams
+    whose caches may have drifted and lets gates escalate. With `estimate` (a
+    `FidelityEstimate` calibrated for this model), `estimated_cosine` holds after each step, per
+    stream, the estimated cosine similarity of its output to the dense model's.
     `check_finite=False` skips the NaN/Inf check of the frames, which on CUDA waits for the
     device once per step. `compile=True` runs the step through `torch.compile` (static shapes;
     the first calls compile, for some seconds).
@@ -37,11 +41,16 @@ class Stream:
         count_ops: bool = True,
         check_finite: bool = True,
         compile: bool = False,
-        drift: DriftControl | None = None,
+        drift: DriftControl | None = DEFAULT_DRIFT,
         clock: Callable[[], float] = time.perf_counter,
+        estimate: FidelityEstimate | None = None,
     ) -> None:
         if drift is not None and not isinstance(drift, DriftControl):
             raise TypeError(f"drift must be a DriftControl or None, got {drift!r}")
+        if estimate is not None:
+            if not isinstance(estimate, FidelityEstimate):
+                raise TypeError(f"estimate must be a FidelityEstimate or None, got {estimate!r}")
+            estimate.check(model.encoder, model.levels)
         self.model = model
         self._step = torch.compile(model, dynamic=False) if compile else model
         self.state = StreamState(batch_size)
@@ -49,6 +58,8 @@ class Stream:
         self.check_finite = check_finite
         self.clock = clock
         self.drift = None if drift is None else drift.monitor(batch_size)
+        self.estimate = estimate
+        self.estimated_cosine: list[float] | None = None
         self.ops: OpCount | None = None
         self.trace: StepTrace | None = None
         self.seconds: float | None = None
@@ -67,13 +78,21 @@ class Stream:
         fresh = list(self.state.fresh)
         plan = None if self.drift is None else self.drift.plan(frames, self.steps, fresh)
         refresh = [] if plan is None else plan.streams
-        needs_trace = self.count_ops or (
-            self.drift is not None and self.drift.control.error_bound is not None
+        control = None if self.drift is None else self.drift.control
+        needs_trace = (
+            self.count_ops
+            or self.estimate is not None
+            or (control is not None and control.error_bound is not None)
         )
         trace = StepTrace(num_tokens=0, fresh_streams=[]) if needs_trace else None
         start = self.clock()
         output = self._step(
-            frames, self.state, trace=trace, check_finite=self.check_finite, refresh=refresh
+            frames,
+            self.state,
+            trace=trace,
+            check_finite=self.check_finite,
+            refresh=refresh,
+            escalation=None if control is None else control.escalation,
         )
         if policy.needs_wall_time and frames.is_cuda:
             torch.cuda.synchronize(frames.device)
@@ -86,8 +105,10 @@ class Stream:
             else None
         )
         if plan is not None:
-            unprocessed = None if trace is None else trace.unprocessed_change
+            unprocessed = None if trace is None else trace.unprocessed_share
             self.drift.commit(plan, frames, self.steps, dense, unprocessed)
+        if self.estimate is not None:
+            self.estimated_cosine = self.estimate.estimate(trace)
         self.events = plan.events if plan is not None else []
         self.event_log.extend(self.events)
         self.steps += 1

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from eventful.core.escalation import Escalation
 from eventful.core.model import EventfulModule, EventfulViT
 from eventful.core.ops import StepTrace
 from eventful.core.policies import Policy
@@ -101,6 +102,7 @@ class EventfulWrapper(EventfulModule):
         trace: StepTrace | None = None,
         check_finite: bool = True,
         refresh: Sequence[int] = (),
+        escalation: Escalation | None = None,
     ) -> Any:
         """One time step; the arguments are those of `EventfulViT.forward`."""
         call = self.call
@@ -109,6 +111,7 @@ class EventfulWrapper(EventfulModule):
             "trace": trace,
             "check_finite": check_finite,
             "refresh": refresh,
+            "escalation": escalation,
         }
         call._step = {"arguments": arguments, "called": False}
         try:

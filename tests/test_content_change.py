@@ -1,0 +1,96 @@
+"""Content changes: a frame that changes by a large share of its contrast (a cut in a stream's
+first frames, a scene appearing from black, one colour or a faint frame, a flash) runs densely
+without waiting for history; noise on a dark camera and ordinary motion on real clips do not."""
+
+import pytest
+import torch
+
+import eventful
+from eventful.core.drift import CONTENT_MIN_CHANGE
+from eventful.synthetic import moving_squares
+from tests.helpers import tiny_vit
+
+CONTENT_ONLY = eventful.DriftControl(content_change=0.3)
+
+
+def events_of(stream):
+    return [(event.frame, event.stream, event.kind) for event in stream.event_log]
+
+
+def run(frames, drift=CONTENT_ONLY):
+    stream = eventful.convert(tiny_vit(), policy=eventful.TopK(8)).stream(drift=drift)
+    for frame in frames:
+        stream(frame)
+    return stream
+
+
+@pytest.mark.parametrize("cut_at", [1, 2])
+def test_a_cut_in_the_first_frames_refreshes_at_the_cut(cut_at):
+    video = moving_squares(8, size=64, seed=1)
+    video[cut_at:] = moving_squares(8, size=64, seed=9)[cut_at:]
+    stream = run(video)
+    assert events_of(stream) == [(cut_at, 0, "content_change")]
+    assert stream.event_log[0].value > 0.3
+
+
+@pytest.mark.parametrize(
+    "lead",
+    [
+        pytest.param(lambda scene: torch.full_like(scene, -2.0), id="black"),
+        pytest.param(lambda scene: torch.full_like(scene, 0.7), id="one-colour"),
+        pytest.param(lambda scene: scene.mean() + 0.05 * (scene - scene.mean()), id="faint"),
+    ],
+)
+def test_a_scene_that_appears_from_a_featureless_frame_refreshes_at_once(lead):
+    video = moving_squares(6, size=64, seed=2)
+    video[0] = lead(video[0])
+    stream = run(video)
+    assert events_of(stream) == [(1, 0, "content_change")]
+
+
+def test_a_flash_refreshes_on_entering_and_on_leaving_it():
+    video = moving_squares(8, size=64, seed=3)
+    video[4] = 2.5
+    assert events_of(run(video)) == [(4, 0, "content_change"), (5, 0, "content_change")]
+
+
+def test_noise_on_a_dark_still_camera_is_not_content():
+    generator = torch.Generator().manual_seed(0)
+    dark = torch.full((12, 1, 3, 64, 64), -2.0)
+    dark += 0.05 * torch.randn(dark.shape, generator=generator)  # the cell means move < 0.02
+    assert run(dark).event_log == []
+
+
+def test_a_small_change_of_a_featureless_frame_is_below_the_floor():
+    video = torch.full((4, 1, 3, 64, 64), -2.0)
+    video[2:] += CONTENT_MIN_CHANGE / 2  # all content is gone, and it brightens a little
+    assert run(video).event_log == []
+
+
+def test_ordinary_motion_of_the_synthetic_scene_is_not_content():
+    assert run(moving_squares(30, size=64, seed=4)).event_log == []
+
+
+# The cuts of bikes.mp4, checked by eye (BENCHMARKS.md, "scene-cuts"); the other clips have none.
+REGISTRY_CUTS = {
+    "bikes.mp4": [30, 76, 137, 187, 242],
+    "bigbuckbunny.mp4": [],
+    "carphone_pristine.mp4": [],
+    "carphone_distorted.mp4": [],
+}
+
+
+@pytest.mark.parametrize("clip", REGISTRY_CUTS)
+def test_the_default_cut_triggers_fire_at_the_cuts_of_the_registry_clips_only(clip):
+    from eventful.video.clips import registry_clip
+    from eventful.video.decode import decode_frames
+    from eventful.video.preprocess import letterbox
+
+    monitor = eventful.DEFAULT_DRIFT.monitor(batch_size=1)
+    fired = []
+    for index, rgb in enumerate(decode_frames(registry_clip(clip))):
+        frames = letterbox(rgb).unsqueeze(0)
+        plan = monitor.plan(frames, index, fresh=[index == 0])
+        fired += [event.frame for event in plan.events if event.kind != "periodic"]
+        monitor.commit(plan, frames, index, dense_streams=plan.streams, unprocessed_share=None)
+    assert fired == REGISTRY_CUTS[clip]
