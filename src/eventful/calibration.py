@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from eventful.core.error_bound import ErrorBound
-from eventful.core.estimate import FidelityEstimate, fit_fidelity_estimate, mean_unprocessed_share
+from eventful.core.estimate import FidelityEstimate, fit_fidelity_estimate
 from eventful.core.fingerprint import model_fingerprint
 from eventful.core.model import EventfulModule
 from eventful.core.policies import Policy, TopFraction
@@ -218,7 +218,7 @@ def calibrate_fidelity_estimate(
                 stream = converted.stream(drift=None)
                 for frame, reference in zip(clip, references, strict=True):
                     tokens = output_tokens(stream(frame))
-                    shares.append(mean_unprocessed_share(stream.trace).item())
+                    shares.append(stream.trace.unprocessed_share.item())
                     cosines.append(feature_cosine(tokens, reference, skip_tokens).item())
     finally:
         converted.policy = saved_policy

@@ -37,10 +37,13 @@ CUT_GRID = 16
 
 # A content change needs no history: the frame's change is a large share of the contrast of the
 # frame or of the previous one, whichever is larger (a cut, a flash, a scene that appears from
-# black or from a near-featureless frame). Changes below CONTENT_MIN_CHANGE (in the input's
-# units, for normalised images about one grey level of a cell mean) never count, so that noise
-# on a dark or covered camera is not content.
+# black), or the frame holds CONTENT_DETAIL_GROWTH times the detail of the previous one (a scene
+# that appears from a faint or featureless frame; detail, unlike contrast, ignores letterbox
+# bars). Changes below CONTENT_MIN_CHANGE (in the input's units, for normalised images about one
+# grey level of a cell mean) never count, so that noise on a dark or covered camera is not
+# content.
 CONTENT_MIN_CHANGE = 0.02
+CONTENT_DETAIL_GROWTH = 4.0
 
 # Trigger kinds, in the order of precedence when several fire for one stream at one frame;
 # "resolution" is recorded by the video runner, which resets the stream on a new frame size.
@@ -71,20 +74,21 @@ class DriftControl:
 
     refresh_every: N > 0. A stream runs densely once N frames have passed since its last dense
         step (with no other refresh: frames N, 2N, ...).
-    error_bound: B >= 0. After each step, the unprocessed share of the first block's qkv gate
-        (`StepTrace.unprocessed_share`: the change of the patch embeddings that the step did not
-        pass on, as a share of their size; see `eventful.core.gates`) is compared with B; a
-        stream above it runs its next step densely.
+    error_bound: B >= 0. After each step, its unprocessed share (`StepTrace.unprocessed_share`:
+        the change every gate left unprocessed, as a share of the gate input's size, averaged
+        over the gates; `eventful.core.gates`) is compared with B; a stream above it runs its
+        next step densely. The fidelity estimate reads the same share (`eventful.core.estimate`).
     scene_cut_factor: F > 1. A stream runs densely at a frame whose change, the mean absolute
         difference of its input to the previous frame's (images compared as `CUT_GRID` x
         `CUT_GRID` cell means), exceeds F times the typical change of its recent frames
         (`CUT_HISTORY`, at least `CUT_MIN_HISTORY` of them: the larger of their median and
         mean, and at least `CUT_CONTRAST_FLOOR` times the frame's contrast).
-    content_change: C > 0. A stream runs densely at a frame whose change (as above) exceeds C
-        times the contrast (mean absolute deviation of the cell means) of the frame or of the
-        previous frame, whichever is larger, and exceeds `CONTENT_MIN_CHANGE`. It needs no
-        history: it catches a cut in the first frames of a stream and a scene that appears
-        from black, a single colour or a faint frame.
+    content_change: C > 0. A stream runs densely at a frame whose change (as above) exceeds
+        `CONTENT_MIN_CHANGE` and either exceeds C times the contrast (mean absolute deviation of
+        the cell means) of the frame or of the previous frame, whichever is larger, or comes
+        with `CONTENT_DETAIL_GROWTH` times the previous frame's detail (mean absolute difference
+        of neighbouring cell means). It needs no history: it catches a cut in the first frames
+        of a stream and a scene that appears from black, a single colour or a faint frame.
     escalation_bound: E >= 0, with escalation_max_tokens (None: every token). At every gate, a
         stream whose unprocessed share after the policy's selection exceeds E selects more of
         its tokens of largest change, up to escalation_max_tokens (`eventful.core.escalation`).
@@ -150,6 +154,7 @@ class DriftPlan:
     events: list[DriftEvent]
     changes: list[float] | None = None
     contrasts: list[float] | None = None
+    details: list[float] | None = None
     coarse: Tensor | None = None
 
     @property
@@ -172,6 +177,7 @@ class DriftMonitor:
         self.previous: Tensor | None = None  # the last frames, coarse (`_coarse`)
         self.previous_shape: tuple[int, ...] | None = None
         self.previous_contrast: list[float] = [0.0] * batch_size
+        self.previous_detail: list[float] = [0.0] * batch_size
 
     def state_dict(self) -> dict:
         """A snapshot (copied) of the triggers' running state, for `load_state_dict`."""
@@ -182,6 +188,7 @@ class DriftMonitor:
             "previous": None if self.previous is None else self.previous.clone(),
             "previous_shape": self.previous_shape,
             "previous_contrast": list(self.previous_contrast),
+            "previous_detail": list(self.previous_detail),
         }
 
     def load_state_dict(self, snapshot: dict) -> None:
@@ -199,22 +206,23 @@ class DriftMonitor:
         shape = snapshot["previous_shape"]
         self.previous_shape = None if shape is None else tuple(shape)
         self.previous_contrast = list(snapshot["previous_contrast"])
+        self.previous_detail = list(snapshot["previous_detail"])
 
     def plan(self, frames: object, frame: int, fresh: list[bool]) -> DriftPlan:
         """The refreshes due at step `frame` of streams whose `fresh` flag is False."""
-        coarse = contrasts = changes = None
+        coarse = contrasts = details = changes = None
         if self.control.watches_frames and isinstance(frames, Tensor):
             coarse = _coarse(frames.detach())
-            contrasts = _contrast(coarse)
+            contrasts, details = _contrast(coarse), _detail(coarse)
             changes = self._frame_changes(frames, coarse)
         events = []
         for stream, already_fresh in enumerate(fresh):
             if already_fresh:
                 continue
-            fired = self._fired(stream, frame, changes, contrasts)
+            fired = self._fired(stream, frame, changes, contrasts, details)
             if fired:
                 events.append(fired)
-        return DriftPlan(events, changes, contrasts, coarse)
+        return DriftPlan(events, changes, contrasts, details, coarse)
 
     def commit(
         self,
@@ -242,6 +250,7 @@ class DriftMonitor:
             self.previous = plan.coarse.clone()
             self.previous_shape = tuple(frames.shape)
             self.previous_contrast = list(plan.contrasts)
+            self.previous_detail = list(plan.details)
 
     def cut_ratio(self, stream: int, change: float) -> float | None:
         """A frame change of `stream` over its typical change; None while its history is
@@ -259,13 +268,18 @@ class DriftMonitor:
         return change / typical
 
     def content_ratio(self, stream: int, change: float, contrast: float) -> float:
-        """A frame change of `stream` over the larger of its contrast and the previous frame's;
-        a content change is a ratio above `content_change` (and a change above
-        CONTENT_MIN_CHANGE)."""
+        """A frame change of `stream` over the larger of its contrast and the previous frame's
+        (0 for a change of at most CONTENT_MIN_CHANGE)."""
         if change <= CONTENT_MIN_CHANGE:
             return 0.0
         larger = max(contrast, self.previous_contrast[stream])
         return math.inf if larger == 0 else change / larger
+
+    def content_appears(self, stream: int, change: float, detail: float) -> bool:
+        """Whether a frame of `stream` changed by more than CONTENT_MIN_CHANGE and holds
+        CONTENT_DETAIL_GROWTH times the previous frame's detail."""
+        growth = detail > CONTENT_DETAIL_GROWTH * self.previous_detail[stream]
+        return change > CONTENT_MIN_CHANGE and growth
 
     def _fired(
         self,
@@ -273,6 +287,7 @@ class DriftMonitor:
         frame: int,
         changes: list[float] | None,
         contrasts: list[float] | None,
+        details: list[float] | None,
     ) -> DriftEvent | None:
         control = self.control
         if changes is not None and control.scene_cut_factor is not None:
@@ -280,8 +295,11 @@ class DriftMonitor:
             if ratio is not None and ratio > control.scene_cut_factor:
                 return DriftEvent(frame, stream, "scene_cut", ratio)
         if changes is not None and control.content_change is not None:
-            ratio = self.content_ratio(stream, changes[stream], contrasts[stream])
-            if ratio > control.content_change:
+            change = changes[stream]
+            ratio = self.content_ratio(stream, change, contrasts[stream])
+            if ratio > control.content_change or self.content_appears(
+                stream, change, details[stream]
+            ):
                 return DriftEvent(frame, stream, "content_change", ratio)
         if self.over_bound[stream] is not None:
             return DriftEvent(frame, stream, "error", self.over_bound[stream])
@@ -307,6 +325,17 @@ def _coarse(frames: Tensor) -> Tensor:
     if frames.ndim == 4 and min(frames.shape[-2:]) > CUT_GRID:
         return F.adaptive_avg_pool2d(frames, CUT_GRID)
     return frames
+
+
+def _detail(coarse: Tensor) -> list[float]:
+    """Per stream, the mean absolute difference of neighbouring cells of coarse images (B, C, H,
+    W), along rows and columns; the contrast (`_contrast`) for other inputs."""
+    if coarse.ndim != 4:
+        return _contrast(coarse)
+    cells = coarse.float()
+    across = (cells[..., 1:] - cells[..., :-1]).abs().flatten(1).mean(1)
+    down = (cells[..., 1:, :] - cells[..., :-1, :]).abs().flatten(1).mean(1)
+    return ((across + down) / 2).tolist()
 
 
 def _contrast(coarse: Tensor) -> list[float]:

@@ -2,8 +2,8 @@
 model, computed from what the gates left unprocessed, without running the dense model.
 
 Every gate measures its *unprocessed share* (`eventful.core.gates`): the change it did not pass
-on, as a share of its input's size. Their mean over the model's gates, u, is zero on a dense
-step and grows with every token left stale. The estimate maps it to a cosine,
+on, as a share of its input's size. Their mean over the gates, u (`StepTrace.unprocessed_share`),
+is 0 on a dense step and grows with every token left stale. The estimate maps it to a cosine,
 
     estimated cosine = 1 - a * u ** p,
 
@@ -31,12 +31,6 @@ from eventful.core.ops import StepTrace
 _FIT_FLOOR = 1e-6
 
 
-def mean_unprocessed_share(trace: StepTrace) -> Tensor:
-    """Per stream (B,), the unprocessed share averaged over every gate of every block."""
-    shares = [share for block in trace.unprocessed for share in block.values()]
-    return torch.stack(shares).mean(0)
-
-
 @dataclass(frozen=True)
 class FidelityEstimate:
     """A calibrated map from the mean unprocessed share u to an estimated cosine, 1 - a u^p.
@@ -59,7 +53,7 @@ class FidelityEstimate:
 
     def estimate(self, trace: StepTrace) -> list[float]:
         """Per stream, the estimated cosine of a traced step."""
-        return self.cosine(mean_unprocessed_share(trace)).tolist()
+        return self.cosine(trace.unprocessed_share).tolist()
 
     def check(self, encoder: torch.nn.Module, levels: Sequence[str]) -> None:
         """Raise ValueError unless this calibration fits `encoder` (the eventful encoder of a

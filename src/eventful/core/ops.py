@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from eventful.core.attention import exact_update_is_dense
@@ -50,9 +51,11 @@ class StepTrace:
 
     @property
     def unprocessed_share(self) -> Tensor:
-        """Per stream (B,), the unprocessed share of the first block's qkv gate: the change of
-        the patch embeddings (with position) that the step did not pass on."""
-        return self.unprocessed[0]["qkv"]
+        """Per stream (B,), the step's unprocessed share: that of every gate of every block,
+        averaged. 0 on a dense step; it grows with every token left stale."""
+        return torch.stack([share for block in self.unprocessed for share in block.values()]).mean(
+            0
+        )
 
 
 @dataclass
