@@ -3,6 +3,7 @@
 Shows where the efficiency of the attention levels goes: the multiply-accumulates each level
 counts, the time it takes, and the rate (GMAC/s) it runs at, next to the token-wise linear
 layers on k rows and on all N rows. Runs interleaved, medians over the repeats, threads pinned.
+Prints the table; with --write, writes the `attention-update` section of BENCHMARKS.md.
 
 python benchmarks/attention_update.py --write
 """

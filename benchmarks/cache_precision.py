@@ -2,9 +2,10 @@
 
 Memory: bytes of eventful state per stream after one step, ViT-B/16 at 224 and 384, each level,
 float32 and float16 N x N caches. Fidelity: the real DINOv2 saliency model on bikes.mp4 at the
-full level, float32 against float16 caches, at 2x and 4x fewer ops.
+full level, float32 against float16 caches, at 2x and 4x fewer ops. Prints the tables; with
+--write, writes the `cache-precision` section of BENCHMARKS.md.
 
-    python benchmarks/cache_precision.py --frames 60
+    python benchmarks/cache_precision.py --frames 60 --write
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from report import markdown_table, write_section
+from report import markdown_table, write_or_print
 
 import eventful
 from eventful.core.block import LEVELS
@@ -75,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 384])
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
     torch.manual_seed(0)
     memory = memory_rows(args.sizes)
@@ -91,7 +93,7 @@ def main() -> None:
             ["target", "k", "N x N caches", "cosine mean", "cosine min", "saliency MAE"], fidelity
         )
     )
-    write_section("cache-precision", body)
+    write_or_print("cache-precision", body, args.write)
 
 
 if __name__ == "__main__":

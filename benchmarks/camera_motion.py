@@ -14,10 +14,10 @@ letterboxed to 224x224 (257 tokens), one stream:
 2. Where the error comes from (exact level): per block, the cosine of its output to the dense
    block's, and the share of its qkv gate's change left unprocessed.
 
-Writes the `camera-motion` section of BENCHMARKS.md. The error-bounded mode on the same clips
-is `camera_motion_bound.py`.
+Prints the tables; with --write, writes the `camera-motion` section of BENCHMARKS.md. The
+error-bounded mode on the same clips is `camera_motion_bound.py`.
 
-    python benchmarks/camera_motion.py
+    python benchmarks/camera_motion.py --write
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import statistics
 from dataclasses import dataclass, field
 
 import torch
-from report import markdown_table, write_section
+from report import markdown_table, write_or_print
 from torch import Tensor
 
 import eventful
@@ -305,7 +305,7 @@ def fixed_quarter(args, vit: eventful.ViT, clips: dict, dense: dict) -> None:
         "that a step left unprocessed (steps after the first).\n\n"
         + markdown_table(["clip", "policy", "block", "cosine", "unprocessed"], block_rows)
     )
-    write_section("camera-motion", body)
+    write_or_print("camera-motion", body, args.write)
 
 
 def frames_note(args) -> str:
@@ -318,6 +318,7 @@ def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clips", nargs="+", default=["bikes.mp4", "bigbuckbunny.mp4"])
     parser.add_argument("--max-age", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
 
 
 def load_inputs(args) -> tuple[eventful.ViT, dict, dict]:

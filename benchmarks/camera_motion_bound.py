@@ -3,9 +3,10 @@
 `ErrorBound`, alone and in `MaxAge`, is calibrated by `calibrate_error_bound` on the first
 `--calibration-frames` frames of one clip for a target cosine to the dense DINOv2 backbone, then
 run on every frame of each clip (bikes.mp4, bigbuckbunny.mp4; letterboxed to 224x224, one
-stream, exact level). Writes the `camera-motion-bound` section of BENCHMARKS.md.
+stream, exact level). Prints the table; with --write, writes the `camera-motion-bound` section
+of BENCHMARKS.md.
 
-    python benchmarks/camera_motion_bound.py
+    python benchmarks/camera_motion_bound.py --write
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from camera_motion import EDGE, K, add_clip_arguments, frames_note, load_inputs, mean, run
-from report import markdown_table, write_section
+from report import markdown_table, write_or_print
 
 import eventful
 from eventful.calibration import calibrate_error_bound
@@ -86,7 +87,7 @@ def error_bounded(args, vit: eventful.ViT, clips: dict, dense: dict) -> None:
             rows,
         )
     )
-    write_section("camera-motion-bound", body)
+    write_or_print("camera-motion-bound", body, args.write)
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """Does torch.compile help? Eager against compiled eventful steps (top-k, static shapes).
 
-python benchmarks/compile.py --sizes 224 384 --fraction 0.25
+Prints the table; with --write, writes the `compile` section of BENCHMARKS.md.
+
+python benchmarks/compile.py --sizes 224 384 --fraction 0.25 --write
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import statistics
 import time
 
 import torch
-from report import markdown_table, write_section
+from report import markdown_table, write_or_print
 
 import eventful
 from eventful.video.clips import registry_clip
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -81,7 +84,7 @@ def main() -> None:
         "the first two, medians [min-max], real frames (bikes.mp4), random weights. Warm-up: "
         "both streams' first two steps, which include compiling.\n\n" + markdown_table(header, rows)
     )
-    write_section("compile", body)
+    write_or_print("compile", body, args.write)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 For each clip, level and op ratio (2x and 4x fewer multiply-accumulates than dense, averaged
 over all frames including the dense first one), run TopK with the largest k that reaches the
 ratio and report the mean and minimum cosine similarity of patch features and the mean
-absolute difference of saliency maps. Writes the `fidelity-real` section of BENCHMARKS.md.
+absolute difference of saliency maps. Prints the table; with --write, writes the
+`fidelity-real` section of BENCHMARKS.md.
 
-    python benchmarks/fidelity_real.py --frames 60
+    python benchmarks/fidelity_real.py --frames 60 --write
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from report import markdown_table, write_section
+from report import markdown_table, write_or_print
 
 import eventful
 from eventful.core.block import LEVELS
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--clips", nargs="+", default=["bikes.mp4", "bigbuckbunny.mp4"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dense = imgfocus_saliency()
@@ -84,7 +86,7 @@ def main() -> None:
         "MAE: mean absolute difference of the saliency maps (values in [0, 1]).\n\n"
         + markdown_table(header, rows)
     )
-    write_section("fidelity-real", body)
+    write_or_print("fidelity-real", body, args.write)
 
 
 if __name__ == "__main__":

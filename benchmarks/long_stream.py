@@ -5,7 +5,8 @@ other and looped (every switch and every loop is a hard cut), and a synthetic sc
 slowly (a real frame panned by a pixel every few frames under a slowly rising brightness), the
 case where unselected tokens creep away from their references. The real DINOv2 saliency model
 runs densely once per frame; every drift-control setting runs its own eventful stream on the
-same frame, at a fixed quarter of the tokens. Writes the `long-stream` section of BENCHMARKS.md.
+same frame, at a fixed quarter of the tokens. Prints the tables; with --write, writes the
+`long-stream` section of BENCHMARKS.md.
 
     python benchmarks/long_stream.py --frames 3000 --threads 1 --jobs 2 --write
 """

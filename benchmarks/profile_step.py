@@ -1,6 +1,8 @@
 """Where the time of one eventful step goes, operator by operator (torch profiler, CPU).
 
-python benchmarks/profile_step.py --size 384 --fraction 0.25
+Prints the tables; with --write, writes the `profile-step` section of BENCHMARKS.md.
+
+python benchmarks/profile_step.py --size 384 --fraction 0.25 --write
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from report import markdown_table, write_section
+from report import markdown_table, write_or_print
 from torch.profiler import ProfilerActivity, profile
 
 import eventful
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tables = [
@@ -71,7 +74,7 @@ def main() -> None:
         f"k = {args.fraction} N\n\nSelf CPU time per operator, averaged over {args.steps} "
         "steps after the first two, real frames (bikes.mp4).\n\n" + "\n\n".join(tables)
     )
-    write_section("profile-step", body)
+    write_or_print("profile-step", body, args.write)
 
 
 if __name__ == "__main__":

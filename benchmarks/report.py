@@ -47,7 +47,12 @@ def engine_version() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
+    """The command that ran, its script named from the repository root (as BENCHMARKS.md
+    quotes every command) wherever it was started from."""
+    script = Path(sys.argv[0]).resolve()
+    root = BENCHMARKS.parent
+    name = script.relative_to(root).as_posix() if script.is_relative_to(root) else sys.argv[0]
+    return "python " + " ".join(shlex.quote(arg) for arg in [name, *sys.argv[1:]])
 
 
 def write_section(name: str, body: str) -> None:

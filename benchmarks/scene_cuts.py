@@ -4,9 +4,10 @@ Runs the real `DriftMonitor` (no model) over every frame of each registry clip, 
 224x224, once comparing frames on its `CUT_GRID` grid of cell means and once at full
 resolution (pixel by pixel). Per clip: the frames it flags as cuts at
 `--factor`, the smallest ratio among them and the largest ratio among the other frames (the
-margin on either side of the factor). Writes the `scene-cuts` section of BENCHMARKS.md.
+margin on either side of the factor). Prints the table; with --write, writes the `scene-cuts`
+section of BENCHMARKS.md.
 
-    python benchmarks/scene_cuts.py
+    python benchmarks/scene_cuts.py --write
 """
 
 from __future__ import annotations

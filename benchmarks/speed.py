@@ -3,9 +3,10 @@
 For each model, thread count and batch size, the dense model, Hugging Face's own model on the
 same weights (SDPA attention; the honest baseline) and every eventful variant (level x k) run
 on the same real frames, interleaved step by step; each figure is the median over the steps
-after the first, with min and max. Writes the `speed` section of BENCHMARKS.md and a PNG.
+after the first, with min and max. Prints the tables; with --write, writes them as the `speed`
+section (or --section) of BENCHMARKS.md, with a PNG.
 
-    python benchmarks/speed.py                      # every configuration (long)
+    python benchmarks/speed.py --write              # every configuration (long)
     python benchmarks/speed.py --models vit-b16-384 --batches 1 --threads 2 --steps 5
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from report import machine, markdown_table, write_section
+from report import machine, markdown_table, write_or_print
 from torch.profiler import ProfilerActivity, profile
 
 import eventful
@@ -213,6 +214,7 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=8, help="time steps, the first excluded")
     parser.add_argument("--section", default="speed")
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
     header = [
         "model",
@@ -282,7 +284,8 @@ def main() -> None:
                     )
                     print(*rows[-1], sep=" | ", flush=True)
     plot = Path(__file__).resolve().parents[1] / f"benchmarks/{args.section}.png"
-    plot_speedups(points, plot)
+    if args.write:  # the PNG belongs to the section that shows it
+        plot_speedups(points, plot)
     body = (
         "### Wall-clock speed on CPU\n\n"
         f"Dense and eventful on the same real frames (bikes.mp4, letterboxed; stream b of a "
@@ -299,7 +302,7 @@ def main() -> None:
         + markdown_table(header, rows)
         + f"\n\n![speedup against op ratio]({plot.name})\n"
     )
-    write_section(args.section, body)
+    write_or_print(args.section, body, args.write)
 
 
 def plot_speedups(points: list[tuple[str, float, float]], path: Path) -> None:

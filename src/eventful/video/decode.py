@@ -51,6 +51,16 @@ class VideoReader:
         rate = self._stream.average_rate or self._stream.guessed_rate
         return float(rate) if rate else 25.0
 
+    @property
+    def frame_count(self) -> int | None:
+        """At most how many frames this reader delivers: the frame count of the container's
+        video stream (failed frames included), capped by `max_frames`; None where neither is
+        known (the container does not say: raw streams, Matroska)."""
+        count = self._stream.frames or None
+        if self.max_frames is None:
+            return count
+        return self.max_frames if count is None else min(count, self.max_frames)
+
     def close(self) -> None:
         self._container.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from dataclasses import dataclass
 
 from eventful.video.runner import RunResult
 
@@ -23,11 +24,14 @@ def run_report(result: RunResult) -> dict:
     budget_schedule: the (frame, policy) changes asked for. Per frame: the policy in force,
     its budget (budget_gops for an OpsBudget, budget_ms for a LatencyBudget, else null) and
     the events (drift-control refreshes, resolution resets) at that frame.
+    estimated_cosine: the engine's own estimate of the feature cosine to the dense model,
+    per frame and as mean and minimum over the frames that have one (null where none has).
     """
     frames = result.frames
     compare = result.compare
     size = result.model.input_size
     drift = result.drift
+    estimated = [f.estimated_cosine for f in frames if f.estimated_cosine is not None]
     return {
         "video": result.video,
         "frames": len(frames),
@@ -54,6 +58,8 @@ def run_report(result: RunResult) -> dict:
             "gops_per_frame": _mean([f.macs / 1e9 for f in frames]),
             "ms_per_frame": result.median_ms(),
             "updated_fraction": _mean([f.updated_fraction for f in frames]),
+            "estimated_cosine_mean": _mean(estimated),
+            "estimated_cosine_min": min(estimated, default=None),
         },
         "fidelity": {
             "feature_cosine_mean": _mean([f.feature_cosine for f in frames]) if compare else None,
@@ -69,6 +75,7 @@ def run_report(result: RunResult) -> dict:
                 "updated_fraction": f.updated_fraction,
                 "feature_cosine": f.feature_cosine,
                 "saliency_mae": f.saliency_mae,
+                "estimated_cosine": f.estimated_cosine,
                 "ms": f.ms,
                 "dense_ms": f.dense_ms,
                 "policy": f.policy,
@@ -84,8 +91,19 @@ def run_report(result: RunResult) -> dict:
     }
 
 
-def summary_table(report: dict) -> str:
-    """A plain-text table of a run report, for the terminal."""
+@dataclass
+class Summary:
+    """What the summary table of a run shows, for any renderer."""
+
+    title: str  # model, video, frames, input size, tokens, policy, level
+    columns: tuple[str, ...]
+    rows: list[tuple[str, ...]]  # one cell per column
+    notes: list[str]  # the report's notes, then the refreshes and resets by kind
+
+
+def summary(report: dict) -> Summary:
+    """The summary table of a run report: ops, time, tokens updated and fidelity, dense
+    against eventful."""
     dense, eventful, fidelity = report["dense"], report["eventful"], report["fidelity"]
 
     def number(value: float | None, digits: int = 2) -> str:
@@ -101,7 +119,6 @@ def summary_table(report: dict) -> str:
         return f"{eventful_value / dense_value:.2f}x {worse}"
 
     rows = [
-        ("", "dense", "eventful", ""),
         (
             "GMACs / frame",
             number(dense["gops_per_frame"], 3),
@@ -125,14 +142,18 @@ def summary_table(report: dict) -> str:
                 f"min {fidelity['feature_cosine_min']:.4f}",
             )
         )
+    if eventful["estimated_cosine_mean"] is not None:
+        rows.append(
+            (
+                "estimated cosine",
+                "",
+                f"mean {eventful['estimated_cosine_mean']:.4f}",
+                f"min {eventful['estimated_cosine_min']:.4f}",
+            )
+        )
     if fidelity["saliency_mae"] is not None:
         rows.append(("saliency MAE", "", f"{fidelity['saliency_mae']:.4f}", ""))
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
-    header = (
+    title = (
         f"{report['model']} on {report['video']}: {report['frames']} frames "
         f"({report['frames_failed']} failed), {report['input_size'][0]}x"
         f"{report['input_size'][1]}, {report['tokens']} tokens, {report['policy']}, "
@@ -140,4 +161,16 @@ def summary_table(report: dict) -> str:
     )
     events = ", ".join(f"{count} {kind}" for kind, count in report["events"].items())
     notes = [*report["notes"], *([f"refreshes and resets: {events}"] if events else [])]
-    return "\n".join([header, *lines, *notes])
+    return Summary(title, ("", "dense", "eventful", ""), rows, notes)
+
+
+def summary_table(report: dict) -> str:
+    """The summary table of a run report as plain text, for logs and pipes."""
+    table = summary(report)
+    rows = [table.columns, *table.rows]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(table.columns))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    return "\n".join([table.title, *lines, *table.notes])

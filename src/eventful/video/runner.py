@@ -37,6 +37,7 @@ class FrameResult:
     dense_ms: float | None = None
     feature_cosine: float | None = None
     saliency_mae: float | None = None
+    estimated_cosine: float | None = None  # the engine's own estimate of feature_cosine
 
 
 @dataclass

@@ -1,8 +1,14 @@
-"""A PNG of ops and fidelity per frame of a video run."""
+"""A plot of ops and fidelity per frame of a video run."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # the formats `plot_run` is tested to write
 
 EVENT_COLOURS = {
     "scene_cut": "tab:red",
@@ -13,20 +19,22 @@ EVENT_COLOURS = {
 
 
 def plot_run(report: dict, path: str | Path) -> None:
-    """GMACs per frame (eventful against dense, and the ops budget in force), fidelity per
-    frame, and, under a latency budget, ms per frame against it; refreshes and resets are
-    vertical lines on every panel."""
-    import matplotlib
+    """Save `run_figure(report)` to `path` (any of `PLOT_SUFFIXES`)."""
+    run_figure(report).savefig(path, dpi=100)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def run_figure(report: dict) -> Figure:
+    """GMACs per frame (eventful against dense, and the ops budget in force), fidelity per
+    frame (tokens updated; with a comparison the feature cosine and saliency MAE; the
+    engine's estimated cosine, dashed, where it gives one) and, under a latency budget, ms per
+    frame against it; refreshes and resets are vertical lines on every panel."""
+    from matplotlib.figure import Figure  # matplotlib only where a plot is asked for
 
     frames = report["per_frame"]
     index = [f["index"] for f in frames]
     latency = any(f["budget_ms"] is not None for f in frames)
-    figure, axes = plt.subplots(
-        3 if latency else 2, 1, figsize=(9, 8.5 if latency else 6), sharex=True
-    )
+    figure = Figure(figsize=(9, 8.5 if latency else 6))
+    axes = figure.subplots(3 if latency else 2, 1, sharex=True)
     ops_axis, fidelity_axis = axes[0], axes[1]
     ops_axis.plot(index, [f["gops"] for f in frames], label="eventful")
     ops_axis.axhline(report["dense"]["gops_per_frame"], color="grey", linestyle="--", label="dense")
@@ -37,11 +45,26 @@ def plot_run(report: dict, path: str | Path) -> None:
         f"{report['model']}, {report['policy']}, level {report['level']}: "
         f"{report['video'].rsplit('/', 1)[-1]}"
     )
-    fidelity_axis.plot(index, [f["updated_fraction"] for f in frames], label="tokens updated")
+    fidelity_axis.plot(
+        index, [f["updated_fraction"] for f in frames], color="tab:blue", label="tokens updated"
+    )
     if report["fidelity"]["feature_cosine_mean"] is not None:
-        fidelity_axis.plot(index, [f["feature_cosine"] for f in frames], label="feature cosine")
+        fidelity_axis.plot(
+            index, [f["feature_cosine"] for f in frames], color="tab:orange", label="feature cosine"
+        )
+    if report["eventful"]["estimated_cosine_mean"] is not None:
+        estimated = [f["estimated_cosine"] for f in frames]
+        fidelity_axis.plot(
+            index,
+            [float("nan") if value is None else value for value in estimated],
+            color="tab:orange",
+            linestyle="--",
+            label="estimated cosine",
+        )
     if report["fidelity"]["saliency_mae"] is not None:
-        fidelity_axis.plot(index, [f["saliency_mae"] for f in frames], label="saliency MAE")
+        fidelity_axis.plot(
+            index, [f["saliency_mae"] for f in frames], color="tab:green", label="saliency MAE"
+        )
     fidelity_axis.set_ylim(0, 1.02)
     fidelity_axis.legend(loc="lower right")
     if latency:
@@ -55,8 +78,7 @@ def plot_run(report: dict, path: str | Path) -> None:
     _event_lines(axes, frames)
     ops_axis.legend(loc="upper right")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return figure
 
 
 def _budget_line(axis, index: list[int], budget: list[float | None], label: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,14 +13,23 @@ from torch import Tensor
 from eventful.video.runner import FrameView
 from eventful.zoo import ZooModel
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi")  # containers that take H.264 and MPEG-4
+
 
 def colourise(values: Tensor, colormap: str = "inferno") -> np.ndarray:
     """Values (H, W) in [0, 1] -> RGB (H, W, 3) uint8."""
+    levels = np.rint(np.clip(values.detach().float().cpu().numpy(), 0, 1) * 255).astype(np.uint8)
+    return _lookup(colormap)[levels]
+
+
+@functools.cache
+def _lookup(colormap: str) -> np.ndarray:
+    """The 256 RGB colours (256, 3) uint8 of a matplotlib colormap, built once: building it
+    per call and indexing floats took two thirds of the time the side-by-side video spent."""
     import matplotlib
 
-    lookup = matplotlib.colormaps[colormap](np.linspace(0, 1, 256))[:, :3]
-    levels = (values.detach().float().cpu().clamp(0, 1) * 255).round().long().numpy()
-    return (lookup[levels] * 255).round().astype(np.uint8)
+    colours = matplotlib.colormaps[colormap](np.linspace(0, 1, 256))[:, :3]
+    return (colours * 255).round().astype(np.uint8)
 
 
 def update_map(updated_tokens: Tensor, prefix: int, grid: tuple[int, int], size: int) -> Tensor:

@@ -1,0 +1,140 @@
+"""What a video run shows on the terminal: a progress bar and the summary table (rich), or
+plain lines where the output is not an interactive terminal (CI, a pipe, a file)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+from rich import box
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from eventful.video.report import summary, summary_table
+from eventful.video.runner import FrameResult
+
+PLAIN_EVERY = 50  # frames between two progress lines where the output is not a terminal
+
+
+class RunProgress:
+    """Progress of a video run on stderr: frames done of `total` (None: unknown), elapsed and
+    remaining time, frames per second, mean share of tokens updated, ops saved so far and the
+    latest frame's estimated cosine where the engine gives one.
+
+    On an interactive terminal (rich's `Console.is_interactive`: a tty, not TERM=dumb; the
+    TTY_INTERACTIVE, TTY_COMPATIBLE and FORCE_COLOR variables override it) a live progress
+    bar; elsewhere a plain line every `every` frames and after the last.
+    """
+
+    def __init__(
+        self, total: int | None, console: Console | None = None, every: int = PLAIN_EVERY
+    ) -> None:
+        self.total = total
+        self.console = console or Console(stderr=True)
+        self.every = every
+        self.frames = 0
+        self.macs = 0
+        self.dense_macs = 0
+        self.updated = 0.0
+        self.estimated_cosine: float | None = None
+        self.start = time.perf_counter()
+        self.bar: Progress | None = None
+        if self.console.is_interactive:
+            self.bar = _BarAndStats(
+                TextColumn("frame"),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("elapsed,"),
+                TimeRemainingColumn(),
+                TextColumn("remaining"),
+                console=self.console,
+            )
+            self.task = self.bar.add_task("run", total=total, stats="")
+            self.bar.start()
+
+    def update(self, frame: FrameResult) -> None:
+        """Count one processed frame."""
+        self.frames += 1
+        self.macs += frame.macs
+        self.dense_macs += frame.dense_macs
+        self.updated += frame.updated_fraction
+        self.estimated_cosine = frame.estimated_cosine
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.frames, stats=self.stats())
+        elif self.frames % self.every == 0:
+            self._print_line()
+
+    def close(self) -> None:
+        """Stop the bar, or print the line of the last frame where it is not printed yet."""
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.frames % self.every != 0:
+            self._print_line()
+
+    def stats(self) -> str:
+        """fps, tokens updated, ops saved and the estimated cosine, as both displays show them."""
+        elapsed = time.perf_counter() - self.start
+        parts = [
+            f"{self.frames / elapsed:.2f} fps",
+            f"tokens updated {self.updated / self.frames:.1%}",
+            f"ops saved {1 - self.macs / self.dense_macs:.1%}",
+        ]
+        if self.estimated_cosine is not None:
+            parts.append(f"est. cos {self.estimated_cosine:.2f}")
+        return " | ".join(parts)
+
+    def _print_line(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        if self.total is None:
+            done = f"frame {self.frames}"
+            times = f"elapsed {_clock(elapsed)}"
+        else:
+            left = max(self.total - self.frames, 0) * elapsed / self.frames
+            done = f"frame {self.frames}/{self.total}"
+            times = f"elapsed {_clock(elapsed)}, remaining {_clock(left)}"
+        print(f"{done} | {times} | {self.stats()}", file=self.console.file, flush=True)
+
+
+class _BarAndStats(Progress):
+    """The bar and times on one line, the stats under it: one line of both overflows a
+    terminal of 80 columns."""
+
+    def get_renderables(self) -> Iterator[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            yield Text(task.fields["stats"])
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as h:mm:ss, as rich's time columns write them."""
+    return str(timedelta(seconds=round(seconds)))
+
+
+def print_summary(report: dict, console: Console | None = None) -> None:
+    """The summary table of a run report on stdout: a rich table on a terminal, else plain
+    text (`summary_table`)."""
+    console = console or Console()
+    if not console.is_terminal:
+        print(summary_table(report), file=console.file, flush=True)
+        return
+    content = summary(report)
+    table = Table(box=box.SIMPLE_HEAD)
+    for index, column in enumerate(content.columns):
+        table.add_column(column, justify="right" if index in (1, 2) else "left")
+    for row in content.rows:
+        table.add_row(*row)
+    console.print(Text(content.title, style="bold"), soft_wrap=True)
+    console.print(table)
+    for note in content.notes:
+        console.print(Text(note), soft_wrap=True)
