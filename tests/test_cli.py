@@ -4,6 +4,7 @@ Every run uses the real DINOv2 ViT-S/14 saliency model on a few frames of real o
 video; the bad inputs are files made here with PyAV.
 """
 
+import dataclasses
 import json
 import os
 import statistics
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import eventful
 
 av = pytest.importorskip("av")
 pytest.importorskip("matplotlib")
@@ -377,7 +380,8 @@ def scheduled_run(clip, tmp_path_factory):
     outcome = invoke(
         "run", clip, "--size", 112, "--max-frames", 12, "--policy", "ops:0.6",
         "--budget-schedule", "6:ops:0.3", "--refresh", 4, "--scene-cut", 50,
-        "--error-bound", 1e9, "--json", paths["json"], "--plot", paths["png"],
+        "--error-bound", 1e9, "--content-change", "off", "--escalation", "off",
+        "--json", paths["json"], "--plot", paths["png"],
     )  # fmt: skip
     assert outcome.code == 0, outcome.err
     return outcome, json.loads(paths["json"].read_text()), paths["png"]
@@ -399,13 +403,39 @@ def test_budget_schedule_changes_the_budget_in_force_at_its_frames(scheduled_run
 def test_refresh_option_runs_a_dense_frame_every_n_frames_and_reports_it(scheduled_run):
     outcome, report, _ = scheduled_run
     frames = report["per_frame"]
-    assert report["drift"] == {"refresh_every": 4, "error_bound": 1e9, "scene_cut_factor": 50.0}
+    assert report["drift"] == {
+        "refresh_every": 4,
+        "error_bound": 1e9,
+        "scene_cut_factor": 50.0,
+        "content_change": None,
+        "escalation_bound": None,
+        "escalation_max_tokens": None,
+    }
     assert report["events"] == {"periodic": 2}
     assert [f["index"] for f in frames if f["events"]] == [4, 8]
     assert frames[4]["events"] == [{"stream": 0, "kind": "periodic", "value": None}]
     dense = [f["index"] for f in frames if f["updated_fraction"] == pytest.approx(1.0)]
     assert dense == [0, 4, 8]
     assert "refreshes and resets: 2 periodic" in outcome.out
+
+
+def test_a_run_without_drift_options_uses_the_default_drift_control_and_estimates(clip, tmp_path):
+    report_path = tmp_path / "run.json"
+    outcome = invoke("run", clip, "--size", 112, "--max-frames", 4, "--json", report_path)
+    assert outcome.code == 0, outcome.err
+    report = json.loads(report_path.read_text())
+    assert report["drift"] == dataclasses.asdict(eventful.DEFAULT_DRIFT)
+    estimates = [frame["estimated_cosine"] for frame in report["per_frame"]]
+    assert estimates[0] == 1.0 and all(0 < value < 1 for value in estimates[1:])
+
+
+def test_no_drift_control_runs_without_refreshes_or_escalation(clip, tmp_path):
+    report_path = tmp_path / "run.json"
+    outcome = invoke(
+        "run", clip, "--size", 112, "--max-frames", 4, "--no-drift-control", "--json", report_path
+    )
+    assert outcome.code == 0, outcome.err
+    assert json.loads(report_path.read_text())["drift"] is None
 
 
 def test_scheduled_run_plots_a_png(scheduled_run):
@@ -539,8 +569,17 @@ def test_console_command_reports_bad_input_in_one_line_without_traceback(audio_o
         (["--policy", "ops:0"], "OpsBudget expects a positive, finite budget"),
         (["--policy", "latency:-5"], "LatencyBudget expects a positive, finite budget"),
         (["--refresh", 0], "refresh_every must be a positive integer or None, got 0"),
-        (["--scene-cut", 1], "scene_cut_factor must be > 1 or None, got 1.0"),
-        (["--error-bound", -1], "error_bound must be >= 0 or None, got -1.0"),
+        (["--scene-cut", 1], "scene_cut_factor must be > 1 (a finite number) or None, got 1.0"),
+        (["--error-bound", -1], "error_bound must be >= 0 (a finite number) or None, got -1.0"),
+        (["--escalation-max-tokens", 0], "escalation_max_tokens must be a positive integer"),
+        (
+            ["--escalation", "off", "--escalation-max-tokens", 40],
+            "escalation_max_tokens=40 needs an escalation_bound",
+        ),
+        (
+            ["--no-drift-control", "--refresh", 30, "--scene-cut", "off"],
+            "--no-drift-control turns drift control off, but --refresh, --scene-cut also given",
+        ),
     ],
 )
 def test_bad_budget_and_drift_options_are_one_line_errors(clip, options, fragment):
@@ -553,7 +592,8 @@ def test_ops_budget_above_the_dense_cost_is_a_one_line_error(clip):
 
 
 def test_non_integer_refresh_is_an_argument_error_with_exit_code_2(clip):
-    assert_one_line_error(invoke("run", clip, "--refresh", "often"), 2, "invalid int value")
+    outcome = invoke("run", clip, "--refresh", "often")
+    assert_one_line_error(outcome, 2, "expected an integer or 'off', got 'often'")
 
 
 # --- output paths: checked before the model loads --------------------------------------------

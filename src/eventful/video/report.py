@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -44,11 +45,7 @@ def run_report(result: RunResult) -> dict:
         "level": result.level,
         "device": result.device,
         "notes": result.notes,
-        "drift": {
-            "refresh_every": drift.refresh_every if drift else None,
-            "error_bound": drift.error_bound if drift else None,
-            "scene_cut_factor": drift.scene_cut_factor if drift else None,
-        },
+        "drift": None if drift is None else dataclasses.asdict(drift),
         "events": dict(Counter(event.kind for f in frames for event in f.events)),
         "dense": {
             "gops_per_frame": _mean([f.dense_macs / 1e9 for f in frames]),

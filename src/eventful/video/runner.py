@@ -13,7 +13,7 @@ from torch import Tensor
 
 import eventful
 from eventful.core.budget import LatencyBudget, OpsBudget, scheduled_policy
-from eventful.core.drift import DriftControl, DriftEvent
+from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent
 from eventful.core.policies import Policy
 from eventful.evaluation import feature_cosine, output_tokens, saliency_mae
 from eventful.models.saliency import SaliencyOutput
@@ -82,13 +82,15 @@ def run_video(
     max_frames: int | None = None,
     device: str = "cpu",
     on_frame: Callable[[FrameView], None] | None = None,
-    drift: DriftControl | None = None,
+    drift: DriftControl | None = DEFAULT_DRIFT,
     schedule: Sequence[tuple[int, Policy]] = (),
 ) -> RunResult:
     """Stream `video` through the eventful copy of `model.dense`, one frame per step.
 
     A change of the decoded frame size resets the stream (its next step is dense), adds a
-    note and a "resolution" event. `drift` refreshes the stream on its triggers; `schedule`
+    note and a "resolution" event. `drift` refreshes the stream on its triggers (None: off);
+    the model's shipped fidelity estimate, where it has one for `level`, gives every frame its
+    estimated cosine (else a note says there is none); `schedule`
     (frame, policy) pairs put a policy in force from a frame on (`scheduled_policy`: a budget
     controller of the same kind changes its budget). Raises `VideoError` when the video cannot
     be read, ValueError for bad settings.
@@ -98,7 +100,8 @@ def run_video(
     reader = VideoReader(video, max_frames)
     dense = model.dense.to(device)
     converted = eventful.convert(dense, policy=policy, level=level).to(device)
-    stream = converted.stream(batch_size=1, check_finite=False, drift=drift)
+    estimate = model.fidelity_estimate(converted.levels)
+    stream = converted.stream(batch_size=1, check_finite=False, drift=drift, estimate=estimate)
     size = model.input_size
     tokens = converted.encoder.embedding.num_tokens(size, size)
     blocks = converted.encoder.blocks
@@ -117,6 +120,8 @@ def run_video(
         drift=drift,
         schedule=list(schedule),
     )
+    if estimate is None:
+        result.notes.append(f"no fidelity estimate is calibrated for {model.name} at level {level}")
     frame_size = None
     for index, rgb in enumerate(reader):
         events = []
@@ -144,6 +149,7 @@ def run_video(
             budget_gops=in_force.budget if isinstance(in_force, OpsBudget) else None,
             budget_ms=in_force.budget if isinstance(in_force, LatencyBudget) else None,
             events=events + stream.events,
+            estimated_cosine=None if estimate is None else stream.estimated_cosine[0],
         )
         if compare:
             reference, frame.dense_ms = _timed(dense, batch, device)
@@ -152,7 +158,8 @@ def run_video(
             )
             frame.feature_cosine = cosine.item()
             if isinstance(output, SaliencyOutput):
-                frame.saliency_mae = saliency_mae(output.saliency, reference.saliency).item()
+                area = model.frame_area(*rgb.shape[:2])
+                frame.saliency_mae = saliency_mae(output.saliency, reference.saliency, area).item()
         result.frames.append(frame)
         result.frames_failed = reader.frames_failed
         if on_frame is not None:
