@@ -48,6 +48,18 @@ def test_a_scene_that_appears_from_a_featureless_frame_refreshes_at_once(lead):
     assert events_of(stream) == [(1, 0, "content_change")]
 
 
+def test_a_letterboxed_scene_that_appears_from_a_faint_frame_refreshes_at_once():
+    # Black bars above and below: the frame's contrast is mostly bars against content, so the
+    # change from faint to full content is a small share of it; the detail grows 20-fold.
+    video = moving_squares(6, size=64, seed=2)
+    content = video[0, :, :, 16:48]
+    video[0, :, :, 16:48] = content.mean() + 0.05 * (content - content.mean())
+    video[:, :, :, :16] = video[:, :, :, 48:] = -2.0
+    stream = run(video)
+    assert events_of(stream) == [(1, 0, "content_change")]
+    assert stream.event_log[0].value < 0.3  # the contrast test alone would not have fired
+
+
 def test_a_flash_refreshes_on_entering_and_on_leaving_it():
     video = moving_squares(8, size=64, seed=3)
     video[4] = 2.5

@@ -15,6 +15,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -86,9 +87,10 @@ class DriftControl:
     content_change: C > 0. A stream runs densely at a frame whose change (as above) exceeds
         `CONTENT_MIN_CHANGE` and either exceeds C times the contrast (mean absolute deviation of
         the cell means) of the frame or of the previous frame, whichever is larger, or comes
-        with `CONTENT_DETAIL_GROWTH` times the previous frame's detail (mean absolute difference
-        of neighbouring cell means). It needs no history: it catches a cut in the first frames
-        of a stream and a scene that appears from black, a single colour or a faint frame.
+        with `CONTENT_DETAIL_GROWTH` times the previous frame's detail (upper quartile of the
+        differences of neighbouring cell means). It needs no history: it catches a cut in the
+        first frames of a stream and a scene that appears from black, a single colour or a
+        faint frame.
     escalation_bound: E >= 0, with escalation_max_tokens (None: every token). At every gate, a
         stream whose unprocessed share after the policy's selection exceeds E selects more of
         its tokens of largest change, up to escalation_max_tokens (`eventful.core.escalation`).
@@ -139,9 +141,9 @@ class DriftControl:
 # "safe-defaults"); `dataclasses.replace(DEFAULT_DRIFT, refresh_every=60)` changes one setting.
 DEFAULT_DRIFT = DriftControl(
     refresh_every=300,
+    error_bound=0.1,
     scene_cut_factor=4.0,
     content_change=0.3,
-    escalation_bound=0.3,
 )
 
 
@@ -328,14 +330,16 @@ def _coarse(frames: Tensor) -> Tensor:
 
 
 def _detail(coarse: Tensor) -> list[float]:
-    """Per stream, the mean absolute difference of neighbouring cells of coarse images (B, C, H,
-    W), along rows and columns; the contrast (`_contrast`) for other inputs."""
+    """Per stream, the upper quartile of the absolute differences of neighbouring cells of
+    coarse images (B, C, H, W), along rows and columns, averaged over channels: flat letterbox
+    bars and their few edges fall below it while they cover less than 3/4 of the frame. The
+    contrast (`_contrast`) for other inputs."""
     if coarse.ndim != 4:
         return _contrast(coarse)
     cells = coarse.float()
-    across = (cells[..., 1:] - cells[..., :-1]).abs().flatten(1).mean(1)
-    down = (cells[..., 1:, :] - cells[..., :-1, :]).abs().flatten(1).mean(1)
-    return ((across + down) / 2).tolist()
+    across = (cells[..., 1:] - cells[..., :-1]).abs().mean(1).flatten(1)
+    down = (cells[..., 1:, :] - cells[..., :-1, :]).abs().mean(1).flatten(1)
+    return torch.quantile(torch.cat([across, down], 1), 0.75, dim=1).tolist()
 
 
 def _contrast(coarse: Tensor) -> list[float]:
