@@ -148,6 +148,21 @@ def test_cache_bytes_per_stream_are_reported(level, per_block, video):
     assert stream.state.nbytes_per_stream() == 3 * per_block * 4
 
 
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_stream_to_cpu_moves_model_and_state_and_continues_identically(device, video):
+    model = eventful.convert(tiny_vit(), policy=eventful.TopK(8), level="full")
+    moved, twin = model.stream(), model.stream()
+    for frame in video[:3]:
+        moved(frame)
+        twin(frame)
+    assert moved.to(device) is moved
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert moved.state.device.type == "cpu"
+    assert all(t.device.type == "cpu" for block in moved.state.blocks for t in block.values())
+    for frame in video[3:8]:
+        assert torch.equal(moved(frame), twin(frame))  # the same shapes: bit for bit
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_state_moves_between_devices_and_continues(video):
     model = eventful.convert(tiny_vit(), policy=eventful.TopK(8), level="full")
