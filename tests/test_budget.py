@@ -1,6 +1,8 @@
 """Budget controllers: OpsBudget meets an ops budget, LatencyBudget a time budget (driven by a
 fake clock, never real time), both follow budget changes; Threshold's floor and ceiling."""
 
+import math
+
 import pytest
 import torch
 
@@ -118,6 +120,34 @@ def test_ops_budget_ignores_steps_without_op_counts():
     assert policy.debt == 0
 
 
+def test_ops_budget_with_a_shorter_horizon_pays_back_a_refresh_sooner():
+    # After each step k is the largest the op model puts within the budget less 1/horizon of
+    # the debt. A refresh (frame 30) adds a dense step's ops beyond the budget to the debt, and
+    # each later step pays back about 1/horizon of what is left (at most the budget less the ops
+    # of k = 1). Tokenwise attention: ops follow from k alone.
+    remaining, dips = {}, {}
+    for horizon in (2, 16):
+        model = converted("tokenwise")
+        blocks = model.encoder.blocks
+        dense = dense_macs(blocks, NUM_TOKENS)
+        policy = model.policy = eventful.OpsBudget(0.3 * dense / 1e9, horizon=horizon)
+        stream = model.stream(drift=eventful.DriftControl(refresh_every=30))
+        debts = []
+        for frame in moving_squares(40, size=64, seed=3):
+            stream(frame)
+            debts.append(policy.debt)
+            target = policy.budget * 1e9 - policy.debt / horizon
+            assert policy.k == max(1, largest_topk_within(blocks, NUM_TOKENS, target))
+            if stream.events:
+                dips[horizon] = policy.k
+        assert debts[30] - debts[29] == pytest.approx(dense - policy.budget * 1e9)
+        remaining[horizon] = debts[38] / debts[30]  # the share left 8 steps after the refresh
+    # A short horizon drops k to 1 and has paid back nearly all of it 8 steps later; a long
+    # one lowers k a little and still owes more than half of it (about (15/16)^8).
+    assert dips[2] == 1 < dips[16]
+    assert remaining[2] < 0.1 and remaining[16] > 0.5
+
+
 # --- LatencyBudget, on a fake machine --------------------------------------------------------
 
 
@@ -141,8 +171,8 @@ class FakeMachine:
         return self.now
 
 
-def latency_stream(ms, a=0.002, b=0.0001):
-    model = converted(policy=eventful.LatencyBudget(ms))
+def latency_stream(ms, a=0.002, b=0.0001, **options):
+    model = converted(policy=eventful.LatencyBudget(ms, **options))
     machine = FakeMachine(a, b)
     stream = model.stream(clock=machine)
     machine.stream = stream
@@ -185,6 +215,50 @@ def test_latency_budget_keeps_k_between_one_and_every_token(ms, k):
     stream, _ = latency_stream(ms)
     ks, _ = run(stream, moving_squares(6, size=64, seed=10))
     assert ks[3:] == [k] * 3
+
+
+# A 20% slowdown from frame 15 on: a step then takes 1.2 (2 ms + 0.1 ms k), so a budget of
+# 6.05 ms fits k = 30 instead of 40.
+SLOWER_K = math.floor((6.05 / 1.2 - 2.0) / 0.1)
+
+
+def run_with_a_slowdown_at_15(stream, machine):
+    """Per frame, the k going into the step and the number of steps the fit holds."""
+    history = []
+
+    def slow_down_at_15(index):
+        history.append(len(stream.model.policy.steps))
+        if index == 15:
+            machine.slowdown = 1.2
+
+    ks, _ = run(stream, moving_squares(25, size=64, seed=8), slow_down_at_15)
+    return ks, history
+
+
+@pytest.mark.parametrize("window", [2, 4])
+def test_latency_budget_fits_only_the_last_window_steps(window):
+    # Within the tolerance (30%), the slowdown drops no step: k reaches the slower machine's
+    # value once the steps from before it have left the window.
+    stream, machine = latency_stream(6.05, window=window)
+    ks, history = run_with_a_slowdown_at_15(stream, machine)
+    assert max(history) == window
+    assert ks[15 + window - 1] > SLOWER_K
+    assert ks[15 + window :] == [SLOWER_K] * (10 - window)
+
+
+@pytest.mark.parametrize("tolerance", [0.1, 0.3])
+def test_latency_budget_drops_its_history_at_a_step_off_the_fit_by_more_than_tolerance(tolerance):
+    stream, machine = latency_stream(6.05, tolerance=tolerance)  # a window of 8 steps
+    ks, history = run_with_a_slowdown_at_15(stream, machine)
+    assert history[15] == 8  # the fit holds 8 steps before the slowdown
+    if tolerance < 0.2:
+        # The slow step strays by 20%: the fit starts over from it, and k follows at once.
+        assert history[16] == 1
+        assert ks[17:] == [SLOWER_K] * 8
+    else:
+        # Taken for noise: the fast steps stay in the fit, and k comes down step by step.
+        assert history[16] == 8
+        assert all(k > SLOWER_K for k in ks[16:21])
 
 
 def test_latency_budget_with_room_for_every_token_equals_the_dense_model():

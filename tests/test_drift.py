@@ -1,5 +1,6 @@
 """Drift control: periodic, error-triggered and scene-cut refreshes fire at exactly the frames
-the sequence demands, per stream, and leave the other streams of the batch untouched."""
+the sequence demands, per stream, and the other streams of the batch run as they would have (up
+to rounding: a refresh changes the row counts of the batch's matmuls; tests/helpers.py)."""
 
 import pytest
 import torch
@@ -8,7 +9,13 @@ import eventful
 from eventful.core.drift import CUT_GRID
 from eventful.core.gates import unprocessed_change
 from eventful.synthetic import moving_squares
-from tests.helpers import LEVELS, tiny_vit
+from tests.helpers import (
+    LEVELS,
+    SELECTION_MARGIN,
+    MarginRecorder,
+    assert_equal_up_to_rounding,
+    tiny_vit,
+)
 
 NUM_TOKENS = 1 + 8 * 8
 
@@ -17,9 +24,9 @@ def converted(level="exact", k=8):
     return eventful.convert(tiny_vit(), policy=eventful.TopK(k), level=level)
 
 
-def with_cut(frames_before, batch, cut_stream, cut_at):
+def with_cut(frames_before, batch, cut_stream, cut_at, seed=1):
     """Moving squares for `batch` streams; stream `cut_stream` switches scene at `cut_at`."""
-    video = moving_squares(frames_before, size=64, batch=batch, seed=1)
+    video = moving_squares(frames_before, size=64, batch=batch, seed=seed)
     other = moving_squares(frames_before, size=64, batch=batch, seed=9)
     video[cut_at:, cut_stream] = other[cut_at:, cut_stream]
     return video
@@ -77,19 +84,22 @@ def test_events_hold_the_last_step_and_event_log_all_of_them():
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_scene_cut_fires_at_the_cut_only_and_leaves_the_other_stream_untouched(level):
-    video = with_cut(14, batch=2, cut_stream=1, cut_at=7)
-    model = converted(level)
-    watched = model.stream(batch_size=2, drift=eventful.DriftControl(scene_cut_factor=4))
+def test_scene_cut_fires_at_the_cut_only_and_the_other_stream_runs_as_without_it(level):
+    # Seed 11: no selection of the run is near a tie, so rounding cannot swap a token.
+    video = with_cut(14, batch=2, cut_stream=1, cut_at=7, seed=11)
+    recorder = MarginRecorder(eventful.TopK(8))
+    model = eventful.convert(tiny_vit(), policy=recorder, level=level)
     plain = model.stream(batch_size=2)
-    for frame in video:
-        output, expected = watched(frame), plain(frame)
-        assert torch.equal(output[0], expected[0])
+    expected = [plain(frame) for frame in video]
+    assert recorder.margin > SELECTION_MARGIN
+    watched = model.stream(batch_size=2, drift=eventful.DriftControl(scene_cut_factor=4))
+    for frame, want in zip(video, expected, strict=True):
+        assert_equal_up_to_rounding(watched(frame)[0], want[0])
     assert events_of(watched) == [(7, 1, "scene_cut")]
     assert watched.event_log[0].value > 4
     for got, want in zip(watched.state.blocks, plain.state.blocks, strict=True):
         for name in want:
-            assert torch.equal(got[name][0], want[name][0]), name
+            assert_equal_up_to_rounding(got[name][0], want[name][0])
 
 
 def test_scene_cut_step_is_dense_for_the_cut_stream_only():
@@ -197,22 +207,27 @@ def test_unprocessed_change_of_a_dense_step_is_zero():
 
 def test_error_bound_refreshes_a_stream_on_the_step_after_it_is_exceeded():
     video = moving_squares(20, size=64, batch=2, seed=6)
-    model = converted(k=4)
+    recorder = MarginRecorder(eventful.TopK(4))
+    model = eventful.convert(tiny_vit(), policy=recorder, level="exact")
     plain = model.stream(batch_size=2)
     changes, outputs = [], []
     for frame in video:
         outputs.append(plain(frame))
         changes.append(plain.trace.unprocessed_change.tolist())
+    assert recorder.margin > SELECTION_MARGIN  # no near tie: rounding cannot swap a token
     # A bound that stream 0 first exceeds at frame 5, and stream 1 not before.
     bound = (changes[5][0] + max(row[0] for row in changes[:5])) / 2
     assert changes[5][0] > bound and max(row[1] for row in changes[:6]) < bound
     watched = model.stream(batch_size=2, drift=eventful.DriftControl(error_bound=bound))
-    seen = []
+    seen, compared = [], 0
     for index, frame in enumerate(video):
         output = watched(frame)
         seen.append(watched.trace.unprocessed_change.tolist())
         if not any(event.stream == 1 for event in watched.event_log):
-            assert torch.equal(output[1], outputs[index][1])  # stream 1 untouched
+            # Stream 0's dense steps change the batch's row counts, not stream 1's course.
+            assert_equal_up_to_rounding(output[1], outputs[index][1])
+            compared += 1
+    assert compared > 7  # the comparison covers steps after stream 0's first refresh
     first = watched.event_log[0]
     assert (first.frame, first.stream, first.kind) == (6, 0, "error")
     assert first.value == pytest.approx(changes[5][0])

@@ -45,11 +45,20 @@ def test_first_step_is_dense_whatever_the_policy(video):
     assert stream.ops.total == stream.ops.dense
 
 
+# How far TopK(8) of 65 tokens strays from the dense model on the 20 frames of `video`, at
+# most: measured on an Intel Xeon, 1.52 at the tokenwise, qk and exact levels and 1.62 at the
+# full level, the same to 0.001 with noise of 1e-5 added to the frames (near-tie selections
+# going either way, as rounding on another CPU may send them). Fewer tokens stray further (2.1
+# at TopK(4), 2.8 at TopK(1)), and the first frame's dense output 4.6 from the later ones: the
+# bound catches a loss of fidelity of that kind.
+FEW_TOKENS_BOUND = 1.8
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_few_tokens_approximate_but_differ_from_dense(level, video):
     vit = tiny_vit()
     difference = max_difference_to_dense(vit, eventful.TopK(8), level, video)
-    assert TOLERANCE < difference < 10.0
+    assert TOLERANCE < difference < FEW_TOKENS_BOUND
 
 
 def test_conversion_leaves_the_original_model_unchanged(video):

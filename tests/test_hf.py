@@ -195,6 +195,23 @@ def test_conversion_and_streaming_leave_the_original_unchanged_and_unshared(name
 
 # 4. Few tokens approximate, and cost less
 
+# How far TopK(4) strays from the original over the frames of moving_video() after the first,
+# at most over the four levels: measured on an Intel Xeon (ViTModel 0.364, without pooler
+# 0.399, ViTForImageClassification 0.120, Dinov2Model 0.288, Dinov2ForImageClassification
+# 0.102, Dinov2WithRegistersModel 0.566, its classifier 0.131; the same with noise of 1e-5 added
+# to the frames, near-tie selections going either way), times 1.2. The original's own outputs
+# move from the first frame's by 1.47 to 1.68 (encoders) and 0.146 to 0.164 (logits): a model
+# whose caches stopped following the frames would exceed each bound.
+FEW_TOKENS_BOUND = {
+    "ViTModel": 0.44,
+    "ViTModel-no-pooler": 0.48,
+    "ViTForImageClassification": 0.144,
+    "Dinov2Model": 0.35,
+    "Dinov2ForImageClassification": 0.123,
+    "Dinov2WithRegistersModel": 0.68,
+    "Dinov2WithRegistersForImageClassification": 0.158,
+}
+
 
 @pytest.mark.parametrize("name", BUILDERS)
 @pytest.mark.parametrize("level", LEVELS)
@@ -210,7 +227,7 @@ def test_few_tokens_approximate_the_original_with_finite_outputs(name, level):
             assert all(torch.isfinite(value).all() for value in fields)
             differences.append(max_difference(output, model(frame)))
     assert differences[0] < ATOL  # the first step is dense whatever the policy
-    assert max(differences[1:]) > 1e-4
+    assert 1e-4 < max(differences[1:]) < FEW_TOKENS_BOUND[name]
 
 
 @pytest.mark.parametrize("name", ["ViTModel", "Dinov2ForImageClassification"])

@@ -61,9 +61,64 @@ def small_model(level: str) -> eventful.EventfulViT:
     return eventful.convert(vit.eval(), policy=eventful.TopK(S), level=level)
 
 
-def test_hand_derived_numbers_are_what_the_formulas_say():
-    assert DENSE_TOTAL == sum(DENSE.values())
-    assert LINEAR_S == 432 + 144 + 288 + 272
+@pytest.mark.parametrize("selected", [1, 2])
+@pytest.mark.parametrize("level", ["tokenwise", "qk", "full", "exact"])
+def test_a_dense_and_an_incremental_step_count_what_the_shapes_give_by_hand(level, selected):
+    # Derived here from the shapes alone, by the conventions of eventful.core.ops: a 32 x 32
+    # input cut into 16 x 16 patches gives 4 tokens and the class token; the layers map
+    # (in, out) features as below, each with a bias.
+    n, s = 1 + (32 // 16) ** 2, selected
+    layers = [(D, 3 * D), (D, D), (D, M), (M, D)]  # qkv, proj, fc1, fc2
+
+    def linear(rows):
+        return sum(rows * inputs * outputs + rows * outputs for inputs, outputs in layers)
+
+    model = small_model(level)
+    model.policy = eventful.TopK(s)
+    stream = model.stream()
+    frames = torch.randn(2, 1, 3, 32, 32)
+
+    # Dense step: every row through every layer, q k^T and A v over n x n (2 n^2 D), two
+    # residual adds (2 n D), no gate error.
+    stream(frames[0])
+    dense = {"linear": linear(n), "attention": 2 * n * n * D, "adds": 2 * n * D, "gates": 0}
+    assert stream.ops.by_category == dense
+    assert stream.ops.total == stream.ops.dense == sum(dense.values())
+
+    # Incremental step: s rows through the layers; each of the 3 gates takes an error and its
+    # norm for every token (2 n D). The attention depends on the level; the full and exact
+    # levels update running sums below n / 3 selected tokens (s = 1) and recompute every row
+    # from n / 3 on (s = 2), plus any row whose running denominator underflowed (r).
+    stream(frames[1])
+    r = stream.trace.recomputed_rows[0][0]
+    adds, gates = 2 * n * D, 3 * 2 * n * D
+    if level == "tokenwise":
+        attention = 2 * n * n * D
+    elif level == "qk":
+        attention = 2 * s * n * D + n * n * D  # new rows and columns of q k^T, then A v
+    elif level == "exact" and 3 * s >= n:
+        attention = 2 * n * n * D
+    elif level == "exact":
+        # Old and new logits and values of the changed keys in every row (4 n s D), the
+        # changed and underflowed rows over all keys (2 n D each); rescale the running
+        # numerator (n x D) and denominator (H x n), and two accumulations into each.
+        attention = 4 * n * s * D + 2 * (s + r) * n * D
+        adds += 3 * n * D + 3 * n * H
+    else:
+        # Full: the new logits of the changed keys' columns, each row's log-sum-exp (from
+        # all logits, or kept as running sums: old logits, changed and underflowed rows),
+        # then A[:, S] dV and dA V_old (2 n s D); the deltas dV (s x D) and dA (H x n x s);
+        # two accumulations into the cached product (2 n D).
+        if 3 * s >= n:
+            attention = n * n * D + 2 * n * s * D
+        else:
+            attention = 2 * n * s * D + (s + r) * n * D + 2 * n * s * D
+            adds += 3 * n * H
+        adds += 2 * n * D
+        gates += s * D + H * n * s
+    incremental = {"linear": linear(s), "attention": attention, "adds": adds, "gates": gates}
+    assert stream.ops.by_category == incremental
+    assert stream.ops.dense == sum(dense.values())
 
 
 @pytest.mark.parametrize("level", ["tokenwise", "qk", "full", "exact"])

@@ -1,12 +1,107 @@
-"""The README's Python snippets run as written."""
+"""The README's Python snippets run as written and print what the README leads one to expect."""
 
+import contextlib
+import io
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def snippets_by_section(text: str) -> dict[tuple[str, int], str]:
+    """Each Python snippet, keyed by the heading of its "## " section and its place there."""
+    parts = re.split(r"^## (.+)$", text, flags=re.MULTILINE)
+    snippets = {}
+    for heading, body in zip(parts[1::2], parts[2::2], strict=True):
+        for index, code in enumerate(re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)):
+            snippets[(heading, index)] = code
+    return snippets
+
+
+SNIPPETS = snippets_by_section(README.read_text())
+NUMBER = r"\d+(?:\.\d+)?(?:e-?\d+)?"
+
+
+@dataclass(frozen=True)
+class Printed:
+    """What a snippet prints: one regex per line (matched whole), and what must hold of the
+    numbers its named groups capture (one dict of floats per line)."""
+
+    lines: list[str]
+    holds: Callable[[list[dict[str, float]]], bool]
+
+
+def fewer_ops_after_the_first(lines: list[dict[str, float]]) -> bool:
+    """The first step is dense (1.0x fewer ops), every later one costs fewer ops."""
+    return lines[0]["ratio"] == 1.0 and all(line["ratio"] > 1.0 for line in lines[1:])
+
+
+# Per snippet, keyed by (section heading, its place in the section): a README snippet without an
+# entry here fails test_readme_snippet_prints_what_is_stated.
+EXPECTED = {
+    ("Quick start", 0): Printed(
+        # step, eventful ops over dense ops (1 on the dense first step, below after), and the
+        # ops by category (no gate ops on the first step).
+        [
+            rf"{t} (?P<ratio>{NUMBER}) \{{'linear': \d+, 'attention': \d+, 'adds': \d+, "
+            r"'gates': (?P<gates>\d+)\}"
+            for t in range(3)
+        ],
+        lambda lines: (
+            lines[0]["ratio"] == 1.0
+            and lines[0]["gates"] == 0
+            and all(0 < line["ratio"] < 1 and line["gates"] > 0 for line in lines[1:])
+        ),
+    ),
+    ("Convert your own Hugging Face model", 0): Printed(
+        # step, last_hidden_state's shape (1 + 16 x 16 patches of 14 pixels, 384 features)
+        [rf"{t} torch\.Size\(\[1, 257, 384\]\) (?P<ratio>{NUMBER})x fewer ops" for t in range(3)],
+        fewer_ops_after_the_first,
+    ),
+    ("Real weights, offline", 0): Printed(
+        # one saliency map of the 224 x 224 input per frame, 4 frames
+        [rf"torch\.Size\(\[1, 1, 224, 224\]\) (?P<ratio>{NUMBER})x fewer ops"] * 4,
+        fewer_ops_after_the_first,
+    ),
+    ("Compute budgets and drift control", 0): Printed(
+        # GMACs per frame over frames 0-19 and 20-39, near the budgets of 0.002 and 0.001 (the
+        # dense first frame and the refreshes are paid back), then the two periodic refreshes
+        [
+            r"(?P<before>0\.\d{4}) then (?P<after>0\.\d{4}) GMACs per frame",
+            r"\[DriftEvent\(frame=15, stream=0, kind='periodic', value=None\), "
+            r"DriftEvent\(frame=30, stream=0, kind='periodic', value=None\)\]",
+        ],
+        lambda lines: (
+            abs(lines[0]["before"] / 0.002 - 1) < 0.15 and abs(lines[0]["after"] / 0.001 - 1) < 0.15
+        ),
+    ),
+    ("A stream that knows its own error", 0): Printed(
+        # the dense first step is estimated exact, the later ones below it
+        [rf"estimated cosine (?P<estimate>{NUMBER})" for _ in range(5)],
+        lambda lines: (
+            lines[0]["estimate"] == 1.0 and all(0 < line["estimate"] < 1 for line in lines[1:])
+        ),
+    ),
+    ("Camera motion", 0): Printed(
+        # the calibrated policy, and fewer ops than dense on the calibration frames
+        [
+            rf"MaxAge\(ErrorBound\((?P<bound>{NUMBER})\), max_age=8\) (?P<ratio>{NUMBER})x fewer "
+            r"ops on the calibration frames"
+        ],
+        lambda lines: lines[0]["bound"] > 0 and lines[0]["ratio"] > 1,
+    ),
+    ("Streams and state", 0): Printed(
+        # the full level's caches per stream: in 2 blocks of 65 tokens, 48 features and 4
+        # heads, 9 token buffers of 65 x 48, the attention reference of 4 x 65 x 65 and the
+        # running sums of 4 x 65 twice, and the 3 gates' scales, in float32
+        [r"(?P<bytes>\d+) bytes of cache per stream"],
+        lambda lines: lines[0]["bytes"] == 2 * 4 * (9 * 65 * 48 + 4 * 65 * 65 + 2 * 4 * 65 + 3),
+    ),
+}
 
 
 def test_readme_starts_with_the_setup_and_test_commands():
@@ -22,6 +117,25 @@ def test_readme_states_the_demo_length_the_command_has():
     assert text.count(f"first {DEMO_FRAMES} frames") == 2  # the first lines and the demo section
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_readme_snippet_runs(index):
-    exec(compile(SNIPPETS[index], f"README snippet {index}", "exec"), {})
+def test_every_stated_expectation_has_its_snippet():
+    assert set(EXPECTED) <= set(SNIPPETS), set(EXPECTED) - set(SNIPPETS)
+
+
+@pytest.mark.parametrize("key", SNIPPETS, ids=lambda key: f"{key[0]}-{key[1]}")
+def test_readme_snippet_prints_what_is_stated(key):
+    heading, index = key
+    assert key in EXPECTED, (
+        f"README snippet {index} of section {heading!r} has no stated output: add one to EXPECTED"
+    )
+    expected = EXPECTED[key]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(SNIPPETS[key], f"README snippet {key}", "exec"), {})
+    lines = printed.getvalue().splitlines()
+    assert len(lines) == len(expected.lines), printed.getvalue()
+    values = []
+    for line, pattern in zip(lines, expected.lines, strict=True):
+        match = re.fullmatch(pattern, line)
+        assert match, f"{line!r} does not match {pattern!r}"
+        values.append({name: float(value) for name, value in match.groupdict().items()})
+    assert expected.holds(values), printed.getvalue()

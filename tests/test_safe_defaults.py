@@ -26,7 +26,10 @@ def bikes():
 @pytest.fixture(scope="module")
 def carphone(bikes):
     height, width = bikes[0].shape[:2]
-    return [edits.resized(f, height, width) for f in decode_frames(registry_clip("carphone_pristine.mp4"), 2)]
+    return [
+        edits.resized(f, height, width)
+        for f in decode_frames(registry_clip("carphone_pristine.mp4"), 2)
+    ]
 
 
 def cosines(dense, rgb_frames, drift=eventful.DEFAULT_DRIFT):
@@ -57,4 +60,4 @@ def test_a_cut_in_the_first_frames_stays_within_002_of_dense(dense, bikes, carph
 def test_a_fade_through_black_stays_close_to_dense(dense, bikes):
     frames = edits.with_fade_through_black(bikes, 4, 6)  # dark at frame 10, back at 16
     values = cosines(dense, frames)
-    assert min(values) >= FADE_FLOOR
+    assert min(values) >= 0.85, values  # the floor BENCHMARKS.md "safe-defaults" holds to

@@ -1,9 +1,13 @@
-"""Gates select exactly the tokens whose input changed."""
+"""Gates select exactly the tokens whose input changed, ranked by the policy's norm and counted
+by its rule."""
+
+import math
 
 import pytest
 import torch
 
 import eventful
+from eventful.core.gates import token_gate
 from tests.helpers import LEVELS, tiny_vit
 
 
@@ -61,3 +65,87 @@ def test_unselected_change_accumulates_until_it_is_selected():
     # The error against the reference grows each frame until the gate fires, then restarts.
     assert any(picked) and not all(picked)
     assert not picked[0]
+
+
+# Three tokens whose change ranks differently under each norm (current - reference, D = 4):
+# token 0 (3, 0, 0, 0): L1 3, L2 3, L-inf 3; token 1 (1.5, 1.5, 1.5, 0): L1 4.5, L2 2.60,
+# L-inf 1.5; token 2 (2.2, 2.2, 0, 0): L1 4.4, L2 3.11, L-inf 2.2. Largest: L1 token 1, L2
+# token 2, L-inf token 0.
+CHANGE = torch.tensor([[[3.0, 0, 0, 0], [1.5, 1.5, 1.5, 0], [2.2, 2.2, 0, 0]]])
+SELECTED_BY_NORM = {
+    # the largest change
+    "topk": (lambda norm: eventful.TopK(1, norm=norm), {1: [1], 2: [2], math.inf: [0]}),
+    # round(0.34 x 3) = 1 token: the largest change
+    "fraction": (
+        lambda norm: eventful.TopFraction(0.34, norm=norm),
+        {1: [1], 2: [2], math.inf: [0]},
+    ),
+    # changes of at least 2.9
+    "threshold": (
+        lambda norm: eventful.Threshold(2.9, norm=norm),
+        {1: [0, 1, 2], 2: [0, 2], math.inf: [0]},
+    ),
+    # the largest changes until the rest sums to less than 6 (L1: 11.9, then 7.4, then 3;
+    # L2: 8.71, then 5.60; L-inf: 6.7, then 3.7)
+    "error_bound": (
+        lambda norm: eventful.ErrorBound(6.0, norm=norm),
+        {1: [1, 2], 2: [2], math.inf: [0]},
+    ),
+}
+
+
+@pytest.mark.parametrize("norm", [1, 2, math.inf])
+@pytest.mark.parametrize("policy", SELECTED_BY_NORM)
+def test_policies_rank_the_gate_error_by_their_norm(policy, norm):
+    make, selected = SELECTED_BY_NORM[policy]
+    reference = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0))
+    selection, _ = token_gate(reference + CHANGE, reference.clone(), make(norm), [])
+    assert sorted(selection.per_stream[0].tolist()) == selected[norm]
+
+
+@pytest.mark.parametrize("norm", [1, math.inf])
+def test_a_stream_selects_by_the_norm_of_its_policy(norm):
+    # Noise on every patch: the first block's qkv gate compares the embedded frame with the
+    # embedding of the frame before (the first step is dense), and selects the top 8 under
+    # `norm`, which are not the top 8 under the L2 norm.
+    generator = torch.Generator().manual_seed(0)
+    first = torch.rand(1, 3, 64, 64, generator=generator)
+    second = first + 0.3 * torch.randn(1, 3, 64, 64, generator=generator)
+    model = eventful.convert(tiny_vit(), policy=eventful.TopK(8, norm=norm))
+    stream = model.stream()
+    stream(first)
+    stream(second)
+    change = model.embedding(second) - model.embedding(first)
+    chosen = set(stream.trace.blocks[0]["qkv"].per_stream[0].tolist())
+    for order in (norm, 2):
+        top = torch.linalg.vector_norm(change, ord=order, dim=-1).topk(8).indices[0]
+        assert (chosen == set(top.tolist())) == (order == norm)
+
+
+@pytest.mark.parametrize(
+    ("fraction", "num_tokens", "count"),
+    [
+        (1.0, 65, 65),  # every token
+        (0.25, 65, 16),  # 16.25
+        (0.25, 67, 17),  # 16.75
+        (0.25, 66, 16),  # 16.5: Python's round takes a half to the even count
+        (0.25, 70, 18),  # 17.5: likewise
+        (0.01, 65, 1),  # 0.65
+        (0.005, 65, 1),  # 0.325 rounds to 0: at least one token
+        (0.125, 4, 1),  # 0.5 rounds to 0: at least one token
+    ],
+)
+def test_top_fraction_selects_round_of_fraction_times_tokens_and_at_least_one(
+    fraction, num_tokens, count
+):
+    policy = eventful.TopFraction(fraction)
+    assert policy.count(num_tokens) == count
+    assert policy.select(torch.rand(2, num_tokens)).counts == [count, count]
+
+
+def test_top_fraction_count_holds_at_every_gate_of_a_stream(video):
+    stream = eventful.convert(tiny_vit(), policy=eventful.TopFraction(0.25)).stream()
+    stream(video[0])
+    stream(video[1])
+    counts = {c for block in stream.trace.blocks for s in block.values() for c in s.counts}
+    assert counts == {16}  # round(0.25 x 65 tokens)

@@ -3,7 +3,8 @@
 An eventful stream re-processes only some tokens per step, so its caches drift from what the
 dense model would hold. A *refresh* runs one stream's step densely (`StreamState.reset` of that
 stream just before its step), which puts its caches back on the dense model's values. The
-other streams of the batch keep their caches and run as they would have.
+other streams of the batch keep their caches and run as they would have, up to float rounding
+(README, "What is exact").
 
 Frames are counted per `Stream`: frame 0 is its first step, which is dense anyway.
 """

@@ -116,7 +116,10 @@ class TopK(Policy):
 
 
 class TopFraction(Policy):
-    """Each stream re-processes round(fraction * N) tokens (at least one) of largest error."""
+    """Each stream re-processes round(fraction * N) tokens (at least one) of largest error.
+
+    `round` is Python's: a count that falls half-way goes to the even neighbour (2.5 -> 2).
+    """
 
     def __init__(self, fraction: float, norm: float = 2) -> None:
         if not _is_real(fraction) or not 0.0 < fraction <= 1.0:
