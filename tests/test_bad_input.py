@@ -27,7 +27,10 @@ def frames(step, batch=BATCH, size=32):
 
 def warm_streams(model, batch=BATCH):
     """A stream and its twin, both run for 2 valid steps, and a snapshot of the stream."""
-    stream, twin = model.stream(batch_size=batch), model.stream(batch_size=batch)
+    stream, twin = (
+        model.stream(batch_size=batch, drift=None),
+        model.stream(batch_size=batch, drift=None),
+    )
     for step in range(2):
         stream(frames(step, batch))
         twin(frames(step, batch))
@@ -120,7 +123,7 @@ def test_bad_frames_are_rejected_and_state_untouched(level, make_bad, error, mat
     ("make_bad", "error", "match"), [p for p in BAD_FRAMES if p.id != "other-size"]
 )
 def test_bad_first_frames_leave_a_new_stream_unallocated(make_bad, error, match):
-    stream = make_model().stream(batch_size=BATCH)
+    stream = make_model().stream(batch_size=BATCH, drift=None)
     with pytest.raises(error, match=match):
         stream(make_bad())
     assert stream.state_dict() == {

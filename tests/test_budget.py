@@ -45,7 +45,7 @@ def test_ops_budget_meets_the_budget_on_average_over_a_clip(level, batch):
     model = converted(level)
     budget = 0.3 * dense_gops(model)
     model.policy = eventful.OpsBudget(budget)
-    stream = model.stream(batch_size=batch)
+    stream = model.stream(batch_size=batch, drift=None)
     _, ops = run(stream, moving_squares(40, size=64, batch=batch, seed=2))
     assert ops[0] == dense_macs(model.encoder.blocks, NUM_TOKENS)  # the first step is dense
     assert sum(ops) / len(ops) == pytest.approx(budget * 1e9, rel=0.05)
@@ -174,7 +174,7 @@ class FakeMachine:
 def latency_stream(ms, a=0.002, b=0.0001, **options):
     model = converted(policy=eventful.LatencyBudget(ms, **options))
     machine = FakeMachine(a, b)
-    stream = model.stream(clock=machine)
+    stream = model.stream(clock=machine, drift=None)
     machine.stream = stream
     return stream, machine
 
@@ -310,7 +310,7 @@ def test_threshold_ceiling_above_the_token_count_changes_nothing():
 @pytest.mark.parametrize("level", LEVELS)
 def test_threshold_bounds_hold_at_every_gate_of_a_run(level):
     model = converted(level, eventful.Threshold(0.5, min_tokens=4, max_tokens=20))
-    stream = model.stream(batch_size=2)
+    stream = model.stream(batch_size=2, drift=None)
     video = moving_squares(8, size=64, batch=2, seed=13)
     stream(video[0])  # dense
     for frame in video[1:]:
@@ -377,7 +377,7 @@ def test_ops_budget_meets_the_budget_on_real_frames_with_real_weights(saliency_m
     model = eventful.convert(saliency_model, policy=eventful.TopK(tokens))
     budget = 0.25 * dense_gops(model, tokens)
     model.policy = eventful.OpsBudget(budget)
-    stream = model.stream()
+    stream = model.stream(drift=None)
     ks, ops = run(stream, bikes)
     assert sum(ops) / len(ops) == pytest.approx(budget * 1e9, rel=0.05)
     assert min(ks[20:]) > 1  # the dense first frame is paid back by then

@@ -28,6 +28,7 @@ from eventful import cli  # noqa: E402
 from eventful.video import runner  # noqa: E402
 from eventful.viz.plot import EVENT_COLOURS, PLOT_SUFFIXES, plot_run, run_figure  # noqa: E402
 from eventful.viz.video import VIDEO_SUFFIXES, SideBySideWriter  # noqa: E402
+from eventful.zoo import ZooModel  # noqa: E402
 from tests.helpers import assert_one_line_error, invoke  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -219,11 +220,29 @@ def test_compared_report_times_both_models_and_measures_fidelity(compared_report
     assert 0 <= fidelity["saliency_mae"] < 1
 
 
-def test_report_without_an_engine_estimate_leaves_the_estimated_cosine_null(compared_report):
-    eventful = compared_report["eventful"]
-    assert eventful["estimated_cosine_mean"] is None
-    assert eventful["estimated_cosine_min"] is None
-    assert all(frame["estimated_cosine"] is None for frame in compared_report["per_frame"])
+def test_compared_report_carries_the_shipped_fidelity_estimate_of_each_frame(compared_report):
+    frames, eventful = compared_report["per_frame"], compared_report["eventful"]
+    estimates = [frame["estimated_cosine"] for frame in frames]
+    assert estimates[0] == 1.0  # a dense step leaves nothing unprocessed
+    assert all(0 <= value <= 1 for value in estimates)
+    assert eventful["estimated_cosine_mean"] == pytest.approx(statistics.fmean(estimates))
+    assert eventful["estimated_cosine_min"] == pytest.approx(min(estimates))
+
+
+def test_a_run_without_a_calibrated_estimate_says_so_and_leaves_the_estimate_null(
+    clip, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(ZooModel, "fidelity_estimate", lambda self, levels: None)
+    path = tmp_path / "run.json"
+    outcome = invoke("run", clip, "--max-frames", 2, "--json", path)
+    assert outcome.code == 0, outcome.err
+    report = json.loads(path.read_text())
+    assert report["eventful"]["estimated_cosine_mean"] is None
+    assert report["eventful"]["estimated_cosine_min"] is None
+    assert all(frame["estimated_cosine"] is None for frame in report["per_frame"])
+    note = "no fidelity estimate is calibrated for dinov2-saliency at level exact"
+    assert note in report["notes"]
+    assert note in outcome.out
 
 
 def test_plot_option_writes_a_png(compared_run):
@@ -241,7 +260,7 @@ def test_compared_plot_draws_ops_and_the_fidelity_curves_and_no_budget_or_event(
     assert list(ops["eventful"].get_ydata()) == pytest.approx([f["gops"] for f in frames])
     assert list(ops["dense"].get_ydata()) == pytest.approx([report["dense"]["gops_per_frame"]] * 2)
     fidelity = lines_by_label(fidelity_axis)
-    assert set(fidelity) == {"tokens updated", "feature cosine", "saliency MAE"}
+    assert set(fidelity) == {"tokens updated", "feature cosine", "saliency MAE", "estimated cosine"}
     cosines = [f["feature_cosine"] for f in frames]
     assert list(fidelity["feature cosine"].get_ydata()) == pytest.approx(cosines)
     assert list(fidelity["saliency MAE"].get_ydata()) == pytest.approx(
@@ -325,7 +344,9 @@ def test_corrupted_packets_are_skipped_counted_and_decoding_goes_on(damaged_clip
 
 def test_resolution_change_mid_video_resets_the_stream_and_is_reported(resolution_change, tmp_path):
     report_path = tmp_path / "run.json"
-    outcome = invoke("run", resolution_change, "--size", 112, "--json", report_path)
+    outcome = invoke(
+        "run", resolution_change, "--size", 112, "--no-drift-control", "--json", report_path
+    )
     assert outcome.code == 0, outcome.err
     report = json.loads(report_path.read_text())
     assert report["frames"] == 6

@@ -7,7 +7,6 @@ import torch
 
 import eventful
 from eventful.core.drift import CUT_GRID
-from eventful.core.gates import unprocessed_change
 from eventful.synthetic import moving_squares
 from tests.helpers import (
     LEVELS,
@@ -89,7 +88,7 @@ def test_scene_cut_fires_at_the_cut_only_and_the_other_stream_runs_as_without_it
     video = with_cut(14, batch=2, cut_stream=1, cut_at=7, seed=11)
     recorder = MarginRecorder(eventful.TopK(8))
     model = eventful.convert(tiny_vit(), policy=recorder, level=level)
-    plain = model.stream(batch_size=2)
+    plain = model.stream(batch_size=2, drift=None)
     expected = [plain(frame) for frame in video]
     assert recorder.margin > SELECTION_MARGIN
     watched = model.stream(batch_size=2, drift=eventful.DriftControl(scene_cut_factor=4))
@@ -176,53 +175,56 @@ def test_a_scene_cut_and_a_periodic_refresh_at_one_frame_record_one_event():
     assert events_of(stream) == [(5, 0, "periodic"), (10, 0, "scene_cut")]
 
 
-def test_unprocessed_change_sums_the_errors_the_first_qkv_gate_left_unselected():
+def test_a_gates_unprocessed_share_is_its_unselected_change_over_n_times_its_scale():
     model = converted(k=3)
-    stream = model.stream(batch_size=2)
+    stream = model.stream(batch_size=2, drift=None)
     video = moving_squares(6, size=64, batch=2, seed=5)
     for frame in video[:5]:
         stream(frame)
     reference = stream.state.blocks[0]["qkv_reference"].clone()
     tokens = model.embedding(video[5])
+    # The scale: the mean token norm of the gate's input at the stream's last dense step (frame 0).
+    scale = torch.linalg.vector_norm(model.embedding(video[0]), dim=-1).mean(1)
+    assert torch.allclose(stream.state.blocks[0]["qkv_scale"], scale, rtol=1e-5)
     errors = torch.linalg.vector_norm(tokens - reference, dim=-1)
     stream(video[5])
     selected = stream.trace.blocks[0]["qkv"]
+    share = stream.trace.unprocessed[0]["qkv"]
     for index, chosen in enumerate(selected.per_stream):
         left = torch.ones(NUM_TOKENS, dtype=torch.bool)
         left[chosen] = False
-        expected = errors[index][left].sum()
-        assert torch.allclose(stream.trace.unprocessed_change[index], expected, rtol=1e-5)
+        expected = errors[index][left].sum() / (NUM_TOKENS * scale[index])
+        assert torch.allclose(share[index], expected, rtol=1e-5)
         assert expected > 0
-    assert torch.allclose(
-        unprocessed_change(tokens, stream.state.blocks[0]["qkv_reference"]),
-        stream.trace.unprocessed_change,
-    )
+    every_gate = [gate for block in stream.trace.unprocessed for gate in block.values()]
+    assert len(every_gate) == 3 * len(model.encoder.blocks)
+    assert torch.allclose(stream.trace.unprocessed_share, torch.stack(every_gate).mean(0))
 
 
-def test_unprocessed_change_of_a_dense_step_is_zero():
+def test_the_unprocessed_share_of_a_dense_step_is_zero():
     stream = converted().stream(batch_size=2)
     stream(moving_squares(1, size=64, batch=2)[0])
-    assert stream.trace.unprocessed_change.tolist() == [0.0, 0.0]
+    assert stream.trace.unprocessed_share.tolist() == [0.0, 0.0]
 
 
 def test_error_bound_refreshes_a_stream_on_the_step_after_it_is_exceeded():
     video = moving_squares(20, size=64, batch=2, seed=6)
     recorder = MarginRecorder(eventful.TopK(4))
     model = eventful.convert(tiny_vit(), policy=recorder, level="exact")
-    plain = model.stream(batch_size=2)
-    changes, outputs = [], []
+    plain = model.stream(batch_size=2, count_ops=True, drift=None)
+    shares, outputs = [], []
     for frame in video:
         outputs.append(plain(frame))
-        changes.append(plain.trace.unprocessed_change.tolist())
+        shares.append(plain.trace.unprocessed_share.tolist())
     assert recorder.margin > SELECTION_MARGIN  # no near tie: rounding cannot swap a token
     # A bound that stream 0 first exceeds at frame 5, and stream 1 not before.
-    bound = (changes[5][0] + max(row[0] for row in changes[:5])) / 2
-    assert changes[5][0] > bound and max(row[1] for row in changes[:6]) < bound
+    bound = (shares[5][0] + max(row[0] for row in shares[:5])) / 2
+    assert shares[5][0] > bound and max(row[1] for row in shares[:6]) < bound
     watched = model.stream(batch_size=2, drift=eventful.DriftControl(error_bound=bound))
     seen, compared = [], 0
     for index, frame in enumerate(video):
         output = watched(frame)
-        seen.append(watched.trace.unprocessed_change.tolist())
+        seen.append(watched.trace.unprocessed_share.tolist())
         if not any(event.stream == 1 for event in watched.event_log):
             # Stream 0's dense steps change the batch's row counts, not stream 1's course.
             assert_equal_up_to_rounding(output[1], outputs[index][1])
@@ -230,13 +232,13 @@ def test_error_bound_refreshes_a_stream_on_the_step_after_it_is_exceeded():
     assert compared > 7  # the comparison covers steps after stream 0's first refresh
     first = watched.event_log[0]
     assert (first.frame, first.stream, first.kind) == (6, 0, "error")
-    assert first.value == pytest.approx(changes[5][0])
+    assert first.value == pytest.approx(shares[5][0])
     # Every event follows a step above the bound, and every step above it triggers one.
     expected = [
         (index + 1, stream, "error")
         for index, row in enumerate(seen[:-1])
-        for stream, change in enumerate(row)
-        if change > bound
+        for stream, share in enumerate(row)
+        if share > bound
     ]
     assert events_of(watched) == expected
 
@@ -293,7 +295,7 @@ def test_a_drift_snapshot_for_another_batch_size_is_rejected_and_nothing_changes
 
 def test_a_snapshot_without_drift_history_starts_the_triggers_from_its_step():
     video = moving_squares(14, size=64)
-    plain = converted().stream()
+    plain = converted().stream(drift=None)
     for frame in video[:7]:
         plain(frame)
     watched = converted().stream(drift=eventful.DriftControl(refresh_every=5))

@@ -75,7 +75,7 @@ def test_a_dense_and_an_incremental_step_count_what_the_shapes_give_by_hand(leve
 
     model = small_model(level)
     model.policy = eventful.TopK(s)
-    stream = model.stream()
+    stream = model.stream(drift=None)
     frames = torch.randn(2, 1, 3, 32, 32)
 
     # Dense step: every row through every layer, q k^T and A v over n x n (2 n^2 D), two
@@ -123,7 +123,7 @@ def test_a_dense_and_an_incremental_step_count_what_the_shapes_give_by_hand(leve
 
 @pytest.mark.parametrize("level", ["tokenwise", "qk", "full", "exact"])
 def test_dense_and_eventful_counts_equal_hand_derived_formulas(level):
-    stream = small_model(level).stream(batch_size=2)
+    stream = small_model(level).stream(batch_size=2, drift=None)
     frames = torch.randn(3, 2, 3, 32, 32)
     stream(frames[0])
     assert stream.ops.dense == 2 * DENSE_TOTAL
@@ -140,7 +140,9 @@ def test_dense_and_eventful_counts_equal_hand_derived_formulas(level):
 def test_counts_scale_with_depth_and_threshold_counts_per_stream():
     torch.manual_seed(0)
     vit = eventful.ViT(image_size=32, patch_size=16, dim=D, depth=3, heads=H, mlp_ratio=2.0)
-    stream = eventful.convert(vit.eval(), policy=eventful.Threshold(0.0), level="qk").stream()
+    stream = eventful.convert(vit.eval(), policy=eventful.Threshold(0.0), level="qk").stream(
+        drift=None
+    )
     stream(torch.randn(1, 3, 32, 32))
     stream(torch.randn(1, 3, 32, 32))
     # Threshold 0 selects all N tokens at every gate of all 3 blocks.
@@ -155,7 +157,7 @@ def test_counts_scale_with_depth_and_threshold_counts_per_stream():
 
 
 def test_counting_off_records_nothing():
-    stream = small_model("full").stream(count_ops=False)
+    stream = small_model("full").stream(count_ops=False, drift=None)
     stream(torch.randn(1, 3, 32, 32))
     assert stream.ops is None and stream.trace is None
 
@@ -171,7 +173,7 @@ def test_topk_for_op_ratio_picks_the_largest_k_within_the_budget():
     assert topk_for_op_ratio(blocks, N, 1.5, frames=4) <= k
     # The steady cost equals what a stream counts for TopK(k) after its first frame.
     model.policy = eventful.TopK(k)
-    stream = model.stream()
+    stream = model.stream(drift=None)
     stream(torch.randn(1, 3, 32, 32))
     stream(torch.randn(1, 3, 32, 32))
     assert stream.ops.total == steady_topk_macs(blocks, N, k)
@@ -188,7 +190,7 @@ def test_unreachable_op_ratio_is_an_error():
 def test_exact_level_incremental_counts_equal_hand_derived_formulas():
     model = small_model("exact")
     model.policy = eventful.TopK(1)  # 3 * 1 < N: the incremental update
-    stream = model.stream()
+    stream = model.stream(drift=None)
     stream(torch.randn(1, 3, 32, 32))
     stream(torch.randn(1, 3, 32, 32))
     s = 1

@@ -77,7 +77,7 @@ def test_fidelity_at_two_and_four_times_fewer_ops_on_bikes(dense, bikes, level, 
     converted = eventful.convert(dense, policy=eventful.TopK(NUM_TOKENS), level=level)
     blocks = converted.encoder.blocks
     converted.policy = eventful.TopK(topk_for_op_ratio(blocks, NUM_TOKENS, ratio, len(bikes)))
-    results = compare_with_dense(dense, converted, bikes)
+    results = compare_with_dense(dense, converted, bikes, drift=None)  # the op ratio alone
     assert sum(r.dense_macs for r in results) / sum(r.macs for r in results) >= ratio
     lowest_cosine, highest_mae = FIDELITY_BARS[(level, ratio)]
     assert np.mean([r.feature_cosine for r in results]) >= lowest_cosine

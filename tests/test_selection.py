@@ -14,7 +14,7 @@ from tests.helpers import LEVELS, tiny_vit
 @pytest.mark.parametrize("level", LEVELS)
 def test_identical_frame_updates_no_token_under_a_threshold(level, video):
     vit = tiny_vit()
-    stream = eventful.convert(vit, policy=eventful.Threshold(1e-3), level=level).stream()
+    stream = eventful.convert(vit, policy=eventful.Threshold(1e-3), level=level).stream(drift=None)
     first = stream(video[0])
     again = stream(video[0].clone())
     for selections in stream.trace.blocks:
@@ -25,7 +25,7 @@ def test_identical_frame_updates_no_token_under_a_threshold(level, video):
 
 def test_change_confined_to_one_region_selects_exactly_its_tokens_in_the_first_block(video):
     vit = tiny_vit()
-    stream = eventful.convert(vit, policy=eventful.Threshold(1e-3), level="full").stream()
+    stream = eventful.convert(vit, policy=eventful.Threshold(1e-3), level="full").stream(drift=None)
     frame = video[0]
     stream(frame)
     changed = frame.clone()
@@ -39,7 +39,7 @@ def test_change_confined_to_one_region_selects_exactly_its_tokens_in_the_first_b
 
 def test_topk_selects_the_tokens_of_largest_change(video):
     vit = tiny_vit()
-    stream = eventful.convert(vit, policy=eventful.TopK(2), level="full").stream()
+    stream = eventful.convert(vit, policy=eventful.TopK(2), level="full").stream(drift=None)
     frame = video[0]
     stream(frame)
     changed = frame.clone()
@@ -52,7 +52,9 @@ def test_topk_selects_the_tokens_of_largest_change(video):
 
 def test_unselected_change_accumulates_until_it_is_selected():
     vit = tiny_vit()
-    stream = eventful.convert(vit, policy=eventful.Threshold(0.5), level="tokenwise").stream()
+    stream = eventful.convert(vit, policy=eventful.Threshold(0.5), level="tokenwise").stream(
+        drift=None
+    )
     frame = torch.zeros(1, 3, 64, 64)
     stream(frame)
     token_of_patch_zero = 1
@@ -112,7 +114,7 @@ def test_a_stream_selects_by_the_norm_of_its_policy(norm):
     first = torch.rand(1, 3, 64, 64, generator=generator)
     second = first + 0.3 * torch.randn(1, 3, 64, 64, generator=generator)
     model = eventful.convert(tiny_vit(), policy=eventful.TopK(8, norm=norm))
-    stream = model.stream()
+    stream = model.stream(drift=None)
     stream(first)
     stream(second)
     change = model.embedding(second) - model.embedding(first)
@@ -144,7 +146,7 @@ def test_top_fraction_selects_round_of_fraction_times_tokens_and_at_least_one(
 
 
 def test_top_fraction_count_holds_at_every_gate_of_a_stream(video):
-    stream = eventful.convert(tiny_vit(), policy=eventful.TopFraction(0.25)).stream()
+    stream = eventful.convert(tiny_vit(), policy=eventful.TopFraction(0.25)).stream(drift=None)
     stream(video[0])
     stream(video[1])
     counts = {c for block in stream.trace.blocks for s in block.values() for c in s.counts}

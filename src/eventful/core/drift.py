@@ -114,6 +114,7 @@ class DriftControl:
         check_number("error_bound", self.error_bound, 0, inclusive=True)
         check_number("scene_cut_factor", self.scene_cut_factor, 1, inclusive=False)
         check_number("content_change", self.content_change, 0, inclusive=False)
+        check_count("escalation_max_tokens", self.escalation_max_tokens)
         if self.escalation_max_tokens is not None and self.escalation_bound is None:
             raise ValueError(
                 f"escalation_max_tokens={self.escalation_max_tokens} needs an escalation_bound; "
