@@ -502,9 +502,15 @@ def test_resolution_change_is_reported_as_an_event_of_its_frame(resolution_chang
     outcome = invoke("run", resolution_change, "--size", 112, "--json", report_path)
     assert outcome.code == 0, outcome.err
     report = json.loads(report_path.read_text())
-    events = [(f["index"], f["events"]) for f in report["per_frame"] if f["events"]]
-    assert events == [(3, [{"stream": 0, "kind": "resolution", "value": None}])]
-    assert report["events"] == {"resolution": 1}
+    # Drift control may also refresh on these frames of pure noise; the reset is one event.
+    resets = [
+        (frame["index"], event)
+        for frame in report["per_frame"]
+        for event in frame["events"]
+        if event["kind"] == "resolution"
+    ]
+    assert resets == [(3, {"stream": 0, "kind": "resolution", "value": None})]
+    assert report["events"]["resolution"] == 1
 
 
 # --- bad input: one line on stderr, a non-zero exit code, never a traceback ---------------

@@ -101,8 +101,8 @@ SELECTED_BY_NORM = {
 def test_policies_rank_the_gate_error_by_their_norm(policy, norm):
     make, selected = SELECTED_BY_NORM[policy]
     reference = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0))
-    selection, _ = token_gate(reference + CHANGE, reference.clone(), make(norm), [])
-    assert sorted(selection.per_stream[0].tolist()) == selected[norm]
+    step = token_gate(reference + CHANGE, reference.clone(), torch.ones(1), make(norm), [])
+    assert sorted(step.selection.per_stream[0].tolist()) == selected[norm]
 
 
 @pytest.mark.parametrize("norm", [1, math.inf])

@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from eventful.cli_drift import add_drift_options, drift_control
 from eventful.core.block import LEVELS
 from eventful.core.budget import parse_schedule
-from eventful.core.drift import DEFAULT_DRIFT, DriftControl
 from eventful.core.policies import parse_policy
 from eventful.viz.plot import PLOT_SUFFIXES
 from eventful.viz.video import VIDEO_SUFFIXES
 from eventful.zoo import MODEL_NAMES, load_model
 
 DEMO_CLIP = "bikes.mp4"
-# The demo's default length: about two minutes on a 2-core CPU, where each frame runs the
-# eventful and the dense model and is written to the side-by-side video.
+# The demo's default length: enough frames to see the savings settle, few enough to watch
+# (each frame runs the eventful and the dense model and goes into the side-by-side video).
 DEMO_FRAMES = 40
 
 
@@ -105,24 +103,7 @@ def add_run_options(parser: argparse.ArgumentParser, demo: bool) -> None:
         help="change the policy or budget at given frames, e.g. 0:ops:2,100:ops:1,200:fraction:0.5 "
         "(--policy holds until the first; a budget of the kind in force keeps what it learned)",
     )
-    drift = parser.add_argument_group(
-        "drift control",
-        "on by default (eventful.DEFAULT_DRIFT); each option replaces one setting of the "
-        "default, 'off' turns that one off",
-    )
-    for option, field, kind, meta, text in DRIFT_OPTIONS:
-        drift.add_argument(
-            option,
-            dest=field,
-            type=off_or(kind),
-            metavar=meta,
-            help=f"{text} (default: {getattr(DEFAULT_DRIFT, field) or OFF})",
-        )
-    drift.add_argument(
-        "--no-drift-control",
-        action="store_true",
-        help="run without any drift control (no refreshes, no escalation)",
-    )
+    add_drift_options(parser)
     parser.add_argument("--level", choices=LEVELS, default="exact", help="attention update level")
     if not demo:
         parser.add_argument(
@@ -207,93 +188,6 @@ def run_command(args: argparse.Namespace) -> int:
         return run_video_command(args)
     finally:  # main() may run inside a longer-lived process (tests, notebooks)
         torch.set_num_threads(threads)
-
-
-# (option, DriftControl field, value type, metavar, help)
-DRIFT_OPTIONS = (
-    ("--refresh", "refresh_every", int, "N", "a dense frame once N frames pass without one"),
-    (
-        "--error-bound",
-        "error_bound",
-        float,
-        "B",
-        "a dense frame after one whose unprocessed share (mean over the gates) exceeds B",
-    ),
-    (
-        "--scene-cut",
-        "scene_cut_factor",
-        float,
-        "F",
-        "a dense frame where the frame's change (as 16x16 cell means) exceeds F times the "
-        "recent typical change",
-    ),
-    (
-        "--content-change",
-        "content_change",
-        float,
-        "C",
-        "a dense frame where the frame's change exceeds C times its contrast, or where detail "
-        "appears from a faint or featureless frame",
-    ),
-    (
-        "--escalation",
-        "escalation_bound",
-        float,
-        "E",
-        "gates select beyond the policy while their unprocessed share exceeds E",
-    ),
-    (
-        "--escalation-max-tokens",
-        "escalation_max_tokens",
-        int,
-        "K",
-        "at most K tokens per gate when escalating",
-    ),
-)
-
-
-OFF = "off"
-
-
-def off_or(kind: type) -> Callable[[str], object]:
-    """An argparse type: 'off' (None) or a value of `kind`."""
-
-    def parse(text: str) -> object:
-        if text == "off":
-            return OFF
-        try:
-            return kind(text)
-        except ValueError:
-            expected = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(
-                f"expected {expected} or 'off', got {text!r}"
-            ) from None
-
-    return parse
-
-
-def drift_control(args: argparse.Namespace) -> DriftControl | None:
-    """The drift control the drift options ask for: the default with the given settings
-    replaced, or None with --no-drift-control (which takes no other drift option)."""
-    given = {
-        field: getattr(args, field)
-        for _, field, *_ in DRIFT_OPTIONS
-        if getattr(args, field) is not None
-    }
-    if args.no_drift_control:
-        if given:
-            names = ", ".join(option for option, field, *_ in DRIFT_OPTIONS if field in given)
-            raise ValueError(
-                f"--no-drift-control turns drift control off, but {names} also given; "
-                "expected one or the other"
-            )
-        return None
-    settings = {field: None if value == OFF else value for field, value in given.items()}
-    try:
-        return dataclasses.replace(DEFAULT_DRIFT, **settings)
-    except ValueError as error:
-        options = ", ".join(option for option, *_ in DRIFT_OPTIONS)
-        raise ValueError(f"{error} (from {options})") from None
 
 
 def run_video_command(args: argparse.Namespace) -> int:
