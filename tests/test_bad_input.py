@@ -431,3 +431,35 @@ def test_bad_frames_with_drift_control_change_neither_state_nor_triggers(make_ba
 def test_stream_rejects_a_drift_control_of_another_type():
     with pytest.raises(TypeError, match="drift must be a DriftControl or None, got 5"):
         make_model().stream(drift=5)
+
+
+@pytest.mark.parametrize(
+    ("cap", "match"),
+    [
+        (4, r"escalation max_tokens=4 is below the 5 tokens TopK\(5\) selects by itself; "
+            r"expected max_tokens from 5 to 17"),
+        (18, r"escalation max_tokens=18 exceeds the 17 tokens of this input; expected at most 17"),
+    ],
+)  # fmt: skip
+def test_escalation_caps_outside_the_policys_count_and_the_token_count_are_rejected(cap, match):
+    drift = eventful.DriftControl(escalation_bound=0.1, escalation_max_tokens=cap)
+    stream = make_model().stream(batch_size=BATCH, drift=drift)
+    with pytest.raises(ValueError, match=match):
+        stream(frames(0))
+    assert stream.steps == 0 and not stream.state.allocated and stream.event_log == []
+
+
+def test_a_policy_whose_count_exceeds_the_escalation_cap_is_rejected_and_state_untouched():
+    model = make_model()
+    drift = eventful.DriftControl(escalation_bound=0.1, escalation_max_tokens=6)
+    stream, twin = (model.stream(batch_size=BATCH, drift=drift) for _ in range(2))
+    for step in range(2):
+        stream(frames(step))
+        twin(frames(step))
+    snapshot = stream.state_dict()
+    model.policy = eventful.TopK(8)
+    with pytest.raises(ValueError, match="escalation max_tokens=6 is below the 8 tokens"):
+        stream(frames(2))
+    model.policy = eventful.TopK(5)
+    assert stream.steps == 2
+    assert_untouched(stream, twin, snapshot)

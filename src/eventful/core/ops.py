@@ -53,9 +53,8 @@ class StepTrace:
     def unprocessed_share(self) -> Tensor:
         """Per stream (B,), the step's unprocessed share: that of every gate of every block,
         averaged. 0 on a dense step; it grows with every token left stale."""
-        return torch.stack([share for block in self.unprocessed for share in block.values()]).mean(
-            0
-        )
+        shares = [share for block in self.unprocessed for share in block.values()]
+        return torch.stack(shares).mean(0)
 
 
 @dataclass
