@@ -41,11 +41,15 @@ CUT_GRID = 16
 # frame or of the previous one, whichever is larger (a cut, a flash, a scene that appears from
 # black), or the frame holds CONTENT_DETAIL_GROWTH times the detail of the previous one (a scene
 # that appears from a faint or featureless frame; detail, unlike contrast, ignores letterbox
-# bars). Changes below CONTENT_MIN_CHANGE (in the input's units, for normalised images about one
-# grey level of a cell mean) never count, so that noise on a dark or covered camera is not
-# content.
+# bars), or the frame's contrast is CONTENT_CONTRAST_CHANGE times larger or smaller than at the
+# stream's last dense step (a fade or an exposure change: every token changes a little, and a
+# quarter of them cannot follow; ordinary motion keeps a scene's contrast). Changes below
+# CONTENT_MIN_CHANGE (in the input's units, for normalised images about one grey level of a cell
+# mean; for contrasts, their difference) never count, so that noise on a dark or covered camera
+# is not content.
 CONTENT_MIN_CHANGE = 0.02
 CONTENT_DETAIL_GROWTH = 4.0
+CONTENT_CONTRAST_CHANGE = 1.25
 
 # Trigger kinds, in the order of precedence when several fire for one stream at one frame;
 # "resolution" is recorded by the video runner, which resets the stream on a new frame size.
@@ -89,9 +93,10 @@ class DriftControl:
         `CONTENT_MIN_CHANGE` and either exceeds C times the contrast (mean absolute deviation of
         the cell means) of the frame or of the previous frame, whichever is larger, or comes
         with `CONTENT_DETAIL_GROWTH` times the previous frame's detail (upper quartile of the
-        differences of neighbouring cell means). It needs no history: it catches a cut in the
-        first frames of a stream and a scene that appears from black, a single colour or a
-        faint frame.
+        differences of neighbouring cell means); or the frame's contrast differs by a factor
+        above `CONTENT_CONTRAST_CHANGE` from its contrast at the stream's last dense step. It
+        needs no history: it catches a cut in the first frames of a stream, a scene that appears
+        from black, a single colour or a faint frame, and a fade in or out.
     escalation_bound: E >= 0, with escalation_max_tokens (None: every token). At every gate, a
         stream whose unprocessed share after the policy's selection exceeds E selects more of
         its tokens of largest change, up to escalation_max_tokens (`eventful.core.escalation`).
@@ -182,6 +187,7 @@ class DriftMonitor:
         self.previous_shape: tuple[int, ...] | None = None
         self.previous_contrast: list[float] = [0.0] * batch_size
         self.previous_detail: list[float] = [0.0] * batch_size
+        self.dense_contrast: list[float | None] = [None] * batch_size  # at the last dense step
 
     def state_dict(self) -> dict:
         """A snapshot (copied) of the triggers' running state, for `load_state_dict`."""
@@ -193,6 +199,7 @@ class DriftMonitor:
             "previous_shape": self.previous_shape,
             "previous_contrast": list(self.previous_contrast),
             "previous_detail": list(self.previous_detail),
+            "dense_contrast": list(self.dense_contrast),
         }
 
     def load_state_dict(self, snapshot: dict) -> None:
@@ -211,6 +218,7 @@ class DriftMonitor:
         self.previous_shape = None if shape is None else tuple(shape)
         self.previous_contrast = list(snapshot["previous_contrast"])
         self.previous_detail = list(snapshot["previous_detail"])
+        self.dense_contrast = list(snapshot["dense_contrast"])
 
     def plan(self, frames: object, frame: int, fresh: list[bool]) -> DriftPlan:
         """The refreshes due at step `frame` of streams whose `fresh` flag is False."""
@@ -255,6 +263,9 @@ class DriftMonitor:
             self.previous_shape = tuple(frames.shape)
             self.previous_contrast = list(plan.contrasts)
             self.previous_detail = list(plan.details)
+            for stream, contrast in enumerate(plan.contrasts):
+                if stream in dense_streams or self.dense_contrast[stream] is None:
+                    self.dense_contrast[stream] = contrast
 
     def cut_ratio(self, stream: int, change: float) -> float | None:
         """A frame change of `stream` over its typical change; None while its history is
@@ -285,6 +296,14 @@ class DriftMonitor:
         growth = detail > CONTENT_DETAIL_GROWTH * self.previous_detail[stream]
         return change > CONTENT_MIN_CHANGE and growth
 
+    def contrast_changed(self, stream: int, contrast: float) -> bool:
+        """Whether a frame's contrast differs from the contrast at the last dense step of
+        `stream` by more than CONTENT_MIN_CHANGE and by a factor above CONTENT_CONTRAST_CHANGE."""
+        before = self.dense_contrast[stream]
+        if before is None or abs(contrast - before) <= CONTENT_MIN_CHANGE:
+            return False
+        return max(contrast, before) > CONTENT_CONTRAST_CHANGE * min(contrast, before)
+
     def _fired(
         self,
         stream: int,
@@ -301,8 +320,10 @@ class DriftMonitor:
         if changes is not None and control.content_change is not None:
             change = changes[stream]
             ratio = self.content_ratio(stream, change, contrasts[stream])
-            if ratio > control.content_change or self.content_appears(
-                stream, change, details[stream]
+            if (
+                ratio > control.content_change
+                or self.content_appears(stream, change, details[stream])
+                or self.contrast_changed(stream, contrasts[stream])
             ):
                 return DriftEvent(frame, stream, "content_change", ratio)
         if self.over_bound[stream] is not None:
