@@ -28,6 +28,34 @@ def test_position_embedding_is_interpolated_for_other_input_sizes():
     assert vit(torch.randn(1, 3, 40, 96)).shape == (1, 1 + 5 * 12, 48)
 
 
+def test_the_interpolated_position_embedding_is_kept_for_its_grid_until_the_weights_change():
+    embedding = tiny_vit().embedding
+    with torch.no_grad():
+        first = embedding.position_for_grid(5, 12)
+        assert embedding.position_for_grid(5, 12) is first  # kept: not interpolated again
+        assert torch.equal(first, embedding._interpolate(5, 12))
+        other = embedding.position_for_grid(6, 6)  # a new grid: computed for it
+        assert other.shape == (1, 1 + 6 * 6, 48)
+        assert torch.equal(other, embedding._interpolate(6, 6))
+        again = embedding.position_for_grid(5, 12)
+        assert again is not first and torch.equal(again, first)
+        embedding.position.mul_(2.0)  # new weights in place (load_state_dict copies the same way)
+        assert torch.allclose(embedding.position_for_grid(5, 12), 2.0 * first, atol=1e-6)
+    with torch.enable_grad():  # training: a fresh graph every call, nothing kept
+        assert embedding.position_for_grid(5, 12).grad_fn is not None
+
+
+def test_a_model_with_a_kept_position_embedding_computes_what_it_computed_before():
+    vit = tiny_vit().eval()
+    frames = torch.randn(2, 3, 40, 96)
+    with torch.no_grad():
+        first = vit(frames)  # interpolates and keeps
+        kept = vit(frames)  # reuses
+        vit.embedding._interpolated = None
+        fresh = vit(frames)
+    assert torch.equal(first, kept) and torch.equal(kept, fresh)
+
+
 def test_layer_scale_multiplies_residual_branches():
     plain = tiny_vit(seed=3)
     scaled = tiny_vit(seed=3, layer_scale_init=1.0)

@@ -15,6 +15,10 @@ class TokenEmbedding(nn.Module):
     The learned position embedding covers the class token and a square grid of patches for
     `image_size`; other input sizes interpolate the patch part (bicubic). Registers carry no
     position embedding and sit between the class token and the patches, as in DINOv2.
+
+    Outside autograd, the interpolated embedding of the last grid is kept and reused while the
+    grid and the position parameter stay the same (a video keeps its frame size); a new grid, or
+    a change of the parameter (loading weights, moving the module), computes it anew.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class TokenEmbedding(nn.Module):
         nn.init.trunc_normal_(self.class_token, std=0.02)
         nn.init.trunc_normal_(self.registers, std=0.02)
         nn.init.trunc_normal_(self.position, std=0.02)
+        self._interpolated: tuple[tuple, Tensor] | None = None  # (key, embedding) of one grid
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -60,6 +65,15 @@ class TokenEmbedding(nn.Module):
         """Position embedding (1, 1 + rows * cols, D), interpolated when the grid differs."""
         if rows == self.grid and cols == self.grid:
             return self.position
+        if torch.is_grad_enabled() and self.position.requires_grad:
+            return self._interpolate(rows, cols)
+        position = self.position
+        key = (rows, cols, id(position), position.data_ptr(), position._version, position.device)
+        if self._interpolated is None or self._interpolated[0] != key:
+            self._interpolated = (key, self._interpolate(rows, cols))
+        return self._interpolated[1]
+
+    def _interpolate(self, rows: int, cols: int) -> Tensor:
         class_position = self.position[:, :1]
         patch_position = self.position[:, 1:]
         dim = patch_position.shape[-1]
