@@ -139,3 +139,31 @@ def test_readme_snippet_prints_what_is_stated(key):
         assert match, f"{line!r} does not match {pattern!r}"
         values.append({name: float(value) for name, value in match.groupdict().items()})
     assert expected.holds(values), printed.getvalue()
+
+
+BENCHMARKS = README.parent / "BENCHMARKS.md"
+
+
+def benchmark_table(name: str) -> list[dict[str, str]]:
+    """The first table of BENCHMARKS.md's section `name`, one dict per row keyed by column."""
+    text = BENCHMARKS.read_text()
+    section = text[text.index(f"<!-- begin {name} -->") : text.index(f"<!-- end {name} -->")]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    return [
+        dict(zip(header, (cell.strip() for cell in row.strip("|").split("|")), strict=True))
+        for row in rows[2:]
+    ]
+
+
+def test_readme_quotes_the_cost_of_the_defaults_that_the_benchmark_measured():
+    rows = {row["drift control"].split(":")[0]: row for row in benchmark_table("drift-settings")}
+    column = "op ratio, registry clips"
+    stated = (
+        f"{rows['default'][column]}x fewer ops than the dense model on the registry clips, "
+        f"against {rows['off'][column]}x with drift control off"
+    )
+    text = " ".join(README.read_text().split())
+    assert stated in text
+    assert rows["default"]["frames < 0.85"] == "0"
+    assert f"drift control off leaves {rows['off']['frames < 0.85']} such frames" in text
