@@ -168,6 +168,8 @@ def test_compared_run_exits_0_and_prints_the_summary_table(compared_run):
     assert "Traceback" not in outcome.err
     for fragment in ("GMACs / frame", "fewer ops", "ms / frame", "feature cosine", "saliency MAE"):
         assert fragment in outcome.out
+    assert "of which head" in outcome.out  # the saliency decoder's share of the ops
+    assert "decode + preprocess ms" in outcome.out  # apart from the model's time
     assert "4 frames (0 failed), 224x224" in outcome.out
     assert f"report: {paths['json']}" in outcome.out
     # Not a terminal: one plain progress line, after the last frame, of the container's count.
@@ -189,10 +191,26 @@ def test_compared_report_has_every_documented_key(compared_report, clip):
     assert set(report["dense"]) >= {"gops_per_frame", "ms_per_frame"}
     assert set(report["eventful"]) >= {"gops_per_frame", "ms_per_frame", "updated_fraction"}
     assert set(report["fidelity"]) >= {"feature_cosine_mean", "feature_cosine_min", "saliency_mae"}
+    assert set(report["pipeline"]) == {"decode_ms_per_frame", "preprocess_ms_per_frame"}
+    assert all(value > 0 for value in report["pipeline"].values())
     assert len(report["per_frame"]) == 4
     for index, frame in enumerate(report["per_frame"]):
-        assert set(frame) >= {"index", "gops", "updated_fraction", "feature_cosine"}
+        assert set(frame) >= {"index", "gops", "head_gops", "updated_fraction", "feature_cosine"}
         assert frame["index"] == index
+
+
+def test_compared_report_counts_the_whole_model_with_its_head(compared_report):
+    dense, eventful = compared_report["dense"], compared_report["eventful"]
+    # The saliency decoder: three transposed convolutions and a 1x1 convolution, at 224 x 224
+    # from the 16 x 16 patch grid of DINOv2-S/14 (384 channels), as `layer_macs` counts them.
+    head = 16 * 16 * 384 * 256 * 16 + 32 * 32 * 256 * 128 * 16 + 64 * 64 * 128 * 64 * 16
+    head += 32 * 32 * 256 + 64 * 64 * 128 + 128 * 128 * 64  # biases
+    head += 128 * 128 * 64 + 128 * 128  # the 1x1 convolution and its bias
+    assert dense["head_gops_per_frame"] == pytest.approx(head / 1e9)
+    frames = compared_report["per_frame"]
+    assert frames[0]["head_gops"] == pytest.approx(head / 1e9)  # the first frame is dense
+    assert all(frame["head_gops"] > 0 for frame in frames[1:])
+    assert 0 < eventful["head_gops_per_frame"] < dense["head_gops_per_frame"]
 
 
 def test_compared_report_averages_ops_and_updates_over_all_frames(compared_report):

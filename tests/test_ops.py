@@ -21,7 +21,12 @@ QKV = N * D * 3 * D + N * 3 * D  # 960 + 120
 PROJ = N * D * D + N * D  # 320 + 40
 FC1 = N * D * M + N * M  # 640 + 80
 FC2 = N * M * D + N * D  # 640 + 40
-DENSE = {"linear": QKV + PROJ + FC1 + FC2, "attention": 2 * N * N * D, "adds": 2 * N * D}
+DENSE = {
+    "linear": QKV + PROJ + FC1 + FC2,
+    "attention": 2 * N * N * D,
+    "adds": 2 * N * D,
+    "head": 0,
+}
 DENSE_TOTAL = 2840 + 400 + 80
 
 S = 2  # TopK(2): every gate re-processes 2 of the 5 tokens
@@ -33,6 +38,7 @@ EVENTFUL = {
         "attention": 2 * N * N * D,
         "adds": 2 * N * D,
         "gates": GATES,
+        "head": 0,
     },
     # Rows and columns of the query-key product, then a dense attention-value product.
     "qk": {
@@ -40,6 +46,7 @@ EVENTFUL = {
         "attention": 2 * S * N * D + N * N * D,
         "adds": 2 * N * D,
         "gates": GATES,
+        "head": 0,
     },
     # With 3 S >= N the full level takes every row's log-sum-exp from all logits (N^2 D); then
     # A[:, S] dV and dA V_old; deltas dV (S x D) and dA (H x N x S); two accumulations into the
@@ -49,9 +56,16 @@ EVENTFUL = {
         "attention": N * N * D + 2 * N * S * D,
         "adds": 2 * N * D + 2 * N * D,
         "gates": GATES + S * D + H * N * S,
+        "head": 0,
     },
     # With 3 S >= N the exact level recomputes every row (2 N^2 D), cheaper than its update.
-    "exact": {"linear": LINEAR_S, "attention": 2 * N * N * D, "adds": 2 * N * D, "gates": GATES},
+    "exact": {
+        "linear": LINEAR_S,
+        "attention": 2 * N * N * D,
+        "adds": 2 * N * D,
+        "gates": GATES,
+        "head": 0,
+    },
 }
 
 
@@ -81,7 +95,13 @@ def test_a_dense_and_an_incremental_step_count_what_the_shapes_give_by_hand(leve
     # Dense step: every row through every layer, q k^T and A v over n x n (2 n^2 D), two
     # residual adds (2 n D), no gate error.
     stream(frames[0])
-    dense = {"linear": linear(n), "attention": 2 * n * n * D, "adds": 2 * n * D, "gates": 0}
+    dense = {
+        "linear": linear(n),
+        "attention": 2 * n * n * D,
+        "adds": 2 * n * D,
+        "gates": 0,
+        "head": 0,
+    }
     assert stream.ops.by_category == dense
     assert stream.ops.total == stream.ops.dense == sum(dense.values())
 
@@ -116,7 +136,13 @@ def test_a_dense_and_an_incremental_step_count_what_the_shapes_give_by_hand(leve
             adds += 3 * n * H
         adds += 2 * n * D
         gates += s * D + H * n * s
-    incremental = {"linear": linear(s), "attention": attention, "adds": adds, "gates": gates}
+    incremental = {
+        "linear": linear(s),
+        "attention": attention,
+        "adds": adds,
+        "gates": gates,
+        "head": 0,
+    }
     assert stream.ops.by_category == incremental
     assert stream.ops.dense == sum(dense.values())
 
@@ -151,6 +177,7 @@ def test_counts_scale_with_depth_and_threshold_counts_per_stream():
         "attention": 2 * N * N * D + N * N * D,
         "adds": 2 * N * D,
         "gates": GATES,
+        "head": 0,
     }
     assert stream.ops.by_category == {k: 3 * v for k, v in all_tokens.items()}
     assert stream.ops.dense == 3 * DENSE_TOTAL
@@ -203,6 +230,7 @@ def test_exact_level_incremental_counts_equal_hand_derived_formulas():
         "attention": 4 * N * s * D + 2 * s * N * D,
         "adds": 2 * N * D + 3 * N * D + 3 * N * H,
         "gates": GATES,
+        "head": 0,
     }
 
 

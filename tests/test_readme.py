@@ -45,10 +45,10 @@ def fewer_ops_after_the_first(lines: list[dict[str, float]]) -> bool:
 EXPECTED = {
     ("Quick start", 0): Printed(
         # step, eventful ops over dense ops (1 on the dense first step, below after), and the
-        # ops by category (no gate ops on the first step).
+        # ops by category (no gate ops on the first step, no head on a bare ViT).
         [
             rf"{t} (?P<ratio>{NUMBER}) \{{'linear': \d+, 'attention': \d+, 'adds': \d+, "
-            r"'gates': (?P<gates>\d+)\}"
+            r"'gates': (?P<gates>\d+), 'head': 0\}"
             for t in range(3)
         ],
         lambda lines: (

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from eventful.core.local_head import convert_heads
 from eventful.core.model import EventfulModule, EventfulViT
 from eventful.core.policies import Policy
 from eventful.core.wrapper import EncoderCall, EventfulWrapper
@@ -44,7 +46,14 @@ def convert(
     call = _encoder_call(encoder, policy, level, cache_dtype)
     # The copy takes the call where the encoder was, without copying the encoder's weights.
     wrapped = copy.deepcopy(model, memo={id(encoder): call})
-    return EventfulWrapper(wrapped, path)
+    _, dense_layers = convert_heads(wrapped, path)
+    if dense_layers:
+        warnings.warn(
+            f"eventful.convert: the head layers {', '.join(dense_layers)} of "
+            f"{type(model).__name__} are not local convolutions; they run densely on every step",
+            stacklevel=2,
+        )
+    return EventfulWrapper(wrapped, path, dense_layers)
 
 
 def _is_encoder(module: nn.Module) -> bool:

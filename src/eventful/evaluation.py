@@ -20,11 +20,21 @@ class FrameFidelity:
     """One time step of one stream: cost and distance to the dense model."""
 
     index: int
-    macs: int
+    macs: int  # the whole model's, head included
     dense_macs: int
     updated_fraction: float
     feature_cosine: float
     saliency_mae: float | None
+    head_macs: int = 0  # the part of macs the head ran
+    head_dense_macs: int = 0  # the part of dense_macs the dense head runs
+
+    @property
+    def encoder_macs(self) -> int:
+        return self.macs - self.head_macs
+
+    @property
+    def encoder_dense_macs(self) -> int:
+        return self.dense_macs - self.head_dense_macs
 
 
 def output_tokens(output: Any) -> Tensor:
@@ -83,6 +93,8 @@ def compare_with_dense(
                 updated_fraction=stream.updated_fraction()[0],
                 feature_cosine=cosine.item(),
                 saliency_mae=mae,
+                head_macs=stream.ops.head,
+                head_dense_macs=stream.ops.head_dense,
             )
         )
     return results

@@ -90,8 +90,13 @@ class OpsBudget(BudgetPolicy):
     back long after. Without observations (no `Stream`, or `count_ops=False`) k follows the op
     model alone.
 
-    The budget must lie between the ops of k = 1 and those of the dense model for the input:
+    The budget covers the whole model, its head included (category "head" of `stream.ops`):
+    the head's ops of the last step come off the target before k is chosen.
+
+    The budget must lie between the ops of k = 1 and those of the dense encoder for the input:
     checked (ValueError) when the policy first sees a model or input size, and when changed.
+    A head adds its own ops on top, known once it has run: a budget below them and the encoder's
+    k = 1 ops is out of reach, and the stream runs k = 1.
     """
 
     unit = "GMACs per frame"
@@ -102,6 +107,7 @@ class OpsBudget(BudgetPolicy):
         self.horizon = horizon
         self.blocks: nn.ModuleList | None = None
         self.debt = 0.0  # multiply-accumulates per stream spent beyond the budget
+        self.head_macs = 0.0  # per stream, the head's ops at the last observed step
         self._macs_range = (0, 0)  # per stream: k = 1, dense
         super().__init__(gops_per_frame, norm)
 
@@ -116,6 +122,7 @@ class OpsBudget(BudgetPolicy):
         self._check_range(self._budget, macs_range, num_tokens)
         self.blocks, self.num_tokens, self._macs_range = blocks, num_tokens, macs_range
         self.debt = 0.0
+        self.head_macs = 0.0
         self._choose_k()
 
     def set_budget(self, value: float) -> None:
@@ -126,13 +133,15 @@ class OpsBudget(BudgetPolicy):
     def observe(self, report: StepReport) -> None:
         if report.ops is None or self.blocks is None:
             return
-        measured = report.ops.total / len(report.ops.per_stream)
+        streams = len(report.ops.per_stream)
+        measured = report.ops.total / streams
+        self.head_macs = report.ops.by_category["head"] / streams
         dense = self._macs_range[1]
         self.debt = min(max(self.debt + measured - self._budget * 1e9, -dense), dense)
         self._choose_k()
 
     def _choose_k(self) -> None:
-        target = self._budget * 1e9 - self.debt / self.horizon
+        target = self._budget * 1e9 - self.debt / self.horizon - self.head_macs
         self.k = max(1, largest_topk_within(self.blocks, self.num_tokens, target))
 
     def _check_range(self, gops: float, macs_range: tuple[int, int], num_tokens: int) -> None:

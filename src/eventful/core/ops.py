@@ -4,16 +4,22 @@ Conventions (the paper's code): a linear layer costs input elements x out_featur
 add per output element for its bias; a matmul costs output elements x inner dimension; an add
 or subtraction costs one per output element. LayerNorm, softmax, GELU, the patch embedding and
 the final norm are not counted; LayerScale and the attention scale are folded into weights.
+A convolution costs output elements x (input channels / groups x kernel elements), a transposed
+convolution input elements x (output channels / groups x kernel elements), each plus one add
+per output element for its bias; normalisation, activations and resizing are not counted.
 
 Categories:
 - "linear": the token-wise linear layers (qkv, output projection, MLP);
 - "attention": the query-key and attention-value matmuls, dense or incremental;
 - "adds": residual adds and accumulation into the cached attention-value product;
-- "gates": gate errors and their norms, and the deltas of the delta gates.
+- "gates": gate errors and their norms, and the deltas of the delta gates;
+- "head": the linear and convolution layers a wrapped model runs on the encoder's tokens (a
+  classifier, the saliency decoder): `layer_macs` of each, as they ran.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +29,8 @@ from eventful.core.attention import exact_update_is_dense
 from eventful.core.gates import GateStep
 from eventful.core.selection import Selection
 
-CATEGORIES = ("linear", "attention", "adds", "gates")
+CATEGORIES = ("linear", "attention", "adds", "gates", "head")
+HEAD_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 @dataclass
@@ -40,6 +47,10 @@ class StepTrace:
     unprocessed: list[dict[str, Tensor]] = field(default_factory=list)
     # Per block and gate: per stream, the tokens escalation added (escalation.py; 0 if none).
     escalated: list[dict[str, list[int]]] = field(default_factory=list)
+    # Multiply-accumulates of the head's layers (`HEAD_LAYERS`) in this step, whole batch;
+    # what the dense model's head costs on the same input.
+    head_macs: int = 0
+    head_dense_macs: int = 0
 
     def record_block(self, gates: dict[str, GateStep], recomputed_rows: list[int]) -> None:
         """Append one block's gate steps and the rows its attention recomputed."""
@@ -66,6 +77,18 @@ class OpCount:
     # Per stream: the part of per_stream spent on tokens that escalation added beyond the
     # policy's selection (eventful.core.escalation); included in per_stream.
     escalated_per_stream: list[int] = field(default_factory=list)
+    # Per stream: the dense model's head on the same input; included in dense_per_stream.
+    head_dense_per_stream: list[int] = field(default_factory=list)
+
+    @property
+    def head(self) -> int:
+        """Multiply-accumulates of the head (category "head"), summed over the batch."""
+        return sum(stream["head"] for stream in self.per_stream)
+
+    @property
+    def head_dense(self) -> int:
+        """Multiply-accumulates of the dense model's head, summed over the batch."""
+        return sum(self.head_dense_per_stream)
 
     @property
     def escalated(self) -> int:
@@ -85,6 +108,17 @@ class OpCount:
     @property
     def by_category(self) -> dict[str, int]:
         return {name: sum(stream[name] for stream in self.per_stream) for name in CATEGORIES}
+
+
+def layer_macs(layer: nn.Module, inputs: Tensor, output: Tensor) -> int:
+    """Multiply-accumulates of one call of a linear or convolution layer (`HEAD_LAYERS`)."""
+    bias = output.numel() if getattr(layer, "bias", None) is not None else 0
+    if isinstance(layer, nn.Linear):
+        return output.numel() * layer.in_features + bias
+    kernel = math.prod(layer.kernel_size)
+    if layer.transposed:
+        return inputs.numel() * (layer.out_channels // layer.groups) * kernel + bias
+    return output.numel() * (layer.in_channels // layer.groups) * kernel + bias
 
 
 def linear_macs(rows: int, layer: nn.Linear) -> int:
@@ -164,6 +198,9 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
     dense = [0] * batch
     escalated = [0] * batch
     gates_run = len(trace.fresh_streams) < batch
+    for stream in range(batch):
+        per_stream[stream]["head"] = trace.head_macs // batch
+        dense[stream] += trace.head_dense_macs // batch
     steps = zip(blocks, trace.blocks, trace.escalated, trace.recomputed_rows, strict=True)
     for block, selections, added, recomputed_rows in steps:
         block_dense = sum(dense_block_macs(block, trace.num_tokens).values())
@@ -183,7 +220,8 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
                     block, trace.num_tokens, own, fresh, gates_run, recomputed
                 )
                 escalated[stream] += sum(macs.values()) - sum(without.values())
-    return OpCount(per_stream, dense, escalated)
+    head_dense = [trace.head_dense_macs // batch] * batch
+    return OpCount(per_stream, dense, escalated, head_dense)
 
 
 def steady_topk_macs(blocks: nn.ModuleList, num_tokens: int, k: int) -> int:

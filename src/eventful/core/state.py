@@ -23,7 +23,8 @@ class StreamState:
     """The caches of a batch of B independent streams for one eventful model.
 
     Holds, per block, the gate references, token buffers and attention caches (all with a
-    leading batch dimension), the input size they were built for, and which streams are
+    leading batch dimension), the caches of an eventful head (`heads`: per stack, positions of
+    all streams in rows), the input size they were built for, and which streams are
     *fresh*: reset or never run, so their next step runs densely and refills their caches.
     Tensors are allocated on the first step, on the frames' device.
     """
@@ -35,6 +36,8 @@ class StreamState:
         self.fresh = [True] * batch_size
         self.input_size: tuple[int, int] | None = None
         self.blocks: list[dict[str, Tensor]] = []
+        # Per eventful head stack (`eventful.core.local_head`), its caches; filled by its steps.
+        self.heads: dict[str, dict[str, Tensor]] = {}
 
     @property
     def allocated(self) -> bool:
@@ -91,11 +94,16 @@ class StreamState:
         self.blocks = [
             {name: tensor.to(device) for name, tensor in block.items()} for block in self.blocks
         ]
+        self.heads = {
+            stack: {name: tensor.to(device) for name, tensor in caches.items()}
+            for stack, caches in self.heads.items()
+        }
         return self
 
     def nbytes(self) -> int:
         """Bytes held by all caches of all streams."""
-        return sum(t.numel() * t.element_size() for block in self.blocks for t in block.values())
+        caches = [*self.blocks, *self.heads.values()]
+        return sum(t.numel() * t.element_size() for block in caches for t in block.values())
 
     def nbytes_per_stream(self) -> int:
         return self.nbytes() // self.batch_size
@@ -107,6 +115,10 @@ class StreamState:
             "fresh": list(self.fresh),
             "input_size": self.input_size,
             "blocks": [{name: t.clone() for name, t in block.items()} for block in self.blocks],
+            "heads": {
+                stack: {name: t.clone() for name, t in caches.items()}
+                for stack, caches in self.heads.items()
+            },
         }
 
     def load_state_dict(self, snapshot: dict) -> None:
@@ -120,3 +132,7 @@ class StreamState:
         self.blocks = [
             {name: t.clone() for name, t in block.items()} for block in snapshot["blocks"]
         ]
+        self.heads = {
+            stack: {name: t.clone() for name, t in caches.items()}
+            for stack, caches in snapshot.get("heads", {}).items()
+        }

@@ -14,8 +14,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from eventful.core.escalation import Escalation
+from eventful.core.local_head import HeadStep, LocalStack
 from eventful.core.model import EventfulModule, EventfulViT
-from eventful.core.ops import StepTrace
+from eventful.core.ops import HEAD_LAYERS, StepTrace, layer_macs
 from eventful.core.policies import Policy
 from eventful.core.state import StreamState
 
@@ -70,14 +71,23 @@ class EventfulWrapper(EventfulModule):
     If the wrapped model fails after its encoder has stepped (its head raises, or it calls the
     encoder a second time), every stream of the state is reset: its next step runs densely.
 
+    The head's local convolution stacks are `LocalStack`s (`eventful.core.local_head`): they
+    recompute only the output their changed input reaches, with caches in the stream state
+    (`StreamState.heads`). `dense_head_layers` names the head's other layers with weights, which
+    run in full on every step. With a `trace`, the head's multiply-accumulates are counted
+    (`eventful.core.ops`, category "head"), with what the dense head would have run.
+
     `model` is the copy of the user's model that holds the `EncoderCall` at `call_path`
     ("" when the encoder is the whole model).
     """
 
-    def __init__(self, model: nn.Module, call_path: str) -> None:
+    def __init__(
+        self, model: nn.Module, call_path: str, dense_head_layers: Sequence[str] = ()
+    ) -> None:
         super().__init__()
         self.model = model
         self.call_path = call_path
+        self.dense_head_layers = list(dense_head_layers)
 
     @property
     def call(self) -> EncoderCall:
@@ -114,6 +124,17 @@ class EventfulWrapper(EventfulModule):
             "escalation": escalation,
         }
         call._step = {"arguments": arguments, "called": False}
+        dense = bool(state.fresh_streams()) or bool(refresh)
+        head = HeadStep(
+            state.heads,
+            dense,
+            grid=lambda: self.encoder.embedding.grid_size(*state.input_size),
+            shares=lambda: self._head_shares(state, trace),
+        )
+        stacks = self.local_stacks()
+        for stack in stacks:
+            stack.step = head
+        hooks = [] if trace is None else self._count_head(trace)
         try:
             output = self.model(frames)
             if not call._step["called"]:
@@ -126,4 +147,50 @@ class EventfulWrapper(EventfulModule):
             raise
         finally:
             call._step = None
+            for stack in stacks:
+                stack.step = None
+            for hook in hooks:
+                hook.remove()
+        if trace is not None:
+            trace.head_macs += head.macs
+            trace.head_dense_macs += head.dense_macs
         return output
+
+    def _head_shares(self, state: StreamState, trace: StepTrace | None) -> list[float] | None:
+        """Per stream, the share of its tokens the encoder's policy selected in this step: its
+        fixed count over the token count, or, for a policy whose count varies, the last gate's
+        selection (with a trace; without one, None: the head passes on every change)."""
+        num_tokens = self.encoder.embedding.num_tokens(*state.input_size)
+        fixed = self.policy.tokens_per_stream(num_tokens)
+        if fixed is not None:
+            return [fixed / num_tokens] * state.batch_size
+        if trace is not None and trace.blocks:
+            return [count / num_tokens for count in trace.blocks[-1]["mlp"].counts]
+        return None
+
+    def local_stacks(self) -> list[LocalStack]:
+        """The head's eventful convolution stacks."""
+        return [module for module in self.model.modules() if isinstance(module, LocalStack)]
+
+    def head_layers(self) -> list[nn.Module]:
+        """The linear and convolution layers of the wrapped model that run densely: outside its
+        encoder and its `LocalStack`s."""
+        if not self.call_path:  # the encoder is the whole model
+            return []
+        skipped = [self.call_path]
+        layers = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, LocalStack):
+                skipped.append(name)
+            inside = any(name.startswith(path + ".") for path in skipped)
+            if isinstance(module, HEAD_LAYERS) and not inside:
+                layers.append(module)
+        return layers
+
+    def _count_head(self, trace: StepTrace) -> list:
+        def count(layer: nn.Module, inputs: tuple, output: Tensor) -> None:
+            macs = layer_macs(layer, inputs[0], output)
+            trace.head_macs += macs
+            trace.head_dense_macs += macs
+
+        return [layer.register_forward_hook(count) for layer in self.head_layers()]

@@ -18,8 +18,10 @@ def _mean(values: list[float | None]) -> float | None:
 def run_report(result: RunResult) -> dict:
     """The JSON document of `eventful run --json`.
 
-    gops: 1e9 multiply-accumulates per frame, averaged over all frames (the first included);
-    ms_per_frame: median wall time over the frames after the first; updated_fraction: mean
+    gops: 1e9 multiply-accumulates per frame of the whole model, averaged over all frames (the
+    first included); head_gops: the part of it the head (a decoder, a classifier) ran;
+    ms_per_frame: median wall time of the model over the frames after the first (decoding and
+    preprocessing apart: `pipeline`); updated_fraction: mean
     fraction of tokens processed by the token-wise layers. Dense timing and fidelity need
     --compare and are null without it. policy: the policy in force at the first frame;
     budget_schedule: the (frame, policy) changes asked for. Per frame: the policy in force,
@@ -47,12 +49,18 @@ def run_report(result: RunResult) -> dict:
         "notes": result.notes,
         "drift": None if drift is None else dataclasses.asdict(drift),
         "events": dict(Counter(event.kind for f in frames for event in f.events)),
+        "pipeline": {
+            "decode_ms_per_frame": result.median_ms(part="decode"),
+            "preprocess_ms_per_frame": result.median_ms(part="preprocess"),
+        },
         "dense": {
             "gops_per_frame": _mean([f.dense_macs / 1e9 for f in frames]),
+            "head_gops_per_frame": _mean([f.head_dense_macs / 1e9 for f in frames]),
             "ms_per_frame": result.median_ms(dense=True) if compare else None,
         },
         "eventful": {
             "gops_per_frame": _mean([f.macs / 1e9 for f in frames]),
+            "head_gops_per_frame": _mean([f.head_macs / 1e9 for f in frames]),
             "ms_per_frame": result.median_ms(),
             "updated_fraction": _mean([f.updated_fraction for f in frames]),
             "estimated_cosine_mean": _mean(estimated),
@@ -69,6 +77,7 @@ def run_report(result: RunResult) -> dict:
             {
                 "index": f.index,
                 "gops": f.macs / 1e9,
+                "head_gops": f.head_macs / 1e9,
                 "updated_fraction": f.updated_fraction,
                 "feature_cosine": f.feature_cosine,
                 "saliency_mae": f.saliency_mae,
@@ -102,6 +111,7 @@ def summary(report: dict) -> Summary:
     """The summary table of a run report: ops, time, tokens updated and fidelity, dense
     against eventful."""
     dense, eventful, fidelity = report["dense"], report["eventful"], report["fidelity"]
+    pipeline = report["pipeline"]
 
     def number(value: float | None, digits: int = 2) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
@@ -123,13 +133,33 @@ def summary(report: dict) -> Summary:
             ratio(dense["gops_per_frame"], eventful["gops_per_frame"], "fewer ops", "more ops"),
         ),
         (
-            "ms / frame",
+            "  of which head",
+            number(dense["head_gops_per_frame"], 3),
+            number(eventful["head_gops_per_frame"], 3),
+            ratio(
+                dense["head_gops_per_frame"],
+                eventful["head_gops_per_frame"],
+                "fewer ops",
+                "more ops",
+            ),
+        ),
+        (
+            "model ms / frame",
             number(dense["ms_per_frame"], 1),
             number(eventful["ms_per_frame"], 1),
             ratio(dense["ms_per_frame"], eventful["ms_per_frame"], "faster", "slower"),
         ),
+        (
+            "decode + preprocess ms",
+            "",
+            f"{number(pipeline['decode_ms_per_frame'], 1)} + "
+            f"{number(pipeline['preprocess_ms_per_frame'], 1)}",
+            "per frame, either model",
+        ),
         ("tokens updated", "100%", f"{eventful['updated_fraction']:.1%}", ""),
     ]
+    if not dense["head_gops_per_frame"]:
+        rows.pop(1)  # a bare encoder: no head
     if fidelity["feature_cosine_mean"] is not None:
         rows.append(
             (

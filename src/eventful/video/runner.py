@@ -26,7 +26,7 @@ class FrameResult:
     """One decoded frame: its cost, its time and, with a comparison, its distance to dense."""
 
     index: int
-    macs: int
+    macs: int  # the whole model's, head included
     dense_macs: int
     updated_fraction: float
     ms: float
@@ -38,6 +38,10 @@ class FrameResult:
     feature_cosine: float | None = None
     saliency_mae: float | None = None
     estimated_cosine: float | None = None  # the engine's own estimate of feature_cosine
+    head_macs: int = 0  # the part of macs the head ran
+    head_dense_macs: int = 0  # the part of dense_macs the dense head runs
+    decode_ms: float = 0.0  # decoding the frame from the video
+    preprocess_ms: float = 0.0  # resizing and normalising it into the model's input
 
 
 @dataclass
@@ -66,9 +70,13 @@ class RunResult:
     drift: DriftControl | None = None
     schedule: list[tuple[int, Policy]] = field(default_factory=list)
 
-    def median_ms(self, dense: bool = False) -> float | None:
-        """Median wall time per frame over the frames after the first."""
-        times = [f.dense_ms if dense else f.ms for f in self.frames[1:]]
+    def median_ms(self, dense: bool = False, part: str | None = None) -> float | None:
+        """Median wall time per frame over the frames after the first: of the eventful model,
+        of the dense model (`dense`), or of a `part` of the pipeline ("decode", "preprocess")."""
+        if part is not None:
+            times = [getattr(f, f"{part}_ms") for f in self.frames[1:]]
+        else:
+            times = [f.dense_ms if dense else f.ms for f in self.frames[1:]]
         times = [t for t in times if t is not None]
         return statistics.median(times) if times else None
 
@@ -122,8 +130,22 @@ def run_video(
     )
     if estimate is None:
         result.notes.append(f"no fidelity estimate is calibrated for {model.name} at level {level}")
+    dense_head = getattr(converted, "dense_head_layers", [])
+    if dense_head:
+        result.notes.append(
+            f"the head layers {', '.join(dense_head)} are not local convolutions: they ran "
+            "densely on every frame"
+        )
     frame_size = None
-    for index, rgb in enumerate(reader):
+    frames = iter(reader)
+    index = -1
+    while True:
+        start = time.perf_counter()
+        rgb = next(frames, None)
+        if rgb is None:
+            break
+        decode_ms = (time.perf_counter() - start) * 1000
+        index += 1
         events = []
         if frame_size is not None and rgb.shape[:2] != frame_size:
             stream.reset()
@@ -135,14 +157,20 @@ def run_video(
         if index in changes:
             converted.policy = scheduled_policy(converted.policy, changes[index])
         frame_size = rgb.shape[:2]
+        start = time.perf_counter()
         image = model.preprocess(rgb)
         batch = image.unsqueeze(0).to(device)
+        preprocess_ms = (time.perf_counter() - start) * 1000
         in_force = converted.policy
         output, ms = _timed(stream, batch, device)
         frame = FrameResult(
             index=index,
             macs=stream.ops.total,
             dense_macs=stream.ops.dense,
+            head_macs=stream.ops.head,
+            head_dense_macs=stream.ops.head_dense,
+            decode_ms=decode_ms,
+            preprocess_ms=preprocess_ms,
             updated_fraction=stream.updated_fraction()[0],
             ms=ms,
             policy=repr(in_force),

@@ -1,0 +1,353 @@
+"""Eventful heads: convolution stacks that recompute only what a changed input position reaches.
+
+A head made of convolutions (the saliency decoder's transposed convolutions, later a detector's
+feature pyramid) is local: an input position reaches a bounded window of each layer's output. So
+when only some positions of the head's input changed since the last step, each layer's output
+changes only inside the windows of those positions. A `LocalStack` stands in for a chain of such
+layers, `conv (pointwise)* conv (pointwise)* ...`, and keeps, per stream, each convolution's input
+and its output before the pointwise layers (its *pre-activation*). A step
+
+1. compares the stack's input with the cached one, position by position. On the encoder's
+   patch grid (the input is the encoder's tokens, `HeadStep.grid`) it takes the positions of
+   largest change, as the encoder's gates take tokens: per stream, the share of positions that
+   the encoder's policy selects of its tokens in this step (`HeadStep.shares`); like a token
+   gate's reference, the cache keeps the last value passed on, so a position left out carries
+   its change to a later step. Elsewhere (the output of another stack) it takes every position
+   that changed at all;
+2. for each convolution, multiplies the changed positions' input deltas with the kernel and adds
+   them into the cached pre-activation at the output positions they reach (a convolution is
+   linear in its input, and its bias is already in the cache);
+3. applies the pointwise layers (normalisation in eval mode, activations) at the output positions
+   touched, and passes their change on to the next convolution.
+
+A step in which any stream of the batch runs densely (its first step, a refresh, a new input
+size), or in which the encoder's policy selects every token, runs every convolution as the
+original layers do: with every token selected the stack computes exactly what the dense head
+computes. A convolution more than `DENSE_SHARE` of whose input positions changed runs densely
+too. Incremental updates add deltas to cached sums: equal
+to the dense head up to float rounding (README, "What is exact").
+
+Local layers: `nn.Conv2d` and `nn.ConvTranspose2d` with one group and zero padding given as
+numbers, followed by any of `POINTWISE`. The rest of a head (a global pooling, a linear layer
+over pooled tokens, attention) is not local and runs densely; `eventful.convert` says so once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from eventful.core.ops import HEAD_LAYERS, layer_macs
+
+# Layers that act on each position alone. BatchNorm2d in training mode uses batch statistics: a
+# stack holding one runs densely while the model trains.
+POINTWISE = (
+    nn.BatchNorm2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Identity,
+    nn.Dropout,
+)
+
+# Above this share of changed input positions a convolution runs densely: its sparse update costs
+# as many multiply-accumulates per changed position as the dense layer per position, plus the
+# gather and the scatter.
+DENSE_SHARE = 0.5
+
+
+def is_local_convolution(layer: nn.Module) -> bool:
+    return (
+        isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))
+        and layer.groups == 1
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+    )
+
+
+def is_local_stack(module: nn.Module) -> bool:
+    """A local convolution, or a `nn.Sequential` of local layers that starts with one."""
+    if is_local_convolution(module):
+        return True
+    if not isinstance(module, nn.Sequential) or len(module) == 0:
+        return False
+    return is_local_convolution(module[0]) and all(
+        is_local_convolution(layer) or isinstance(layer, POINTWISE) for layer in module
+    )
+
+
+@dataclass
+class HeadStep:
+    """What a wrapper hands its stacks for one step: the state's head caches (by stack name),
+    whether the step runs the streams densely, the encoder's patch grid (rows, columns) and per
+    stream the share of positions a stack's input on that grid passes on (`shares`, called once
+    the encoder has run; None: every changed position), and the multiply-accumulates the stacks
+    ran and those the dense head would have run (whole batch)."""
+
+    caches: dict[str, dict[str, Tensor]]
+    dense: bool
+    grid: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    shares: Callable[[], list[float] | None] = lambda: None
+    macs: int = 0
+    dense_macs: int = 0
+
+
+class LocalStack(nn.Module):
+    """Stands in for a local convolution stack (`is_local_stack`) of a wrapped model's head.
+
+    `name` keys its caches in the stream state (`StreamState.heads`). It runs only inside a
+    step of its wrapper, which sets `step`.
+    """
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__()
+        if not is_local_stack(module):
+            raise TypeError(f"{type(module).__name__} {name!r} is not a local convolution stack")
+        self.name = name
+        self.layers = nn.ModuleList(module if isinstance(module, nn.Sequential) else [module])
+        self.stages: list[tuple[nn.Module, list[nn.Module]]] = []
+        for layer in self.layers:
+            if is_local_convolution(layer):
+                self.stages.append((layer, []))
+            else:
+                self.stages[-1][1].append(layer)
+        self.step: HeadStep | None = None
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        step = self.step
+        if step is None:
+            raise RuntimeError(
+                f"the eventful head {self.name!r} runs only inside a step of its eventful model "
+                "(call the converted model or its stream, not the inner module)"
+            )
+        if inputs.dim() != 4:
+            raise ValueError(
+                f"the head {self.name!r} expects (B, C, H, W) inputs, got {tuple(inputs.shape)}"
+            )
+        shapes = [tuple(inputs.shape)]
+        for conv, _ in self.stages:
+            shapes.append(output_shape(conv, shapes[-1]))
+        caches = step.caches.get(self.name)
+        shares = step.shares()
+        dense = (
+            step.dense
+            or (shares is not None and all(share >= 1 for share in shares))
+            or caches is None
+            or tuple(caches["input0"].shape) != (positions(shapes[0]), shapes[0][1])
+            or caches["input0"].dtype != inputs.dtype
+            or caches["input0"].device != inputs.device
+            or any(isinstance(layer, nn.BatchNorm2d) and layer.training for layer in self.layers)
+        )
+        if dense:
+            caches = {"input0": flat_copy(inputs)}
+            step.caches[self.name] = caches
+            change = None
+        else:
+            change = self._input_change(inputs, caches, shares)
+        # A dense step runs the original layers on the input itself; otherwise a stage that
+        # runs densely reads its cached input, which holds only the changes passed on.
+        outputs = inputs if dense else None
+        for index, (conv, pointwise) in enumerate(self.stages):
+            step.dense_macs += dense_convolution_macs(conv, shapes[index])
+            if change is None or len(change[0]) > DENSE_SHARE * positions(shapes[index]):
+                if outputs is None:
+                    outputs = unflat(caches[f"input{index}"], shapes[index]).contiguous()
+                outputs, change = self._dense_stage(index, conv, pointwise, outputs, caches)
+            else:
+                change = self._sparse_stage(index, conv, pointwise, caches, change, shapes)
+                outputs = None
+        if outputs is None:
+            outputs = unflat(caches[f"input{len(self.stages)}"], shapes[-1]).contiguous()
+        return outputs
+
+    def _input_change(
+        self, inputs: Tensor, caches: dict[str, Tensor], shares: list[float] | None
+    ) -> tuple[Tensor, Tensor]:
+        """The input positions passed on in this step (flat indices), and their deltas."""
+        current = flat(inputs)
+        cached = caches["input0"]
+        difference = current - cached
+        norms = torch.linalg.vector_norm(difference, dim=1)
+        self.step.macs += 2 * current.numel()  # a subtraction and a square per element
+        batch = inputs.shape[0]
+        per_stream = norms.view(batch, -1)
+        count = per_stream.shape[1]
+        if shares is None or tuple(inputs.shape[2:]) != self.step.grid():
+            changed = norms.ne(0).nonzero().squeeze(1)
+        else:
+            chosen = []
+            for stream, share in enumerate(shares):
+                k = min(count, max(1, round(share * count)))
+                top = per_stream[stream].topk(k, sorted=False).indices
+                top = top[per_stream[stream, top] > 0]  # an unchanged position needs nothing
+                chosen.append(top + stream * count)
+            changed = torch.cat(chosen)
+        cached[changed] = current[changed]
+        return changed, difference[changed]
+
+    def _dense_stage(
+        self,
+        index: int,
+        conv: nn.Module,
+        pointwise: list[nn.Module],
+        inputs: Tensor,
+        caches: dict[str, Tensor],
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Stage `index` on its whole input, as the original layers run; the change of its
+        output against the cached one (None when there was none to compare with)."""
+        pre = conv(inputs)
+        self.step.macs += dense_convolution_macs(conv, tuple(inputs.shape))
+        outputs = pre
+        for layer in pointwise:
+            outputs = layer(outputs)
+        caches[f"pre{index}"] = flat_copy(pre)
+        current = flat_copy(outputs)
+        previous = caches.get(f"input{index + 1}")
+        caches[f"input{index + 1}"] = current
+        if previous is None or previous.shape != current.shape:
+            return outputs, None
+        difference = current - previous
+        changed = difference.ne(0).any(1).nonzero().squeeze(1)
+        self.step.macs += current.numel()
+        return outputs, (changed, difference[changed])
+
+    def _sparse_stage(
+        self,
+        index: int,
+        conv: nn.Module,
+        pointwise: list[nn.Module],
+        caches: dict[str, Tensor],
+        change: tuple[Tensor, Tensor],
+        shapes: list[tuple[int, ...]],
+    ) -> tuple[Tensor, Tensor]:
+        """Add the input deltas of stage `index` into its pre-activation where they reach, apply
+        the pointwise layers there; the positions of its output that changed, and by how much."""
+        changed, deltas = change
+        _, in_channels, height, width = shapes[index]
+        _, out_channels, out_height, out_width = shapes[index + 1]
+        kernel_h, kernel_w = conv.kernel_size
+        # (C_in, K * C_out): row c holds what a unit delta of channel c adds at each kernel offset.
+        if isinstance(conv, nn.ConvTranspose2d):
+            weight = conv.weight.permute(0, 2, 3, 1)
+        else:
+            weight = conv.weight.permute(1, 2, 3, 0)
+        weight = weight.reshape(in_channels, kernel_h * kernel_w * out_channels)
+        contributions = (deltas @ weight).view(-1, kernel_h * kernel_w, out_channels)
+        stream, rest = changed // (height * width), changed % (height * width)
+        rows = reach(conv, 0, rest // width, out_height)
+        cols = reach(conv, 1, rest % width, out_width)
+        row, row_ok = rows[0][:, :, None], rows[1][:, :, None]
+        col, col_ok = cols[0][:, None, :], cols[1][:, None, :]
+        valid = (row_ok & col_ok).flatten(1)
+        targets = (stream[:, None, None] * out_height + row) * out_width + col
+        targets = targets.flatten(1)[valid]
+        pre = caches[f"pre{index}"]
+        pre.index_add_(0, targets, contributions[valid])
+        touched = targets.unique()
+        outputs = pre[touched].view(-1, out_channels, 1, 1)
+        for layer in pointwise:
+            outputs = layer(outputs)
+        outputs = outputs.view(-1, out_channels)
+        cached = caches[f"input{index + 1}"]
+        difference = outputs - cached[touched]
+        cached[touched] = outputs
+        moved = difference.ne(0).any(1)
+        # The delta product, the scattered adds, and one subtraction per touched output element.
+        self.step.macs += deltas.numel() * kernel_h * kernel_w * out_channels
+        self.step.macs += (len(targets) + len(touched)) * out_channels
+        return touched[moved], difference[moved]
+
+
+def reach(conv: nn.Module, axis: int, coordinates: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """For input coordinates (m,) along `axis`, the output coordinate each kernel offset reaches
+    (m, kernel) and whether it lies inside the output (of `size` along that axis)."""
+    kernel, stride = conv.kernel_size[axis], conv.stride[axis]
+    padding, dilation = conv.padding[axis], conv.dilation[axis]
+    offsets = torch.arange(kernel, device=coordinates.device) * dilation
+    if isinstance(conv, nn.ConvTranspose2d):
+        # Input i feeds outputs i * stride - padding + offset.
+        reached = coordinates[:, None] * stride - padding + offsets[None, :]
+        inside = (reached >= 0) & (reached < size)
+        return reached.clamp(0, size - 1), inside
+    # Output o reads inputs o * stride - padding + offset: input i feeds o = (i + padding -
+    # offset) / stride where that divides.
+    shifted = coordinates[:, None] + padding - offsets[None, :]
+    reached = torch.div(shifted, stride, rounding_mode="floor")
+    inside = (shifted % stride == 0) & (shifted >= 0) & (reached < size)
+    return reached.clamp(0, size - 1), inside
+
+
+def positions(shape: tuple[int, ...]) -> int:
+    """Positions (B * H * W) of a (B, C, H, W) shape."""
+    return shape[0] * shape[2] * shape[3]
+
+
+def flat(inputs: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B * H * W, C), positions in row-major order per stream."""
+    batch, channels, height, width = inputs.shape
+    return inputs.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+
+
+def flat_copy(inputs: Tensor) -> Tensor:
+    """`flat` into new, contiguous memory: a cache that shares nothing with `inputs`."""
+    return flat(inputs).clone(memory_format=torch.contiguous_format)
+
+
+def unflat(rows: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """(B * H * W, C) -> a (B, C, H, W) view."""
+    batch, channels, height, width = shape
+    return rows.view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def output_shape(conv: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The (B, C, H, W) output shape of a local convolution for an input shape."""
+    sizes = []
+    for axis, size in enumerate(input_shape[2:]):
+        kernel, stride = conv.kernel_size[axis], conv.stride[axis]
+        padding, dilation = conv.padding[axis], conv.dilation[axis]
+        span = dilation * (kernel - 1) + 1
+        if isinstance(conv, nn.ConvTranspose2d):
+            extra = conv.output_padding[axis]
+            sizes.append((size - 1) * stride - 2 * padding + span + extra)
+        else:
+            sizes.append((size + 2 * padding - span) // stride + 1)
+    return (input_shape[0], conv.out_channels, *sizes)
+
+
+def dense_convolution_macs(conv: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """`layer_macs` of a local convolution run densely on an input of `input_shape`."""
+    inputs = torch.empty(input_shape, device="meta")
+    outputs = torch.empty(output_shape(conv, input_shape), device="meta")
+    return layer_macs(conv, inputs, outputs)
+
+
+def convert_heads(model: nn.Module, encoder_path: str) -> tuple[list[str], list[str]]:
+    """Replace, in place, every outermost local stack of `model` outside the module at
+    `encoder_path` by a `LocalStack`; returns the stacks' names and the names of the head's
+    other layers with weights, which run densely (a linear layer, attention, ...)."""
+    stacks: list[str] = []
+    dense: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not name or _inside(name, [encoder_path, *stacks]):
+            continue
+        if is_local_stack(module):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LocalStack(name, module))
+            stacks.append(name)
+        elif isinstance(module, HEAD_LAYERS) or (
+            not isinstance(module, POINTWISE) and any(module.parameters(recurse=False))
+        ):
+            dense.append(f"{name} ({type(module).__name__})")
+    return stacks, dense
+
+
+def _inside(name: str, paths: list[str]) -> bool:
+    return any(name == path or name.startswith(path + ".") for path in paths)

@@ -1,0 +1,257 @@
+"""Eventful heads: local convolution stacks recompute only what their changed inputs reach."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import eventful
+from eventful.core.local_head import HeadStep, LocalStack, output_shape
+from eventful.models.saliency import SaliencyDecoder, SaliencyModel
+from tests.helpers import assert_equal_up_to_rounding, tiny_vit
+
+# Every kind of layer geometry the scatter must place: transposed and plain, strides, paddings,
+# dilations, odd kernels, output padding.
+CONVOLUTIONS = {
+    "transposed 4/2/1": lambda: nn.ConvTranspose2d(6, 5, 4, stride=2, padding=1),
+    "transposed 3/2/1 +1": lambda: nn.ConvTranspose2d(
+        6, 5, 3, stride=2, padding=1, output_padding=1
+    ),
+    "transposed dilated": lambda: nn.ConvTranspose2d(6, 5, 3, stride=1, padding=2, dilation=2),
+    "plain 3/1/1": lambda: nn.Conv2d(6, 5, 3, padding=1),
+    "plain 3/2/1": lambda: nn.Conv2d(6, 5, 3, stride=2, padding=1),
+    "plain 1x1": lambda: nn.Conv2d(6, 5, 1),
+    "plain 5x3 dilated": lambda: nn.Conv2d(6, 5, (5, 3), padding=(4, 1), dilation=(2, 1)),
+}
+
+
+def stack_of(first: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    batch_norm = nn.BatchNorm2d(5)
+    batch_norm.running_mean.uniform_(-0.5, 0.5)
+    batch_norm.running_var.uniform_(0.5, 2.0)
+    layers = nn.Sequential(first, batch_norm, nn.ReLU(), nn.ConvTranspose2d(5, 3, 4, 2, 1))
+    return layers.eval()
+
+
+def run_steps(stack: LocalStack, inputs: list[torch.Tensor]) -> tuple[list, list[HeadStep]]:
+    caches, outputs, steps = {}, [], []
+    for index, frame in enumerate(inputs):
+        step = HeadStep(caches, dense=index == 0)
+        stack.step = step
+        outputs.append(stack(frame))
+        steps.append(step)
+    stack.step = None
+    return outputs, steps
+
+
+def sparse_changes(size: int = 9, steps: int = 5) -> list[torch.Tensor]:
+    """Inputs (2, 6, size, size) that change at a few positions per step, per stream."""
+    generator = torch.Generator().manual_seed(1)
+    current = torch.randn(2, 6, size, size, generator=generator)
+    inputs = [current.clone()]
+    for _ in range(steps - 1):
+        mask = torch.rand(2, 1, size, size, generator=generator) < 0.15
+        current = current + mask * torch.randn(current.shape, generator=generator)
+        inputs.append(current.clone())
+    return inputs
+
+
+@pytest.mark.parametrize("name", CONVOLUTIONS)
+def test_sparse_updates_equal_the_dense_stack_for_every_layer_geometry(name):
+    layers = stack_of(CONVOLUTIONS[name]())
+    stack = LocalStack("head", layers)
+    inputs = sparse_changes()
+    outputs, steps = run_steps(stack, inputs)
+    with torch.no_grad():
+        for got, frame in zip(outputs, inputs, strict=True):
+            assert_equal_up_to_rounding(got, layers(frame))
+    # The later steps ran incrementally, on fewer multiply-accumulates than the dense stack.
+    assert all(step.macs < step.dense_macs for step in steps[1:])
+    assert steps[0].macs == steps[0].dense_macs
+
+
+def test_a_dense_step_computes_exactly_what_the_original_layers_compute():
+    layers = stack_of(nn.ConvTranspose2d(6, 5, 4, stride=2, padding=1))
+    inputs = sparse_changes()
+    stack = LocalStack("head", layers)
+    caches = {}
+    for frame in inputs:
+        stack.step = HeadStep(caches, dense=True)
+        with torch.no_grad():
+            assert torch.equal(stack(frame), layers(frame))
+
+
+def test_a_change_everywhere_runs_the_original_layers_bit_for_bit():
+    layers = stack_of(nn.Conv2d(6, 5, 3, padding=1))
+    first, second = torch.randn(1, 6, 8, 8), torch.randn(1, 6, 8, 8)
+    outputs, steps = run_steps(LocalStack("head", layers), [first, second])
+    with torch.no_grad():
+        assert torch.equal(outputs[1], layers(second))
+    assert steps[1].macs > steps[1].dense_macs  # the comparison comes on top of the dense layers
+
+
+def test_head_ops_follow_the_hand_derived_formulas():
+    # ConvTranspose2d(6 -> 5, 4x4, stride 2, padding 1) on 1 x 6 x 4 x 4, then a 1x1 Conv2d.
+    layers = nn.Sequential(nn.ConvTranspose2d(6, 5, 4, 2, 1), nn.ReLU(), nn.Conv2d(5, 3, 1))
+    first = torch.randn(1, 6, 4, 4)
+    second = first.clone()
+    second[0, :, 0, 0] += 1.0  # one position changes, in the corner
+    _, steps = run_steps(LocalStack("head", layers.eval()), [first, second])
+    transposed = 16 * 6 * (5 * 16) + 8 * 8 * 5  # input elements x (C_out x K), plus bias adds
+    pointwise = 8 * 8 * 5 * 3 + 8 * 8 * 3
+    assert steps[0].dense_macs == steps[0].macs == transposed + pointwise
+    # The step: compare 16 x 6 inputs (a subtraction and a square each); one delta times the
+    # kernel (6 x 16 x 5); its 3 x 3 outputs inside the 8 x 8 map are added and compared
+    # (9 x 5 each); the m <= 9 touched positions whose activation moved feed the 1x1
+    # convolution (m x 5 x 3), whose m outputs are added and compared (m x 3 each).
+    moved, rest = divmod(steps[1].macs - (2 * 16 * 6 + 6 * 16 * 5 + 2 * 9 * 5), 5 * 3 + 2 * 3)
+    assert rest == 0 and 1 <= moved <= 9
+    assert steps[1].dense_macs == steps[0].dense_macs
+
+
+def test_output_shapes_follow_torch():
+    for make in CONVOLUTIONS.values():
+        conv = make()
+        inputs = torch.randn(2, 6, 7, 9)
+        assert output_shape(conv, tuple(inputs.shape)) == tuple(conv(inputs).shape)
+
+
+def saliency_model(seed: int = 0) -> SaliencyModel:
+    torch.manual_seed(seed)
+    model = SaliencyModel(tiny_vit(seed), SaliencyDecoder(48, (16, 8))).eval()
+    for module in model.decoder.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def frames_with_a_moving_square(steps: int = 6) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    background = torch.randn(1, 3, 64, 64, generator=generator)
+    frames = []
+    for step in range(steps):
+        frame = background.clone()
+        frame[..., 8:24, 4 + 4 * step : 20 + 4 * step] += 1.5
+        frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize("level", ["tokenwise", "exact"])
+def test_with_every_token_selected_the_eventful_head_is_the_dense_decoder_on_its_tokens(level):
+    model = saliency_model()
+    converted = eventful.convert(model, policy=eventful.TopK(65), level=level)
+    assert [stack.name for stack in converted.local_stacks()] == [
+        "decoder.stages",
+        "decoder.final_conv",
+    ]
+    stream = converted.stream(drift=None)
+    with torch.no_grad():
+        for frame in frames_with_a_moving_square():
+            output = stream(frame)
+            decoded = model.decoder(output.tokens[:, 1:], (8, 8), (64, 64))
+            assert torch.equal(output.saliency, decoded)
+            assert_equal_up_to_rounding(output.saliency, model(frame).saliency)
+
+
+def test_few_tokens_run_the_head_on_fewer_ops_close_to_the_dense_decoder():
+    model = saliency_model()
+    stream = eventful.convert(model, policy=eventful.TopK(16)).stream(drift=None)
+    differences, head_macs = [], []
+    with torch.no_grad():
+        for frame in frames_with_a_moving_square():
+            output = stream(frame)
+            decoded = model.decoder(output.tokens[:, 1:], (8, 8), (64, 64))
+            differences.append((output.saliency - decoded).abs().mean().item())
+            head_macs.append((stream.trace.head_macs, stream.trace.head_dense_macs))
+    assert differences[0] == 0.0  # the first step is dense
+    assert head_macs[0][0] == head_macs[0][1]
+    assert all(0 < macs < dense for macs, dense in head_macs[1:])
+    assert max(differences) < 0.02
+
+
+def test_a_head_that_is_not_local_runs_densely_and_says_so_once():
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = tiny_vit()
+            self.pool = nn.AdaptiveAvgPool1d(1)
+            self.classifier = nn.Linear(48, 10)
+
+        def forward(self, frames):
+            tokens = self.backbone(frames)
+            return self.classifier(self.pool(tokens.transpose(1, 2)).squeeze(-1))
+
+    model = Classifier().eval()
+    with pytest.warns(UserWarning, match=r"classifier \(Linear\).*run densely") as caught:
+        converted = eventful.convert(model, policy=eventful.TopK(65))
+    assert len(caught) == 1
+    assert converted.dense_head_layers == ["classifier (Linear)"]
+    stream = converted.stream(drift=None)
+    frame = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, at conversion: no warning per step
+        with torch.no_grad():
+            output = stream(frame)
+            stream(frame)
+    assert_equal_up_to_rounding(output, model(frame))
+    assert stream.ops.by_category["head"] == 48 * 10 + 10  # runs in full on every step
+
+
+def test_counting_off_changes_no_output():
+    model = saliency_model()
+    converted = eventful.convert(model, policy=eventful.TopK(16))
+    counted, uncounted = converted.stream(drift=None), converted.stream(count_ops=False, drift=None)
+    with torch.no_grad():
+        for frame in frames_with_a_moving_square():
+            first, second = counted(frame), uncounted(frame)
+            assert torch.equal(first.saliency, second.saliency)
+            assert torch.equal(first.tokens, second.tokens)
+    assert uncounted.ops is None and uncounted.trace is None
+
+
+def test_a_restored_snapshot_continues_the_head_bit_for_bit():
+    model = saliency_model()
+    converted = eventful.convert(model, policy=eventful.TopK(16))
+    frames = frames_with_a_moving_square()
+    stream = converted.stream(drift=None)
+    with torch.no_grad():
+        for frame in frames[:3]:
+            stream(frame)
+        snapshot = stream.state_dict()
+        assert snapshot["heads"]  # the head's caches are part of the snapshot
+        expected = [stream(frame).saliency for frame in frames[3:]]
+        restored = converted.stream(drift=None)
+        restored.load_state_dict(snapshot)
+        got = [restored(frame).saliency for frame in frames[3:]]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_the_head_runs_only_inside_a_step():
+    converted = eventful.convert(saliency_model(), policy=eventful.TopK(16))
+    stack = converted.local_stacks()[0]
+    with pytest.raises(RuntimeError, match="runs only inside a step"):
+        stack(torch.randn(1, 48, 8, 8))
+
+
+def test_a_gated_input_that_runs_a_stage_densely_keeps_what_it_left_out_for_later():
+    # On the encoder's grid, the step passes on the 5 largest of 9 changes (a share of 0.6);
+    # more than half of the first convolution's input positions then differ from before, so it
+    # runs densely on its cached input, which holds those 5 changes only; the next step, with
+    # every token selected, runs the original layers on the whole input.
+    layers = stack_of(nn.Conv2d(6, 5, 3, padding=1))
+    stack = LocalStack("head", layers)
+    first = torch.randn(1, 6, 3, 3)
+    second = first + torch.arange(1.0, 10.0).view(1, 1, 3, 3)  # every position, by 1 to 9
+    caches = {}
+    stack.step = HeadStep(caches, dense=True, grid=lambda: (3, 3), shares=lambda: [0.6])
+    stack(first)
+    stack.step = HeadStep(caches, dense=False, grid=lambda: (3, 3), shares=lambda: [0.6])
+    halfway = stack(second)
+    passed = first.clone()
+    passed.view(1, 6, 9)[..., 4:] = second.view(1, 6, 9)[..., 4:]  # the 5 largest changes
+    with torch.no_grad():
+        assert_equal_up_to_rounding(halfway, layers(passed))
+        stack.step = HeadStep(caches, dense=False, grid=lambda: (3, 3), shares=lambda: [1.0])
+        assert torch.equal(stack(second), layers(second))  # every token: the original layers
