@@ -221,10 +221,11 @@ def defaults_section(results: list[dict]) -> str:
         f"Real DINOv2 saliency model, 224x224, exact level, `TopFraction({FRACTION})` (the CLI's "
         f"default), `{DEFAULT_DRIFT}`. Cosine: mean patch-feature cosine to the dense model per "
         "frame; op ratio: dense over eventful multiply-accumulates of the encoder (the decoder "
-        "apart) over the whole clip, dense steps and escalation included; escalated ops: the share of the eventful ops spent on "
-        "tokens escalation added; saliency MAE: mean absolute difference of the saliency maps over "
-        "the frame's own area (the letterbox padding left out: its saliency concerns no pixel "
-        "of the video, and is where most of the difference lies). "
+        "apart) over the whole clip, dense steps and escalation included; escalated ops: the "
+        "share of the eventful ops spent on tokens escalation added; saliency MAE: mean "
+        "absolute difference of the saliency maps over the frame's own area (the letterbox "
+        "padding left out: its saliency concerns no pixel of the video, and is where most of "
+        "the difference lies). "
         "The first frame of every clip is dense and counts no event.\n\n"
         + markdown_table(header, rows)
     )

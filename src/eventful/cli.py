@@ -94,8 +94,8 @@ def add_run_options(parser: argparse.ArgumentParser, demo: bool) -> None:
         "--policy",
         metavar="P",
         default="fraction:0.25",
-        help="topk:K, fraction:F, threshold:T, ops:G (a budget of G GMACs per frame) or "
-        "latency:MS (a budget of MS milliseconds per frame)",
+        help="topk:K, fraction:F, threshold:T, ops:G (a budget of G GMACs per frame, head "
+        "included) or latency:MS (a budget of MS milliseconds per frame)",
     )
     parser.add_argument(
         "--budget-schedule",
