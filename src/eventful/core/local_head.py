@@ -23,9 +23,10 @@ and its output before the pointwise layers (its *pre-activation*). A step
 A step in which any stream of the batch runs densely (its first step, a refresh, a new input
 size), or in which the encoder's policy selects every token, runs every convolution as the
 original layers do: with every token selected the stack computes exactly what the dense head
-computes. A convolution more than `DENSE_SHARE` of whose input positions changed runs densely
-too. Incremental updates add deltas to cached sums: equal
-to the dense head up to float rounding (README, "What is exact").
+computes. Within a step, a convolution runs densely (on its cached input) when more than
+`DENSE_SHARE` of its input positions changed, when it is too small for a sparse update to pay
+(`SPARSE_MIN_WORK`), or after one that ran densely. Incremental updates add deltas to cached
+sums: equal to the dense head up to float rounding (README, "What is exact").
 
 Local layers: `nn.Conv2d` and `nn.ConvTranspose2d` with one group and zero padding given as
 numbers, followed by any of `POINTWISE`. The rest of a head (a global pooling, a linear layer
@@ -34,6 +35,7 @@ over pooled tokens, attention) is not local and runs densely; `eventful.convert`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,6 +60,11 @@ POINTWISE = (
     nn.Dropout,
 )
 
+# A convolution with fewer multiply-accumulates per input element than this (output channels x
+# kernel elements; the saliency decoder's final 1x1 convolution to one channel has 1) runs
+# densely: finding which of its inputs changed costs about as much as running it.
+SPARSE_MIN_WORK = 16
+
 # Above this share of changed input positions a convolution runs densely: its sparse update costs
 # as many multiply-accumulates per changed position as the dense layer per position, plus the
 # gather and the scatter.
@@ -71,6 +78,11 @@ def is_local_convolution(layer: nn.Module) -> bool:
         and layer.padding_mode == "zeros"
         and not isinstance(layer.padding, str)
     )
+
+
+def sparse_pays(conv: nn.Module) -> bool:
+    """Whether a sparse update of `conv` can save work (`SPARSE_MIN_WORK`)."""
+    return conv.out_channels * math.prod(conv.kernel_size) >= SPARSE_MIN_WORK
 
 
 def is_local_stack(module: nn.Module) -> bool:
@@ -120,6 +132,21 @@ class LocalStack(nn.Module):
             else:
                 self.stages[-1][1].append(layer)
         self.step: HeadStep | None = None
+        self._matrices: dict[int, tuple[tuple, Tensor]] = {}  # per convolution, see below
+
+    def _kernel_matrix(self, conv: nn.Module) -> Tensor:
+        """The weight of `conv` as (C_in, K * C_out): row c holds what a unit delta of input
+        channel c adds to each output channel at each kernel offset. Kept until the weight
+        changes (new weights, another device or dtype)."""
+        weight = conv.weight
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        kept = self._matrices.get(id(conv))
+        if kept is None or kept[0] != key:
+            order = (0, 2, 3, 1) if isinstance(conv, nn.ConvTranspose2d) else (1, 2, 3, 0)
+            matrix = weight.detach().permute(order).reshape(weight.shape[order[0]], -1)
+            kept = (key, matrix.contiguous())
+            self._matrices[id(conv)] = kept
+        return kept[1]
 
     def forward(self, inputs: Tensor) -> Tensor:
         step = self.step
@@ -146,27 +173,32 @@ class LocalStack(nn.Module):
             or caches["input0"].device != inputs.device
             or any(isinstance(layer, nn.BatchNorm2d) and layer.training for layer in self.layers)
         )
-        if dense:
-            caches = {"input0": flat_copy(inputs)}
-            step.caches[self.name] = caches
-            change = None
-        else:
-            change = self._input_change(inputs, caches, shares)
-        # A dense step runs the original layers on the input itself; otherwise a stage that
-        # runs densely reads its cached input, which holds only the changes passed on.
-        outputs = inputs if dense else None
+        if dense or not any(sparse_pays(conv) for conv, _ in self.stages):
+            # The original layers on the input itself; their results become the caches.
+            step.caches[self.name] = caches = {"input0": flat_copy(inputs)}
+            outputs = inputs
+            for index, (conv, pointwise) in enumerate(self.stages):
+                step.dense_macs += dense_convolution_macs(conv, shapes[index])
+                outputs = self._dense_stage(index, conv, pointwise, outputs, caches)
+            return outputs
+        change = self._input_change(inputs, caches, shares)
+        outputs = None
         for index, (conv, pointwise) in enumerate(self.stages):
             step.dense_macs += dense_convolution_macs(conv, shapes[index])
-            if change is None or len(change[0]) > DENSE_SHARE * positions(shapes[index]):
-                if outputs is None:
-                    outputs = unflat(caches[f"input{index}"], shapes[index]).contiguous()
-                outputs, change = self._dense_stage(index, conv, pointwise, outputs, caches)
+            if outputs is None and (
+                len(change[0]) > DENSE_SHARE * positions(shapes[index]) or not sparse_pays(conv)
+            ):
+                # From here on densely, on the cached input, which holds the changes passed on
+                # (in rows: a channels-last view, no copy).
+                outputs = unflat(caches[f"input{index}"], shapes[index])
+            if outputs is not None:
+                outputs = self._dense_stage(index, conv, pointwise, outputs, caches)
             else:
                 change = self._sparse_stage(index, conv, pointwise, caches, change, shapes)
-                outputs = None
-        if outputs is None:
-            outputs = unflat(caches[f"input{len(self.stages)}"], shapes[-1]).contiguous()
-        return outputs
+        if outputs is None:  # the last stage ran sparsely: its output is in the cache
+            rows = caches[f"input{len(self.stages)}"]
+            return unflat(rows, shapes[-1]).clone(memory_format=torch.contiguous_format)
+        return outputs.contiguous()
 
     def _input_change(
         self, inputs: Tensor, caches: dict[str, Tensor], shares: list[float] | None
@@ -200,24 +232,18 @@ class LocalStack(nn.Module):
         pointwise: list[nn.Module],
         inputs: Tensor,
         caches: dict[str, Tensor],
-    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Stage `index` on its whole input, as the original layers run; the change of its
-        output against the cached one (None when there was none to compare with)."""
+    ) -> Tensor:
+        """Stage `index` on its whole input, as the original layers run; its output."""
         pre = conv(inputs)
         self.step.macs += dense_convolution_macs(conv, tuple(inputs.shape))
         outputs = pre
         for layer in pointwise:
             outputs = layer(outputs)
-        caches[f"pre{index}"] = flat_copy(pre)
-        current = flat_copy(outputs)
-        previous = caches.get(f"input{index + 1}")
-        caches[f"input{index + 1}"] = current
-        if previous is None or previous.shape != current.shape:
-            return outputs, None
-        difference = current - previous
-        changed = difference.ne(0).any(1).nonzero().squeeze(1)
-        self.step.macs += current.numel()
-        return outputs, (changed, difference[changed])
+        # The output is the next stage's input and may be returned: the caches get their own
+        # memory (the pre-activation may stay a view of `pre` where that is not the output).
+        caches[f"pre{index}"] = flat_copy(pre) if outputs is pre else rows_of(pre)
+        caches[f"input{index + 1}"] = flat_copy(outputs)
+        return outputs
 
     def _sparse_stage(
         self,
@@ -231,16 +257,11 @@ class LocalStack(nn.Module):
         """Add the input deltas of stage `index` into its pre-activation where they reach, apply
         the pointwise layers there; the positions of its output that changed, and by how much."""
         changed, deltas = change
-        _, in_channels, height, width = shapes[index]
+        _, _, height, width = shapes[index]
         _, out_channels, out_height, out_width = shapes[index + 1]
         kernel_h, kernel_w = conv.kernel_size
-        # (C_in, K * C_out): row c holds what a unit delta of channel c adds at each kernel offset.
-        if isinstance(conv, nn.ConvTranspose2d):
-            weight = conv.weight.permute(0, 2, 3, 1)
-        else:
-            weight = conv.weight.permute(1, 2, 3, 0)
-        weight = weight.reshape(in_channels, kernel_h * kernel_w * out_channels)
-        contributions = (deltas @ weight).view(-1, kernel_h * kernel_w, out_channels)
+        contributions = deltas @ self._kernel_matrix(conv)
+        contributions = contributions.view(-1, kernel_h * kernel_w, out_channels)
         stream, rest = changed // (height * width), changed % (height * width)
         rows = reach(conv, 0, rest // width, out_height)
         cols = reach(conv, 1, rest % width, out_width)
@@ -252,10 +273,9 @@ class LocalStack(nn.Module):
         pre = caches[f"pre{index}"]
         pre.index_add_(0, targets, contributions[valid])
         touched = targets.unique()
-        outputs = pre[touched].view(-1, out_channels, 1, 1)
+        outputs = pre[touched]
         for layer in pointwise:
-            outputs = layer(outputs)
-        outputs = outputs.view(-1, out_channels)
+            outputs = pointwise_on_rows(layer, outputs)
         cached = caches[f"input{index + 1}"]
         difference = outputs - cached[touched]
         cached[touched] = outputs
@@ -264,6 +284,20 @@ class LocalStack(nn.Module):
         self.step.macs += deltas.numel() * kernel_h * kernel_w * out_channels
         self.step.macs += (len(targets) + len(touched)) * out_channels
         return touched[moved], difference[moved]
+
+
+def pointwise_on_rows(layer: nn.Module, rows: Tensor) -> Tensor:
+    """A pointwise layer on positions in rows (P, C): batch norm (eval) as its per-channel
+    scale and shift, elementwise layers as they are."""
+    if not isinstance(layer, nn.BatchNorm2d):
+        return layer(rows)
+    scale = torch.rsqrt(layer.running_var + layer.eps)
+    if layer.weight is not None:
+        scale = scale * layer.weight
+    shift = -layer.running_mean * scale
+    if layer.bias is not None:
+        shift = shift + layer.bias
+    return torch.addcmul(shift, rows, scale)
 
 
 def reach(conv: nn.Module, axis: int, coordinates: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -294,6 +328,12 @@ def flat(inputs: Tensor) -> Tensor:
     """(B, C, H, W) -> (B * H * W, C), positions in row-major order per stream."""
     batch, channels, height, width = inputs.shape
     return inputs.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+
+
+def rows_of(inputs: Tensor) -> Tensor:
+    """`flat` as a view where the memory allows it (a channels-last tensor), else a copy."""
+    rows = flat(inputs)
+    return rows if rows.is_contiguous() else rows.contiguous()
 
 
 def flat_copy(inputs: Tensor) -> Tensor:
