@@ -131,6 +131,7 @@ def test_bad_first_frames_leave_a_new_stream_unallocated(make_bad, error, match)
         "fresh": [True, True],
         "input_size": None,
         "blocks": [],
+        "heads": {},
         "steps": 0,
         "drift": None,
     }
