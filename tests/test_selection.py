@@ -151,3 +151,25 @@ def test_top_fraction_count_holds_at_every_gate_of_a_stream(video):
     stream(video[1])
     counts = {c for block in stream.trace.blocks for s in block.values() for c in s.counts}
     assert counts == {16}  # round(0.25 x 65 tokens)
+
+
+def test_every_token_is_one_selection_of_everything_without_a_sort():
+    from eventful.core.policies import select_largest
+
+    norms = torch.rand(2, 7)
+    assert select_largest(norms, 7).everything
+    assert not select_largest(norms, 6).everything
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_an_untraced_step_of_every_token_keeps_the_references_a_later_policy_needs(level, video):
+    # Untraced, a gate whose policy takes every token skips its error; the traced stream
+    # computes it. Both keep their references, so a later TopK continues alike.
+    model = eventful.convert(tiny_vit(), policy=eventful.TopK(65), level=level)
+    traced, untraced = model.stream(drift=None), model.stream(drift=None, count_ops=False)
+    with torch.no_grad():
+        for frame in video[:3]:
+            assert torch.equal(traced(frame), untraced(frame))
+        model.policy = eventful.TopK(8)
+        for frame in video[3:6]:
+            assert torch.equal(traced(frame), untraced(frame))

@@ -203,6 +203,12 @@ def recompute_attention_rows(
     (H, N) m_i, with logits l_ij = q_i . k_j; the attention output of row i is U_i / Z_i. With
     the shift at the row's log-sum-exp, U_i is the attention output and Z_i is 1.
     """
+    if rows.numel() == q.shape[1]:  # every row (the indices are distinct): no gather, no scatter
+        output, logsumexp = attention_with_logsumexp(q, k, v)
+        numerator.copy_(output)
+        denominator.fill_(1.0)
+        shift.copy_(logsumexp)
+        return
     output, logsumexp = attention_with_logsumexp(q.index_select(1, rows), k, v)
     numerator.index_copy_(1, rows, output)
     denominator.index_fill_(1, rows, 1.0)

@@ -134,7 +134,6 @@ class EventfulBlock(nn.Module):
         escalation: Escalation | None = None,
     ) -> Tensor:
         batch, num_tokens, dim = x.shape
-        incremental = len(fresh_streams) < batch
         measure = trace is not None
 
         def gate(name: str, current: Tensor) -> GateStep:
@@ -151,13 +150,16 @@ class EventfulBlock(nn.Module):
         qkv_gate = gate("qkv", x)
         qkv_selection = qkv_gate.selection
         qkv_rows = self.qkv(self.norm1(qkv_gate.rows))
+        # Every token selected: the attention caches are rebuilt as on a dense step, which costs
+        # less than updating them for every key (and gives the same values).
+        recomputing = list(range(batch)) if qkv_selection.everything else fresh_streams
         old_keys_values = None
-        if self.level in ("full", "exact") and incremental:
-            old_keys_values = self._keys_values_at(state["qkv"], qkv_selection, fresh_streams)
+        if self.level in ("full", "exact") and len(recomputing) < batch:
+            old_keys_values = self._keys_values_at(state["qkv"], qkv_selection, recomputing)
         write_rows(state["qkv"], qkv_selection, qkv_rows)
 
         recomputed = [0] * batch
-        attended = self._attend(state, qkv_selection, fresh_streams, old_keys_values, recomputed)
+        attended = self._attend(state, qkv_selection, recomputing, old_keys_values, recomputed)
         attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
 
         proj_gate = gate("proj", attended)
@@ -260,4 +262,6 @@ class EventfulBlock(nn.Module):
                 recomputed[stream] = update_exact_attention(
                     *sums, *heads, old_keys, old_values, index
                 )
+        if len(fresh_streams) == len(selection.per_stream):
+            return numerator  # every row just recomputed: the denominators are 1
         return numerator / denominator.unsqueeze(-1)

@@ -55,10 +55,14 @@ def token_gate(
     policy's while a stream's unprocessed share exceeds its bound; `measure` reports the share.
     """
     batch, num_tokens, dim = current.shape
-    if fresh_streams:
+    if len(fresh_streams) == batch:  # every stream: no gather
+        scale.copy_(torch.linalg.vector_norm(current, dim=-1).mean(1))
+    elif fresh_streams:
         norms = torch.linalg.vector_norm(current[fresh_streams], dim=-1).mean(1)
         scale[fresh_streams] = norms.to(scale.dtype)
-    if len(fresh_streams) == batch:
+    every_token = policy.tokens_per_stream(num_tokens) == num_tokens
+    if len(fresh_streams) == batch or (every_token and escalation is None and not measure):
+        # Every token of every stream, whatever the change: no error to compute.
         reference.copy_(current)
         selection = Selection.all_tokens(batch, num_tokens, current.device)
         unprocessed = current.new_zeros(batch) if measure else None

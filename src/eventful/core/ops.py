@@ -206,7 +206,8 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
         block_dense = sum(dense_block_macs(block, trace.num_tokens).values())
         for stream in range(batch):
             counts = {gate: selection.counts[stream] for gate, selection in selections.items()}
-            fresh = stream in trace.fresh_streams
+            # Every token selected rebuilds the attention caches as a dense step does (block.py).
+            fresh = stream in trace.fresh_streams or selections["qkv"].everything
             recomputed = recomputed_rows[stream]
             macs = eventful_block_macs(
                 block, trace.num_tokens, counts, fresh, gates_run, recomputed

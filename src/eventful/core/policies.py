@@ -84,7 +84,10 @@ class Policy:
 
 
 def select_largest(error_norms: Tensor, k: int) -> Selection:
-    """Each stream's k tokens of largest error (B, N): equal counts, static shapes, no sync."""
+    """Each stream's k tokens of largest error (B, N): equal counts, static shapes, no sync.
+    With k = N, every token: the dense path, without a sort or an index."""
+    if k >= error_norms.shape[1]:
+        return Selection.all_tokens(*error_norms.shape, error_norms.device)
     index = error_norms.topk(k, dim=1, sorted=False).indices
     return Selection.from_indices(index, error_norms.shape[1])
 
