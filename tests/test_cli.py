@@ -773,3 +773,24 @@ def test_threads_option_sets_torch_threads_for_the_run_and_restores_them(clip, m
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+def test_profile_prints_where_the_time_of_a_frame_goes(clip):
+    outcome = invoke("run", clip, "--max-frames", 3, "--compare", "--profile")
+    assert outcome.code == 0, outcome.err
+    lines = outcome.out.splitlines()
+    start = lines.index("where the time goes: mean over 3 frames, the first included")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[start + 2 :]}
+    assert set(rows) == {
+        "decode", "preprocess", "drift", "encoder", "head", "count", "estimate", "dense",
+        "eventful",
+    }  # fmt: skip
+    shares = [int(rows[name][1].rstrip("%")) for name in ("drift", "encoder", "head", "count")]
+    assert 95 <= sum(shares) + int(rows["estimate"][1].rstrip("%")) <= 105  # rounded to 1%
+    assert float(rows["encoder"][0]) > 0 and float(rows["head"][0]) > 0
+
+
+def test_without_profile_no_breakdown_is_printed(clip):
+    outcome = invoke("run", clip, "--max-frames", 1)
+    assert outcome.code == 0, outcome.err
+    assert "where the time goes" not in outcome.out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from eventful.cli_drift import add_drift_options, drift_control
 from eventful.core.block import LEVELS
 from eventful.core.budget import parse_schedule
 from eventful.core.policies import parse_policy
+from eventful.profile import Profile
 from eventful.viz.plot import PLOT_SUFFIXES
 from eventful.viz.video import VIDEO_SUFFIXES
 from eventful.zoo import MODEL_NAMES, load_model
@@ -109,6 +111,11 @@ def add_run_options(parser: argparse.ArgumentParser, demo: bool) -> None:
         parser.add_argument(
             "--compare", action="store_true", help="also run dense; report fidelity"
         )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print where the time of a frame goes, part by part (eventful.profile)",
+    )
 
     def in_output(name: str) -> str:
         return f" (default: {name} in --output)" if demo else ""
@@ -235,19 +242,21 @@ def run_video_command(args: argparse.Namespace) -> int:
         if visualise is not None:
             visualise(view)
 
+    profile = Profile() if args.profile else contextlib.nullcontext()
     try:
-        result = run_video(
-            video,
-            model,
-            policy,
-            level=args.level,
-            compare=compare,
-            max_frames=max_frames,
-            device=args.device,
-            on_frame=on_frame,
-            drift=drift,
-            schedule=schedule,
-        )
+        with profile:
+            result = run_video(
+                video,
+                model,
+                policy,
+                level=args.level,
+                compare=compare,
+                max_frames=max_frames,
+                device=args.device,
+                on_frame=on_frame,
+                drift=drift,
+                schedule=schedule,
+            )
     finally:
         progress.close()
         if visualise is not None:
@@ -259,6 +268,9 @@ def run_video_command(args: argparse.Namespace) -> int:
     result.notes[:0] = model.notes
     report = run_report(result)
     print_summary(report)
+    if args.profile:
+        print(f"where the time goes: mean over {len(result.frames)} frames, the first included")
+        print(profile.table(len(result.frames)))
     if json_path:
         json_path.write_text(json.dumps(report, indent=2))
         print(f"report: {json_path}")

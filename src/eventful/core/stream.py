@@ -15,6 +15,7 @@ from eventful.core.model import EventfulModule
 from eventful.core.ops import OpCount, StepTrace, count_step
 from eventful.core.policies import StepReport
 from eventful.core.state import StreamState
+from eventful.profile import part
 
 
 class Stream:
@@ -76,7 +77,10 @@ class Stream:
         """One time step: frames (B, C, H, W) -> what the converted model returns."""
         policy = self.model.encoder.policy
         fresh = list(self.state.fresh)
-        plan = None if self.drift is None else self.drift.plan(frames, self.steps, fresh)
+        plan = None
+        if self.drift is not None:
+            with part("drift"):
+                plan = self.drift.plan(frames, self.steps, fresh)
         refresh = [] if plan is None else plan.streams
         control = None if self.drift is None else self.drift.control
         needs_trace = (
@@ -86,29 +90,31 @@ class Stream:
         )
         trace = StepTrace(num_tokens=0, fresh_streams=[]) if needs_trace else None
         start = self.clock()
-        output = self._step(
-            frames,
-            self.state,
-            trace=trace,
-            check_finite=self.check_finite,
-            refresh=refresh,
-            escalation=None if control is None else control.escalation,
-        )
-        if policy.needs_wall_time and frames.is_cuda:
-            torch.cuda.synchronize(frames.device)
+        with part("model"):
+            output = self._step(
+                frames,
+                self.state,
+                trace=trace,
+                check_finite=self.check_finite,
+                refresh=refresh,
+                escalation=None if control is None else control.escalation,
+            )
+            if policy.needs_wall_time and frames.is_cuda:
+                torch.cuda.synchronize(frames.device)
         self.seconds = self.clock() - start
         dense = sorted({stream for stream, was in enumerate(fresh) if was} | set(refresh))
         self.trace = trace
-        self.ops = (
-            count_step(self.model.encoder.blocks, trace)
-            if trace is not None and self.count_ops
-            else None
-        )
+        self.ops = None
+        if trace is not None and self.count_ops:
+            with part("count"):
+                self.ops = count_step(self.model.encoder.blocks, trace)
         if plan is not None:
-            unprocessed = None if trace is None else trace.unprocessed_share
-            self.drift.commit(plan, frames, self.steps, dense, unprocessed)
+            with part("drift"):
+                unprocessed = None if trace is None else trace.unprocessed_share
+                self.drift.commit(plan, frames, self.steps, dense, unprocessed)
         if self.estimate is not None:
-            self.estimated_cosine = self.estimate.estimate(trace)
+            with part("estimate"):
+                self.estimated_cosine = self.estimate.estimate(trace)
         self.events = plan.events if plan is not None else []
         self.event_log.extend(self.events)
         self.steps += 1

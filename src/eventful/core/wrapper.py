@@ -19,6 +19,7 @@ from eventful.core.model import EventfulModule, EventfulViT
 from eventful.core.ops import HEAD_LAYERS, StepTrace, layer_macs
 from eventful.core.policies import Policy
 from eventful.core.state import StreamState
+from eventful.profile import part
 
 
 class EncoderCall(nn.Module):
@@ -61,7 +62,8 @@ class EncoderCall(nn.Module):
                 "advances its streams once per call"
             )
         self._step["called"] = True
-        tokens = self.encoder(pixel_values, **self._step["arguments"])
+        with part("encoder"):
+            tokens = self.encoder(pixel_values, **self._step["arguments"])
         return self.format_output(tokens)
 
 

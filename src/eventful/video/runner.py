@@ -17,6 +17,7 @@ from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent
 from eventful.core.policies import Policy
 from eventful.evaluation import feature_cosine, output_tokens, saliency_mae
 from eventful.models.saliency import SaliencyOutput
+from eventful.profile import part
 from eventful.video.decode import VideoReader
 from eventful.zoo import ZooModel
 
@@ -141,7 +142,8 @@ def run_video(
     index = -1
     while True:
         start = time.perf_counter()
-        rgb = next(frames, None)
+        with part("decode"):
+            rgb = next(frames, None)
         if rgb is None:
             break
         decode_ms = (time.perf_counter() - start) * 1000
@@ -158,8 +160,9 @@ def run_video(
             converted.policy = scheduled_policy(converted.policy, changes[index])
         frame_size = rgb.shape[:2]
         start = time.perf_counter()
-        image = model.preprocess(rgb)
-        batch = image.unsqueeze(0).to(device)
+        with part("preprocess"):
+            image = model.preprocess(rgb)
+            batch = image.unsqueeze(0).to(device)
         preprocess_ms = (time.perf_counter() - start) * 1000
         in_force = converted.policy
         output, ms = _timed(stream, batch, device)
@@ -180,7 +183,8 @@ def run_video(
             estimated_cosine=None if estimate is None else stream.estimated_cosine[0],
         )
         if compare:
-            reference, frame.dense_ms = _timed(dense, batch, device)
+            with part("dense"):
+                reference, frame.dense_ms = _timed(dense, batch, device)
             cosine = feature_cosine(
                 output_tokens(output), output_tokens(reference), model.num_prefix_tokens
             )
