@@ -1,0 +1,118 @@
+"""Wall-clock speed at the sizes users run: small and base ViTs at 224 and 448, the backbone alone
+and the DINOv2 saliency model end to end (backbone and decoder), batch 1, CPU threads pinned.
+
+For each subject, every level and k = N/2, N/4, N/8 runs against the dense model on the same real
+frames (bikes.mp4, letterboxed), interleaved step by step (which of the pair runs first
+alternates), one variant's caches alive at a time; figures are medians over the steps after the
+first. The streams count ops (as `eventful run` does) and run without drift control, so that
+every timed step is an eventful one. Writes the `user-sizes` section of BENCHMARKS.md.
+
+    python benchmarks/user_sizes.py --threads 2 --steps 12 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from report import markdown_table, write_or_print
+from speed import Timings, dinov2_s14, real_frames, vit_b16
+
+import eventful
+from eventful.core.block import LEVELS
+from eventful.models.imgfocus import imgfocus_saliency
+
+FRACTIONS = (0.5, 0.25, 0.125)
+
+
+def subjects() -> dict[str, Callable[[], tuple[torch.nn.Module, int, int]]]:
+    """Per name: the dense model, its input size and its token count."""
+
+    def backbone(make, size):
+        def build():
+            model = make(size).ours
+            return model, size, model.embedding.num_tokens(size, size)
+
+        return build
+
+    def saliency(size):
+        def build():
+            model = imgfocus_saliency().eval()
+            return model, size, model.backbone.embedding.num_tokens(size, size)
+
+        return build
+
+    return {
+        "ViT-S/14 @ 224 (DINOv2 backbone)": backbone(dinov2_s14, 224),
+        "ViT-S/14 @ 448 (DINOv2 backbone)": backbone(dinov2_s14, 448),
+        "ViT-B/16 @ 224 (random weights)": backbone(vit_b16, 224),
+        "ViT-B/16 @ 448 (random weights)": backbone(vit_b16, 448),
+        "DINOv2 saliency @ 224, end to end": saliency(224),
+        "DINOv2 saliency @ 448, end to end": saliency(448),
+    }
+
+
+def measure(dense: torch.nn.Module, frames: list[torch.Tensor], stream) -> dict:
+    dense_timings, eventful_timings = Timings(), Timings()
+    macs, dense_macs = 0, 0
+    for index, frame in enumerate(frames):
+        pair = [(dense_timings, dense), (eventful_timings, stream)]
+        for timings, call in pair if index % 2 == 0 else reversed(pair):
+            timings.add(call, frame)
+        if index > 0:
+            macs += stream.ops.total
+            dense_macs += stream.ops.dense
+    dense_ms, eventful_ms = dense_timings.summary()[0], eventful_timings.summary()[0]
+    return {"dense_ms": dense_ms, "eventful_ms": eventful_ms, "op_ratio": dense_macs / macs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12, help="time steps, the first excluded")
+    parser.add_argument("--subjects", nargs="+", help="subject names (default: all)")
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    chosen = subjects()
+    names = args.subjects or list(chosen)
+    header = ["model", "level", "k", "dense ms", "eventful ms", "speedup", "op ratio", "efficiency"]
+    rows = []
+    for name in names:
+        dense, size, num_tokens = chosen[name]()
+        frames = real_frames(size, args.steps, 1)
+        for level in LEVELS:
+            for fraction in FRACTIONS:
+                k = max(1, round(fraction * num_tokens))
+                model = eventful.convert(dense, policy=eventful.TopK(k), level=level)
+                result = measure(dense, frames, model.stream(drift=None, check_finite=False))
+                speedup = result["dense_ms"] / result["eventful_ms"]
+                rows.append(
+                    [
+                        name,
+                        level,
+                        f"{k} (N/{round(1 / fraction)})",
+                        f"{result['dense_ms']:.1f}",
+                        f"{result['eventful_ms']:.1f}",
+                        f"{speedup:.2f}",
+                        f"{result['op_ratio']:.2f}",
+                        f"{speedup / result['op_ratio']:.2f}",
+                    ]
+                )
+                print(*rows[-1], sep=" | ", flush=True)
+    body = (
+        "### Speed at the sizes users run (CPU, batch 1)\n\n"
+        f"{args.threads} threads, {args.steps} steps per variant, each interleaved with its own "
+        "dense run on the same real frames (bikes.mp4); medians over the steps after the first. "
+        "Op ratio: dense over eventful multiply-accumulates of the whole model timed (the "
+        "saliency decoder included end to end) over the same steps; efficiency: speedup over "
+        "op ratio. Streams count ops and run without drift control. Targets (issue 12): the "
+        "saliency model at 224, exact, N/4, at least 2x faster end to end; ViT-S/14 at 224, "
+        "N/4, efficiency at least 0.75.\n\n" + markdown_table(header, rows)
+    )
+    write_or_print("user-sizes", body, args.write)
+
+
+if __name__ == "__main__":
+    main()
