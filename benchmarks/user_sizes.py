@@ -5,7 +5,9 @@ For each subject, every level and k = N/2, N/4, N/8 runs against the dense model
 frames (bikes.mp4, letterboxed), interleaved step by step (which of the pair runs first
 alternates), one variant's caches alive at a time; figures are medians over the steps after the
 first. The streams count ops (as `eventful run` does) and run without drift control, so that
-every timed step is an eventful one. Writes the `user-sizes` section of BENCHMARKS.md.
+every timed step is an eventful one. Then, for ViT-S/14 at 224 and k = N/4, where the time of one
+step goes, by kind of operator (torch profiler, self CPU time). Writes the `user-sizes` section
+of BENCHMARKS.md.
 
     python benchmarks/user_sizes.py --threads 2 --steps 12 --write
 """
@@ -18,12 +20,27 @@ from collections.abc import Callable
 import torch
 from report import markdown_table, write_or_print
 from speed import Timings, dinov2_s14, real_frames, vit_b16
+from torch.profiler import ProfilerActivity, profile
 
 import eventful
 from eventful.core.block import LEVELS
 from eventful.models.imgfocus import imgfocus_saliency
 
 FRACTIONS = (0.5, 0.25, 0.125)
+
+# Kinds of operator, by the name the profiler gives them; the rest is "other".
+KINDS = {
+    "linear layers": ("aten::addmm", "aten::mm", "aten::linear"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm", "aten::exp"),
+    "gathers and scatters": (
+        "aten::index_select",
+        "aten::index_copy_",
+        "aten::copy_",
+        "aten::index",
+    ),
+    "gate errors and selection": ("aten::sub", "aten::linalg_vector_norm", "aten::topk"),
+    "norms and GELU": ("aten::native_layer_norm", "aten::gelu"),
+}
 
 
 def subjects() -> dict[str, Callable[[], tuple[torch.nn.Module, int, int]]]:
@@ -65,6 +82,44 @@ def measure(dense: torch.nn.Module, frames: list[torch.Tensor], stream) -> dict:
             dense_macs += stream.ops.dense
     dense_ms, eventful_ms = dense_timings.summary()[0], eventful_timings.summary()[0]
     return {"dense_ms": dense_ms, "eventful_ms": eventful_ms, "op_ratio": dense_macs / macs}
+
+
+def operator_profile(call, frames: list[torch.Tensor]) -> dict[str, float]:
+    """Milliseconds per step of each kind of operator (`KINDS`), over the frames after two."""
+    with torch.no_grad():
+        for frame in frames[:2]:
+            call(frame)
+        with profile(activities=[ProfilerActivity.CPU]) as run:
+            for frame in frames[2:]:
+                call(frame)
+    steps = len(frames) - 2
+    spent = dict.fromkeys([*KINDS, "other"], 0.0)
+    for event in run.key_averages():
+        kind = next((name for name, ops in KINDS.items() if event.key in ops), "other")
+        spent[kind] += event.self_cpu_time_total / 1000 / steps
+    return spent
+
+
+def profile_section(steps: int) -> str:
+    dense, size, num_tokens = subjects()["ViT-S/14 @ 224 (DINOv2 backbone)"]()
+    frames = real_frames(size, steps, 1)
+    k = round(num_tokens / 4)
+    columns = {"dense": operator_profile(dense, frames)}
+    for level in LEVELS:
+        model = eventful.convert(dense, policy=eventful.TopK(k), level=level)
+        stream = model.stream(drift=None, check_finite=False)
+        columns[f"{level}, k = {k}"] = operator_profile(stream, frames)
+    header = ["operators", *columns]
+    rows = [
+        [kind, *(f"{spent[kind]:.1f}" for spent in columns.values())] for kind in [*KINDS, "other"]
+    ]
+    rows.append(["total", *(f"{sum(spent.values()):.1f}" for spent in columns.values())])
+    return (
+        f"#### Where a step's time goes: ViT-S/14 @ 224, k = N/4 ({k} of {num_tokens} tokens)\n\n"
+        "Milliseconds per step of each kind of operator (self CPU time, torch profiler; the "
+        "profiler's own cost included), over the same real frames.\n\n"
+        + markdown_table(header, rows)
+    )
 
 
 def main() -> None:
@@ -109,7 +164,10 @@ def main() -> None:
         "saliency decoder included end to end) over the same steps; efficiency: speedup over "
         "op ratio. Streams count ops and run without drift control. Targets (issue 12): the "
         "saliency model at 224, exact, N/4, at least 2x faster end to end; ViT-S/14 at 224, "
-        "N/4, efficiency at least 0.75.\n\n" + markdown_table(header, rows)
+        "N/4, efficiency at least 0.75.\n\n"
+        + markdown_table(header, rows)
+        + "\n\n"
+        + profile_section(args.steps)
     )
     write_or_print("user-sizes", body, args.write)
 
