@@ -173,7 +173,18 @@ class LocalStack(nn.Module):
             or caches["input0"].device != inputs.device
             or any(isinstance(layer, nn.BatchNorm2d) and layer.training for layer in self.layers)
         )
-        if dense or not any(sparse_pays(conv) for conv, _ in self.stages):
+        if not any(sparse_pays(conv) for conv, _ in self.stages):
+            # Nothing to save (the decoder's final 1x1 convolution): the layers, no caches.
+            outputs = inputs
+            for index, (conv, pointwise) in enumerate(self.stages):
+                macs = dense_convolution_macs(conv, shapes[index])
+                step.macs += macs
+                step.dense_macs += macs
+                outputs = conv(outputs)
+                for layer in pointwise:
+                    outputs = layer(outputs)
+            return outputs
+        if dense:
             # The original layers on the input itself; their results become the caches.
             step.caches[self.name] = caches = {"input0": flat_copy(inputs)}
             outputs = inputs
