@@ -2,13 +2,12 @@
 and the DINOv2 saliency model end to end (backbone and decoder), batch 1, CPU threads pinned.
 
 For each subject, every level and k = N (every token: the engine's fixed cost), N/2, N/4, N/8
-runs against the dense model on the same real
-frames (bikes.mp4, letterboxed), interleaved step by step (which of the pair runs first
-alternates), one variant's caches alive at a time; figures are medians over the steps after the
-first. The streams count ops (as `eventful run` does) and run without drift control, so that
-every timed step is an eventful one. Then, for ViT-S/14 at 224 and k = N/4, where the time of one
-step goes, by kind of operator (torch profiler, self CPU time). Writes the `user-sizes` section
-of BENCHMARKS.md.
+runs against the dense model on the same real frames (bikes.mp4, letterboxed), interleaved step
+by step (which of the pair runs first alternates), one variant's caches alive at a time; figures
+are medians over the steps after the first. The streams count ops (as `eventful run` does) and
+run without drift control, so that every timed step is an eventful one. Then, for ViT-S/14 at
+224 and k = N/4, where the time of one step goes, by kind of operator (torch profiler, self CPU
+time). Writes the `user-sizes` section of BENCHMARKS.md.
 
     python benchmarks/user_sizes.py --threads 2 --steps 12 --write
 """
