@@ -133,3 +133,13 @@ def test_the_default_cut_triggers_fire_at_the_cuts_of_the_registry_clips_and_rar
     assert set(others.values()) <= {"content_change"}
     limit = (index + 1) // 60 if cuts else 0
     assert len(others) <= limit, others
+
+
+def test_a_snapshot_from_before_the_contrast_trigger_loads_and_the_trigger_starts_afresh():
+    monitor = eventful.DEFAULT_DRIFT.monitor(batch_size=2)
+    snapshot = monitor.state_dict()
+    del snapshot["dense_contrast"]  # what earlier versions saved
+    restored = eventful.DEFAULT_DRIFT.monitor(batch_size=2)
+    restored.load_state_dict(snapshot)
+    assert restored.dense_contrast == [None, None]
+    assert not restored.contrast_changed(0, 5.0)  # no reference yet: nothing to compare

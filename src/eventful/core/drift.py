@@ -218,7 +218,8 @@ class DriftMonitor:
         self.previous_shape = None if shape is None else tuple(shape)
         self.previous_contrast = list(snapshot["previous_contrast"])
         self.previous_detail = list(snapshot["previous_detail"])
-        self.dense_contrast = list(snapshot["dense_contrast"])
+        # Snapshots from before the contrast trigger hold none: it starts at the next frame.
+        self.dense_contrast = list(snapshot.get("dense_contrast", [None] * len(self.last_dense)))
 
     def plan(self, frames: object, frame: int, fresh: list[bool]) -> DriftPlan:
         """The refreshes due at step `frame` of streams whose `fresh` flag is False."""

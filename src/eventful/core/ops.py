@@ -198,9 +198,10 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
     dense = [0] * batch
     escalated = [0] * batch
     gates_run = len(trace.fresh_streams) < batch
+    head_dense = [trace.head_dense_macs // batch] * batch
     for stream in range(batch):
         per_stream[stream]["head"] = trace.head_macs // batch
-        dense[stream] += trace.head_dense_macs // batch
+        dense[stream] += head_dense[stream]
     steps = zip(blocks, trace.blocks, trace.escalated, trace.recomputed_rows, strict=True)
     for block, selections, added, recomputed_rows in steps:
         block_dense = sum(dense_block_macs(block, trace.num_tokens).values())
@@ -221,7 +222,6 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
                     block, trace.num_tokens, own, fresh, gates_run, recomputed
                 )
                 escalated[stream] += sum(macs.values()) - sum(without.values())
-    head_dense = [trace.head_dense_macs // batch] * batch
     return OpCount(per_stream, dense, escalated, head_dense)
 
 

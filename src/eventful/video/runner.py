@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -138,16 +139,7 @@ def run_video(
             "densely on every frame"
         )
     frame_size = None
-    frames = iter(reader)
-    index = -1
-    while True:
-        start = time.perf_counter()
-        with part("decode"):
-            rgb = next(frames, None)
-        if rgb is None:
-            break
-        decode_ms = (time.perf_counter() - start) * 1000
-        index += 1
+    for index, (rgb, decode_ms) in enumerate(_decoded(reader)):
         events = []
         if frame_size is not None and rgb.shape[:2] != frame_size:
             stream.reset()
@@ -201,6 +193,18 @@ def run_video(
     if reader.stopped_early:
         result.notes.append(reader.stopped_early)
     return result
+
+
+def _decoded(reader: VideoReader) -> Iterator[tuple[np.ndarray, float]]:
+    """Each frame of `reader`, with the milliseconds its decoding took."""
+    frames = iter(reader)
+    while True:
+        start = time.perf_counter()
+        with part("decode"):
+            rgb = next(frames, None)
+        if rgb is None:
+            return
+        yield rgb, (time.perf_counter() - start) * 1000
 
 
 @torch.no_grad()
