@@ -15,6 +15,8 @@ time). Writes the `user-sizes` section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -122,6 +124,69 @@ def profile_section(steps: int) -> str:
     )
 
 
+def linear_layers_ms(model: torch.nn.Module, rows: int, repeats: int) -> list[float]:
+    """Per repeat, milliseconds for every linear layer of `model`'s blocks, in order, each on
+    `rows` input rows: what an engine that processes `rows` tokens per gate cannot avoid."""
+    layers = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(1, rows, m.in_features) for m in layers}
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for layer in layers:
+                layer(inputs[layer.in_features])
+            times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def linear_ceiling_section(repeats: int) -> str:
+    """The backbones' linear layers alone at k rows against N rows, interleaved by round."""
+    header = [
+        "model",
+        "k",
+        "linear layers, N rows ms",
+        "linear layers, k rows ms",
+        "speedup",
+        "row ratio",
+        "ceiling efficiency",
+    ]
+    rows = []
+    for name, build in subjects().items():
+        if "end to end" in name:
+            continue
+        model, _, num_tokens = build()
+        counts = [max(1, round(f * num_tokens)) for f in FRACTIONS]
+        times = {count: [] for count in counts}
+        for _ in range(repeats):
+            for count in counts:
+                times[count] += linear_layers_ms(model, count, 1)
+        full = statistics.median(times[num_tokens])
+        for count in counts[1:]:
+            spent = statistics.median(times[count])
+            speedup, row_ratio = full / spent, num_tokens / count
+            rows.append(
+                [
+                    name,
+                    str(count),
+                    f"{full:.1f}",
+                    f"{spent:.1f}",
+                    f"{speedup:.2f}",
+                    f"{row_ratio:.2f}",
+                    f"{speedup / row_ratio:.2f}",
+                ]
+            )
+            print(*rows[-1], sep=" | ", flush=True)
+    return (
+        "#### The ceiling: the linear layers alone at k rows\n\n"
+        "Every linear layer of the backbone's blocks, with the model's own weights, run in order "
+        f"on k rows against N rows (interleaved, medians of {repeats} rounds): the work any "
+        "token-sparse engine must do at k tokens per gate, which carries most of a step's ops. "
+        "Its efficiency (speedup over N / k) bounds the backbone's: fewer rows per matmul use "
+        "the CPU's vector units less fully, and every step still streams all the weights from "
+        "memory.\n\n" + markdown_table(header, rows)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -169,6 +234,8 @@ def main() -> None:
         + markdown_table(header, rows)
         + "\n\n"
         + profile_section(args.steps)
+        + "\n\n"
+        + linear_ceiling_section(max(args.steps, 12))
     )
     write_or_print("user-sizes", body, args.write)
 

@@ -93,6 +93,9 @@ def test_every_token_selected_with_escalation_matches_dense(level):
     stream = model.stream(drift=escalating(0.0))
     for frame in moving_squares(5, size=64, seed=2):
         torch.testing.assert_close(stream(frame), vit(frame), rtol=1e-4, atol=1e-4)
+        # Every token processed: nothing is left over, so nothing escalates.
+        assert stream.trace.unprocessed_share.tolist() == [0.0]
+        assert stream.ops.escalated == 0
 
 
 def test_ops_budget_pays_back_what_escalation_spends_on_a_hard_stretch():

@@ -61,8 +61,9 @@ def token_gate(
         norms = torch.linalg.vector_norm(current[fresh_streams], dim=-1).mean(1)
         scale[fresh_streams] = norms.to(scale.dtype)
     every_token = policy.tokens_per_stream(num_tokens) == num_tokens
-    if len(fresh_streams) == batch or (every_token and escalation is None and not measure):
-        # Every token of every stream, whatever the change: no error to compute.
+    if len(fresh_streams) == batch or every_token:
+        # Every token of every stream, whatever the change: no error to compute, nothing left
+        # unprocessed, nothing for escalation to add.
         reference.copy_(current)
         selection = Selection.all_tokens(batch, num_tokens, current.device)
         unprocessed = current.new_zeros(batch) if measure else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -34,9 +35,9 @@ class Selection:
 
     @staticmethod
     def all_tokens(batch_size: int, num_tokens: int, device: torch.device) -> Selection:
-        every = torch.arange(num_tokens, device=device)
-        flat = torch.arange(batch_size * num_tokens, device=device)
-        return Selection((every,) * batch_size, flat, num_tokens, everything=True)
+        """Every token of every stream; one shared instance per shape and device, since a step
+        asks for it at every gate (callers only read its indices)."""
+        return _all_tokens(batch_size, num_tokens, torch.device(device))
 
     @staticmethod
     def from_indices(index: Tensor, num_tokens: int) -> Selection:
@@ -80,3 +81,10 @@ class Selection:
         if len(streams) == self.batch_size:
             return Selection.all_tokens(self.batch_size, self.num_tokens, device)
         return Selection.from_lists(per_stream, self.num_tokens)
+
+
+@lru_cache(maxsize=64)
+def _all_tokens(batch_size: int, num_tokens: int, device: torch.device) -> Selection:
+    every = torch.arange(num_tokens, device=device)
+    flat = torch.arange(batch_size * num_tokens, device=device)
+    return Selection((every,) * batch_size, flat, num_tokens, everything=True)
