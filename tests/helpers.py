@@ -30,6 +30,8 @@ VARIANTS = {
     "layer_scale": {"layer_scale_init": 0.3},
     "registers": {"num_registers": 2},
     "no_qkv_bias": {"qkv_bias": False},
+    "no_prefix_tokens": {"class_token": False},
+    "registers_only": {"class_token": False, "num_registers": 2},
 }
 
 # The largest difference allowed between runs whose shapes differ: absolute on values of order 1

@@ -304,8 +304,8 @@ UNCONVERTIBLE = [
                 hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
             )
         ),
-        r"cannot convert a BertModel; supported models: eventful\.ViT; transformers ViTModel, "
-        r"Dinov2Model, Dinov2WithRegistersModel",
+        r"cannot convert a BertModel; supported models: eventful\.ViT, eventful\.ViTDet; "
+        r"transformers ViTModel, Dinov2Model, Dinov2WithRegistersModel",
         id="bert",
     ),
     pytest.param(

@@ -19,6 +19,17 @@ def test_registers_sit_between_class_token_and_patches():
     assert torch.equal(tokens[0, 1:4], vit.embedding.registers[0])
 
 
+def test_without_a_class_token_the_tokens_are_registers_then_patches():
+    vit = tiny_vit(class_token=False, num_registers=2)
+    assert vit.embedding.num_prefix_tokens == 2
+    assert vit.embedding.position.shape == (1, 64, 48)  # patches only
+    tokens = vit.embedding(torch.randn(1, 3, 64, 64))
+    assert tokens.shape == (1, 2 + 64, 48)
+    assert torch.equal(tokens[0, :2], vit.embedding.registers[0])
+    resized = vit(torch.randn(1, 3, 40, 96))  # interpolation has no class position to keep
+    assert resized.shape == (1, 2 + 5 * 12, 48)
+
+
 def test_position_embedding_is_interpolated_for_other_input_sizes():
     vit = tiny_vit()
     assert vit.embedding.position_for_grid(8, 8) is vit.embedding.position

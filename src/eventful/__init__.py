@@ -11,6 +11,7 @@ from eventful.core.staleness import MaxAge
 from eventful.core.state import StreamState
 from eventful.core.stream import Stream
 from eventful.models.vit import ViT
+from eventful.models.vitdet import ViTDet
 
 __all__ = [
     "DEFAULT_DRIFT",
@@ -29,5 +30,6 @@ __all__ = [
     "TopFraction",
     "TopK",
     "ViT",
+    "ViTDet",
     "convert",
 ]

@@ -7,19 +7,21 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from eventful.core.local_head import convert_heads
 from eventful.core.model import EventfulModule, EventfulViT
 from eventful.core.policies import Policy
 from eventful.core.wrapper import EncoderCall, EventfulWrapper
 from eventful.models import hf
-from eventful.models.vit import ViT
+from eventful.models.vit import ViT, describe_vit
+from eventful.models.vitdet import FeatureMap, ViTDet, describe_vitdet
 
 SUPPORTED = (
-    "eventful.ViT; transformers ViTModel, Dinov2Model, Dinov2WithRegistersModel; and any model "
-    "that calls exactly one of these as its encoder (ViTForImageClassification, "
-    "Dinov2ForImageClassification, a backbone with your own head, ...)"
+    "eventful.ViT, eventful.ViTDet; transformers ViTModel, Dinov2Model, "
+    "Dinov2WithRegistersModel; and any model that calls exactly one of these as its encoder "
+    "(ViTForImageClassification, Dinov2ForImageClassification, a backbone with your own "
+    "head, ...)"
 )
 
 
@@ -39,7 +41,11 @@ def convert(
     cache_dtype: e.g. torch.float16 to halve the N x N attention caches of "qk" and "full".
     """
     if isinstance(model, ViT):
-        return EventfulViT(model, policy, level, cache_dtype)
+        return EventfulViT(describe_vit(model), policy, level, cache_dtype)
+    if isinstance(model, ViTDet):
+        eventful_vitdet = EventfulViT(describe_vitdet(model), policy, level, cache_dtype)
+        feature_map = FeatureMap(model.embedding.patch_size)
+        return EventfulWrapper(EncoderCall(eventful_vitdet, feature_map, _no_options), "")
     if _is_encoder(model):
         return EventfulWrapper(_encoder_call(model, policy, level, cache_dtype), "")
     path, encoder = _find_encoder(model)
@@ -67,10 +73,14 @@ def _encoder_call(
     cache_dtype: torch.dtype | None,
 ) -> EncoderCall:
     if isinstance(encoder, ViT):
-        eventful_vit = EventfulViT(encoder, policy, level, cache_dtype)
-        return EncoderCall(eventful_vit, nn.Identity(), _no_options)
-    eventful_vit = EventfulViT(hf.vit_from_hf(encoder), policy, level, cache_dtype)
+        eventful_vit = EventfulViT(describe_vit(encoder), policy, level, cache_dtype)
+        return EncoderCall(eventful_vit, _tokens, _no_options)
+    eventful_vit = EventfulViT(describe_vit(hf.vit_from_hf(encoder)), policy, level, cache_dtype)
     return EncoderCall(eventful_vit, hf.HFEncoderOutput(encoder), hf.check_hf_encoder_options)
+
+
+def _tokens(tokens: Tensor, pixel_values: Tensor) -> Tensor:
+    return tokens
 
 
 def _no_options(options: dict) -> None:

@@ -28,12 +28,13 @@ from eventful.core.attention import (
     update_full_attention,
     update_query_key_product,
 )
+from eventful.core.description import BlockDescription
 from eventful.core.escalation import Escalation
 from eventful.core.gates import GateStep, token_gate, write_rows
 from eventful.core.ops import StepTrace
+from eventful.core.partition import from_windows, to_windows
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
-from eventful.models.vit import Block, LayerScale, attention_scale
 
 LEVELS = ("tokenwise", "qk", "full", "exact")
 
@@ -48,21 +49,25 @@ def _scaled_linear(linear: nn.Linear, scale: Tensor) -> nn.Linear:
     return scaled
 
 
-def _layer_scale(module: nn.Module, dim: int) -> Tensor:
-    if isinstance(module, LayerScale):
-        return module.gamma.detach()
-    return torch.ones(dim)
+def _ones_if_none(scale: Tensor | None, dim: int) -> Tensor:
+    return torch.ones(dim) if scale is None else scale.detach()
 
 
 class EventfulBlock(nn.Module):
-    """An eventful copy of a pre-norm `Block`; tokens (B, N, D) -> (B, N, D) with state.
+    """An eventful copy of a pre-norm block (`BlockDescription`); tokens (B, N, D) -> (B, N, D)
+    with state.
 
-    Conversion folds the attention scale into the q rows of the qkv projection and each
-    LayerScale into the projection before it, so the eventful block does no extra work for
-    them. The original block is not modified.
+    Construction folds the attention scale into the q rows of the qkv projection and each
+    layer scale into the projection before it, so the eventful block does no extra work for
+    them. The described modules are copied, not modified.
     """
 
-    def __init__(self, block: Block, level: str, cache_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        block: BlockDescription,
+        level: str,
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -73,19 +78,30 @@ class EventfulBlock(nn.Module):
                 f"cache_dtype must be a floating-point torch dtype such as torch.float16, "
                 f"got {cache_dtype!r}"
             )
+        block.validate()
         self.cache_dtype = cache_dtype
-        dim = block.norm1.normalized_shape[0]
+        dim = block.dim
         self.level = level
         self.dim = dim
-        self.heads = block.attn.heads
+        self.heads = block.attention.heads
         query_scale = torch.ones(3 * dim)
-        query_scale[:dim] = attention_scale(dim, self.heads)
+        query_scale[:dim] = block.attention.scale
         self.norm1 = copy.deepcopy(block.norm1)
-        self.qkv = _scaled_linear(block.attn.qkv, query_scale)
-        self.proj = _scaled_linear(block.attn.proj, _layer_scale(block.ls1, dim))
+        self.qkv = _scaled_linear(block.qkv, query_scale)
+        self.proj = _scaled_linear(block.proj, _ones_if_none(block.layer_scale1, dim))
         self.norm2 = copy.deepcopy(block.norm2)
-        self.fc1 = copy.deepcopy(block.mlp.fc1)
-        self.fc2 = _scaled_linear(block.mlp.fc2, _layer_scale(block.ls2, dim))
+        self.fc1 = copy.deepcopy(block.fc1)
+        self.activation = copy.deepcopy(block.activation)
+        self.fc2 = _scaled_linear(block.fc2, _ones_if_none(block.layer_scale2, dim))
+        attention = block.attention
+        if level != "tokenwise" and (attention.window is not None or attention.bias is not None):
+            kind = "windowed attention" if attention.window is not None else "an attention bias"
+            raise ValueError(
+                f"level {level!r} does not support {kind} yet; use level 'tokenwise' for this block"
+            )
+        self.window = attention.window
+        # The bias takes q before the scale, which the qkv projection now applies.
+        self.bias = None if attention.bias is None else attention.bias.scaled(1 / attention.scale)
 
     def state_specs(
         self, batch: int, num_tokens: int, dtype: torch.dtype
@@ -132,7 +148,10 @@ class EventfulBlock(nn.Module):
         fresh_streams: list[int],
         trace: StepTrace | None = None,
         escalation: Escalation | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> Tensor:
+        """One step; `grid`, the patch grid (rows, columns), is needed by windows and biases,
+        which take the tokens as that grid (no prefix tokens)."""
         batch, num_tokens, dim = x.shape
         measure = trace is not None
 
@@ -159,15 +178,18 @@ class EventfulBlock(nn.Module):
         write_rows(state["qkv"], qkv_selection, qkv_rows)
 
         recomputed = [0] * batch
-        attended = self._attend(state, qkv_selection, recomputing, old_keys_values, recomputed)
-        attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
+        if self.window is None and self.bias is None:
+            attended = self._attend(state, qkv_selection, recomputing, old_keys_values, recomputed)
+            attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
+        else:
+            attended = self._attend_partitioned(state["qkv"], grid)
 
         proj_gate = gate("proj", attended)
         write_rows(state["proj"], proj_gate.selection, self.proj(proj_gate.rows))
         y = x + state["proj"]
 
         mlp_gate = gate("mlp", y)
-        hidden = F.gelu(self.fc1(self.norm2(mlp_gate.rows)))
+        hidden = self.activation(self.fc1(self.norm2(mlp_gate.rows)))
         write_rows(state["mlp"], mlp_gate.selection, self.fc2(hidden))
         if trace is not None:
             trace.record_block({"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}, recomputed)
@@ -179,6 +201,34 @@ class EventfulBlock(nn.Module):
         heads = qkv.view(batch, num_tokens, 3, self.heads, self.dim // self.heads)
         q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
+
+    def _attend_partitioned(self, qkv: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Attention output (B, N, D) over the buffered qkv (B, N, 3 D) of a rows x cols grid,
+        within windows and/or with the bias: all queries, as the tokenwise level does.
+
+        Windows pad the grid to whole windows; a padded position's input is zero, so its q, k
+        and v are the qkv projection's bias.
+        """
+        batch, num_tokens, _ = qkv.shape
+        rows, cols = grid
+        if self.window is None:
+            groups, sides = qkv, grid
+        else:
+            size = self.window.size
+            padded_rows, padded_cols = self.window.padded_grid(rows, cols)
+            padded = qkv.new_zeros(batch, padded_rows, padded_cols, qkv.shape[-1])
+            if self.qkv.bias is not None:
+                padded.copy_(self.qkv.bias.expand_as(padded))
+            padded[:, :rows, :cols] = qkv.view(batch, rows, cols, -1)
+            groups, sides = to_windows(padded, size), (size, size)
+        q, k, v = self._split_heads(groups)
+        bias = None if self.bias is None else self.bias(q, sides).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        out = out.transpose(1, 2).reshape(groups.shape[0], groups.shape[1], self.dim)
+        if self.window is None:
+            return out
+        out = from_windows(out, batch, padded_rows, padded_cols, self.window.size)
+        return out[:, :rows, :cols].reshape(batch, num_tokens, self.dim)
 
     def _keys_values_at(
         self, qkv: Tensor, selection: Selection, fresh_streams: list[int]

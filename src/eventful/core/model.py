@@ -11,12 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from eventful.core.block import LEVELS, EventfulBlock
+from eventful.core.description import EncoderDescription
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl
 from eventful.core.escalation import Escalation
 from eventful.core.ops import StepTrace
 from eventful.core.policies import Policy
 from eventful.core.state import StreamState
-from eventful.models.vit import ViT
 
 if TYPE_CHECKING:
     from eventful.core.estimate import FidelityEstimate
@@ -71,7 +71,8 @@ class EventfulModule(nn.Module):
 
 
 class EventfulViT(EventfulModule):
-    """An eventful copy of a `ViT`: frames (B, C, H, W) + state -> final-norm tokens (B, T, D).
+    """An eventful copy of a described encoder (`EncoderDescription`, which each model family's
+    adapter produces): frames (B, C, H, W) + state -> final-norm tokens (B, T, D).
 
     `policy` decides, at every gate, which tokens each stream re-processes; assign a new one
     between steps at will. `level` is one of "tokenwise", "qk", "full", "exact" (the default),
@@ -81,19 +82,35 @@ class EventfulViT(EventfulModule):
 
     def __init__(
         self,
-        vit: ViT,
+        description: EncoderDescription,
         policy: Policy,
         level: str | Sequence[str] = "exact",
         cache_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        levels = _levels_for(level, len(vit.blocks))
-        self.embedding = copy.deepcopy(vit.embedding)
+        description.validate()
+        levels = _levels_for(level, len(description.blocks))
+        partitioned = [
+            index
+            for index, block in enumerate(description.blocks)
+            if block.attention.window is not None or block.attention.bias is not None
+        ]
+        prefix = description.embedding.num_prefix_tokens
+        if partitioned and prefix:
+            raise ValueError(
+                f"blocks {partitioned} use windows or an attention bias over the patch grid, "
+                f"which needs an embedding without prefix tokens; this one has {prefix}"
+            )
+        self.smallest_window = min(
+            (block.attention.window.size for block in description.blocks if block.attention.window),
+            default=None,
+        )
+        self.embedding = copy.deepcopy(description.embedding)
         self.blocks = nn.ModuleList(
             EventfulBlock(block, name, cache_dtype)
-            for block, name in zip(vit.blocks, levels, strict=True)
+            for block, name in zip(description.blocks, levels, strict=True)
         )
-        self.norm = copy.deepcopy(vit.norm)
+        self.norm = copy.deepcopy(description.norm)
         self.policy = policy
 
     @property
@@ -142,15 +159,17 @@ class EventfulViT(EventfulModule):
                 for block in self.blocks
             ]
             state.allocate(specs, input_size, frames.device)
+        grid = self.embedding.grid_size(*input_size)
         if trace is not None:
             trace.num_tokens = num_tokens
             trace.fresh_streams = fresh
+            trace.grid = grid
         try:
             tokens = self.embedding(frames)
             blocks = zip(self.blocks, state.blocks, strict=True)
             for block, block_state in blocks:
                 policy = self.policy.for_block(block_state, fresh)
-                tokens = block(tokens, block_state, policy, fresh, trace, escalation)
+                tokens = block(tokens, block_state, policy, fresh, trace, escalation, grid)
         except Exception:
             # A failure inside the step (out of memory, say) may leave caches half-updated.
             state.reset()
@@ -186,7 +205,7 @@ class EventfulViT(EventfulModule):
                 f"frames hold a batch of {frames.shape[0]}, but the stream state holds "
                 f"{state.batch_size} streams"
             )
-        weight = self.embedding.patch_projection.weight
+        weight = next(self.embedding.parameters())
         if frames.device != weight.device:
             raise ValueError(
                 f"frames are on {frames.device}, but the model is on {weight.device}; "
@@ -213,6 +232,14 @@ class EventfulViT(EventfulModule):
                     f"{state.input_size[0]}x{state.input_size[1]} this stream state was built "
                     "for; reset every stream (stream.reset()) to change the input size"
                 )
+        rows, cols = self.embedding.grid_size(height, width)
+        if self.smallest_window is not None and min(rows, cols) < self.smallest_window:
+            size = self.smallest_window
+            raise ValueError(
+                f"frames of {height}x{width} pixels give a {rows}x{cols} patch grid, smaller "
+                f"than one {size}x{size} attention window; expected at least "
+                f"{size * patch}x{size * patch} pixels"
+            )
         num_tokens = self.embedding.num_tokens(height, width)
         self.policy.validate(num_tokens, self.blocks)
         if escalation is not None:

@@ -39,6 +39,8 @@ class StepTrace:
 
     num_tokens: int
     fresh_streams: list[int]
+    # The patch grid (rows, columns) of the step's input; windows and biases need it.
+    grid: tuple[int, int] | None = None
     # Per block: the Selection of each gate ("qkv", "proj", "mlp").
     blocks: list[dict[str, Selection]] = field(default_factory=list)
     # Per block and stream: rows the full or exact level recomputed beyond the selection.
@@ -126,8 +128,40 @@ def linear_macs(rows: int, layer: nn.Linear) -> int:
     return rows * (layer.in_features * layer.out_features + bias)
 
 
-def dense_block_macs(block: nn.Module, num_tokens: int) -> dict[str, int]:
-    """One stream of one block run densely."""
+def dense_attention_macs(
+    block: nn.Module, num_tokens: int, grid: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """Multiply-accumulates and adds of one stream's attention over all its queries.
+
+    Global: q k^T and A v over n x n (2 n^2 d). Windows: the same within each window of L
+    tokens (the padded grid's windows: 2 W L^2 d). A decomposed relative position bias adds,
+    per group of L tokens on an r x c grid, each query's dot products with the r + c table rows
+    it uses (L (r + c) d) and two adds per logit and head. `grid` (patch rows, columns) is
+    needed for windows and biases.
+    """
+    d = block.dim
+    if block.window is None and block.bias is None:
+        return 2 * num_tokens * num_tokens * d, 0
+    if grid is None:
+        raise ValueError("counting windowed or biased attention needs the patch grid")
+    if block.window is None:
+        groups, length, sides = 1, num_tokens, grid
+    else:
+        size = block.window.size
+        groups, length, sides = block.window.count(*grid), size * size, (size, size)
+    macs = 2 * groups * length * length * d
+    adds = 0
+    if block.bias is not None:
+        macs += groups * length * (sides[0] + sides[1]) * d
+        adds += 2 * groups * block.heads * length * length
+    return macs, adds
+
+
+def dense_block_macs(
+    block: nn.Module, num_tokens: int, grid: tuple[int, int] | None = None
+) -> dict[str, int]:
+    """One stream of one block run densely. A windowed block's linear layers run on the real
+    tokens only: the padding's projections are constant (block.py)."""
     n, d = num_tokens, block.dim
     linear = (
         linear_macs(n, block.qkv)
@@ -135,7 +169,8 @@ def dense_block_macs(block: nn.Module, num_tokens: int) -> dict[str, int]:
         + linear_macs(n, block.fc1)
         + linear_macs(n, block.fc2)
     )
-    return {"linear": linear, "attention": 2 * n * n * d, "adds": 2 * n * d, "gates": 0}
+    attention, bias_adds = dense_attention_macs(block, n, grid)
+    return {"linear": linear, "attention": attention, "adds": 2 * n * d + bias_adds, "gates": 0}
 
 
 def eventful_block_macs(
@@ -145,8 +180,9 @@ def eventful_block_macs(
     fresh: bool,
     gates_run: bool,
     recomputed_rows: int = 0,
+    grid: tuple[int, int] | None = None,
 ) -> dict[str, int]:
-    """One stream of one eventful block.
+    """One stream of one eventful block (`grid`: see `dense_attention_macs`).
 
     counts: tokens selected at each gate ("qkv", "proj", "mlp"); fresh: the stream runs densely
     to fill its caches; gates_run: the gates computed errors (false when the whole batch is
@@ -165,7 +201,8 @@ def eventful_block_macs(
     # Every gate computes an error and its norm for every token of every stream.
     gates = 3 * 2 * n * d if gates_run else 0
     if fresh or block.level == "tokenwise":
-        attention = 2 * n * n * d
+        attention, bias_adds = dense_attention_macs(block, n, grid)
+        adds += bias_adds
     elif block.level == "exact" and exact_update_is_dense(s_qkv, n):
         attention = 2 * n * n * d
     elif block.level == "exact":
@@ -204,14 +241,14 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
         dense[stream] += head_dense[stream]
     steps = zip(blocks, trace.blocks, trace.escalated, trace.recomputed_rows, strict=True)
     for block, selections, added, recomputed_rows in steps:
-        block_dense = sum(dense_block_macs(block, trace.num_tokens).values())
+        block_dense = sum(dense_block_macs(block, trace.num_tokens, trace.grid).values())
         for stream in range(batch):
             counts = {gate: selection.counts[stream] for gate, selection in selections.items()}
             # Every token selected rebuilds the attention caches as a dense step does (block.py).
             fresh = stream in trace.fresh_streams or selections["qkv"].everything
             recomputed = recomputed_rows[stream]
             macs = eventful_block_macs(
-                block, trace.num_tokens, counts, fresh, gates_run, recomputed
+                block, trace.num_tokens, counts, fresh, gates_run, recomputed, trace.grid
             )
             for name, value in macs.items():
                 per_stream[stream][name] += value
@@ -219,7 +256,7 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
             if any(added[gate][stream] for gate in counts):
                 own = {gate: count - added[gate][stream] for gate, count in counts.items()}
                 without = eventful_block_macs(
-                    block, trace.num_tokens, own, fresh, gates_run, recomputed
+                    block, trace.num_tokens, own, fresh, gates_run, recomputed, trace.grid
                 )
                 escalated[stream] += sum(macs.values()) - sum(without.values())
     return OpCount(per_stream, dense, escalated, head_dense)
@@ -234,9 +271,9 @@ def steady_topk_macs(blocks: nn.ModuleList, num_tokens: int, k: int) -> int:
     )
 
 
-def dense_macs(blocks: nn.ModuleList, num_tokens: int) -> int:
-    """Multiply-accumulates of one stream's dense step."""
-    return sum(sum(dense_block_macs(block, num_tokens).values()) for block in blocks)
+def dense_macs(blocks: nn.ModuleList, num_tokens: int, grid: tuple[int, int] | None = None) -> int:
+    """Multiply-accumulates of one stream's dense step (`grid`: see `dense_attention_macs`)."""
+    return sum(sum(dense_block_macs(block, num_tokens, grid).values()) for block in blocks)
 
 
 def topk_for_op_ratio(

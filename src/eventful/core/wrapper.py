@@ -23,9 +23,11 @@ from eventful.profile import part
 
 
 class EncoderCall(nn.Module):
-    """Stands in for an encoder: pixel values -> `format_output(tokens)`, stepping the state.
+    """Stands in for an encoder: pixel values -> `format_output(tokens, pixel_values)`, stepping
+    the state.
 
-    `format_output` turns final-norm tokens (B, T, D) into what the replaced encoder returned.
+    `format_output` turns final-norm tokens (B, T, D) into what the replaced encoder returned
+    (the pixel values give the patch grid, for encoders that return feature maps).
     Keyword arguments are checked by `check_arguments`, which raises on options the eventful
     encoder cannot honour.
     """
@@ -33,7 +35,7 @@ class EncoderCall(nn.Module):
     def __init__(
         self,
         encoder: EventfulViT,
-        format_output: Callable[[Tensor], Any],
+        format_output: Callable[[Tensor, Tensor], Any],
         check_arguments: Callable[[dict], None],
     ) -> None:
         super().__init__()
@@ -64,7 +66,7 @@ class EncoderCall(nn.Module):
         self._step["called"] = True
         with part("encoder"):
             tokens = self.encoder(pixel_values, **self._step["arguments"])
-        return self.format_output(tokens)
+        return self.format_output(tokens, pixel_values)
 
 
 class EventfulWrapper(EventfulModule):

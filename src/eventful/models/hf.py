@@ -187,7 +187,7 @@ class HFEncoderOutput(nn.Module):
         self.pooler = None if pooler is None else copy.deepcopy(pooler)
         self.pools_class_token = type(encoder).__name__ != "ViTModel"
 
-    def forward(self, tokens: Tensor) -> Any:
+    def forward(self, tokens: Tensor, pixel_values: Tensor | None = None) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         if self.pools_class_token:

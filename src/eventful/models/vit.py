@@ -8,9 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eventful.core.description import (
+    AttentionDescription,
+    BlockDescription,
+    EncoderDescription,
+)
+
 
 class TokenEmbedding(nn.Module):
-    """Frames (B, C, H, W) -> tokens (B, 1 + R + N, D): class token, R registers, N patches.
+    """Frames (B, C, H, W) -> tokens (B, C + R + N, D): a class token (C = 1, or none with
+    `class_token=False`), R registers, N patches.
 
     The learned position embedding covers the class token and a square grid of patches for
     `image_size`; other input sizes interpolate the patch part (bicubic). Registers carry no
@@ -29,6 +36,7 @@ class TokenEmbedding(nn.Module):
         in_chans: int = 3,
         num_registers: int = 0,
         interpolate_antialias: bool = False,
+        class_token: bool = True,
     ) -> None:
         super().__init__()
         if image_size % patch_size != 0:
@@ -40,18 +48,24 @@ class TokenEmbedding(nn.Module):
         self.grid = image_size // patch_size
         self.interpolate_antialias = interpolate_antialias
         self.patch_projection = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
         self.registers = nn.Parameter(torch.zeros(1, num_registers, dim))
-        self.position = nn.Parameter(torch.zeros(1, 1 + self.grid * self.grid, dim))
-        nn.init.trunc_normal_(self.class_token, std=0.02)
+        classes = int(class_token)
+        self.position = nn.Parameter(torch.zeros(1, classes + self.grid * self.grid, dim))
+        if class_token:
+            nn.init.trunc_normal_(self.class_token, std=0.02)
         nn.init.trunc_normal_(self.registers, std=0.02)
         nn.init.trunc_normal_(self.position, std=0.02)
         self._interpolated: tuple[tuple, Tensor] | None = None  # (key, embedding) of one grid
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: the class token and the registers."""
-        return 1 + self.registers.shape[1]
+        """Tokens before the patches: the class token (if any) and the registers."""
+        return self._classes + self.registers.shape[1]
+
+    @property
+    def _classes(self) -> int:
+        return 0 if self.class_token is None else 1
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid (rows, columns) for an input of height x width pixels."""
@@ -62,7 +76,7 @@ class TokenEmbedding(nn.Module):
         return self.num_prefix_tokens + rows * cols
 
     def position_for_grid(self, rows: int, cols: int) -> Tensor:
-        """Position embedding (1, 1 + rows * cols, D), interpolated when the grid differs."""
+        """Position embedding (1, C + rows * cols, D), interpolated when the grid differs."""
         if rows == self.grid and cols == self.grid:
             return self.position
         if torch.is_grad_enabled() and self.position.requires_grad:
@@ -74,8 +88,8 @@ class TokenEmbedding(nn.Module):
         return self._interpolated[1]
 
     def _interpolate(self, rows: int, cols: int) -> Tensor:
-        class_position = self.position[:, :1]
-        patch_position = self.position[:, 1:]
+        class_position = self.position[:, : self._classes]
+        patch_position = self.position[:, self._classes :]
         dim = patch_position.shape[-1]
         patch_position = patch_position.reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
         patch_position = F.interpolate(
@@ -93,12 +107,14 @@ class TokenEmbedding(nn.Module):
         patches = self.patch_projection(frames)
         rows, cols = patches.shape[-2:]
         patches = patches.flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.class_token.expand(batch, -1, -1), patches], dim=1)
-        tokens = tokens + self.position_for_grid(rows, cols)
+        if self.class_token is not None:
+            patches = torch.cat([self.class_token.expand(batch, -1, -1), patches], dim=1)
+        tokens = patches + self.position_for_grid(rows, cols)
         if self.registers.shape[1] == 0:
             return tokens
         registers = self.registers.expand(batch, -1, -1)
-        return torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
+        classes = self._classes
+        return torch.cat([tokens[:, :classes], registers, tokens[:, classes:]], dim=1)
 
 
 class LayerScale(nn.Module):
@@ -167,7 +183,8 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """A plain ViT encoder: frames (B, C, H, W) -> final-norm tokens (B, 1 + R + N, D).
+    """A plain ViT encoder: frames (B, C, H, W) -> final-norm tokens (B, prefix + N, D), the
+    prefix being the class token (unless `class_token=False`) and R registers.
 
     Any H, W of at least one patch works; the patch grid is H // patch_size by W // patch_size.
     """
@@ -186,12 +203,13 @@ class ViT(nn.Module):
         qkv_bias: bool = True,
         norm_eps: float = 1e-6,
         interpolate_antialias: bool = False,
+        class_token: bool = True,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.heads = heads
         self.embedding = TokenEmbedding(
-            image_size, patch_size, dim, in_chans, num_registers, interpolate_antialias
+            image_size, patch_size, dim, in_chans, num_registers, interpolate_antialias, class_token
         )
         self.blocks = nn.ModuleList(
             Block(dim, heads, mlp_ratio, qkv_bias, layer_scale_init, norm_eps) for _ in range(depth)
@@ -212,3 +230,29 @@ class ViT(nn.Module):
 def attention_scale(dim: int, heads: int) -> float:
     """The softmax temperature 1 / sqrt(head dim) of scaled dot-product attention."""
     return 1.0 / math.sqrt(dim // heads)
+
+
+def describe_vit(vit: ViT) -> EncoderDescription:
+    """The engine's description of a `ViT` (its modules, not copies: the engine copies)."""
+
+    def layer_scale(module: nn.Module) -> Tensor | None:
+        return module.gamma.detach() if isinstance(module, LayerScale) else None
+
+    blocks = tuple(
+        BlockDescription(
+            norm1=block.norm1,
+            qkv=block.attn.qkv,
+            proj=block.attn.proj,
+            norm2=block.norm2,
+            fc1=block.mlp.fc1,
+            activation=nn.GELU(),
+            fc2=block.mlp.fc2,
+            attention=AttentionDescription(
+                heads=block.attn.heads, scale=attention_scale(vit.dim, block.attn.heads)
+            ),
+            layer_scale1=layer_scale(block.ls1),
+            layer_scale2=layer_scale(block.ls2),
+        )
+        for block in vit.blocks
+    )
+    return EncoderDescription(vit.embedding, blocks, vit.norm)

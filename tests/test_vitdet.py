@@ -1,0 +1,134 @@
+"""ViTDet on the engine: windows padded to whole windows, decomposed relative position, global
+blocks; all tokens equals dense; dense op counts of ViTDet-B as the paper's conventions give."""
+
+import pytest
+import torch
+
+import eventful
+from eventful.core.bias import DecomposedRelativePosition, relative_table
+from eventful.core.ops import dense_macs
+from eventful.core.partition import Windows, from_windows, to_windows
+
+TOLERANCE = 1e-4
+
+
+def tiny_vitdet(seed: int = 0) -> eventful.ViTDet:
+    """8x8 patches of 8 pixels at 64x64; windows of 3 (the grid pads to 9x9); block 1 global."""
+    torch.manual_seed(seed)
+    model = eventful.ViTDet(
+        image_size=64,
+        patch_size=8,
+        dim=32,
+        depth=3,
+        heads=4,
+        window=3,
+        global_blocks=(1,),
+        pretrain_size=48,
+    )
+    return model.eval()
+
+
+def video(steps: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(steps, 2, 3, height, width).cumsum(0) * 0.3
+
+
+@pytest.mark.parametrize("policy", [eventful.TopK(8 * 8), eventful.Threshold(0.0)])
+@pytest.mark.parametrize("size", [(64, 64), (40, 72)])
+def test_all_tokens_equal_the_dense_vitdet_on_every_frame(policy, size):
+    dense = tiny_vitdet()
+    if isinstance(policy, eventful.TopK):
+        policy = eventful.TopK(dense.embedding.num_tokens(*size))
+    stream = eventful.convert(dense, policy=policy, level="tokenwise").stream(batch_size=2)
+    with torch.no_grad():
+        for frame in video(5, *size):
+            output = stream(frame)
+            assert output.shape == (2, 32, size[0] // 8, size[1] // 8)
+            torch.testing.assert_close(output, dense(frame), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_few_tokens_save_ops_and_stay_near_dense():
+    dense = tiny_vitdet()
+    converted = eventful.convert(dense, policy=eventful.TopK(16), level="tokenwise")
+    stream = converted.stream(drift=None)  # no refresh steps: every step after the first is sparse
+    frames = video(6, 64, 64)[:, :1]
+    with torch.no_grad():
+        for frame in frames:
+            output = stream(frame)
+        cosine = torch.nn.functional.cosine_similarity(output.flatten(), dense(frame).flatten(), 0)
+    assert stream.ops.total < stream.ops.dense
+    assert cosine > 0.9
+
+
+def test_the_first_step_counts_exactly_the_dense_ops():
+    dense = tiny_vitdet()
+    converted = eventful.convert(dense, policy=eventful.TopK(4), level="tokenwise")
+    stream = converted.stream()
+    stream(video(1, 40, 72)[0, :1])
+    assert stream.ops.total == stream.ops.dense
+    assert stream.ops.dense == dense_macs(converted.encoder.blocks, 5 * 9, (5, 9))
+
+
+@pytest.mark.parametrize(("size", "giga_macs"), [(672, 174.5), (1024, 467.4)])
+def test_vitdet_b_dense_op_counts_match_the_papers_conventions(size, giga_macs):
+    # RESOURCES.md: linear layers cost inputs x outputs plus a bias add, matmuls outputs x inner
+    # dimension, adds one per output; the padding of windows is not projected.
+    model = eventful.ViTDet(image_size=size)
+    converted = eventful.convert(model, policy=eventful.TopK(1), level="tokenwise")
+    grid = (size // 16, size // 16)
+    macs = dense_macs(converted.encoder.blocks, grid[0] * grid[1], grid)
+    assert round(macs / 1e9, 1) == giga_macs
+
+
+@pytest.mark.parametrize("level", ["qk", "full", "exact"])
+def test_levels_without_window_support_refuse_in_one_line(level):
+    with pytest.raises(ValueError, match=f"level '{level}' does not support windowed attention"):
+        eventful.convert(tiny_vitdet(), policy=eventful.TopK(4), level=level)
+
+
+def test_an_input_smaller_than_one_window_is_refused_before_any_cache_is_touched():
+    stream = eventful.convert(tiny_vitdet(), policy=eventful.TopK(4), level="tokenwise").stream()
+    with pytest.raises(ValueError, match="2x8 patch grid, smaller than one 3x3 attention window"):
+        stream(torch.randn(1, 3, 16, 64))
+    assert not stream.state.allocated
+
+
+def test_a_window_size_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="window size must be a positive integer, got 0"):
+        Windows(0)
+
+
+def test_windows_round_trip_and_pad_to_whole_windows():
+    windows = Windows(3)
+    assert windows.padded_grid(5, 9) == (6, 9) and windows.count(5, 9) == 6
+    grid = torch.arange(2 * 6 * 9 * 4, dtype=torch.float32).view(2, 6, 9, 4)
+    grouped = to_windows(grid, 3)
+    assert grouped.shape == (2 * 6, 9, 4)
+    assert torch.equal(grouped[1, 4], grid[0, 1, 4 + 0])  # window (0, 1), row 1, column 1
+    assert torch.equal(from_windows(grouped, 2, 6, 9, 3), grid)
+
+
+def test_relative_table_indexes_each_offset():
+    table = torch.randn(2 * 4 - 1, 5)
+    picked = relative_table(4, 4, table)
+    for query in range(4):
+        for key in range(4):
+            assert torch.equal(picked[query, key], table[query - key + 3])
+
+
+def test_decomposed_relative_position_equals_its_definition():
+    torch.manual_seed(0)
+    bias = DecomposedRelativePosition(torch.randn(5, 6), torch.randn(7, 6))
+    q = torch.randn(2, 3 * 4, 6)
+    got = bias(q, (3, 4))
+    for query in range(12):
+        i, j = divmod(query, 4)
+        for key in range(12):
+            k, m = divmod(key, 4)
+            expected = q[:, query] @ bias.rows[i - k + 2] + q[:, query] @ bias.cols[j - m + 3]
+            torch.testing.assert_close(got[:, query, key], expected)
+
+
+def test_a_relative_position_table_of_the_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match=r"got \(5, 6\) and \(7, 4\)"):
+        DecomposedRelativePosition(torch.randn(5, 6), torch.randn(7, 4))
