@@ -13,15 +13,15 @@ from eventful.core.local_head import convert_heads
 from eventful.core.model import EventfulModule, EventfulViT
 from eventful.core.policies import Policy
 from eventful.core.wrapper import EncoderCall, EventfulWrapper
-from eventful.models import hf
+from eventful.models import hf, hf_vitdet
 from eventful.models.vit import ViT, describe_vit
 from eventful.models.vitdet import FeatureMap, ViTDet, describe_vitdet
 
 SUPPORTED = (
     "eventful.ViT, eventful.ViTDet; transformers ViTModel, Dinov2Model, "
-    "Dinov2WithRegistersModel; and any model that calls exactly one of these as its encoder "
-    "(ViTForImageClassification, Dinov2ForImageClassification, a backbone with your own "
-    "head, ...)"
+    "Dinov2WithRegistersModel, VitDetModel, VitDetBackbone; and any model that calls exactly "
+    "one of these as its encoder (ViTForImageClassification, Dinov2ForImageClassification, a "
+    "backbone with your own head, ...)"
 )
 
 
@@ -63,7 +63,7 @@ def convert(
 
 
 def _is_encoder(module: nn.Module) -> bool:
-    return isinstance(module, ViT) or hf.is_hf_encoder(module)
+    return isinstance(module, ViT) or hf.is_hf_encoder(module) or hf_vitdet.is_hf_vitdet(module)
 
 
 def _encoder_call(
@@ -75,6 +75,12 @@ def _encoder_call(
     if isinstance(encoder, ViT):
         eventful_vit = EventfulViT(describe_vit(encoder), policy, level, cache_dtype)
         return EncoderCall(eventful_vit, _tokens, _no_options)
+    if hf_vitdet.is_hf_vitdet(encoder):
+        description = hf_vitdet.describe_hf_vitdet(encoder)
+        taps = hf_vitdet.tapped_stages(encoder)
+        eventful_vitdet = EventfulViT(description, policy, level, cache_dtype, taps)
+        output = hf_vitdet.VitDetOutput(encoder)
+        return EncoderCall(eventful_vitdet, output, hf_vitdet.check_vitdet_options)
     eventful_vit = EventfulViT(describe_vit(hf.vit_from_hf(encoder)), policy, level, cache_dtype)
     return EncoderCall(eventful_vit, hf.HFEncoderOutput(encoder), hf.check_hf_encoder_options)
 

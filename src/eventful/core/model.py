@@ -78,6 +78,9 @@ class EventfulViT(EventfulModule):
     between steps at will. `level` is one of "tokenwise", "qk", "full", "exact" (the default),
     or one per block. `cache_dtype` (e.g. torch.float16) stores the N x N attention caches of
     the "qk" and "full" levels in half precision: half the memory, at some fidelity cost.
+    `taps`: stages (0: the embedding's output, i: block i's output, counted from 1) whose
+    tokens the step also returns, in order, as `(final tokens, tapped tokens)`: the multi-scale
+    outputs of a detection backbone.
     """
 
     def __init__(
@@ -86,9 +89,15 @@ class EventfulViT(EventfulModule):
         policy: Policy,
         level: str | Sequence[str] = "exact",
         cache_dtype: torch.dtype | None = None,
+        taps: Sequence[int] = (),
     ) -> None:
         super().__init__()
         description.validate()
+        depth = len(description.blocks)
+        outside = [stage for stage in taps if not 0 <= stage <= depth]
+        if outside:
+            raise ValueError(f"tapped stages {outside} outside 0..{depth} (0: the embedding)")
+        self.taps = tuple(taps)
         levels = _levels_for(level, len(description.blocks))
         partitioned = [
             index
@@ -164,17 +173,24 @@ class EventfulViT(EventfulModule):
             trace.num_tokens = num_tokens
             trace.fresh_streams = fresh
             trace.grid = grid
+        tapped = []
         try:
             tokens = self.embedding(frames)
+            if 0 in self.taps:
+                tapped.append(tokens)
             blocks = zip(self.blocks, state.blocks, strict=True)
-            for block, block_state in blocks:
+            for stage, (block, block_state) in enumerate(blocks, start=1):
                 policy = self.policy.for_block(block_state, fresh)
                 tokens = block(tokens, block_state, policy, fresh, trace, escalation, grid)
+                if stage in self.taps:
+                    tapped.append(tokens)
         except Exception:
             # A failure inside the step (out of memory, say) may leave caches half-updated.
             state.reset()
             raise
         state.mark_processed()
+        if self.taps:
+            return self.norm(tokens), tuple(tapped)
         return self.norm(tokens)
 
     def check_input(
