@@ -36,11 +36,12 @@ def frames(steps: int, height: int, width: int) -> torch.Tensor:
     return torch.randn(steps, 2, 3, height, width, generator=generator).cumsum(0) * 0.3
 
 
+@pytest.mark.parametrize("level", ["tokenwise", "exact"])
 @pytest.mark.parametrize("size", [(64, 64), (40, 72)])
-def test_every_feature_map_of_the_backbone_equals_the_original(size):
+def test_every_feature_map_of_the_backbone_equals_the_original(size, level):
     model = vitdet("VitDetBackbone", out_features=["stem", "stage1", "stage3"])
     num_tokens = (size[0] // 8) * (size[1] // 8)
-    converted = eventful.convert(model, policy=eventful.TopK(num_tokens), level="tokenwise")
+    converted = eventful.convert(model, policy=eventful.TopK(num_tokens), level=level)
     stream = converted.stream(batch_size=2)
     with torch.no_grad():
         for frame in frames(4, *size):
@@ -66,9 +67,10 @@ def test_the_model_without_absolute_positions_returns_its_last_feature_map():
             )
 
 
-def test_few_tokens_approximate_the_backbone_for_fewer_ops():
+@pytest.mark.parametrize("level", ["tokenwise", "exact"])
+def test_few_tokens_approximate_the_backbone_for_fewer_ops(level):
     model = vitdet("VitDetBackbone")
-    converted = eventful.convert(model, policy=eventful.TopK(16), level="tokenwise")
+    converted = eventful.convert(model, policy=eventful.TopK(16), level=level)
     stream = converted.stream(batch_size=2, drift=None)
     with torch.no_grad():
         for frame in frames(5, 64, 64):
@@ -86,8 +88,8 @@ def test_residual_blocks_are_refused_in_one_line():
 
 
 def test_levels_that_cannot_run_windows_yet_are_refused_in_one_line():
-    with pytest.raises(ValueError, match="level 'exact' does not support windowed attention"):
-        eventful.convert(vitdet("VitDetModel"), policy=eventful.TopK(4), level="exact")
+    with pytest.raises(ValueError, match="level 'qk' does not support windowed attention"):
+        eventful.convert(vitdet("VitDetModel"), policy=eventful.TopK(4), level="qk")
 
 
 def test_a_global_only_model_with_relative_position_names_the_bias():

@@ -1,10 +1,13 @@
 """ViTDet on the engine: windows padded to whole windows, decomposed relative position, global
 blocks; all tokens equals dense; dense op counts of ViTDet-B as the paper's conventions give."""
 
+from functools import partial
+
 import pytest
 import torch
 
 import eventful
+from eventful.core.attention import recompute_attention_rows, update_exact_attention
 from eventful.core.bias import DecomposedRelativePosition, relative_table
 from eventful.core.ops import dense_macs
 from eventful.core.partition import Windows, from_windows, to_windows
@@ -33,13 +36,17 @@ def video(steps: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(steps, 2, 3, height, width).cumsum(0) * 0.3
 
 
+WINDOW_LEVELS = ("tokenwise", "exact")
+
+
+@pytest.mark.parametrize("level", WINDOW_LEVELS)
 @pytest.mark.parametrize("policy", [eventful.TopK(8 * 8), eventful.Threshold(0.0)])
 @pytest.mark.parametrize("size", [(64, 64), (40, 72)])
-def test_all_tokens_equal_the_dense_vitdet_on_every_frame(policy, size):
+def test_all_tokens_equal_the_dense_vitdet_on_every_frame(level, policy, size):
     dense = tiny_vitdet()
     if isinstance(policy, eventful.TopK):
         policy = eventful.TopK(dense.embedding.num_tokens(*size))
-    stream = eventful.convert(dense, policy=policy, level="tokenwise").stream(batch_size=2)
+    stream = eventful.convert(dense, policy=policy, level=level).stream(batch_size=2)
     with torch.no_grad():
         for frame in video(5, *size):
             output = stream(frame)
@@ -47,9 +54,10 @@ def test_all_tokens_equal_the_dense_vitdet_on_every_frame(policy, size):
             torch.testing.assert_close(output, dense(frame), rtol=TOLERANCE, atol=TOLERANCE)
 
 
-def test_few_tokens_save_ops_and_stay_near_dense():
+@pytest.mark.parametrize("level", WINDOW_LEVELS)
+def test_few_tokens_save_ops_and_stay_near_dense(level):
     dense = tiny_vitdet()
-    converted = eventful.convert(dense, policy=eventful.TopK(16), level="tokenwise")
+    converted = eventful.convert(dense, policy=eventful.TopK(16), level=level)
     stream = converted.stream(drift=None)  # no refresh steps: every step after the first is sparse
     frames = video(6, 64, 64)[:, :1]
     with torch.no_grad():
@@ -60,9 +68,10 @@ def test_few_tokens_save_ops_and_stay_near_dense():
     assert cosine > 0.9
 
 
-def test_the_first_step_counts_exactly_the_dense_ops():
+@pytest.mark.parametrize("level", WINDOW_LEVELS)
+def test_the_first_step_counts_exactly_the_dense_ops(level):
     dense = tiny_vitdet()
-    converted = eventful.convert(dense, policy=eventful.TopK(4), level="tokenwise")
+    converted = eventful.convert(dense, policy=eventful.TopK(4), level=level)
     stream = converted.stream()
     stream(video(1, 40, 72)[0, :1])
     assert stream.ops.total == stream.ops.dense
@@ -80,7 +89,7 @@ def test_vitdet_b_dense_op_counts_match_the_papers_conventions(size, giga_macs):
     assert round(macs / 1e9, 1) == giga_macs
 
 
-@pytest.mark.parametrize("level", ["qk", "full", "exact"])
+@pytest.mark.parametrize("level", ["qk", "full"])
 def test_levels_without_window_support_refuse_in_one_line(level):
     with pytest.raises(ValueError, match=f"level '{level}' does not support windowed attention"):
         eventful.convert(tiny_vitdet(), policy=eventful.TopK(4), level=level)
@@ -132,3 +141,39 @@ def test_decomposed_relative_position_equals_its_definition():
 def test_a_relative_position_table_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=r"got \(5, 6\) and \(7, 4\)"):
         DecomposedRelativePosition(torch.randn(5, 6), torch.randn(7, 4))
+
+
+def test_exact_updates_with_the_bias_equal_a_dense_recompute():
+    """Rows and columns touched by an update take exactly their relative position bias."""
+    torch.manual_seed(0)
+    heads, rows, cols, head_dim = 2, 3, 4, 5
+    length = rows * cols
+    bias = DecomposedRelativePosition(torch.randn(2 * rows - 1, head_dim), torch.randn(7, head_dim))
+    q, k, v = (torch.randn(heads, length, head_dim) for _ in range(3))
+
+    def bias_of(queries):
+        return partial(bias.between, queries, (rows, cols))
+
+    sums = (
+        torch.empty(heads, length, head_dim),
+        torch.empty(heads, length),
+        torch.empty(heads, length),
+    )
+    recompute_attention_rows(*sums, q, k, v, torch.arange(length), bias_of(q))
+    index = torch.tensor([1, 6, 10])  # 3 of 12 tokens: below the dense switch (N / 3 = 4)
+    old_keys, old_values = k[:, index].clone(), v[:, index].clone()
+    for part in (q, k, v):
+        part[:, index] += torch.randn(heads, 3, head_dim)
+    update_exact_attention(*sums, q, k, v, old_keys, old_values, index, bias_of(q))
+    logits = q @ k.transpose(1, 2) + bias(q, (rows, cols))
+    expected = logits.softmax(-1) @ v
+    torch.testing.assert_close(sums[0] / sums[1].unsqueeze(-1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_bias_between_rows_and_columns_is_the_full_bias_cut_to_them():
+    torch.manual_seed(1)
+    bias = DecomposedRelativePosition(torch.randn(5, 4), torch.randn(9, 4))
+    q = torch.randn(2, 3 * 5, 4)
+    rows, cols = torch.tensor([0, 7, 14]), torch.tensor([2, 3, 11, 12])
+    full = bias(q, (3, 5))
+    torch.testing.assert_close(bias.between(q, (3, 5), rows, cols), full[:, rows][:, :, cols])

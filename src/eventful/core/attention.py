@@ -5,6 +5,8 @@ The query scale is folded into the q projection, so logits are plain q . k.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -167,19 +169,73 @@ def _swap_row_contributions(
     numerator.addcmul_(old_weight.unsqueeze(-1), old_output, value=-1)
 
 
-def attention_with_logsumexp(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax attention (H, Nq, dh) of q over k, v, and each row's log-sum-exp (H, Nq).
+def attention_with_logsumexp(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention (..., H, Nq, dh) of q over k, v, and each row's log-sum-exp
+    (..., H, Nq); `bias` (..., H, Nq, Nk), if given, is added to the logits.
 
     On the CPU this is one fused flash-attention call that never materialises the logits.
     """
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+        single = q.dim() == 3
+        if single:
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+            bias = None if bias is None else bias.unsqueeze(0)
         output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False, scale=1.0
+            q, k, v, 0.0, False, attn_mask=bias, scale=1.0
         )[:2]
-        return output[0], logsumexp[0]
-    logits = torch.matmul(q, k.transpose(1, 2))
+        return (output[0], logsumexp[0]) if single else (output, logsumexp)
+    logits = torch.matmul(q, k.transpose(-1, -2))
+    if bias is not None:
+        logits = logits + bias
     logsumexp = torch.logsumexp(logits, dim=-1)
     return torch.matmul(torch.exp(logits - logsumexp.unsqueeze(-1)), v), logsumexp
+
+
+# An attention bias for one group of tokens: bias_for(rows, columns) gives the logits' additive
+# term (H, r, c) for the query rows and key columns given as index tensors (None: all of them).
+BiasFor = Callable[[Tensor | None, Tensor | None], Tensor]
+
+
+def dense_attention_cost(
+    length: int, dim: int, heads: int, bias_sides: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(Multiply-accumulates, adds) of attention over one group of `length` tokens, every row:
+    q k^T and A v (2 L^2 D); a decomposed relative position bias on a grid with these sides
+    adds each row's table products (L (R + C) D) and two adds per logit and head."""
+    macs, adds = 2 * length * length * dim, 0
+    if bias_sides is not None:
+        macs += length * sum(bias_sides) * dim
+        adds += 2 * heads * length * length
+    return macs, adds
+
+
+def exact_update_cost(
+    length: int,
+    selected: int,
+    recomputed: int,
+    dim: int,
+    heads: int,
+    bias_sides: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """(Multiply-accumulates, adds) of `update_exact_attention` on one group of `length` tokens
+    with `selected` changed tokens and `recomputed` underflowed rows: old and new logits and
+    values of the changed keys in every row (4 L s D), the changed and underflowed rows over
+    all keys (2 (s + u) L D), the running sums (3 L D + 3 L H adds); a bias adds its table
+    products for the columns' rows (L (R + C) D, shared by old and new) and for the recomputed
+    rows, and two adds per biased logit and head."""
+    if selected == 0:
+        return 0, 0
+    if exact_update_is_dense(selected, length):
+        return dense_attention_cost(length, dim, heads, bias_sides)
+    rows = selected + recomputed
+    macs = 4 * length * selected * dim + 2 * rows * length * dim
+    adds = 3 * length * dim + 3 * length * heads
+    if bias_sides is not None:
+        macs += (length + rows) * sum(bias_sides) * dim
+        adds += 2 * heads * (length * selected + rows * length)
+    return macs, adds
 
 
 def exact_update_is_dense(selected: int, tokens: int) -> bool:
@@ -196,20 +252,24 @@ def recompute_attention_rows(
     k: Tensor,
     v: Tensor,
     rows: Tensor,
+    bias_for: BiasFor | None = None,
 ) -> None:
     """Attention of the queries `rows` over all keys, written into the running sums.
 
     numerator (H, N, dh) holds U_i = sum_j exp(l_ij - m_i) v_j, denominator (H, N) Z_i and shift
-    (H, N) m_i, with logits l_ij = q_i . k_j; the attention output of row i is U_i / Z_i. With
-    the shift at the row's log-sum-exp, U_i is the attention output and Z_i is 1.
+    (H, N) m_i, with logits l_ij = q_i . k_j (plus the bias, if any); the attention output of
+    row i is U_i / Z_i. With the shift at the row's log-sum-exp, U_i is the attention output and
+    Z_i is 1.
     """
     if rows.numel() == q.shape[1]:  # every row (the indices are distinct): no gather, no scatter
-        output, logsumexp = attention_with_logsumexp(q, k, v)
+        bias = None if bias_for is None else bias_for(None, None)
+        output, logsumexp = attention_with_logsumexp(q, k, v, bias)
         numerator.copy_(output)
         denominator.fill_(1.0)
         shift.copy_(logsumexp)
         return
-    output, logsumexp = attention_with_logsumexp(q.index_select(1, rows), k, v)
+    bias = None if bias_for is None else bias_for(rows, None)
+    output, logsumexp = attention_with_logsumexp(q.index_select(1, rows), k, v, bias)
     numerator.index_copy_(1, rows, output)
     denominator.index_fill_(1, rows, 1.0)
     shift.index_copy_(1, rows, logsumexp)
@@ -225,6 +285,7 @@ def update_exact_attention(
     old_keys: Tensor,
     old_values: Tensor,
     index: Tensor,
+    bias_for: BiasFor | None = None,
 ) -> int:
     """Exact incremental attention (DESIGN.md, "Beyond the paper"): no N x N cache or softmax.
 
@@ -237,24 +298,32 @@ def update_exact_attention(
     from the device). From s = N / 3 on, every row is recomputed instead, which costs less.
     Cost: 6 s N dh per head, at most 2 N^2 dh. Returns how many underflowed rows were
     recomputed.
+
+    With a bias (`bias_for`), the changed keys' columns take the bias of every row for those
+    columns, once for the old and the new contributions (it depends on the query and the
+    positions only, and the rows whose query changed are recomputed), and recomputed rows take
+    their rows' bias.
     """
     tokens = q.shape[1]
     if index.numel() == 0:
         return 0
     if exact_update_is_dense(index.numel(), tokens):
-        recompute_attention_rows(numerator, denominator, shift, q, k, v, torch.arange(tokens))
+        recompute_attention_rows(
+            numerator, denominator, shift, q, k, v, torch.arange(tokens), bias_for
+        )
         return 0
+    columns_bias = None if bias_for is None else bias_for(None, index)
     new_output, new_logsumexp = attention_with_logsumexp(
-        q, k.index_select(1, index), v.index_select(1, index)
+        q, k.index_select(1, index), v.index_select(1, index), columns_bias
     )
-    old_output, old_logsumexp = attention_with_logsumexp(q, old_keys, old_values)
+    old_output, old_logsumexp = attention_with_logsumexp(q, old_keys, old_values, columns_bias)
     _swap_row_contributions(
         numerator, denominator, shift, new_output, new_logsumexp, old_output, old_logsumexp
     )
-    recompute_attention_rows(numerator, denominator, shift, q, k, v, index)
+    recompute_attention_rows(numerator, denominator, shift, q, k, v, index, bias_for)
     underflowed = _rows_that_lost_precision(denominator)
     if underflowed.numel() > 0:
-        recompute_attention_rows(numerator, denominator, shift, q, k, v, underflowed)
+        recompute_attention_rows(numerator, denominator, shift, q, k, v, underflowed, bias_for)
     return underflowed.numel()
 
 

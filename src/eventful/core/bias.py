@@ -76,3 +76,26 @@ class DecomposedRelativePosition(nn.Module):
         horizontal = torch.einsum("...ijd,jld->...ijl", grid_q, by_cols)  # (..., r, c, cols)
         bias = vertical[..., :, :, :, None] + horizontal[..., :, :, None, :]
         return bias.reshape(*lead, rows * cols, rows * cols)
+
+    def between(
+        self, q: Tensor, grid: tuple[int, int], rows: Tensor | None, cols: Tensor | None
+    ) -> Tensor:
+        """Bias (..., r, c) of the query rows `rows` over the key columns `cols` (index tensors
+        into the L = rows * cols positions of the grid; None: all), for queries q (..., L, dh).
+
+        Cost: r (R + C) dh multiply-accumulates for the rows' table products (R, C: the grid's
+        sides) and two adds per (row, column) pair.
+        """
+        grid_rows, grid_cols = grid
+        length = grid_rows * grid_cols
+        every = torch.arange(length, device=q.device)
+        rows = every if rows is None else rows
+        cols = every if cols is None else cols
+        query_row, query_col = rows // grid_cols, rows % grid_cols
+        key_row, key_col = cols // grid_cols, cols % grid_cols
+        by_rows = relative_table(grid_rows, grid_rows, self.rows)[query_row]  # (r, R, dh)
+        by_cols = relative_table(grid_cols, grid_cols, self.cols)[query_col]  # (r, C, dh)
+        queries = q.index_select(-2, rows)
+        vertical = torch.einsum("...rd,rkd->...rk", queries, by_rows)  # (..., r, R)
+        horizontal = torch.einsum("...rd,rkd->...rk", queries, by_cols)  # (..., r, C)
+        return vertical.index_select(-1, key_row) + horizontal.index_select(-1, key_col)

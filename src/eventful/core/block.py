@@ -16,12 +16,16 @@ Levels (DESIGN.md):
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eventful.core.attention import (
+    attention_with_logsumexp,
+    dense_attention_cost,
+    exact_update_cost,
     recompute_attention_rows,
     recompute_full_attention,
     update_exact_attention,
@@ -32,7 +36,7 @@ from eventful.core.description import BlockDescription
 from eventful.core.escalation import Escalation
 from eventful.core.gates import GateStep, token_gate, write_rows
 from eventful.core.ops import StepTrace
-from eventful.core.partition import from_windows, to_windows
+from eventful.core.partition import GroupLayout, group_layout
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
 
@@ -94,22 +98,38 @@ class EventfulBlock(nn.Module):
         self.activation = copy.deepcopy(block.activation)
         self.fc2 = _scaled_linear(block.fc2, _ones_if_none(block.layer_scale2, dim))
         attention = block.attention
-        if level != "tokenwise" and (attention.window is not None or attention.bias is not None):
+        partitioned = attention.window is not None or attention.bias is not None
+        if level not in ("tokenwise", "exact") and partitioned:
             kind = "windowed attention" if attention.window is not None else "an attention bias"
             raise ValueError(
-                f"level {level!r} does not support {kind} yet; use level 'tokenwise' for this block"
+                f"level {level!r} does not support {kind} yet; use level 'exact' or "
+                "'tokenwise' for this block"
             )
         self.window = attention.window
         # The bias takes q before the scale, which the qkv projection now applies.
         self.bias = None if attention.bias is None else attention.bias.scaled(1 / attention.scale)
+        self.partitioned = partitioned
+        self._layouts: dict[tuple, GroupLayout] = {}
+
+    def layout(self, grid: tuple[int, int], device: torch.device) -> GroupLayout:
+        """The attention groups of a windowed or biased block on a rows x cols grid (cached)."""
+        key = (grid, torch.device(device))
+        if key not in self._layouts:
+            self._layouts[key] = group_layout(self.window, grid, device)
+        return self._layouts[key]
 
     def state_specs(
-        self, batch: int, num_tokens: int, dtype: torch.dtype
+        self,
+        batch: int,
+        num_tokens: int,
+        dtype: torch.dtype,
+        grid: tuple[int, int] | None = None,
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each of this block's state tensors for a batch of streams.
 
         The N x N attention caches of the "qk" and "full" levels take `cache_dtype` when set;
-        the running log-sum-exp sums of "full" and "exact" keep the step's dtype.
+        the running log-sum-exp sums of "full" and "exact" keep the step's dtype. A windowed or
+        biased exact block keeps its sums per attention group, (B * groups, H, L, dh).
         """
         tokens = (batch, num_tokens, self.dim)
         square_dtype = self.cache_dtype or dtype
@@ -133,6 +153,9 @@ class EventfulBlock(nn.Module):
             # Key-major: (B, H, N keys, N queries); see update_attention_value_product.
             specs["attention_reference"] = (square, square_dtype)
             specs["attention_value_product"] = (per_head, dtype)
+        if self.level == "exact" and self.partitioned:
+            layout = self.layout(grid, "cpu")
+            per_head = (batch * layout.groups, self.heads, layout.length, self.dim // self.heads)
         if self.level == "exact":
             specs["attention_numerator"] = (per_head, dtype)
         if self.level in ("full", "exact"):
@@ -178,11 +201,23 @@ class EventfulBlock(nn.Module):
         write_rows(state["qkv"], qkv_selection, qkv_rows)
 
         recomputed = [0] * batch
-        if self.window is None and self.bias is None:
+        attention_costs = None  # per stream, where the attention path counts its own cost
+        if not self.partitioned:
             attended = self._attend(state, qkv_selection, recomputing, old_keys_values, recomputed)
             attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
-        else:
+        elif self.level == "tokenwise":
             attended = self._attend_partitioned(state["qkv"], grid)
+        else:
+            attention_costs = []
+            attended = self._attend_exact_grouped(
+                state,
+                qkv_selection,
+                recomputing,
+                old_keys_values,
+                recomputed,
+                grid,
+                attention_costs,
+            )
 
         proj_gate = gate("proj", attended)
         write_rows(state["proj"], proj_gate.selection, self.proj(proj_gate.rows))
@@ -192,7 +227,8 @@ class EventfulBlock(nn.Module):
         hidden = self.activation(self.fc1(self.norm2(mlp_gate.rows)))
         write_rows(state["mlp"], mlp_gate.selection, self.fc2(hidden))
         if trace is not None:
-            trace.record_block({"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}, recomputed)
+            gates = {"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}
+            trace.record_block(gates, recomputed, attention_costs)
         return y + state["mlp"]
 
     def _split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,33 +238,98 @@ class EventfulBlock(nn.Module):
         q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
+    def _grouped(self, tokens: Tensor, layout: GroupLayout, fill: Tensor | None) -> Tensor:
+        """Tokens (B, N, X) -> their attention groups (B * groups, L, X); slots without a token
+        (a window's padding) hold `fill` (X,), or zeros."""
+        batch, num_tokens, channels = tokens.shape
+        if layout.groups * layout.length == num_tokens:  # global: the slots are the tokens
+            return tokens.view(batch * layout.groups, layout.length, channels)
+        grouped = tokens.new_zeros(batch, layout.groups * layout.length, channels)
+        if fill is not None:
+            grouped.copy_(fill.expand_as(grouped))
+        grouped.index_copy_(1, layout.slot, tokens)
+        return grouped.view(batch * layout.groups, layout.length, channels)
+
+    def _ungrouped(self, grouped: Tensor, layout: GroupLayout, batch: int) -> Tensor:
+        """(B * groups, L, X) -> the tokens' rows (B, N, X)."""
+        flat = grouped.reshape(batch, layout.groups * layout.length, grouped.shape[-1])
+        if flat.shape[1] == layout.slot.numel():
+            return flat
+        return flat.index_select(1, layout.slot)
+
+    def _grouped_heads(self, qkv: Tensor, grid: tuple[int, int]) -> tuple:
+        """The layout and q, k, v (B * groups, H, L, dh) of the buffered qkv (B, N, 3 D).
+
+        A padded slot's input is zero (as ViTDet pads after the first norm), so its q, k and v
+        are the qkv projection's bias: the same on every step, never selected by a gate.
+        """
+        layout = self.layout(grid, qkv.device)
+        q, k, v = self._split_heads(self._grouped(qkv, layout, self.qkv.bias))
+        return layout, q, k, v
+
     def _attend_partitioned(self, qkv: Tensor, grid: tuple[int, int]) -> Tensor:
         """Attention output (B, N, D) over the buffered qkv (B, N, 3 D) of a rows x cols grid,
-        within windows and/or with the bias: all queries, as the tokenwise level does.
-
-        Windows pad the grid to whole windows; a padded position's input is zero, so its q, k
-        and v are the qkv projection's bias.
-        """
-        batch, num_tokens, _ = qkv.shape
-        rows, cols = grid
-        if self.window is None:
-            groups, sides = qkv, grid
-        else:
-            size = self.window.size
-            padded_rows, padded_cols = self.window.padded_grid(rows, cols)
-            padded = qkv.new_zeros(batch, padded_rows, padded_cols, qkv.shape[-1])
-            if self.qkv.bias is not None:
-                padded.copy_(self.qkv.bias.expand_as(padded))
-            padded[:, :rows, :cols] = qkv.view(batch, rows, cols, -1)
-            groups, sides = to_windows(padded, size), (size, size)
-        q, k, v = self._split_heads(groups)
-        bias = None if self.bias is None else self.bias(q, sides).to(q.dtype)
+        within windows and/or with the bias: all queries, as the tokenwise level does."""
+        layout, q, k, v = self._grouped_heads(qkv, grid)
+        bias = None if self.bias is None else self.bias(q, layout.sides).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-        out = out.transpose(1, 2).reshape(groups.shape[0], groups.shape[1], self.dim)
-        if self.window is None:
-            return out
-        out = from_windows(out, batch, padded_rows, padded_cols, self.window.size)
-        return out[:, :rows, :cols].reshape(batch, num_tokens, self.dim)
+        out = out.transpose(1, 2).reshape(q.shape[0], layout.length, self.dim)
+        return self._ungrouped(out, layout, qkv.shape[0])
+
+    def _attend_exact_grouped(
+        self, state, selection, fresh_streams, old_keys_values, recomputed, grid, costs
+    ) -> Tensor:
+        """The exact level over attention groups (windows, or a global grid with a bias):
+        output (B, N, D). Each group keeps its own running sums; a stream's changed tokens
+        update the groups they fall in, each with its own positions' bias. Appends each
+        stream's attention (multiply-accumulates, adds) to `costs`."""
+        batch = selection.batch_size
+        layout, q, k, v = self._grouped_heads(state["qkv"], grid)
+        numerator = state["attention_numerator"]
+        denominator = state["attention_denominator"]
+        shift = state["attention_shift"]
+        groups, length = layout.groups, layout.length
+        sides = None if self.bias is None else layout.sides
+        for stream, index in enumerate(selection.per_stream):
+            streams_groups = slice(stream * groups, (stream + 1) * groups)
+            sums = (numerator[streams_groups], denominator[streams_groups], shift[streams_groups])
+            heads = (q[streams_groups], k[streams_groups], v[streams_groups])
+            if stream in fresh_streams:
+                bias = None if self.bias is None else self.bias(heads[0], layout.sides)
+                output, logsumexp = attention_with_logsumexp(*heads, bias)
+                sums[0].copy_(output)
+                sums[1].fill_(1.0)
+                sums[2].copy_(logsumexp)
+                macs, adds = dense_attention_cost(length, self.dim, self.heads, sides)
+                costs.append((groups * macs, groups * adds))
+                continue
+            slots = layout.slot.index_select(0, index)
+            group_of, position = slots // length, slots % length
+            old_keys, old_values = old_keys_values[stream]
+            stream_cost = [0, 0]
+            for group in group_of.unique().tolist():
+                member = (group_of == group).nonzero().squeeze(1)
+                group_heads = tuple(part[group] for part in heads)
+                bias_for = None
+                if self.bias is not None:
+                    bias_for = partial(self.bias.between, group_heads[0], layout.sides)
+                underflowed = update_exact_attention(
+                    *(part[group] for part in sums),
+                    *group_heads,
+                    old_keys.index_select(1, member),
+                    old_values.index_select(1, member),
+                    position.index_select(0, member),
+                    bias_for,
+                )
+                recomputed[stream] += underflowed
+                cost = exact_update_cost(
+                    length, member.numel(), underflowed, self.dim, self.heads, sides
+                )
+                stream_cost = [stream_cost[0] + cost[0], stream_cost[1] + cost[1]]
+            costs.append((stream_cost[0], stream_cost[1]))
+        out = numerator if len(fresh_streams) == batch else numerator / denominator.unsqueeze(-1)
+        out = out.transpose(1, 2).reshape(batch * groups, length, self.dim)
+        return self._ungrouped(out, layout, batch)
 
     def _keys_values_at(
         self, qkv: Tensor, selection: Selection, fresh_streams: list[int]

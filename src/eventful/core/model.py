@@ -163,8 +163,9 @@ class EventfulViT(EventfulModule):
         state.reset(refresh)
         fresh = state.fresh_streams()
         if not state.allocated or state.input_size != input_size:
+            grid = self.embedding.grid_size(*input_size)
             specs = [
-                block.state_specs(state.batch_size, num_tokens, frames.dtype)
+                block.state_specs(state.batch_size, num_tokens, frames.dtype, grid)
                 for block in self.blocks
             ]
             state.allocate(specs, input_size, frames.device)

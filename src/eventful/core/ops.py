@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from eventful.core.attention import exact_update_is_dense
+from eventful.core.attention import dense_attention_cost, exact_update_is_dense
 from eventful.core.gates import GateStep
 from eventful.core.selection import Selection
 
@@ -49,13 +49,24 @@ class StepTrace:
     unprocessed: list[dict[str, Tensor]] = field(default_factory=list)
     # Per block and gate: per stream, the tokens escalation added (escalation.py; 0 if none).
     escalated: list[dict[str, list[int]]] = field(default_factory=list)
+    # Per block: per stream, (multiply-accumulates, adds) of the attention where the block's
+    # attention path counted them itself (grouped exact attention), else None.
+    attention_costs: list[list[tuple[int, int]] | None] = field(default_factory=list)
     # Multiply-accumulates of the head's layers (`HEAD_LAYERS`) in this step, whole batch;
     # what the dense model's head costs on the same input.
     head_macs: int = 0
     head_dense_macs: int = 0
 
-    def record_block(self, gates: dict[str, GateStep], recomputed_rows: list[int]) -> None:
-        """Append one block's gate steps and the rows its attention recomputed."""
+    def record_block(
+        self,
+        gates: dict[str, GateStep],
+        recomputed_rows: list[int],
+        attention_costs: list[tuple[int, int]] | None = None,
+    ) -> None:
+        """Append one block's gate steps, the rows its attention recomputed and, where the
+        attention path counted itself (attention groups), its (multiply-accumulates, adds)
+        per stream."""
+        self.attention_costs.append(attention_costs)
         self.blocks.append({name: step.selection for name, step in gates.items()})
         self.unprocessed.append({name: step.unprocessed for name, step in gates.items()})
         batch = len(recomputed_rows)
@@ -139,9 +150,8 @@ def dense_attention_macs(
     it uses (L (r + c) d) and two adds per logit and head. `grid` (patch rows, columns) is
     needed for windows and biases.
     """
-    d = block.dim
     if block.window is None and block.bias is None:
-        return 2 * num_tokens * num_tokens * d, 0
+        return dense_attention_cost(num_tokens, block.dim, block.heads)
     if grid is None:
         raise ValueError("counting windowed or biased attention needs the patch grid")
     if block.window is None:
@@ -149,12 +159,9 @@ def dense_attention_macs(
     else:
         size = block.window.size
         groups, length, sides = block.window.count(*grid), size * size, (size, size)
-    macs = 2 * groups * length * length * d
-    adds = 0
-    if block.bias is not None:
-        macs += groups * length * (sides[0] + sides[1]) * d
-        adds += 2 * groups * block.heads * length * length
-    return macs, adds
+    bias_sides = None if block.bias is None else sides
+    macs, adds = dense_attention_cost(length, block.dim, block.heads, bias_sides)
+    return groups * macs, groups * adds
 
 
 def dense_block_macs(
@@ -181,8 +188,10 @@ def eventful_block_macs(
     gates_run: bool,
     recomputed_rows: int = 0,
     grid: tuple[int, int] | None = None,
+    attention_cost: tuple[int, int] | None = None,
 ) -> dict[str, int]:
-    """One stream of one eventful block (`grid`: see `dense_attention_macs`).
+    """One stream of one eventful block (`grid`: see `dense_attention_macs`;
+    `attention_cost`: the attention's own count, where its path made one).
 
     counts: tokens selected at each gate ("qkv", "proj", "mlp"); fresh: the stream runs densely
     to fill its caches; gates_run: the gates computed errors (false when the whole batch is
@@ -200,7 +209,10 @@ def eventful_block_macs(
     adds = 2 * n * d
     # Every gate computes an error and its norm for every token of every stream.
     gates = 3 * 2 * n * d if gates_run else 0
-    if fresh or block.level == "tokenwise":
+    if attention_cost is not None:
+        attention = attention_cost[0]
+        adds += attention_cost[1]
+    elif fresh or block.level == "tokenwise":
         attention, bias_adds = dense_attention_macs(block, n, grid)
         adds += bias_adds
     elif block.level == "exact" and exact_update_is_dense(s_qkv, n):
@@ -239,16 +251,24 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
     for stream in range(batch):
         per_stream[stream]["head"] = trace.head_macs // batch
         dense[stream] += head_dense[stream]
-    steps = zip(blocks, trace.blocks, trace.escalated, trace.recomputed_rows, strict=True)
-    for block, selections, added, recomputed_rows in steps:
+    steps = zip(
+        blocks,
+        trace.blocks,
+        trace.escalated,
+        trace.recomputed_rows,
+        trace.attention_costs,
+        strict=True,
+    )
+    for block, selections, added, recomputed_rows, attention_costs in steps:
         block_dense = sum(dense_block_macs(block, trace.num_tokens, trace.grid).values())
         for stream in range(batch):
             counts = {gate: selection.counts[stream] for gate, selection in selections.items()}
             # Every token selected rebuilds the attention caches as a dense step does (block.py).
             fresh = stream in trace.fresh_streams or selections["qkv"].everything
             recomputed = recomputed_rows[stream]
+            cost = None if attention_costs is None else attention_costs[stream]
             macs = eventful_block_macs(
-                block, trace.num_tokens, counts, fresh, gates_run, recomputed, trace.grid
+                block, trace.num_tokens, counts, fresh, gates_run, recomputed, trace.grid, cost
             )
             for name, value in macs.items():
                 per_stream[stream][name] += value
@@ -256,7 +276,7 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
             if any(added[gate][stream] for gate in counts):
                 own = {gate: count - added[gate][stream] for gate, count in counts.items()}
                 without = eventful_block_macs(
-                    block, trace.num_tokens, own, fresh, gates_run, recomputed, trace.grid
+                    block, trace.num_tokens, own, fresh, gates_run, recomputed, trace.grid, cost
                 )
                 escalated[stream] += sum(macs.values()) - sum(without.values())
     return OpCount(per_stream, dense, escalated, head_dense)

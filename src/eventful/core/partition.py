@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -46,3 +47,37 @@ def from_windows(windows: Tensor, batch: int, rows: int, cols: int, size: int) -
     channels = windows.shape[-1]
     grid = windows.view(batch, rows // size, cols // size, size, size, channels)
     return grid.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows, cols, channels)
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """How the tokens of one stream map onto its attention groups.
+
+    groups: attention groups per stream (1 for global attention, the windows for windows);
+    length: slots per group (L; a window's slots include its padding); sides: the grid
+    (rows, cols) of one group, which a bias needs; slot (N,): each token's slot, group * L +
+    position in the group.
+    """
+
+    groups: int
+    length: int
+    sides: tuple[int, int]
+    slot: Tensor
+
+
+def group_layout(
+    window: Windows | None, grid: tuple[int, int], device: torch.device
+) -> GroupLayout:
+    """The layout of a rows x cols patch grid (no prefix tokens) under global attention
+    (window None) or windows, in the order of `to_windows`."""
+    rows, cols = grid
+    if window is None:
+        return GroupLayout(1, rows * cols, grid, torch.arange(rows * cols, device=device))
+    size = window.size
+    _, padded_cols = window.padded_grid(rows, cols)
+    row = torch.arange(rows, device=device).unsqueeze(1)
+    col = torch.arange(cols, device=device).unsqueeze(0)
+    window_index = (row // size) * (padded_cols // size) + col // size
+    position = (row % size) * size + col % size
+    slot = (window_index * size * size + position).reshape(-1)
+    return GroupLayout(window.count(rows, cols), size * size, (size, size), slot)
