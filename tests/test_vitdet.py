@@ -11,6 +11,8 @@ from eventful.core.attention import recompute_attention_rows, update_exact_atten
 from eventful.core.bias import DecomposedRelativePosition, relative_table
 from eventful.core.ops import dense_macs
 from eventful.core.partition import Windows, from_windows, to_windows
+from eventful.models.vitdet import evenly_spaced_global_blocks, vitdet_from_vit
+from tests.helpers import tiny_vit
 
 TOLERANCE = 1e-4
 
@@ -41,7 +43,7 @@ WINDOW_LEVELS = ("tokenwise", "exact")
 
 @pytest.mark.parametrize("level", WINDOW_LEVELS)
 @pytest.mark.parametrize("policy", [eventful.TopK(8 * 8), eventful.Threshold(0.0)])
-@pytest.mark.parametrize("size", [(64, 64), (40, 72)])
+@pytest.mark.parametrize("size", [(64, 64), (40, 72), (24, 48)])  # (24, 48): no padding
 def test_all_tokens_equal_the_dense_vitdet_on_every_frame(level, policy, size):
     dense = tiny_vitdet()
     if isinstance(policy, eventful.TopK):
@@ -177,3 +179,26 @@ def test_the_bias_between_rows_and_columns_is_the_full_bias_cut_to_them():
     rows, cols = torch.tensor([0, 7, 14]), torch.tensor([2, 3, 11, 12])
     full = bias(q, (3, 5))
     torch.testing.assert_close(bias.between(q, (3, 5), rows, cols), full[:, rows][:, :, cols])
+
+
+def test_a_vitdet_style_backbone_from_a_vit_keeps_its_patch_embedding_and_reduces_to_dense():
+    vit = tiny_vit(layer_scale_init=0.5)
+    backbone = vitdet_from_vit(vit, window=3, global_blocks=(1,))
+    frames = video(4, 40, 72)
+    with torch.no_grad():
+        # Same patches and positions, without the class token.
+        torch.testing.assert_close(backbone.embedding(frames[0]), vit.embedding(frames[0])[:, 1:])
+        for level in WINDOW_LEVELS:
+            policy = eventful.TopK(5 * 9)
+            stream = eventful.convert(backbone, policy=policy, level=level).stream(batch_size=2)
+            for frame in frames:
+                torch.testing.assert_close(
+                    stream(frame), backbone(frame), rtol=TOLERANCE, atol=TOLERANCE
+                )
+
+
+def test_global_blocks_are_placed_as_vitdet_places_them():
+    assert evenly_spaced_global_blocks(12) == (2, 5, 8, 11)
+    assert evenly_spaced_global_blocks(24) == (5, 11, 17, 23)
+    with pytest.raises(ValueError, match="cannot split 10 blocks into 4 equal stages"):
+        evenly_spaced_global_blocks(10)

@@ -241,8 +241,8 @@ class EventfulBlock(nn.Module):
     def _grouped(self, tokens: Tensor, layout: GroupLayout, fill: Tensor | None) -> Tensor:
         """Tokens (B, N, X) -> their attention groups (B * groups, L, X); slots without a token
         (a window's padding) hold `fill` (X,), or zeros."""
-        batch, num_tokens, channels = tokens.shape
-        if layout.groups * layout.length == num_tokens:  # global: the slots are the tokens
+        batch, _, channels = tokens.shape
+        if layout.groups == 1:  # global: the slots are the tokens, in order
             return tokens.view(batch * layout.groups, layout.length, channels)
         grouped = tokens.new_zeros(batch, layout.groups * layout.length, channels)
         if fill is not None:
@@ -253,7 +253,7 @@ class EventfulBlock(nn.Module):
     def _ungrouped(self, grouped: Tensor, layout: GroupLayout, batch: int) -> Tensor:
         """(B * groups, L, X) -> the tokens' rows (B, N, X)."""
         flat = grouped.reshape(batch, layout.groups * layout.length, grouped.shape[-1])
-        if flat.shape[1] == layout.slot.numel():
+        if layout.groups == 1:
             return flat
         return flat.index_select(1, layout.slot)
 
