@@ -151,3 +151,36 @@ def assert_one_line_error(outcome: Outcome, code: int, fragment: str) -> None:
     assert len(lines) == 1, outcome.err
     assert lines[0].startswith("eventful: error: "), lines[0]
     assert fragment in lines[0]
+
+
+class SelectionRecorder(Policy):
+    """`policy`, recording each selection it makes, call by call (one call per gate that
+    selects), so that `SelectionReplay` can make the same decisions in another run."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.norm = policy.norm
+        self.selections: list[tuple[torch.Tensor, ...]] = []
+
+    def validate(self, num_tokens: int, blocks=None) -> None:
+        self.policy.validate(num_tokens, blocks)
+
+    def select(self, error_norms: torch.Tensor) -> Selection:
+        selection = self.policy.select(error_norms)
+        self.selections.append(selection.per_stream)
+        return selection
+
+
+class SelectionReplay(Policy):
+    """Selects, call by call, what stream `stream` of a recorded run selected: a single stream
+    then takes the batch's decisions, whatever rounding does to its errors near a tie."""
+
+    def __init__(self, recorder: SelectionRecorder, stream: int) -> None:
+        self.recorded = [per_stream[stream] for per_stream in recorder.selections]
+        self.norm = recorder.norm
+        self.calls = 0
+
+    def select(self, error_norms: torch.Tensor) -> Selection:
+        index = self.recorded[self.calls]
+        self.calls += 1
+        return Selection.from_lists([index], error_norms.shape[1])

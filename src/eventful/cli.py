@@ -82,15 +82,19 @@ def add_run_options(parser: argparse.ArgumentParser, demo: bool) -> None:
     """The options of `run` and `demo`; the demo always compares, writes into its --output
     folder and stops after DEMO_FRAMES frames unless --all-frames."""
     parser.add_argument(
-        "--model", default="dinov2-saliency", help=f"one of {', '.join(MODEL_NAMES)}"
+        "--model",
+        default="dinov2-saliency",
+        help=f"one of {', '.join(MODEL_NAMES)}, or hf:DIR for a local Hugging Face checkpoint "
+        "folder (config.json and weights)",
     )
     parser.add_argument(
         "--size",
         type=int,
         metavar="S",
-        default=224,
-        help="model input side in pixels, rounded down to a multiple of the patch size (14 "
-        "pixels for DINOv2) so that the letterboxed frame fills the patch grid",
+        default=None,
+        help="model input side in pixels (default: the model's own, 224 for dinov2-saliency), "
+        "rounded down to a multiple of the patch size (14 pixels for DINOv2) so that the "
+        "letterboxed frame fills the patch grid",
     )
     parser.add_argument(
         "--policy",

@@ -38,14 +38,22 @@ class FrameFidelity:
 
 
 def output_tokens(output: Any) -> Tensor:
-    """The token features (B, T, D) of a model output (tokens, SaliencyOutput, HF output)."""
-    if isinstance(output, Tensor):
-        return output
+    """The token features (B, T, D) of a model output: tokens, a feature map (B, D, R, C) as
+    tokens in row-major order, a SaliencyOutput, a Hugging Face output (its last hidden state,
+    a backbone's last feature map, or a classifier's logits as one token)."""
     if isinstance(output, SaliencyOutput):
-        return output.tokens
-    if hasattr(output, "last_hidden_state"):
-        return output.last_hidden_state
-    raise TypeError(f"cannot find token features in a {type(output).__name__}")
+        output = output.tokens
+    elif hasattr(output, "last_hidden_state"):
+        output = output.last_hidden_state
+    elif getattr(output, "feature_maps", None):
+        output = output.feature_maps[-1]
+    elif getattr(output, "logits", None) is not None:  # a classifier: its logits, one token
+        output = output.logits.unsqueeze(1)
+    if not isinstance(output, Tensor):
+        raise TypeError(f"cannot find token features in a {type(output).__name__}")
+    if output.dim() == 4:
+        return output.flatten(2).transpose(1, 2)
+    return output
 
 
 def feature_cosine(tokens: Tensor, reference: Tensor, skip_tokens: int = 1) -> Tensor:
