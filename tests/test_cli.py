@@ -794,3 +794,17 @@ def test_without_profile_no_breakdown_is_printed(clip):
     outcome = invoke("run", clip, "--max-frames", 1)
     assert outcome.code == 0, outcome.err
     assert "where the time goes" not in outcome.out
+
+
+@pytest.mark.parametrize(("name", "size"), [("dinov2-s14-vitdet", 196), ("vit-s16", 64)])
+def test_a_registered_model_runs_on_a_real_clip_with_its_fidelity(clip, tmp_path, name, size):
+    path = tmp_path / "run.json"
+    outcome = invoke(
+        "run", clip, "--model", name, "--size", size, "--compare", "--max-frames", 3,
+        "--level", "tokenwise", "--json", path,
+    )  # fmt: skip
+    assert outcome.code == 0, outcome.err
+    report = json.loads(path.read_text())
+    assert report["model"] == name and report["input_size"] == [size, size]
+    assert report["fidelity"]["saliency_mae"] is None  # no saliency map: feature cosine only
+    assert 0.5 < report["fidelity"]["feature_cosine_min"] <= 1.0 + 1e-6

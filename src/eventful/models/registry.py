@@ -173,7 +173,7 @@ def load_hf_folder(folder: str | Path) -> nn.Module:
 
     try:
         model = getattr(transformers, family).from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # transformers and safetensors raise many kinds; say it in one line
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise ValueError(f"cannot load the {family} checkpoint in {path}: {first_line}") from None
     return model.eval()
