@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import eventful
+from tests.helpers import LEVELS
 from tests.test_hf import randomized
 
 transformers = pytest.importorskip("transformers")
@@ -36,7 +37,7 @@ def frames(steps: int, height: int, width: int) -> torch.Tensor:
     return torch.randn(steps, 2, 3, height, width, generator=generator).cumsum(0) * 0.3
 
 
-@pytest.mark.parametrize("level", ["tokenwise", "exact"])
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("size", [(64, 64), (40, 72)])
 def test_every_feature_map_of_the_backbone_equals_the_original(size, level):
     model = vitdet("VitDetBackbone", out_features=["stem", "stage1", "stage3"])
@@ -67,7 +68,7 @@ def test_the_model_without_absolute_positions_returns_its_last_feature_map():
             )
 
 
-@pytest.mark.parametrize("level", ["tokenwise", "exact"])
+@pytest.mark.parametrize("level", LEVELS)
 def test_few_tokens_approximate_the_backbone_for_fewer_ops(level):
     model = vitdet("VitDetBackbone")
     converted = eventful.convert(model, policy=eventful.TopK(16), level=level)
@@ -85,14 +86,3 @@ def test_residual_blocks_are_refused_in_one_line():
     model = vitdet("VitDetBackbone", residual_block_indices=[1])
     with pytest.raises(TypeError, match=r"residual blocks after layers \[1\] are not supported"):
         eventful.convert(model, policy=eventful.TopK(4), level="tokenwise")
-
-
-def test_levels_that_cannot_run_windows_yet_are_refused_in_one_line():
-    with pytest.raises(ValueError, match="level 'qk' does not support windowed attention"):
-        eventful.convert(vitdet("VitDetModel"), policy=eventful.TopK(4), level="qk")
-
-
-def test_a_global_only_model_with_relative_position_names_the_bias():
-    model = vitdet("VitDetModel", window_block_indices=[])
-    with pytest.raises(ValueError, match="level 'full' does not support an attention bias"):
-        eventful.convert(model, policy=eventful.TopK(4), level="full")

@@ -1,8 +1,7 @@
 """One test every model passes: every registered model (`eventful.models.create`) and every
 supported Hugging Face class, through the same checks.
 
-- every token selected (TopK(N)) returns what the dense model returns, at every level the model
-  supports (windowed and biased attention: tokenwise and exact);
+- every token selected (TopK(N)) returns what the dense model returns, at every level;
 - threshold 0 returns it too;
 - a batch of two streams equals the two streams run separately, up to rounding;
 - a saved and restored stream continues bit-identically.
@@ -32,7 +31,6 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:eventful.convert. the head layers")
 
 TOLERANCE = 1e-4
-WINDOW_LEVELS = ("tokenwise", "exact")
 # Registered models at the smallest size that exercises them (a windowed model: one window).
 REGISTERED_SIZES = {
     "vit-s16": 64,
@@ -69,13 +67,10 @@ def tensors_of(output) -> list[Tensor]:
     return [getattr(output, name) for name in output._fields]  # SaliencyOutput
 
 
-def levels_and_tokens(dense: torch.nn.Module, size: int) -> tuple[tuple[str, ...], int]:
-    """Every level (or tokenwise and exact, for models with windows or a relative position
-    bias) and the token count per stream at `size`."""
+def token_count(dense: torch.nn.Module, size: int) -> int:
+    """Tokens per stream at `size`."""
     probe = eventful.convert(dense, policy=eventful.TopK(1), level="tokenwise")
-    partitioned = any(block.partitioned for block in probe.encoder.blocks)
-    tokens = probe.encoder.embedding.num_tokens(size, size)
-    return (WINDOW_LEVELS if partitioned else LEVELS), tokens
+    return probe.encoder.embedding.num_tokens(size, size)
 
 
 ALL_MODELS = [*MODEL_NAMES, *HF_MODELS]
@@ -87,7 +82,7 @@ def model(request):
     frames = moving_squares(3, size=size, batch=2, seed=5)
     with torch.no_grad():
         expected = [tensors_of(dense(frame)) for frame in frames]
-    return dense, size, frames, expected, *levels_and_tokens(dense, size)
+    return dense, size, frames, expected, LEVELS, token_count(dense, size)
 
 
 def test_every_token_and_threshold_zero_return_the_dense_output(model):

@@ -7,12 +7,20 @@ import pytest
 import torch
 
 import eventful
-from eventful.core.attention import recompute_attention_rows, update_exact_attention
+from eventful.core.attention import (
+    query_key_product,
+    recompute_attention_rows,
+    recompute_full_attention,
+    update_exact_attention,
+    update_full_attention,
+    update_query_key_product,
+)
 from eventful.core.bias import DecomposedRelativePosition, relative_table
 from eventful.core.ops import dense_macs
 from eventful.core.partition import Windows, from_windows, to_windows
 from eventful.models.vitdet import evenly_spaced_global_blocks, vitdet_from_vit
-from tests.helpers import tiny_vit
+from eventful.synthetic import moving_squares
+from tests.helpers import LEVELS, tiny_vit
 
 TOLERANCE = 1e-4
 
@@ -38,10 +46,7 @@ def video(steps: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(steps, 2, 3, height, width).cumsum(0) * 0.3
 
 
-WINDOW_LEVELS = ("tokenwise", "exact")
-
-
-@pytest.mark.parametrize("level", WINDOW_LEVELS)
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("policy", [eventful.TopK(8 * 8), eventful.Threshold(0.0)])
 @pytest.mark.parametrize("size", [(64, 64), (40, 72), (24, 48)])  # (24, 48): no padding
 def test_all_tokens_equal_the_dense_vitdet_on_every_frame(level, policy, size):
@@ -56,7 +61,18 @@ def test_all_tokens_equal_the_dense_vitdet_on_every_frame(level, policy, size):
             torch.testing.assert_close(output, dense(frame), rtol=TOLERANCE, atol=TOLERANCE)
 
 
-@pytest.mark.parametrize("level", WINDOW_LEVELS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_threshold_zero_equals_dense_when_most_patches_stay_still(level):
+    # Still patches are never selected: the windows' padding must stay consistent around them.
+    dense = tiny_vitdet()
+    converted = eventful.convert(dense, policy=eventful.Threshold(0.0), level=level)
+    stream = converted.stream(batch_size=2, drift=None)
+    with torch.no_grad():
+        for frame in moving_squares(5, size=64, batch=2, seed=5):
+            torch.testing.assert_close(stream(frame), dense(frame), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_few_tokens_save_ops_and_stay_near_dense(level):
     dense = tiny_vitdet()
     converted = eventful.convert(dense, policy=eventful.TopK(16), level=level)
@@ -70,7 +86,7 @@ def test_few_tokens_save_ops_and_stay_near_dense(level):
     assert cosine > 0.9
 
 
-@pytest.mark.parametrize("level", WINDOW_LEVELS)
+@pytest.mark.parametrize("level", LEVELS)
 def test_the_first_step_counts_exactly_the_dense_ops(level):
     dense = tiny_vitdet()
     converted = eventful.convert(dense, policy=eventful.TopK(4), level=level)
@@ -89,12 +105,6 @@ def test_vitdet_b_dense_op_counts_match_the_papers_conventions(size, giga_macs):
     grid = (size // 16, size // 16)
     macs = dense_macs(converted.encoder.blocks, grid[0] * grid[1], grid)
     assert round(macs / 1e9, 1) == giga_macs
-
-
-@pytest.mark.parametrize("level", ["qk", "full"])
-def test_levels_without_window_support_refuse_in_one_line(level):
-    with pytest.raises(ValueError, match=f"level '{level}' does not support windowed attention"):
-        eventful.convert(tiny_vitdet(), policy=eventful.TopK(4), level=level)
 
 
 def test_an_input_smaller_than_one_window_is_refused_before_any_cache_is_touched():
@@ -188,7 +198,7 @@ def test_a_vitdet_style_backbone_from_a_vit_keeps_its_patch_embedding_and_reduce
     with torch.no_grad():
         # Same patches and positions, without the class token.
         torch.testing.assert_close(backbone.embedding(frames[0]), vit.embedding(frames[0])[:, 1:])
-        for level in WINDOW_LEVELS:
+        for level in LEVELS:
             policy = eventful.TopK(5 * 9)
             stream = eventful.convert(backbone, policy=policy, level=level).stream(batch_size=2)
             for frame in frames:
@@ -202,3 +212,46 @@ def test_global_blocks_are_placed_as_vitdet_places_them():
     assert evenly_spaced_global_blocks(24) == (5, 11, 17, 23)
     with pytest.raises(ValueError, match="cannot split 10 blocks into 4 equal stages"):
         evenly_spaced_global_blocks(10)
+
+
+def biased_update_case(seed: int = 0):
+    """A 3 x 4 grid of tokens with a relative position bias, and an update of 3 of them."""
+    torch.manual_seed(seed)
+    heads, rows, cols, head_dim = 2, 3, 4, 5
+    bias = DecomposedRelativePosition(torch.randn(2 * rows - 1, head_dim), torch.randn(7, head_dim))
+    q, k, v = (torch.randn(heads, rows * cols, head_dim) for _ in range(3))
+    index = torch.tensor([1, 6, 10])
+    return bias, (rows, cols), q, k, v, index
+
+
+def change(q, k, v, index):
+    old_keys, old_values = k[:, index].clone(), v[:, index].clone()
+    for part in (q, k, v):
+        part[:, index] += torch.randn(part.shape[0], index.numel(), part.shape[-1])
+    return old_keys, old_values
+
+
+def test_query_key_updates_with_the_bias_equal_a_dense_recompute():
+    bias, grid, q, k, v, index = biased_update_case(1)
+    logits = query_key_product(q, k, bias(q, grid))
+    change(q, k, v, index)
+    update_query_key_product(logits, q, k, index, partial(bias.between, q, grid))
+    torch.testing.assert_close(logits, query_key_product(q, k, bias(q, grid)))
+
+
+def test_full_level_running_sums_with_the_bias_equal_each_rows_log_sum_exp():
+    bias, grid, q, k, v, index = biased_update_case(2)
+    heads, length, head_dim = q.shape
+    product, reference = torch.empty(heads, length, head_dim), torch.empty(heads, length, length)
+    denominator, shift = torch.empty(heads, length), torch.empty(heads, length)
+    caches = (product, reference, denominator, shift)
+    recompute_full_attention(*caches, q, k, v, bias(q, grid))
+    old_keys, old_values = change(q, k, v, index)
+    update_full_attention(
+        *caches, q, k, v, old_keys, old_values, index, partial(bias.between, q, grid)
+    )
+    logits = query_key_product(q, k, bias(q, grid))
+    torch.testing.assert_close(shift + denominator.log(), logits.logsumexp(-1))
+    # The changed keys' attention columns are current: the reference holds them key-major.
+    columns = (logits - logits.logsumexp(-1, keepdim=True)).exp()[:, :, index]
+    torch.testing.assert_close(reference[:, index], columns.transpose(1, 2))

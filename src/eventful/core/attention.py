@@ -12,17 +12,34 @@ from torch import Tensor
 
 from eventful.core.gates import delta_gate
 
+# An attention bias for one group of tokens: bias_for(rows, columns) gives the logits' additive
+# term (H, r, c) for the query rows and key columns given as index tensors (None: all of them).
+BiasFor = Callable[[Tensor | None, Tensor | None], Tensor]
 
-def update_query_key_product(logits: Tensor, q: Tensor, k: Tensor, index: Tensor) -> None:
+
+def update_query_key_product(
+    logits: Tensor, q: Tensor, k: Tensor, index: Tensor, bias_for: BiasFor | None = None
+) -> None:
     """Cached query-key product (H, N, N): new queries rewrite rows, new keys rewrite columns.
 
-    q, k: (H, N, dh), already holding the new rows at `index` (s,). Afterwards logits == q k^T.
+    q, k: (H, N, dh), already holding the new rows at `index` (s,). Afterwards logits == q k^T
+    (plus the bias, if any, for exactly the rows and columns rewritten).
     Cost: 2 s N dh per head instead of N^2 dh.
     """
     rows = torch.matmul(q.index_select(1, index), k.transpose(1, 2))
+    if bias_for is not None:
+        rows = rows + bias_for(index, None)
     logits.index_copy_(1, index, rows.to(logits.dtype))
     columns = torch.matmul(q, k.index_select(1, index).transpose(1, 2))
+    if bias_for is not None:
+        columns = columns + bias_for(None, index)
     logits.index_copy_(2, index, columns.to(logits.dtype))
+
+
+def query_key_product(q: Tensor, k: Tensor, bias: Tensor | None = None) -> Tensor:
+    """All logits (..., H, N, N): q k^T, plus the bias if any."""
+    logits = torch.matmul(q, k.transpose(-1, -2))
+    return logits if bias is None else logits + bias
 
 
 def update_attention_value_product(
@@ -55,15 +72,17 @@ def recompute_full_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    bias: Tensor | None = None,
 ) -> None:
     """Dense step of the full level: product = A V, reference = A^T, row sums at A's log-sum-exp.
 
-    The only place the full level forms an N x N softmax: a fresh stream's first step.
+    The only place the full level forms an N x N softmax: a fresh stream's first step. Works on
+    (H, N, dh) or on a batch of groups (G, H, N, dh); `bias` is added to the logits.
     """
-    logits = torch.matmul(q, k.transpose(1, 2))
+    logits = query_key_product(q, k, bias)
     logsumexp = torch.logsumexp(logits, dim=-1)
     attention = torch.exp(logits.sub_(logsumexp.unsqueeze(-1)))
-    reference_by_key.copy_(attention.transpose(1, 2))
+    reference_by_key.copy_(attention.transpose(-1, -2))
     torch.matmul(attention, v, out=product)
     shift.copy_(logsumexp)
     denominator.fill_(1.0)
@@ -80,6 +99,7 @@ def update_full_attention(
     old_keys: Tensor,
     old_values: Tensor,
     index: Tensor,
+    bias_for: BiasFor | None = None,
 ) -> int:
     """The paper's full-level update, with no N x N softmax and no cached query-key product.
 
@@ -93,7 +113,8 @@ def update_full_attention(
     from all logits instead.
     old_keys, old_values (H, s, dh) are the changed tokens' keys and values before the change;
     q, k, v (H, N, dh) hold the new ones. Cost: 5 s N dh per head (at most N^2 dh + 2 s N dh).
-    Returns how many underflowed rows were recomputed.
+    Returns how many underflowed rows were recomputed. A bias (`bias_for`) enters every logit
+    the update computes: the changed keys' columns for all rows, and the recomputed rows.
     """
     tokens = q.shape[1]
     if index.numel() == 0:
@@ -102,12 +123,18 @@ def update_full_attention(
     recomputed = 0
     if exact_update_is_dense(index.numel(), tokens):
         logits_by_key = torch.matmul(k, queries_by_column)
+        if bias_for is not None:
+            logits_by_key += bias_for(None, None).transpose(1, 2)
         shift.copy_(torch.logsumexp(logits_by_key, dim=1))
         denominator.fill_(1.0)
         new_logits = logits_by_key.index_select(1, index)
     else:
         new_logits = torch.matmul(k.index_select(1, index), queries_by_column)
         old_logits = torch.matmul(old_keys, queries_by_column)
+        if bias_for is not None:
+            columns_bias = bias_for(None, index).transpose(1, 2)  # (H, s, N), key-major
+            new_logits += columns_bias
+            old_logits += columns_bias
         # The old keys' share is part of Z_i, so exp(old logit - m_i) <= Z_i: no overflow.
         raised = torch.maximum(shift, new_logits.amax(dim=1))
         by_row = raised.unsqueeze(1)
@@ -115,10 +142,10 @@ def update_full_attention(
         denominator.add_((new_logits - by_row).exp_().sum(dim=1))
         denominator.sub_(old_logits.sub_(by_row).exp_().sum(dim=1))
         shift.copy_(raised)
-        _recompute_logsumexp_rows(denominator, shift, q, k, index)
+        _recompute_logsumexp_rows(denominator, shift, q, k, index, bias_for)
         underflowed = _rows_that_lost_precision(denominator)
         if underflowed.numel() > 0:
-            _recompute_logsumexp_rows(denominator, shift, q, k, underflowed)
+            _recompute_logsumexp_rows(denominator, shift, q, k, underflowed, bias_for)
         recomputed = underflowed.numel()
     logsumexp = shift + torch.log(denominator)
     new_columns_by_key = new_logits.sub_(logsumexp.unsqueeze(1)).exp_()
@@ -134,10 +161,17 @@ def _rows_that_lost_precision(denominator: Tensor) -> Tensor:
 
 
 def _recompute_logsumexp_rows(
-    denominator: Tensor, shift: Tensor, q: Tensor, k: Tensor, rows: Tensor
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    rows: Tensor,
+    bias_for: BiasFor | None = None,
 ) -> None:
     """Set the running sums of the query rows `rows` to their log-sum-exp over all keys."""
     logits = torch.matmul(q.index_select(1, rows), k.transpose(1, 2))
+    if bias_for is not None:
+        logits += bias_for(rows, None)
     shift.index_copy_(1, rows, torch.logsumexp(logits, dim=-1))
     denominator.index_fill_(1, rows, 1.0)
 
@@ -193,11 +227,6 @@ def attention_with_logsumexp(
     return torch.matmul(torch.exp(logits - logsumexp.unsqueeze(-1)), v), logsumexp
 
 
-# An attention bias for one group of tokens: bias_for(rows, columns) gives the logits' additive
-# term (H, r, c) for the query rows and key columns given as index tensors (None: all of them).
-BiasFor = Callable[[Tensor | None, Tensor | None], Tensor]
-
-
 def dense_attention_cost(
     length: int, dim: int, heads: int, bias_sides: tuple[int, int] | None = None
 ) -> tuple[int, int]:
@@ -236,6 +265,50 @@ def exact_update_cost(
         macs += (length + rows) * sum(bias_sides) * dim
         adds += 2 * heads * (length * selected + rows * length)
     return macs, adds
+
+
+def query_key_update_cost(
+    length: int, selected: int, dim: int, heads: int, bias_sides: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(Multiply-accumulates, adds) of `update_query_key_product` on one group of `length`
+    tokens with `selected` changed: rows and columns (2 s L D); a bias adds the table products
+    of the changed rows and of every row for the changed columns ((s + L) (R + C) D) and two
+    adds per rewritten logit and head."""
+    if selected == 0:
+        return 0, 0
+    macs, adds = 2 * selected * length * dim, 0
+    if bias_sides is not None:
+        macs += (selected + length) * sum(bias_sides) * dim
+        adds += 4 * heads * selected * length
+    return macs, adds
+
+
+def full_update_cost(
+    length: int,
+    selected: int,
+    recomputed: int,
+    dim: int,
+    heads: int,
+    bias_sides: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """(Multiply-accumulates, adds) of `update_full_attention` on one group of `length` tokens
+    with `selected` changed keys and `recomputed` underflowed rows, the delta gate on the
+    changed columns (s D + H L s) and the two accumulations into the product included (as
+    `ops.eventful_block_macs` counts the full level); a bias adds the table products of every
+    row for the changed columns and of the recomputed rows, and two adds per biased logit and
+    head."""
+    if selected == 0:
+        return 0, 0
+    side = 0 if bias_sides is None else sum(bias_sides)
+    bias_adds_per_logit = 0 if bias_sides is None else 2 * heads
+    if exact_update_is_dense(selected, length):
+        macs = length * length * dim + 2 * length * selected * dim + length * side * dim
+        adds = bias_adds_per_logit * length * length
+    else:
+        rows = selected + recomputed
+        macs = 4 * length * selected * dim + rows * length * dim + (length + rows) * side * dim
+        adds = 3 * length * heads + bias_adds_per_logit * (length * selected + rows * length)
+    return macs + selected * dim + heads * length * selected, adds + 2 * length * dim
 
 
 def exact_update_is_dense(selected: int, tokens: int) -> bool:

@@ -26,6 +26,9 @@ from eventful.core.attention import (
     attention_with_logsumexp,
     dense_attention_cost,
     exact_update_cost,
+    full_update_cost,
+    query_key_product,
+    query_key_update_cost,
     recompute_attention_rows,
     recompute_full_attention,
     update_exact_attention,
@@ -99,12 +102,6 @@ class EventfulBlock(nn.Module):
         self.fc2 = _scaled_linear(block.fc2, _ones_if_none(block.layer_scale2, dim))
         attention = block.attention
         partitioned = attention.window is not None or attention.bias is not None
-        if level not in ("tokenwise", "exact") and partitioned:
-            kind = "windowed attention" if attention.window is not None else "an attention bias"
-            raise ValueError(
-                f"level {level!r} does not support {kind} yet; use level 'exact' or "
-                "'tokenwise' for this block"
-            )
         self.window = attention.window
         # The bias takes q before the scale, which the qkv projection now applies.
         self.bias = None if attention.bias is None else attention.bias.scaled(1 / attention.scale)
@@ -147,15 +144,17 @@ class EventfulBlock(nn.Module):
         }
         square = (batch, self.heads, num_tokens, num_tokens)
         per_head = (batch, self.heads, num_tokens, self.dim // self.heads)
+        if self.partitioned:  # caches per attention group
+            layout = self.layout(grid, "cpu")
+            groups, length = batch * layout.groups, layout.length
+            square = (groups, self.heads, length, length)
+            per_head = (groups, self.heads, length, self.dim // self.heads)
         if self.level == "qk":
             specs["query_key_product"] = (square, square_dtype)
         if self.level == "full":
             # Key-major: (B, H, N keys, N queries); see update_attention_value_product.
             specs["attention_reference"] = (square, square_dtype)
             specs["attention_value_product"] = (per_head, dtype)
-        if self.level == "exact" and self.partitioned:
-            layout = self.layout(grid, "cpu")
-            per_head = (batch * layout.groups, self.heads, layout.length, self.dim // self.heads)
         if self.level == "exact":
             specs["attention_numerator"] = (per_head, dtype)
         if self.level in ("full", "exact"):
@@ -209,7 +208,7 @@ class EventfulBlock(nn.Module):
             attended = self._attend_partitioned(state["qkv"], grid)
         else:
             attention_costs = []
-            attended = self._attend_exact_grouped(
+            attended = self._attend_grouped(
                 state,
                 qkv_selection,
                 recomputing,
@@ -276,60 +275,112 @@ class EventfulBlock(nn.Module):
         out = out.transpose(1, 2).reshape(q.shape[0], layout.length, self.dim)
         return self._ungrouped(out, layout, qkv.shape[0])
 
-    def _attend_exact_grouped(
+    def _attend_grouped(
         self, state, selection, fresh_streams, old_keys_values, recomputed, grid, costs
     ) -> Tensor:
-        """The exact level over attention groups (windows, or a global grid with a bias):
-        output (B, N, D). Each group keeps its own running sums; a stream's changed tokens
-        update the groups they fall in, each with its own positions' bias. Appends each
-        stream's attention (multiply-accumulates, adds) to `costs`."""
+        """Attention over attention groups (windows, or a global grid with a bias) at the qk,
+        full or exact level: output (B, N, D). Each group keeps its own caches; a stream's
+        changed tokens update the groups they fall in, each with its positions' bias. Appends
+        each stream's attention (multiply-accumulates, adds) to `costs`."""
         batch = selection.batch_size
         layout, q, k, v = self._grouped_heads(state["qkv"], grid)
-        numerator = state["attention_numerator"]
-        denominator = state["attention_denominator"]
-        shift = state["attention_shift"]
         groups, length = layout.groups, layout.length
         sides = None if self.bias is None else layout.sides
         for stream, index in enumerate(selection.per_stream):
-            streams_groups = slice(stream * groups, (stream + 1) * groups)
-            sums = (numerator[streams_groups], denominator[streams_groups], shift[streams_groups])
-            heads = (q[streams_groups], k[streams_groups], v[streams_groups])
+            span = slice(stream * groups, (stream + 1) * groups)
             if stream in fresh_streams:
-                bias = None if self.bias is None else self.bias(heads[0], layout.sides)
-                output, logsumexp = attention_with_logsumexp(*heads, bias)
-                sums[0].copy_(output)
-                sums[1].fill_(1.0)
-                sums[2].copy_(logsumexp)
+                bias = None if self.bias is None else self.bias(q[span], layout.sides)
+                self._recompute_groups(state, span, q[span], k[span], v[span], bias)
                 macs, adds = dense_attention_cost(length, self.dim, self.heads, sides)
                 costs.append((groups * macs, groups * adds))
                 continue
             slots = layout.slot.index_select(0, index)
             group_of, position = slots // length, slots % length
-            old_keys, old_values = old_keys_values[stream]
-            stream_cost = [0, 0]
+            old = None if old_keys_values is None else old_keys_values[stream]
+            total_macs, total_adds = 0, 0
             for group in group_of.unique().tolist():
                 member = (group_of == group).nonzero().squeeze(1)
-                group_heads = tuple(part[group] for part in heads)
+                at = stream * groups + group
                 bias_for = None
                 if self.bias is not None:
-                    bias_for = partial(self.bias.between, group_heads[0], layout.sides)
-                underflowed = update_exact_attention(
-                    *(part[group] for part in sums),
-                    *group_heads,
-                    old_keys.index_select(1, member),
-                    old_values.index_select(1, member),
-                    position.index_select(0, member),
-                    bias_for,
+                    bias_for = partial(self.bias.between, q[at], layout.sides)
+                old_group = None
+                if old is not None:
+                    old_group = (old[0].index_select(1, member), old[1].index_select(1, member))
+                changed = position.index_select(0, member)
+                if self.level == "full":
+                    # A padded slot never changes, so no gate selects it; but its attention
+                    # column moves with the row's normalisation, and the full level updates
+                    # only the columns it is given. Constant keys and values: old = new.
+                    padding = layout.padding(group)
+                    if padding.numel():
+                        changed = torch.cat([changed, padding])
+                        old_group = tuple(
+                            torch.cat([old_part, part[at].index_select(1, padding)], dim=1)
+                            for old_part, part in zip(old_group, (k, v), strict=True)
+                        )
+                macs, adds, underflowed = self._update_group(
+                    state, at, (q[at], k[at], v[at]), old_group, changed, bias_for, sides
                 )
                 recomputed[stream] += underflowed
-                cost = exact_update_cost(
-                    length, member.numel(), underflowed, self.dim, self.heads, sides
-                )
-                stream_cost = [stream_cost[0] + cost[0], stream_cost[1] + cost[1]]
-            costs.append((stream_cost[0], stream_cost[1]))
-        out = numerator if len(fresh_streams) == batch else numerator / denominator.unsqueeze(-1)
+                total_macs, total_adds = total_macs + macs, total_adds + adds
+            if self.level == "qk":  # every group's softmax of its cached logits, times V
+                total_macs += groups * length * length * self.dim
+            costs.append((total_macs, total_adds))
+        if self.level == "exact":
+            out = state["attention_numerator"]
+            if len(fresh_streams) < batch:
+                out = out / state["attention_denominator"].unsqueeze(-1)
+        elif self.level == "qk":
+            out = torch.matmul(state["query_key_product"].softmax(dim=-1, dtype=v.dtype), v)
+        else:
+            out = state["attention_value_product"]
         out = out.transpose(1, 2).reshape(batch * groups, length, self.dim)
         return self._ungrouped(out, layout, batch)
+
+    def _recompute_groups(self, state, span, q, k, v, bias) -> None:
+        """Rebuild the caches of the groups `span` (G, ...) from q, k, v (G, H, L, dh)."""
+        if self.level == "exact":
+            output, logsumexp = attention_with_logsumexp(q, k, v, bias)
+            state["attention_numerator"][span].copy_(output)
+            state["attention_denominator"][span].fill_(1.0)
+            state["attention_shift"][span].copy_(logsumexp)
+        elif self.level == "qk":
+            logits = state["query_key_product"][span]
+            logits.copy_(query_key_product(q, k, bias).to(logits.dtype))
+        else:
+            names = ("attention_value_product", "attention_reference")
+            sums = ("attention_denominator", "attention_shift")
+            recompute_full_attention(
+                *(state[name][span] for name in (*names, *sums)), q, k, v, bias
+            )
+
+    def _update_group(self, state, at, heads, old, changed, bias_for, sides):
+        """Update the caches of group `at` for its `changed` positions; returns its
+        (multiply-accumulates, adds, underflowed rows recomputed)."""
+        length = heads[0].shape[1]
+        count = changed.numel()
+        if self.level == "qk":
+            update_query_key_product(state["query_key_product"][at], *heads[:2], changed, bias_for)
+            return (*query_key_update_cost(length, count, self.dim, self.heads, sides), 0)
+        if self.level == "exact":
+            names = ("attention_numerator", "attention_denominator", "attention_shift")
+            underflowed = update_exact_attention(
+                *(state[name][at] for name in names), *heads, *old, changed, bias_for
+            )
+            cost = exact_update_cost(length, count, underflowed, self.dim, self.heads, sides)
+            return (*cost, underflowed)
+        names = (
+            "attention_value_product",
+            "attention_reference",
+            "attention_denominator",
+            "attention_shift",
+        )
+        underflowed = update_full_attention(
+            *(state[name][at] for name in names), *heads, *old, changed, bias_for
+        )
+        cost = full_update_cost(length, count, underflowed, self.dim, self.heads, sides)
+        return (*cost, underflowed)
 
     def _keys_values_at(
         self, qkv: Tensor, selection: Selection, fresh_streams: list[int]

@@ -56,13 +56,20 @@ class GroupLayout:
     groups: attention groups per stream (1 for global attention, the windows for windows);
     length: slots per group (L; a window's slots include its padding); sides: the grid
     (rows, cols) of one group, which a bias needs; slot (N,): each token's slot, group * L +
-    position in the group.
+    position in the group. Layouts are cached per grid by the blocks, so `padding` is cheap
+    enough to compute when asked.
     """
 
     groups: int
     length: int
     sides: tuple[int, int]
     slot: Tensor
+
+    def padding(self, group: int) -> Tensor:
+        """Positions of group `group` that hold no token (a window's padding)."""
+        used = torch.zeros(self.groups * self.length, dtype=torch.bool, device=self.slot.device)
+        used[self.slot] = True
+        return (~used.view(self.groups, self.length)[group]).nonzero().squeeze(1)
 
 
 def group_layout(
