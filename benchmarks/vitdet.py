@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from report import markdown_table, write_or_print
 
 import eventful
+from eventful.core.block import LEVELS
 from eventful.core.ops import dense_macs
 from eventful.models.imgfocus import imgfocus_saliency
 from eventful.models.vitdet import evenly_spaced_global_blocks, vitdet_from_vit
@@ -115,7 +116,7 @@ def dinov2_section(frame_count: int) -> str:
             ]
             original_rows.append([clip, f"{statistics.mean(cosines):.3f}", f"{min(cosines):.3f}"])
     eventful_rows = []
-    for level in ("tokenwise", "exact"):
+    for level in LEVELS:
         for divisor in (4, 8):
             k = num_tokens // divisor
             converted = eventful.convert(backbone, policy=eventful.TopK(k), level=level)

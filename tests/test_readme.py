@@ -62,6 +62,11 @@ EXPECTED = {
         [rf"{t} torch\.Size\(\[1, 257, 384\]\) (?P<ratio>{NUMBER})x fewer ops" for t in range(3)],
         fewer_ops_after_the_first,
     ),
+    ("Detection backbones: ViTDet and windowed attention", 0): Printed(
+        # the last step's feature map (384 features on the 28 x 28 grid of 16-pixel patches)
+        [rf"\(1, 384, 28, 28\) (?P<ratio>{NUMBER})x fewer ops"],
+        lambda lines: lines[0]["ratio"] > 1,
+    ),
     ("Real weights, offline", 0): Printed(
         # one saliency map of the 224 x 224 input per frame, 4 frames
         [rf"torch\.Size\(\[1, 1, 224, 224\]\) (?P<ratio>{NUMBER})x fewer ops"] * 4,

@@ -11,6 +11,10 @@ Levels (DESIGN.md):
 - "exact": token gates as tokenwise; attention kept unnormalised per query row (running sums of
   exp(logit) v and exp(logit)) and updated exactly for the changed keys and queries: no N x N
   cache and no N x N softmax (DESIGN.md, "Beyond the paper").
+
+Every level also runs over attention groups: windows (padded to whole windows) and a global
+grid with an additive bias keep their caches per group (`GroupLayout`), and an update touches
+only the groups that hold a changed token.
 """
 
 from __future__ import annotations

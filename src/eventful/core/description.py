@@ -42,8 +42,10 @@ class AttentionDescription:
 
     window: None for global attention over all tokens; `Windows(size)` for attention within
     windows of the patch grid (no prefix tokens). bias: None, or a module giving the additive
-    logit bias from the queries, `bias(q, grid)` -> (..., L, L) for the L = rows * cols tokens
-    of one attention group (`DecomposedRelativePosition`), for q before the scale.
+    logit bias from the queries before the scale (no prefix tokens either), as
+    `DecomposedRelativePosition` does: `bias(q, grid)` -> (..., L, L) over the L = rows * cols
+    tokens of one attention group, `bias.between(q, grid, rows, cols)` for some rows and
+    columns, `bias.scaled(factor)` a copy scaled by `factor`.
     """
 
     heads: int
