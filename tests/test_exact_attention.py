@@ -8,6 +8,7 @@ from eventful.core.attention import (
     recompute_attention_rows,
     recompute_full_attention,
     update_exact_attention,
+    update_exact_attention_batch,
     update_full_attention,
 )
 from tests.helpers import tiny_vit
@@ -64,6 +65,32 @@ def test_updates_follow_many_changes_of_keys_values_and_queries():
     numerator, denominator, _ = sums
     output = numerator / denominator.unsqueeze(-1)
     assert torch.allclose(output, dense_attention(q, k, v), atol=1e-4)
+
+
+def test_a_batch_updated_at_once_equals_its_streams_updated_one_by_one():
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 2, 12, 4, generator=generator) for _ in range(3))
+    k[1, :, 0] = 40.0  # stream 1: a dominant key that collapses below, so rows underflow
+    singles = [running_sums(q[b], k[b], v[b]) for b in range(3)]
+    batched = [torch.stack([sums[part] for sums in singles]) for part in range(3)]
+    singles = [tuple(part.clone() for part in sums) for sums in singles]
+    index = torch.stack([torch.randperm(12, generator=generator)[:3] for _ in range(3)])
+    index[1, 0] = 0
+    by_element = index[:, None, :, None].expand(3, 2, 3, 4)
+    old_keys, old_values = k.gather(2, by_element), v.gather(2, by_element)
+    for tensor in (q, k, v):
+        tensor.scatter_add_(2, by_element, 0.5 * torch.randn(3, 2, 3, 4, generator=generator))
+    k[1, :, 0] = -40.0
+    counts = update_exact_attention_batch(*batched, q, k, v, old_keys, old_values, index)
+    for stream in range(3):
+        recomputed = update_exact_attention(
+            *singles[stream], q[stream], k[stream], v[stream], old_keys[stream],
+            old_values[stream], index[stream],
+        )  # fmt: skip
+        assert counts[stream] == recomputed
+        for got, want in zip(batched, singles[stream], strict=True):
+            torch.testing.assert_close(got[stream], want, rtol=1e-5, atol=1e-5)
+    assert counts[1] > 0 and counts[0] == counts[2] == 0
 
 
 def test_a_dominant_key_that_collapses_triggers_a_row_recompute():

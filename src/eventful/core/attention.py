@@ -400,6 +400,56 @@ def update_exact_attention(
     return underflowed.numel()
 
 
+def update_exact_attention_batch(
+    numerator: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    old_keys: Tensor,
+    old_values: Tensor,
+    index: Tensor,
+) -> list[int]:
+    """`update_exact_attention` for a batch of streams that changed equally many tokens, with
+    one call per operation for the whole batch (no loop over streams).
+
+    numerator (B, H, N, dh), denominator and shift (B, H, N); q, k, v (B, H, N, dh); old_keys,
+    old_values (B, H, s, dh); index (B, s). The same arithmetic and cost, per stream, as
+    `update_exact_attention`; only streams with underflowed rows are visited one by one, to
+    recompute those rows. Returns each stream's count of underflowed rows recomputed.
+    """
+    batch, heads, tokens, dim = q.shape
+    if exact_update_is_dense(index.shape[1], tokens):
+        output, logsumexp = attention_with_logsumexp(q, k, v)
+        numerator.copy_(output)
+        denominator.fill_(1.0)
+        shift.copy_(logsumexp)
+        return [0] * batch
+    by_row = index[:, None, :].expand(batch, heads, -1)
+    by_element = index[:, None, :, None].expand(batch, heads, -1, dim)
+    new_output, new_logsumexp = attention_with_logsumexp(
+        q, k.gather(2, by_element), v.gather(2, by_element)
+    )
+    old_output, old_logsumexp = attention_with_logsumexp(q, old_keys, old_values)
+    _swap_row_contributions(
+        numerator, denominator, shift, new_output, new_logsumexp, old_output, old_logsumexp
+    )
+    output, logsumexp = attention_with_logsumexp(q.gather(2, by_element), k, v)
+    numerator.scatter_(2, by_element, output)
+    denominator.scatter_(2, by_row, 1.0)
+    shift.scatter_(2, by_row, logsumexp)
+    lost = (denominator < UNDERFLOW).any(dim=1)  # (B, N): rows that lost precision
+    counts = [0] * batch
+    if bool(lost.any()):
+        for stream in lost.any(dim=1).nonzero().squeeze(1).tolist():
+            rows = lost[stream].nonzero().squeeze(1)
+            sums = (numerator[stream], denominator[stream], shift[stream])
+            recompute_attention_rows(*sums, q[stream], k[stream], v[stream], rows)
+            counts[stream] = rows.numel()
+    return counts
+
+
 # A row's denominator falls when the keys that dominated it change and drop: the update then
 # subtracts their old share, nearly all of the sum, and the difference keeps only the digits
 # that survive the cancellation (float32: about 7 minus log10 of the drop). Below this bound

@@ -36,6 +36,7 @@ from eventful.core.attention import (
     recompute_attention_rows,
     recompute_full_attention,
     update_exact_attention,
+    update_exact_attention_batch,
     update_full_attention,
     update_query_key_product,
 )
@@ -199,13 +200,23 @@ class EventfulBlock(nn.Module):
         # less than updating them for every key (and gives the same values).
         recomputing = list(range(batch)) if qkv_selection.everything else fresh_streams
         old_keys_values = None
-        if self.level in ("full", "exact") and len(recomputing) < batch:
+        # The exact level updates a batch whose streams all changed equally many tokens (top-k)
+        # in one call per operation; other selections go stream by stream.
+        batch_index = None
+        if self.level == "exact" and not self.partitioned and not recomputing:
+            batch_index = _equal_counts(qkv_selection)
+        if batch_index is not None:
+            old_keys_values = self._keys_values_batch(state["qkv"], batch_index)
+        elif self.level in ("full", "exact") and len(recomputing) < batch:
             old_keys_values = self._keys_values_at(state["qkv"], qkv_selection, recomputing)
         write_rows(state["qkv"], qkv_selection, qkv_rows)
 
         recomputed = [0] * batch
         attention_costs = None  # per stream, where the attention path counts its own cost
-        if not self.partitioned:
+        if batch_index is not None:
+            attended = self._attend_exact_batch(state, batch_index, old_keys_values, recomputed)
+            attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
+        elif not self.partitioned:
             attended = self._attend(state, qkv_selection, recomputing, old_keys_values, recomputed)
             attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
         elif self.level == "tokenwise":
@@ -386,6 +397,24 @@ class EventfulBlock(nn.Module):
         cost = full_update_cost(length, count, underflowed, self.dim, self.heads, sides)
         return (*cost, underflowed)
 
+    def _keys_values_batch(self, qkv: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The buffered keys and values (B, H, s, dh) at the tokens index (B, s), read before
+        they are overwritten."""
+        _, k, v = self._split_heads(qkv)
+        by_element = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        return k.gather(2, by_element), v.gather(2, by_element)
+
+    def _attend_exact_batch(self, state, index, old_keys_values, recomputed) -> Tensor:
+        """Attention output (B, H, N, dh) of the exact level, every stream updated at once."""
+        q, k, v = self._split_heads(state["qkv"])
+        numerator = state["attention_numerator"]
+        denominator = state["attention_denominator"]
+        counts = update_exact_attention_batch(
+            numerator, denominator, state["attention_shift"], q, k, v, *old_keys_values, index
+        )
+        recomputed[:] = counts
+        return numerator / denominator.unsqueeze(-1)
+
     def _keys_values_at(
         self, qkv: Tensor, selection: Selection, fresh_streams: list[int]
     ) -> list[tuple[Tensor, Tensor] | None]:
@@ -471,3 +500,12 @@ class EventfulBlock(nn.Module):
         if len(fresh_streams) == len(selection.per_stream):
             return numerator  # every row just recomputed: the denominators are 1
         return numerator / denominator.unsqueeze(-1)
+
+
+def _equal_counts(selection: Selection) -> Tensor | None:
+    """The selection's token indices as one (B, s) tensor when every stream selected the same
+    number of tokens (and some), else None."""
+    counts = selection.counts
+    if selection.everything or counts[0] == 0 or any(count != counts[0] for count in counts):
+        return None
+    return torch.stack(selection.per_stream)
