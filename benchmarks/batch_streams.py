@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
     body = batch_section(args.steps, args.threads) + "\n\n" + vitdet_section(args.steps)
+    torch.set_num_threads(args.threads)  # the machine line names the batch part's threads
     write_or_print("batch-streams", body, args.write)
 
 
