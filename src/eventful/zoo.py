@@ -61,13 +61,9 @@ def load_model(name: str, size: int | None = None) -> ZooModel:
     if name.startswith(HF_PREFIX):
         dense = create(name)
         patch = _hf_patch_size(dense)
-        return _letterboxed(
-            name,
-            f"Hugging Face {type(dense).__name__} from {name[3:]}",
-            dense,
-            patch,
-            224 if size is None else size,
-        )
+        input_size, notes = _rounded(224 if size is None else size, patch)
+        description = f"Hugging Face {type(dense).__name__} from {name[len(HF_PREFIX) :]}"
+        return _letterboxed(name, description, dense, patch, input_size, notes)
     if name not in REGISTRY:
         create(name)  # raises the registry's error, which lists the known models
     entry = REGISTRY[name]
@@ -98,12 +94,11 @@ def _letterboxed(
     dense: nn.Module,
     patch: int,
     size: int,
-    notes: list[str] | None = None,
+    notes: list[str],
 ) -> ZooModel:
+    """A model fed square letterboxed frames of `size` pixels (a multiple of the patch)."""
     from eventful.video.preprocess import letterbox, letterbox_box, unnormalize
 
-    if notes is None:
-        size, notes = _rounded(size, patch)
     return ZooModel(
         name=name,
         description=description,
