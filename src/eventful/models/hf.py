@@ -36,30 +36,36 @@ SUPPORTED_ATTENTION = (
 IGNORED_OPTIONS = ("interpolate_pos_encoding", "return_dict")
 
 
-def is_hf_encoder(module: nn.Module) -> bool:
+def is_transformers_class(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether `module` is an instance of one of the transformers classes `names`."""
     cls = type(module)
-    return cls.__module__.startswith("transformers.") and cls.__name__ in SUPPORTED_ENCODERS
+    return cls.__module__.startswith("transformers.") and cls.__name__ in names
 
 
-def _unsupported(encoder: nn.Module, what: str) -> TypeError:
-    return TypeError(f"cannot convert this {type(encoder).__name__}: {what}")
+def is_hf_encoder(module: nn.Module) -> bool:
+    return is_transformers_class(module, SUPPORTED_ENCODERS)
+
+
+def unsupported(model: nn.Module, what: str) -> TypeError:
+    """The one-line error of a conversion that cannot proceed."""
+    return TypeError(f"cannot convert this {type(model).__name__}: {what}")
 
 
 def _check_config(encoder: nn.Module) -> None:
     config = encoder.config
     attention = getattr(config, "_attn_implementation", None) or "eager"
     if attention not in SUPPORTED_ATTENTION:
-        raise _unsupported(
+        raise unsupported(
             encoder,
             f"attention implementation {attention!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ATTENTION)}",
         )
     if config.hidden_act != "gelu":
-        raise _unsupported(
+        raise unsupported(
             encoder, f"activation {config.hidden_act!r} is not supported; expected 'gelu'"
         )
     if getattr(config, "use_swiglu_ffn", False):
-        raise _unsupported(encoder, "the SwiGLU MLP (use_swiglu_ffn=True) is not supported")
+        raise unsupported(encoder, "the SwiGLU MLP (use_swiglu_ffn=True) is not supported")
 
 
 def _layers(encoder: nn.Module) -> nn.ModuleList:
@@ -86,7 +92,7 @@ def _layer_parts(encoder: nn.Module, layer: nn.Module) -> dict[str, nn.Module | 
     }
     missing = [name for name in ("q", "k", "v", "o", "fc1", "fc2") if parts[name] is None]
     if missing:
-        raise _unsupported(
+        raise unsupported(
             encoder,
             f"its layers lack {', '.join(missing)}; expected the transformers 5 layout "
             "(attention.q_proj/k_proj/v_proj/o_proj, mlp.fc1/fc2)",
@@ -97,24 +103,24 @@ def _layer_parts(encoder: nn.Module, layer: nn.Module) -> dict[str, nn.Module | 
 def vit_from_hf(encoder: nn.Module) -> ViT:
     """The canonical ViT holding a copy of a transformers encoder's weights."""
     if not is_hf_encoder(encoder):
-        raise _unsupported(encoder, f"supported encoders: {', '.join(SUPPORTED_ENCODERS)}")
+        raise unsupported(encoder, f"supported encoders: {', '.join(SUPPORTED_ENCODERS)}")
     _check_config(encoder)
     config = encoder.config
     embeddings = encoder.embeddings
     projection = embeddings.patch_embeddings.projection
     patch = projection.kernel_size[0]
     if projection.kernel_size != (patch, patch) or projection.stride != (patch, patch):
-        raise _unsupported(encoder, f"non-square or overlapping patches {projection.kernel_size}")
+        raise unsupported(encoder, f"non-square or overlapping patches {projection.kernel_size}")
     positions = embeddings.position_embeddings.shape[1] - 1
     grid = round(positions**0.5)
     if grid * grid != positions:
-        raise _unsupported(encoder, f"{positions} patch positions do not form a square grid")
+        raise unsupported(encoder, f"{positions} patch positions do not form a square grid")
     layers = _layers(encoder)
     first = _layer_parts(encoder, layers[0])
     dim = config.hidden_size
     heads = config.num_attention_heads
     if first["q"].out_features != dim or dim % heads != 0:
-        raise _unsupported(
+        raise unsupported(
             encoder,
             f"{heads} heads of the q projection's {first['q'].out_features} features "
             f"do not split hidden size {dim} evenly",

@@ -25,25 +25,21 @@ from torch import Tensor, nn
 from eventful.core.bias import DecomposedRelativePosition
 from eventful.core.description import AttentionDescription, BlockDescription, EncoderDescription
 from eventful.core.partition import Windows
+from eventful.models.hf import is_transformers_class, unsupported
 from eventful.models.vit import TokenEmbedding
 
 SUPPORTED_VITDET = ("VitDetModel", "VitDetBackbone")
 
 
 def is_hf_vitdet(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__module__.startswith("transformers.") and cls.__name__ in SUPPORTED_VITDET
-
-
-def _unsupported(model: nn.Module, what: str) -> TypeError:
-    return TypeError(f"cannot convert this {type(model).__name__}: {what}")
+    return is_transformers_class(module, SUPPORTED_VITDET)
 
 
 def _single(value: Any, what: str, model: nn.Module) -> int:
     """A size given as an int or a square pair."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise _unsupported(model, f"{what} {tuple(value)} is not square")
+            raise unsupported(model, f"{what} {tuple(value)} is not square")
         value = value[0]
     return int(value)
 
@@ -51,13 +47,13 @@ def _single(value: Any, what: str, model: nn.Module) -> int:
 def _check_config(model: nn.Module) -> None:
     config = model.config
     if config.residual_block_indices:
-        raise _unsupported(
+        raise unsupported(
             model,
             f"the convolutional residual blocks after layers {list(config.residual_block_indices)}"
             " are not supported",
         )
     if config.hidden_act != "gelu":
-        raise _unsupported(
+        raise unsupported(
             model, f"activation {config.hidden_act!r} is not supported; expected 'gelu'"
         )
 
@@ -78,7 +74,7 @@ def _embedding(model: nn.Module) -> TokenEmbedding:
             positions = embeddings.position_embeddings[:, 1:]  # the class-token slot is unused
             grid = math.isqrt(positions.shape[1])
             if grid * grid != positions.shape[1] or grid != embedding.grid:
-                raise _unsupported(
+                raise unsupported(
                     model,
                     f"{positions.shape[1]} absolute positions do not form the {embedding.grid}x"
                     f"{embedding.grid} grid of the pretraining size {pretrain}",
@@ -113,7 +109,7 @@ def _block(layer: nn.Module) -> BlockDescription:
 def describe_hf_vitdet(model: nn.Module) -> EncoderDescription:
     """The engine's description of a transformers VitDet model (reads its modules once)."""
     if not is_hf_vitdet(model):
-        raise _unsupported(model, f"supported VitDet classes: {', '.join(SUPPORTED_VITDET)}")
+        raise unsupported(model, f"supported VitDet classes: {', '.join(SUPPORTED_VITDET)}")
     _check_config(model)
     blocks = tuple(_block(layer) for layer in model.encoder.layer)
     return EncoderDescription(_embedding(model), blocks, nn.Identity())
