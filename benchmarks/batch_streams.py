@@ -22,6 +22,7 @@ import argparse
 import torch
 from report import markdown_table, write_or_print
 from speed import Timings, real_frames, vit_b16
+from user_sizes import measure
 
 import eventful
 from eventful.video.clips import registry_clip
@@ -119,25 +120,16 @@ def vitdet_section(steps: int) -> str:
     rows = []
     for key, level in configurations.items():
         converted = eventful.convert(dense, policy=eventful.TopK(256), level=level)
-        stream = converted.stream(drift=None, check_finite=False)
-        dense_timings, eventful_timings = Timings(), Timings()
-        macs = dense_macs = 0
-        for step, frame in enumerate(frames):
-            runs = [(dense_timings, dense), (eventful_timings, stream)]
-            for timings, call in runs if step % 2 == 0 else reversed(runs):
-                timings.add(call, frame)
-            if step > 0:
-                macs, dense_macs = macs + stream.ops.total, dense_macs + stream.ops.dense
-        dense_ms, eventful_ms = dense_timings.summary()[0], eventful_timings.summary()[0]
-        speedup = dense_ms / eventful_ms
+        result = measure(dense, frames, converted.stream(drift=None, check_finite=False))
+        speedup = result["dense_ms"] / result["eventful_ms"]
         paper = PAPER_SPEEDUP.get(key)
         rows.append(
             [
                 names[key],
-                f"{dense_ms:.0f}",
-                f"{eventful_ms:.0f}",
+                f"{result['dense_ms']:.0f}",
+                f"{result['eventful_ms']:.0f}",
                 f"{speedup:.2f}",
-                f"{dense_macs / macs:.2f}",
+                f"{result['op_ratio']:.2f}",
                 "" if paper is None else f"{paper:.2f}",
                 "" if paper is None else f"{speedup / paper:.2f}",
             ]
