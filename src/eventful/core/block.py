@@ -327,7 +327,7 @@ class EventfulBlock(nn.Module):
                     # A padded slot never changes, so no gate selects it; but its attention
                     # column moves with the row's normalisation, and the full level updates
                     # only the columns it is given. Constant keys and values: old = new.
-                    padding = layout.padding(group)
+                    padding = layout.padding[group]
                     if padding.numel():
                         changed = torch.cat([changed, padding])
                         old_group = tuple(

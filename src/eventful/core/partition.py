@@ -56,20 +56,15 @@ class GroupLayout:
     groups: attention groups per stream (1 for global attention, the windows for windows);
     length: slots per group (L; a window's slots include its padding); sides: the grid
     (rows, cols) of one group, which a bias needs; slot (N,): each token's slot, group * L +
-    position in the group. Layouts are cached per grid by the blocks, so `padding` is cheap
-    enough to compute when asked.
+    position in the group; padding: per group, its positions that hold no token (a window's
+    padding; none under global attention).
     """
 
     groups: int
     length: int
     sides: tuple[int, int]
     slot: Tensor
-
-    def padding(self, group: int) -> Tensor:
-        """Positions of group `group` that hold no token (a window's padding)."""
-        used = torch.zeros(self.groups * self.length, dtype=torch.bool, device=self.slot.device)
-        used[self.slot] = True
-        return (~used.view(self.groups, self.length)[group]).nonzero().squeeze(1)
+    padding: tuple[Tensor, ...]
 
 
 def group_layout(
@@ -79,7 +74,8 @@ def group_layout(
     (window None) or windows, in the order of `to_windows`."""
     rows, cols = grid
     if window is None:
-        return GroupLayout(1, rows * cols, grid, torch.arange(rows * cols, device=device))
+        every = torch.arange(rows * cols, device=device)
+        return GroupLayout(1, rows * cols, grid, every, (every[:0],))
     size = window.size
     _, padded_cols = window.padded_grid(rows, cols)
     row = torch.arange(rows, device=device).unsqueeze(1)
@@ -87,4 +83,8 @@ def group_layout(
     window_index = (row // size) * (padded_cols // size) + col // size
     position = (row % size) * size + col % size
     slot = (window_index * size * size + position).reshape(-1)
-    return GroupLayout(window.count(rows, cols), size * size, (size, size), slot)
+    groups, length = window.count(rows, cols), size * size
+    used = torch.zeros(groups * length, dtype=torch.bool, device=device)
+    used[slot] = True
+    padding = tuple((~in_group).nonzero().squeeze(1) for in_group in used.view(groups, length))
+    return GroupLayout(groups, length, (size, size), slot, padding)
