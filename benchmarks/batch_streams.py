@@ -18,11 +18,12 @@ Writes the `batch-streams` section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from report import markdown_table, write_or_print
 from speed import Timings, real_frames, vit_b16
-from user_sizes import measure
+from user_sizes import KINDS, linear_layers_ms, measure, operator_profile
 
 import eventful
 from eventful.video.clips import registry_clip
@@ -98,6 +99,74 @@ def batch_section(steps: int, threads: int) -> str:
         f"### ViT-B/16 @ 384, {STREAMS} streams, {threads} threads\n\n"
         f"Milliseconds per step of all {STREAMS} streams; targets (issue 13): efficiency at "
         f"least 0.85, and the batch at least 1.5x the throughput of the streams one by one.\n\n"
+        + markdown_table(header, rows)
+        + "\n\n"
+        + ceiling_table(dense, k, repeats=steps)
+        + "\n\n"
+        + profile_table(dense, frames, k)
+    )
+
+
+def ceiling_table(dense: torch.nn.Module, k: int, repeats: int) -> str:
+    """The blocks' linear layers alone, on the rows of the batch's gates: all tokens of the 8
+    streams (dense), k rows of each of the 8 in one call (the batch), and k rows 8 times (one
+    by one); interleaved by round."""
+    num_tokens = dense.embedding.num_tokens(384, 384)
+    calls = {
+        "dense": (STREAMS * num_tokens, 1),
+        "batch": (STREAMS * k, 1),
+        "one by one": (k, STREAMS),
+    }
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (rows, count) in calls.items():
+            times[name].append(sum(linear_layers_ms(dense, rows, 1)[0] for _ in range(count)))
+    ms = {name: statistics.median(spent) for name, spent in times.items()}
+    speedup = ms["dense"] / ms["batch"]
+    header = [
+        "linear layers, dense rows ms",
+        "k rows of each stream in one call ms",
+        "k rows, 8 calls ms",
+        "speedup over dense",
+        "row ratio",
+        "ceiling efficiency",
+        "batch over one by one",
+    ]
+    row = [
+        f"{ms['dense']:.0f}",
+        f"{ms['batch']:.0f}",
+        f"{ms['one by one']:.0f}",
+        f"{speedup:.2f}",
+        f"{num_tokens / k:.2f}",
+        f"{speedup * k / num_tokens:.2f}",
+        f"{ms['one by one'] / ms['batch']:.2f}",
+    ]
+    print(*row, sep=" | ", flush=True)
+    return (
+        "#### The ceiling: the linear layers alone\n\n"
+        "Every linear layer of the blocks, with the model's weights, on the rows the gates pass "
+        f"at k = {k} (medians of {repeats} interleaved rounds). They carry most of a step's "
+        "ops, so their efficiency bounds the model's, and their batch-over-one-by-one ratio "
+        "bounds what batching the streams can gain.\n\n" + markdown_table(header, [row])
+    )
+
+
+def profile_table(dense: torch.nn.Module, frames: list[torch.Tensor], k: int) -> str:
+    """Milliseconds per step of each kind of operator: dense and each level on the batch."""
+    columns = {"dense": operator_profile(dense, frames)}
+    for level in ("tokenwise", "exact"):
+        converted = eventful.convert(dense, policy=eventful.TopK(k), level=level)
+        stream = converted.stream(batch_size=STREAMS, drift=None, check_finite=False)
+        columns[f"{level}, k = {k}"] = operator_profile(stream, frames)
+    header = ["operators", *columns]
+    rows = [
+        [kind, *(f"{spent[kind]:.0f}" for spent in columns.values())] for kind in [*KINDS, "other"]
+    ]
+    rows.append(["total", *(f"{sum(spent.values()):.0f}" for spent in columns.values())])
+    return (
+        f"#### Where a step of the batch of {STREAMS} goes\n\n"
+        "Milliseconds per step of each kind of operator (self CPU time, torch profiler, its own "
+        "cost included), over the same frames, after two warm-up steps.\n\n"
         + markdown_table(header, rows)
     )
 

@@ -5,10 +5,12 @@ import torch
 
 import eventful
 from eventful.core.attention import (
+    Changes,
+    at_positions,
     recompute_attention_rows,
     recompute_full_attention,
     update_exact_attention,
-    update_exact_attention_batch,
+    update_exact_groups,
     update_full_attention,
 )
 from tests.helpers import tiny_vit
@@ -67,30 +69,39 @@ def test_updates_follow_many_changes_of_keys_values_and_queries():
     assert torch.allclose(output, dense_attention(q, k, v), atol=1e-4)
 
 
-def test_a_batch_updated_at_once_equals_its_streams_updated_one_by_one():
+def test_groups_updated_at_once_equal_each_group_updated_alone():
+    """Ragged counts (3, 1, 0 and 2 changed tokens) in one batched call, padded with tokens
+    that did not change, against each group on its own."""
     generator = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(3, 2, 12, 4, generator=generator) for _ in range(3))
-    k[1, :, 0] = 40.0  # stream 1: a dominant key that collapses below, so rows underflow
-    singles = [running_sums(q[b], k[b], v[b]) for b in range(3)]
+    q, k, v = (torch.randn(4, 2, 12, 4, generator=generator) for _ in range(3))
+    k[1, :, 0] = 40.0  # group 1: a dominant key that collapses below, so rows underflow
+    singles = [running_sums(q[b], k[b], v[b]) for b in range(4)]
     batched = [torch.stack([sums[part] for sums in singles]) for part in range(3)]
     singles = [tuple(part.clone() for part in sums) for sums in singles]
-    index = torch.stack([torch.randperm(12, generator=generator)[:3] for _ in range(3)])
-    index[1, 0] = 0
-    by_element = index[:, None, :, None].expand(3, 2, 3, 4)
-    old_keys, old_values = k.gather(2, by_element), v.gather(2, by_element)
+    changed = torch.zeros(4, 12, dtype=torch.bool)
+    changed[0, [2, 5, 9]] = True
+    changed[1, 0] = True
+    changed[3, [1, 11]] = True
+    changes = Changes.from_mask(changed)
+    assert changes.index.shape == (4, 3) and changes.valid.sum(1).tolist() == [3, 1, 0, 2]
+    old_keys, old_values = at_positions(k, changes.index), at_positions(v, changes.index)
+    indices = [row.nonzero().squeeze(1) for row in changed]
+    old_singles = [
+        (k[b][:, index].clone(), v[b][:, index].clone()) for b, index in enumerate(indices)
+    ]
     for tensor in (q, k, v):
-        tensor.scatter_add_(2, by_element, 0.5 * torch.randn(3, 2, 3, 4, generator=generator))
+        moved = 0.5 * torch.randn(tensor.shape, generator=generator)
+        tensor += moved * changed[:, None, :, None]
     k[1, :, 0] = -40.0
-    counts = update_exact_attention_batch(*batched, q, k, v, old_keys, old_values, index)
-    for stream in range(3):
+    counts = update_exact_groups(*batched, q, k, v, old_keys, old_values, changes)
+    for group, index in enumerate(indices):
         recomputed = update_exact_attention(
-            *singles[stream], q[stream], k[stream], v[stream], old_keys[stream],
-            old_values[stream], index[stream],
-        )  # fmt: skip
-        assert counts[stream] == recomputed
-        for got, want in zip(batched, singles[stream], strict=True):
-            torch.testing.assert_close(got[stream], want, rtol=1e-5, atol=1e-5)
-    assert counts[1] > 0 and counts[0] == counts[2] == 0
+            *singles[group], q[group], k[group], v[group], *old_singles[group], index
+        )
+        assert counts[group] == recomputed
+        for got, want in zip(batched, singles[group], strict=True):
+            torch.testing.assert_close(got[group], want, rtol=1e-5, atol=1e-5)
+    assert counts[1] > 0 and counts[0] == counts[2] == counts[3] == 0
 
 
 def test_a_dominant_key_that_collapses_triggers_a_row_recompute():

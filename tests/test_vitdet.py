@@ -163,8 +163,8 @@ def test_exact_updates_with_the_bias_equal_a_dense_recompute():
     bias = DecomposedRelativePosition(torch.randn(2 * rows - 1, head_dim), torch.randn(7, head_dim))
     q, k, v = (torch.randn(heads, length, head_dim) for _ in range(3))
 
-    def bias_of(queries):
-        return partial(bias.between, queries, (rows, cols))
+    def bias_of(queries):  # of one group
+        return partial(bias.between, queries.unsqueeze(0), (rows, cols))
 
     sums = (
         torch.empty(heads, length, head_dim),
@@ -185,10 +185,19 @@ def test_exact_updates_with_the_bias_equal_a_dense_recompute():
 def test_the_bias_between_rows_and_columns_is_the_full_bias_cut_to_them():
     torch.manual_seed(1)
     bias = DecomposedRelativePosition(torch.randn(5, 4), torch.randn(9, 4))
-    q = torch.randn(2, 3 * 5, 4)
-    rows, cols = torch.tensor([0, 7, 14]), torch.tensor([2, 3, 11, 12])
+    q = torch.randn(2, 3, 3 * 5, 4)  # 2 groups, 3 heads
+    rows = torch.tensor([[0, 7, 14], [1, 2, 3]])
+    cols = torch.tensor([[2, 3, 11, 12], [0, 1, 13, 14]])
     full = bias(q, (3, 5))
-    torch.testing.assert_close(bias.between(q, (3, 5), rows, cols), full[:, rows][:, :, cols])
+    for group in range(2):
+        cut = full[group][:, rows[group]][:, :, cols[group]]
+        torch.testing.assert_close(bias.between(q, (3, 5), rows, cols)[group], cut)
+        torch.testing.assert_close(
+            bias.between(q, (3, 5), None, cols)[group], full[group][:, :, cols[group]]
+        )
+        torch.testing.assert_close(
+            bias.between(q, (3, 5), rows, None)[group], full[group][:, rows[group]]
+        )
 
 
 def test_a_vitdet_style_backbone_from_a_vit_keeps_its_patch_embedding_and_reduces_to_dense():
@@ -235,7 +244,7 @@ def test_query_key_updates_with_the_bias_equal_a_dense_recompute():
     bias, grid, q, k, v, index = biased_update_case(1)
     logits = query_key_product(q, k, bias(q, grid))
     change(q, k, v, index)
-    update_query_key_product(logits, q, k, index, partial(bias.between, q, grid))
+    update_query_key_product(logits, q, k, index, partial(bias.between, q.unsqueeze(0), grid))
     torch.testing.assert_close(logits, query_key_product(q, k, bias(q, grid)))
 
 
@@ -248,7 +257,7 @@ def test_full_level_running_sums_with_the_bias_equal_each_rows_log_sum_exp():
     recompute_full_attention(*caches, q, k, v, bias(q, grid))
     old_keys, old_values = change(q, k, v, index)
     update_full_attention(
-        *caches, q, k, v, old_keys, old_values, index, partial(bias.between, q, grid)
+        *caches, q, k, v, old_keys, old_values, index, partial(bias.between, q.unsqueeze(0), grid)
     )
     logits = query_key_product(q, k, bias(q, grid))
     torch.testing.assert_close(shift + denominator.log(), logits.logsumexp(-1))

@@ -1,4 +1,10 @@
-"""Incremental attention products for one stream, over buffered q, k, v of shape (H, N, dh).
+"""Incremental attention products over attention groups: q, k, v of shape (G, H, L, dh).
+
+A group is one stream's tokens under global attention, or one window of a stream. Every
+function updates all the groups it is given with one call per operation, whatever each group
+changed: `Changes` pads each group's changed positions to the largest count with positions that
+did not change, and the updates leave those untouched. The functions named for one stream
+(`update_exact_attention`, ...) take (H, N, dh) and an index (s,): a single group.
 
 The query scale is folded into the q projection, so logits are plain q . k.
 """
@@ -6,34 +12,61 @@ The query scale is folded into the q projection, so logits are plain q . k.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from eventful.core.gates import delta_gate
-
-# An attention bias for one group of tokens: bias_for(rows, columns) gives the logits' additive
-# term (H, r, c) for the query rows and key columns given as index tensors (None: all of them).
+# An attention bias: bias_for(rows, columns) gives the logits' additive term (G, H, r, c) of
+# each group's query rows `rows` (G, r) over its key columns `columns` (G, c), both index
+# tensors into the group's positions (None: all of them).
 BiasFor = Callable[[Tensor | None, Tensor | None], Tensor]
 
 
-def update_query_key_product(
-    logits: Tensor, q: Tensor, k: Tensor, index: Tensor, bias_for: BiasFor | None = None
-) -> None:
-    """Cached query-key product (H, N, N): new queries rewrite rows, new keys rewrite columns.
+@dataclass(frozen=True)
+class Changes:
+    """The changed positions of G groups, padded to one count: index (G, m), valid (G, m).
 
-    q, k: (H, N, dh), already holding the new rows at `index` (s,). Afterwards logits == q k^T
-    (plus the bias, if any, for exactly the rows and columns rewritten).
-    Cost: 2 s N dh per head instead of N^2 dh.
+    Row g of `index` holds group g's changed positions, then positions that did not change, so
+    that every row has m = the largest count of changes; `valid` marks the changed ones. The
+    positions of a row are distinct. A padding position's key and value are the same before and
+    after the step, so swapping its old share of a row's attention for its new one changes
+    nothing (up to rounding), and the updates write nothing for it.
     """
-    rows = torch.matmul(q.index_select(1, index), k.transpose(1, 2))
-    if bias_for is not None:
-        rows = rows + bias_for(index, None)
-    logits.index_copy_(1, index, rows.to(logits.dtype))
-    columns = torch.matmul(q, k.index_select(1, index).transpose(1, 2))
-    if bias_for is not None:
-        columns = columns + bias_for(None, index)
-    logits.index_copy_(2, index, columns.to(logits.dtype))
+
+    index: Tensor
+    valid: Tensor
+
+    @staticmethod
+    def from_mask(changed: Tensor) -> Changes:
+        """From a (G, L) bool mask of changed positions."""
+        counts = changed.sum(dim=1)
+        width = int(counts.max()) if counts.numel() else 0
+        # Changed positions first, each part in ascending order (a stable sort).
+        order = changed.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
+        valid = torch.arange(width, device=changed.device) < counts.unsqueeze(1)
+        return Changes(order[:, :width], valid)
+
+    @staticmethod
+    def of_one_group(index: Tensor) -> Changes:
+        """The positions `index` (s,) of a single group, all changed."""
+        return Changes(index.unsqueeze(0), torch.ones(1, index.numel(), dtype=torch.bool))
+
+
+def at_positions(x: Tensor, index: Tensor) -> Tensor:
+    """x (G, H, L, ...) at each group's positions index (G, m) along L: (G, H, m, ...)."""
+    groups, heads = x.shape[:2]
+    shape = (groups, heads, index.shape[1], *x.shape[3:])
+    by_position = index.view(groups, 1, -1, *([1] * (x.dim() - 3))).expand(shape)
+    return x.gather(2, by_position)
+
+
+def _write_positions(x: Tensor, index: Tensor, values: Tensor, valid: Tensor) -> None:
+    """x (G, H, L, ...) at index (G, m) takes `values` (G, H, m, ...) where `valid` (G, m)."""
+    by_head = valid.view(valid.shape[0], 1, valid.shape[1], *([1] * (x.dim() - 3)))
+    kept = torch.where(by_head, values.to(x.dtype), at_positions(x, index))
+    shape = kept.shape
+    x.scatter_(2, index.view(shape[0], 1, -1, *([1] * (x.dim() - 3))).expand(shape), kept)
 
 
 def query_key_product(q: Tensor, k: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -42,26 +75,33 @@ def query_key_product(q: Tensor, k: Tensor, bias: Tensor | None = None) -> Tenso
     return logits if bias is None else logits + bias
 
 
-def update_attention_value_product(
-    product: Tensor,
-    new_columns_by_key: Tensor,
-    reference_by_key: Tensor,
-    new_values: Tensor,
-    old_values: Tensor,
-    index: Tensor,
+def update_query_key_groups(
+    logits: Tensor, q: Tensor, k: Tensor, changes: Changes, bias_for: BiasFor | None = None
 ) -> None:
-    """Cached attention-value product (H, N, dh), updated by the deltas of the tokens `index`.
+    """Cached query-key products (G, H, L, L): new queries rewrite rows, new keys columns.
 
-    new_columns_by_key (H, s, N): the current attention columns A[:, S] of the changed keys,
-    key-major. With dA their change since their reference (a delta gate) and
-    dV = new_values - old_values (H, s, dh):  product += A[:, S] dV + dA V_old. Columns outside
-    `index` keep their stale share of the product: the paper's approximation. The reference is
-    stored key-major, (H, N keys, N queries), so that the columns a step reads and writes are
-    contiguous rows.
+    q, k: (G, H, L, dh), already holding the new rows. Afterwards logits == q k^T (plus the
+    bias, if any, for exactly the rows and columns rewritten); padding positions are left as
+    they were. Cost: 2 s L dh per head and group.
     """
-    attention_delta = delta_gate(new_columns_by_key, reference_by_key, index, dim=1)
-    product.baddbmm_(new_columns_by_key.transpose(1, 2), new_values - old_values)
-    product.baddbmm_(attention_delta.transpose(1, 2), old_values)
+    index, valid = changes.index, changes.valid
+    rows = torch.matmul(at_positions(q, index), k.transpose(-1, -2))  # (G, H, m, L)
+    if bias_for is not None:
+        rows += bias_for(index, None)
+    _write_positions(logits, index, rows, valid)
+    columns = torch.matmul(q, at_positions(k, index).transpose(-1, -2))  # (G, H, L, m)
+    if bias_for is not None:
+        columns += bias_for(None, index)
+    _write_positions(logits.transpose(-1, -2), index, columns.transpose(-1, -2), valid)
+
+
+def update_query_key_product(
+    logits: Tensor, q: Tensor, k: Tensor, index: Tensor, bias_for: BiasFor | None = None
+) -> None:
+    """`update_query_key_groups` for one group: logits (H, N, N), q, k (H, N, dh), index (s,)."""
+    update_query_key_groups(
+        logits.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0), Changes.of_one_group(index), bias_for
+    )
 
 
 def recompute_full_attention(
@@ -88,6 +128,83 @@ def recompute_full_attention(
     denominator.fill_(1.0)
 
 
+def update_full_groups(
+    product: Tensor,
+    reference_by_key: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    old_keys: Tensor,
+    old_values: Tensor,
+    changes: Changes,
+    bias_for: BiasFor | None = None,
+    every_row: bool = False,
+) -> Tensor:
+    """The paper's full-level update, with no N x N softmax and no cached query-key product.
+
+    Caches per group: the attention-value product (G, H, L, dh), the attention reference
+    key-major (G, H, L keys, L queries), and each row's log-sum-exp as running sums (shift m_i
+    and denominator Z_i (G, H, L), log-sum-exp = m_i + log Z_i). The attention columns A[:, S]
+    of the changed keys are all the update reads: product += A[:, S] dV + dA V_old, with dV the
+    change of their values and dA the change of their columns since the reference, which takes
+    the new columns. Columns outside S keep their stale share: the paper's approximation.
+
+    A column needs only the new logits k_S q^T and its row's log-sum-exp, updated exactly as
+    the exact level updates its sums: every row swaps the old keys' share for the new keys'; the
+    changed queries' rows, and rows whose denominator fell below `UNDERFLOW`, are recomputed
+    over all keys. With `every_row` (from s = L / 3 on) every row's log-sum-exp is recomputed
+    from all logits instead. old_keys, old_values (G, H, m, dh) are the changed positions' keys
+    and values before the change; q, k, v hold the new ones. A bias enters every logit the
+    update computes. Cost: 5 s L dh per head (at most L^2 dh + 2 s L dh). Returns per group
+    (G,) the underflowed rows recomputed.
+    """
+    index, valid = changes.index, changes.valid
+    queries_by_column = q.transpose(-1, -2)
+    lost = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    if every_row:
+        logits_by_key = torch.matmul(k, queries_by_column)
+        if bias_for is not None:
+            logits_by_key += bias_for(None, None).transpose(-1, -2)
+        shift.copy_(torch.logsumexp(logits_by_key, dim=-2))
+        denominator.fill_(1.0)
+        new_logits = at_positions(logits_by_key, index)
+    else:
+        new_logits = torch.matmul(at_positions(k, index), queries_by_column)  # (G, H, m, L)
+        old_logits = torch.matmul(old_keys, queries_by_column)
+        if bias_for is not None:
+            columns_bias = bias_for(None, index).transpose(-1, -2)  # key-major
+            new_logits += columns_bias
+            old_logits += columns_bias
+        # The old keys' share is part of Z_i, so exp(old logit - m_i) <= Z_i: no overflow.
+        raised = torch.maximum(shift, new_logits.amax(dim=-2))
+        by_row = raised.unsqueeze(-2)
+        denominator.mul_(torch.exp(shift - raised))
+        denominator.add_((new_logits - by_row).exp_().sum(dim=-2))
+        denominator.sub_(old_logits.sub_(by_row).exp_().sum(dim=-2))
+        shift.copy_(raised)
+        sums = (denominator, shift, q, k)
+        _recompute_logsumexp_rows(*sums, changes, bias_for)
+        lost = _recompute_lost_rows(denominator, lambda rows: _recompute_logsumexp_rows(
+            *sums, rows, bias_for
+        ))  # fmt: skip
+    logsumexp = shift + torch.log(denominator)
+    new_columns = new_logits.sub_(logsumexp.unsqueeze(-2)).exp_()
+    reference_at = at_positions(reference_by_key, index)
+    # A padding position's column keeps its reference: no change to pass on.
+    new_columns = torch.where(valid[:, None, :, None], new_columns, reference_at)
+    attention_delta = new_columns - reference_at
+    _write_positions(reference_by_key, index, new_columns, valid)
+    new_values = at_positions(v, index)
+    flat_product = product.view(-1, *product.shape[2:])
+    flat_product.baddbmm_(
+        new_columns.flatten(0, 1).transpose(1, 2), (new_values - old_values).flatten(0, 1)
+    )
+    flat_product.baddbmm_(attention_delta.flatten(0, 1).transpose(1, 2), old_values.flatten(0, 1))
+    return lost
+
+
 def update_full_attention(
     product: Tensor,
     reference_by_key: Tensor,
@@ -101,63 +218,16 @@ def update_full_attention(
     index: Tensor,
     bias_for: BiasFor | None = None,
 ) -> int:
-    """The paper's full-level update, with no N x N softmax and no cached query-key product.
-
-    The attention columns A[:, S] of the changed keys `index` (s,) are all the update of the
-    attention-value product reads (`update_attention_value_product`). Each needs only the new
-    logits k_S q^T and its row's log-sum-exp over all keys, kept as running sums (shift m_i
-    and denominator Z_i, log-sum-exp = m_i + log Z_i) and updated exactly, as the exact level
-    updates its sums: every row swaps the old keys' share for the new keys'; the changed
-    queries' rows, and rows whose denominator fell below `UNDERFLOW` (their precision lost),
-    are recomputed over all keys. From s = N / 3 on, every row's log-sum-exp is recomputed
-    from all logits instead.
-    old_keys, old_values (H, s, dh) are the changed tokens' keys and values before the change;
-    q, k, v (H, N, dh) hold the new ones. Cost: 5 s N dh per head (at most N^2 dh + 2 s N dh).
-    Returns how many underflowed rows were recomputed. A bias (`bias_for`) enters every logit
-    the update computes: the changed keys' columns for all rows, and the recomputed rows.
-    """
-    tokens = q.shape[1]
+    """`update_full_groups` for one group: caches and q, k, v (H, N, ...), the changed tokens
+    `index` (s,), old keys and values (H, s, dh); from s = N / 3 on, every row's log-sum-exp
+    is recomputed. Returns how many underflowed rows were recomputed."""
     if index.numel() == 0:
         return 0
-    queries_by_column = q.transpose(1, 2)
-    recomputed = 0
-    if exact_update_is_dense(index.numel(), tokens):
-        logits_by_key = torch.matmul(k, queries_by_column)
-        if bias_for is not None:
-            logits_by_key += bias_for(None, None).transpose(1, 2)
-        shift.copy_(torch.logsumexp(logits_by_key, dim=1))
-        denominator.fill_(1.0)
-        new_logits = logits_by_key.index_select(1, index)
-    else:
-        new_logits = torch.matmul(k.index_select(1, index), queries_by_column)
-        old_logits = torch.matmul(old_keys, queries_by_column)
-        if bias_for is not None:
-            columns_bias = bias_for(None, index).transpose(1, 2)  # (H, s, N), key-major
-            new_logits += columns_bias
-            old_logits += columns_bias
-        # The old keys' share is part of Z_i, so exp(old logit - m_i) <= Z_i: no overflow.
-        raised = torch.maximum(shift, new_logits.amax(dim=1))
-        by_row = raised.unsqueeze(1)
-        denominator.mul_(torch.exp(shift - raised))
-        denominator.add_((new_logits - by_row).exp_().sum(dim=1))
-        denominator.sub_(old_logits.sub_(by_row).exp_().sum(dim=1))
-        shift.copy_(raised)
-        _recompute_logsumexp_rows(denominator, shift, q, k, index, bias_for)
-        underflowed = _rows_that_lost_precision(denominator)
-        if underflowed.numel() > 0:
-            _recompute_logsumexp_rows(denominator, shift, q, k, underflowed, bias_for)
-        recomputed = underflowed.numel()
-    logsumexp = shift + torch.log(denominator)
-    new_columns_by_key = new_logits.sub_(logsumexp.unsqueeze(1)).exp_()
-    update_attention_value_product(
-        product, new_columns_by_key, reference_by_key, v.index_select(1, index), old_values, index
-    )
-    return recomputed
-
-
-def _rows_that_lost_precision(denominator: Tensor) -> Tensor:
-    """Query rows (r,) whose running denominator (H, N) fell below `UNDERFLOW` in any head."""
-    return (denominator < UNDERFLOW).any(dim=0).nonzero().squeeze(1)
+    one_group = [t.unsqueeze(0) for t in (product, reference_by_key, denominator, shift)]
+    one_group += [t.unsqueeze(0) for t in (q, k, v, old_keys, old_values)]
+    every_row = exact_update_is_dense(index.numel(), q.shape[1])
+    lost = update_full_groups(*one_group, Changes.of_one_group(index), bias_for, every_row)
+    return int(lost[0])
 
 
 def _recompute_logsumexp_rows(
@@ -165,15 +235,28 @@ def _recompute_logsumexp_rows(
     shift: Tensor,
     q: Tensor,
     k: Tensor,
-    rows: Tensor,
+    rows: Changes,
     bias_for: BiasFor | None = None,
 ) -> None:
-    """Set the running sums of the query rows `rows` to their log-sum-exp over all keys."""
-    logits = torch.matmul(q.index_select(1, rows), k.transpose(1, 2))
+    """Set the running sums (G, H, L) of each group's rows `rows` to their log-sum-exp over all
+    its keys."""
+    logits = torch.matmul(at_positions(q, rows.index), k.transpose(-1, -2))
     if bias_for is not None:
-        logits += bias_for(rows, None)
-    shift.index_copy_(1, rows, torch.logsumexp(logits, dim=-1))
-    denominator.index_fill_(1, rows, 1.0)
+        logits += bias_for(rows.index, None)
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    _write_positions(shift, rows.index, logsumexp, rows.valid)
+    _write_positions(denominator, rows.index, torch.ones_like(logsumexp), rows.valid)
+
+
+def _recompute_lost_rows(denominator: Tensor, recompute: Callable[[Changes], None]) -> Tensor:
+    """Recompute (with `recompute`) the rows whose running denominator (G, H, L) fell below
+    `UNDERFLOW` in any head; returns their count per group (G,). Finding them reads one value
+    back from the device."""
+    lost = (denominator < UNDERFLOW).any(dim=1)
+    counts = lost.sum(dim=1)
+    if bool(counts.any()):
+        recompute(Changes.from_mask(lost))
+    return counts
 
 
 def _swap_row_contributions(
@@ -187,9 +270,10 @@ def _swap_row_contributions(
 ) -> None:
     """Running softmax sums of every row: remove the old keys' share, add the new keys'.
 
-    A key set's share of row i is exp(lse_i - m_i) in the denominator (H, N) (lse: the row's
-    log-sum-exp over those keys) and that times its attention output in the numerator
-    (H, N, dh). The shift m_i is first raised to cover the new share, so no exponent overflows.
+    A key set's share of row i is exp(lse_i - m_i) in the denominator (..., H, N) (lse: the
+    row's log-sum-exp over those keys) and that times its attention output in the numerator
+    (..., H, N, dh). The shift m_i is first raised to cover the new share, so no exponent
+    overflows.
     """
     raised = torch.maximum(shift, new_logsumexp)
     rescale = torch.exp(shift - raised)
@@ -317,6 +401,48 @@ def exact_update_is_dense(selected: int, tokens: int) -> bool:
     return 3 * selected >= tokens
 
 
+def recompute_exact_groups(
+    numerator: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None = None,
+) -> None:
+    """Every row of the exact level's running sums (..., H, L, ...) recomputed: U_i is the
+    attention output, Z_i is 1 and m_i the row's log-sum-exp; `bias` is added to the logits."""
+    output, logsumexp = attention_with_logsumexp(q, k, v, bias)
+    numerator.copy_(output)
+    denominator.fill_(1.0)
+    shift.copy_(logsumexp)
+
+
+def recompute_attention_groups(
+    numerator: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rows: Changes,
+    bias_for: BiasFor | None = None,
+) -> None:
+    """Attention of each group's query rows `rows` over all its keys, written into the running
+    sums.
+
+    numerator (G, H, L, dh) holds U_i = sum_j exp(l_ij - m_i) v_j, denominator (G, H, L) Z_i and
+    shift m_i, with logits l_ij = q_i . k_j (plus the bias, if any); the attention output of
+    row i is U_i / Z_i. With the shift at the row's log-sum-exp, U_i is the attention output and
+    Z_i is 1.
+    """
+    bias = None if bias_for is None else bias_for(rows.index, None)
+    output, logsumexp = attention_with_logsumexp(at_positions(q, rows.index), k, v, bias)
+    _write_positions(numerator, rows.index, output, rows.valid)
+    _write_positions(denominator, rows.index, torch.ones_like(logsumexp), rows.valid)
+    _write_positions(shift, rows.index, logsumexp, rows.valid)
+
+
 def recompute_attention_rows(
     numerator: Tensor,
     denominator: Tensor,
@@ -327,25 +453,54 @@ def recompute_attention_rows(
     rows: Tensor,
     bias_for: BiasFor | None = None,
 ) -> None:
-    """Attention of the queries `rows` over all keys, written into the running sums.
-
-    numerator (H, N, dh) holds U_i = sum_j exp(l_ij - m_i) v_j, denominator (H, N) Z_i and shift
-    (H, N) m_i, with logits l_ij = q_i . k_j (plus the bias, if any); the attention output of
-    row i is U_i / Z_i. With the shift at the row's log-sum-exp, U_i is the attention output and
-    Z_i is 1.
-    """
+    """`recompute_attention_groups` for one group: sums and q, k, v (H, N, ...), rows (r,)."""
+    one_group = [t.unsqueeze(0) for t in (numerator, denominator, shift, q, k, v)]
     if rows.numel() == q.shape[1]:  # every row (the indices are distinct): no gather, no scatter
         bias = None if bias_for is None else bias_for(None, None)
-        output, logsumexp = attention_with_logsumexp(q, k, v, bias)
-        numerator.copy_(output)
-        denominator.fill_(1.0)
-        shift.copy_(logsumexp)
+        recompute_exact_groups(*one_group, bias)
         return
-    bias = None if bias_for is None else bias_for(rows, None)
-    output, logsumexp = attention_with_logsumexp(q.index_select(1, rows), k, v, bias)
-    numerator.index_copy_(1, rows, output)
-    denominator.index_fill_(1, rows, 1.0)
-    shift.index_copy_(1, rows, logsumexp)
+    recompute_attention_groups(*one_group, Changes.of_one_group(rows), bias_for)
+
+
+def update_exact_groups(
+    numerator: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    old_keys: Tensor,
+    old_values: Tensor,
+    changes: Changes,
+    bias_for: BiasFor | None = None,
+) -> Tensor:
+    """Exact incremental attention (DESIGN.md, "Beyond the paper"): no N x N cache or softmax.
+
+    The positions `changes` changed: `old_keys`, `old_values` (G, H, m, dh) are their keys and
+    values before the change, q, k, v (G, H, L, dh) hold the new ones. Every row swaps the old
+    contribution of those keys for the new one (each computed as fused attention over the m
+    keys, rescaled by its log-sum-exp), after raising its shift to the new log-sum-exp so that
+    no exponent overflows; the changed queries' rows are recomputed over all keys; rows whose
+    denominator fell below `UNDERFLOW` are recomputed too. Cost: 6 s L dh per head and group.
+    Returns per group (G,) the underflowed rows recomputed.
+
+    With a bias (`bias_for`), the changed keys' columns take the bias of every row for those
+    columns, once for the old and the new contributions (it depends on the query and the
+    positions only, and the rows whose query changed are recomputed), and recomputed rows take
+    their rows' bias.
+    """
+    index = changes.index
+    columns_bias = None if bias_for is None else bias_for(None, index)
+    new_output, new_logsumexp = attention_with_logsumexp(
+        q, at_positions(k, index), at_positions(v, index), columns_bias
+    )
+    old_output, old_logsumexp = attention_with_logsumexp(q, old_keys, old_values, columns_bias)
+    sums = (numerator, denominator, shift)
+    _swap_row_contributions(*sums, new_output, new_logsumexp, old_output, old_logsumexp)
+    recompute_attention_groups(*sums, q, k, v, changes, bias_for)
+    return _recompute_lost_rows(
+        denominator, lambda rows: recompute_attention_groups(*sums, q, k, v, rows, bias_for)
+    )
 
 
 def update_exact_attention(
@@ -360,94 +515,20 @@ def update_exact_attention(
     index: Tensor,
     bias_for: BiasFor | None = None,
 ) -> int:
-    """Exact incremental attention (DESIGN.md, "Beyond the paper"): no N x N cache or softmax.
-
-    The tokens `index` (s,) changed: `old_keys`, `old_values` (H, s, dh) are their keys and
-    values before the change, q, k, v (H, N, dh) hold the new ones. Every row swaps the old
-    contribution of those keys for the new one (each computed as fused attention over the s
-    keys, rescaled by its log-sum-exp), after raising its shift to the new log-sum-exp so that
-    no exponent overflows; the changed queries' rows are recomputed over all keys; rows whose
-    denominator fell below `UNDERFLOW` are recomputed too (finding them reads one count back
-    from the device). From s = N / 3 on, every row is recomputed instead, which costs less.
-    Cost: 6 s N dh per head, at most 2 N^2 dh. Returns how many underflowed rows were
-    recomputed.
-
-    With a bias (`bias_for`), the changed keys' columns take the bias of every row for those
-    columns, once for the old and the new contributions (it depends on the query and the
-    positions only, and the rows whose query changed are recomputed), and recomputed rows take
-    their rows' bias.
-    """
+    """`update_exact_groups` for one group: sums and q, k, v (H, N, ...), the changed tokens
+    `index` (s,), old keys and values (H, s, dh). From s = N / 3 on, every row is recomputed
+    instead, which costs less. Returns how many underflowed rows were recomputed."""
     tokens = q.shape[1]
     if index.numel() == 0:
         return 0
     if exact_update_is_dense(index.numel(), tokens):
-        recompute_attention_rows(
-            numerator, denominator, shift, q, k, v, torch.arange(tokens), bias_for
-        )
+        every = torch.arange(tokens, device=q.device)
+        recompute_attention_rows(numerator, denominator, shift, q, k, v, every, bias_for)
         return 0
-    columns_bias = None if bias_for is None else bias_for(None, index)
-    new_output, new_logsumexp = attention_with_logsumexp(
-        q, k.index_select(1, index), v.index_select(1, index), columns_bias
-    )
-    old_output, old_logsumexp = attention_with_logsumexp(q, old_keys, old_values, columns_bias)
-    _swap_row_contributions(
-        numerator, denominator, shift, new_output, new_logsumexp, old_output, old_logsumexp
-    )
-    recompute_attention_rows(numerator, denominator, shift, q, k, v, index, bias_for)
-    underflowed = _rows_that_lost_precision(denominator)
-    if underflowed.numel() > 0:
-        recompute_attention_rows(numerator, denominator, shift, q, k, v, underflowed, bias_for)
-    return underflowed.numel()
-
-
-def update_exact_attention_batch(
-    numerator: Tensor,
-    denominator: Tensor,
-    shift: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    old_keys: Tensor,
-    old_values: Tensor,
-    index: Tensor,
-) -> list[int]:
-    """`update_exact_attention` for a batch of streams that changed equally many tokens, with
-    one call per operation for the whole batch (no loop over streams).
-
-    numerator (B, H, N, dh), denominator and shift (B, H, N); q, k, v (B, H, N, dh); old_keys,
-    old_values (B, H, s, dh); index (B, s). The same arithmetic and cost, per stream, as
-    `update_exact_attention`; only streams with underflowed rows are visited one by one, to
-    recompute those rows. Returns each stream's count of underflowed rows recomputed.
-    """
-    batch, heads, tokens, dim = q.shape
-    if exact_update_is_dense(index.shape[1], tokens):
-        output, logsumexp = attention_with_logsumexp(q, k, v)
-        numerator.copy_(output)
-        denominator.fill_(1.0)
-        shift.copy_(logsumexp)
-        return [0] * batch
-    by_row = index[:, None, :].expand(batch, heads, -1)
-    by_element = index[:, None, :, None].expand(batch, heads, -1, dim)
-    new_output, new_logsumexp = attention_with_logsumexp(
-        q, k.gather(2, by_element), v.gather(2, by_element)
-    )
-    old_output, old_logsumexp = attention_with_logsumexp(q, old_keys, old_values)
-    _swap_row_contributions(
-        numerator, denominator, shift, new_output, new_logsumexp, old_output, old_logsumexp
-    )
-    output, logsumexp = attention_with_logsumexp(q.gather(2, by_element), k, v)
-    numerator.scatter_(2, by_element, output)
-    denominator.scatter_(2, by_row, 1.0)
-    shift.scatter_(2, by_row, logsumexp)
-    lost = (denominator < UNDERFLOW).any(dim=1)  # (B, N): rows that lost precision
-    counts = [0] * batch
-    if bool(lost.any()):
-        for stream in lost.any(dim=1).nonzero().squeeze(1).tolist():
-            rows = lost[stream].nonzero().squeeze(1)
-            sums = (numerator[stream], denominator[stream], shift[stream])
-            recompute_attention_rows(*sums, q[stream], k[stream], v[stream], rows)
-            counts[stream] = rows.numel()
-    return counts
+    one_group = [t.unsqueeze(0) for t in (numerator, denominator, shift, q, k, v)]
+    old = (old_keys.unsqueeze(0), old_values.unsqueeze(0))
+    lost = update_exact_groups(*one_group, *old, Changes.of_one_group(index), bias_for)
+    return int(lost[0])
 
 
 # A row's denominator falls when the keys that dominated it change and drop: the update then

@@ -80,22 +80,31 @@ class DecomposedRelativePosition(nn.Module):
     def between(
         self, q: Tensor, grid: tuple[int, int], rows: Tensor | None, cols: Tensor | None
     ) -> Tensor:
-        """Bias (..., r, c) of the query rows `rows` over the key columns `cols` (index tensors
-        into the L = rows * cols positions of the grid; None: all), for queries q (..., L, dh).
+        """Bias (G, H, r, c) of each group's query rows `rows` (G, r) over its key columns
+        `cols` (G, c) (index tensors into the L = rows * cols positions of the grid; None: all),
+        for the groups' queries q (G, H, L, dh).
 
-        Cost: r (R + C) dh multiply-accumulates for the rows' table products (R, C: the grid's
-        sides) and two adds per (row, column) pair.
+        Cost: r (R + C) dh multiply-accumulates per head for the rows' table products (R, C:
+        the grid's sides) and two adds per (row, column) pair.
         """
         grid_rows, grid_cols = grid
-        length = grid_rows * grid_cols
-        every = torch.arange(length, device=q.device)
-        rows = every if rows is None else rows
-        cols = every if cols is None else cols
-        query_row, query_col = rows // grid_cols, rows % grid_cols
-        key_row, key_col = cols // grid_cols, cols % grid_cols
-        by_rows = relative_table(grid_rows, grid_rows, self.rows)[query_row]  # (r, R, dh)
-        by_cols = relative_table(grid_cols, grid_cols, self.cols)[query_col]  # (r, C, dh)
-        queries = q.index_select(-2, rows)
-        vertical = torch.einsum("...rd,rkd->...rk", queries, by_rows)  # (..., r, R)
-        horizontal = torch.einsum("...rd,rkd->...rk", queries, by_cols)  # (..., r, C)
-        return vertical.index_select(-1, key_row) + horizontal.index_select(-1, key_col)
+        by_rows = relative_table(grid_rows, grid_rows, self.rows)  # (R, R, dh)
+        by_cols = relative_table(grid_cols, grid_cols, self.cols)  # (C, C, dh)
+        if rows is None:  # every row: the tables per row are the same for every group
+            every = torch.arange(grid_rows * grid_cols, device=q.device)
+            vertical = torch.einsum("ghrd,rkd->ghrk", q, by_rows[every // grid_cols])
+            horizontal = torch.einsum("ghrd,rkd->ghrk", q, by_cols[every % grid_cols])
+        else:
+            groups, heads, _, head_dim = q.shape
+            by_element = rows[:, None, :, None].expand(groups, heads, -1, head_dim)
+            queries = q.gather(2, by_element)
+            vertical = torch.einsum("ghrd,grkd->ghrk", queries, by_rows[rows // grid_cols])
+            horizontal = torch.einsum("ghrd,grkd->ghrk", queries, by_cols[rows % grid_cols])
+        # vertical (G, H, r, R), horizontal (G, H, r, C): each column reads its row and column.
+        if cols is None:
+            every = torch.arange(grid_rows * grid_cols, device=q.device)
+            return vertical[..., every // grid_cols] + horizontal[..., every % grid_cols]
+        shape = (*vertical.shape[:3], cols.shape[1])
+        key_row = (cols // grid_cols)[:, None, None, :].expand(shape)
+        key_col = (cols % grid_cols)[:, None, None, :].expand(shape)
+        return vertical.gather(3, key_row) + horizontal.gather(3, key_col)

@@ -20,6 +20,7 @@ only the groups that hold a changed token.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -27,24 +28,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eventful.core.attention import (
-    attention_with_logsumexp,
+    BiasFor,
+    Changes,
+    at_positions,
     dense_attention_cost,
     exact_update_cost,
     full_update_cost,
     query_key_product,
     query_key_update_cost,
-    recompute_attention_rows,
+    recompute_exact_groups,
     recompute_full_attention,
-    update_exact_attention,
-    update_exact_attention_batch,
-    update_full_attention,
-    update_query_key_product,
+    update_exact_groups,
+    update_full_groups,
+    update_query_key_groups,
 )
 from eventful.core.description import BlockDescription
 from eventful.core.escalation import Escalation
 from eventful.core.gates import GateStep, token_gate, write_rows
 from eventful.core.ops import StepTrace
-from eventful.core.partition import GroupLayout, group_layout
+from eventful.core.partition import GroupLayout, group_layout, whole_sequence_layout
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
 
@@ -113,11 +115,18 @@ class EventfulBlock(nn.Module):
         self.partitioned = partitioned
         self._layouts: dict[tuple, GroupLayout] = {}
 
-    def layout(self, grid: tuple[int, int], device: torch.device) -> GroupLayout:
-        """The attention groups of a windowed or biased block on a rows x cols grid (cached)."""
-        key = (grid, torch.device(device))
+    def layout(
+        self, grid: tuple[int, int] | None, num_tokens: int, device: torch.device
+    ) -> GroupLayout:
+        """The attention groups of one stream (cached): windows, or a global grid with a bias,
+        on a rows x cols patch grid; else all `num_tokens` tokens, prefix tokens included, as
+        one group."""
+        key = (grid if self.partitioned else num_tokens, torch.device(device))
         if key not in self._layouts:
-            self._layouts[key] = group_layout(self.window, grid, device)
+            if self.partitioned:
+                self._layouts[key] = group_layout(self.window, grid, device)
+            else:
+                self._layouts[key] = whole_sequence_layout(num_tokens, device)
         return self._layouts[key]
 
     def state_specs(
@@ -130,8 +139,8 @@ class EventfulBlock(nn.Module):
         """Shape and dtype of each of this block's state tensors for a batch of streams.
 
         The N x N attention caches of the "qk" and "full" levels take `cache_dtype` when set;
-        the running log-sum-exp sums of "full" and "exact" keep the step's dtype. A windowed or
-        biased exact block keeps its sums per attention group, (B * groups, H, L, dh).
+        the running log-sum-exp sums of "full" and "exact" keep the step's dtype. Every cache
+        is kept per attention group (`layout`): (B * groups, H, L, ...).
         """
         tokens = (batch, num_tokens, self.dim)
         square_dtype = self.cache_dtype or dtype
@@ -147,17 +156,14 @@ class EventfulBlock(nn.Module):
             "proj_scale": ((batch,), dtype),
             "mlp_scale": ((batch,), dtype),
         }
-        square = (batch, self.heads, num_tokens, num_tokens)
-        per_head = (batch, self.heads, num_tokens, self.dim // self.heads)
-        if self.partitioned:  # caches per attention group
-            layout = self.layout(grid, "cpu")
-            groups, length = batch * layout.groups, layout.length
-            square = (groups, self.heads, length, length)
-            per_head = (groups, self.heads, length, self.dim // self.heads)
+        layout = self.layout(grid, num_tokens, "cpu")
+        groups, length = batch * layout.groups, layout.length
+        square = (groups, self.heads, length, length)
+        per_head = (groups, self.heads, length, self.dim // self.heads)
         if self.level == "qk":
             specs["query_key_product"] = (square, square_dtype)
         if self.level == "full":
-            # Key-major: (B, H, N keys, N queries); see update_attention_value_product.
+            # Key-major: (B * groups, H, L keys, L queries); see update_full_groups.
             specs["attention_reference"] = (square, square_dtype)
             specs["attention_value_product"] = (per_head, dtype)
         if self.level == "exact":
@@ -179,7 +185,7 @@ class EventfulBlock(nn.Module):
     ) -> Tensor:
         """One step; `grid`, the patch grid (rows, columns), is needed by windows and biases,
         which take the tokens as that grid (no prefix tokens)."""
-        batch, num_tokens, dim = x.shape
+        batch, num_tokens, _ = x.shape
         measure = trace is not None
 
         def gate(name: str, current: Tensor) -> GateStep:
@@ -194,44 +200,22 @@ class EventfulBlock(nn.Module):
             )
 
         qkv_gate = gate("qkv", x)
-        qkv_selection = qkv_gate.selection
         qkv_rows = self.qkv(self.norm1(qkv_gate.rows))
-        # Every token selected: the attention caches are rebuilt as on a dense step, which costs
-        # less than updating them for every key (and gives the same values).
-        recomputing = list(range(batch)) if qkv_selection.everything else fresh_streams
-        old_keys_values = None
-        # The exact level updates a batch whose streams all changed equally many tokens (top-k)
-        # in one call per operation; other selections go stream by stream.
-        batch_index = None
-        if self.level == "exact" and not self.partitioned and not recomputing:
-            batch_index = _equal_counts(qkv_selection)
-        if batch_index is not None:
-            old_keys_values = self._keys_values_batch(state["qkv"], batch_index)
-        elif self.level in ("full", "exact") and len(recomputing) < batch:
-            old_keys_values = self._keys_values_at(state["qkv"], qkv_selection, recomputing)
-        write_rows(state["qkv"], qkv_selection, qkv_rows)
-
-        recomputed = [0] * batch
-        attention_costs = None  # per stream, where the attention path counts its own cost
-        if batch_index is not None:
-            attended = self._attend_exact_batch(state, batch_index, old_keys_values, recomputed)
-            attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
-        elif not self.partitioned:
-            attended = self._attend(state, qkv_selection, recomputing, old_keys_values, recomputed)
-            attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
-        elif self.level == "tokenwise":
-            attended = self._attend_partitioned(state["qkv"], grid)
+        layout = self.layout(grid, num_tokens, x.device)
+        recomputed, attention_costs = [0] * batch, None
+        if self.level == "tokenwise":
+            write_rows(state["qkv"], qkv_gate.selection, qkv_rows)
+            attended = self._attend_every_row(state["qkv"], layout)
         else:
-            attention_costs = []
-            attended = self._attend_grouped(
-                state,
-                qkv_selection,
-                recomputing,
-                old_keys_values,
-                recomputed,
-                grid,
-                attention_costs,
-            )
+            plan = self._plan(qkv_gate.selection, fresh_streams, layout)
+            old_keys_values = [None] * len(plan.updates)  # the qk level needs none
+            if self.level in ("full", "exact"):
+                old_keys_values = self._keys_values_before(state["qkv"], layout, plan)
+            write_rows(state["qkv"], qkv_gate.selection, qkv_rows)
+            attended, recomputed = self._attend_cached(state, layout, plan, old_keys_values)
+            if measure and self.partitioned:
+                attention_costs = self._attention_costs(layout, plan, recomputed)
+            recomputed = recomputed.view(batch, layout.groups).sum(dim=1).tolist()
 
         proj_gate = gate("proj", attended)
         write_rows(state["proj"], proj_gate.selection, self.proj(proj_gate.rows))
@@ -246,266 +230,235 @@ class EventfulBlock(nn.Module):
         return y + state["mlp"]
 
     def _split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Views q, k, v (B, H, N, dh) of the qkv buffer (B, N, 3 D)."""
+        """Views q, k, v (B, H, N, dh) of the qkv rows (B, N, 3 D)."""
         batch, num_tokens, _ = qkv.shape
         heads = qkv.view(batch, num_tokens, 3, self.heads, self.dim // self.heads)
         q, k, v = heads.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    def _grouped(self, tokens: Tensor, layout: GroupLayout, fill: Tensor | None) -> Tensor:
-        """Tokens (B, N, X) -> their attention groups (B * groups, L, X); slots without a token
-        (a window's padding) hold `fill` (X,), or zeros."""
-        batch, _, channels = tokens.shape
-        if layout.groups == 1:  # global: the slots are the tokens, in order
-            return tokens.view(batch * layout.groups, layout.length, channels)
-        grouped = tokens.new_zeros(batch, layout.groups * layout.length, channels)
-        if fill is not None:
-            grouped.copy_(fill.expand_as(grouped))
-        grouped.index_copy_(1, layout.slot, tokens)
-        return grouped.view(batch * layout.groups, layout.length, channels)
+    def _grouped_heads(self, qkv: Tensor, layout: GroupLayout) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B * groups, H, L, dh) of the buffered qkv (B, N, 3 D): views under one
+        group, else a copy.
 
-    def _ungrouped(self, grouped: Tensor, layout: GroupLayout, batch: int) -> Tensor:
-        """(B * groups, L, X) -> the tokens' rows (B, N, X)."""
-        flat = grouped.reshape(batch, layout.groups * layout.length, grouped.shape[-1])
-        if layout.groups == 1:
-            return flat
-        return flat.index_select(1, layout.slot)
-
-    def _grouped_heads(self, qkv: Tensor, grid: tuple[int, int]) -> tuple:
-        """The layout and q, k, v (B * groups, H, L, dh) of the buffered qkv (B, N, 3 D).
-
-        A padded slot's input is zero (as ViTDet pads after the first norm), so its q, k and v
-        are the qkv projection's bias: the same on every step, never selected by a gate.
+        A window's padded slot has a zero input (as ViTDet pads after the first norm), so its
+        q, k and v are the qkv projection's bias: the same on every step, never selected.
         """
-        layout = self.layout(grid, qkv.device)
-        q, k, v = self._split_heads(self._grouped(qkv, layout, self.qkv.bias))
-        return layout, q, k, v
+        batch, _, channels = qkv.shape
+        if layout.groups == 1:  # the slots are the tokens, in order
+            return self._split_heads(qkv)
+        grouped = qkv.new_zeros(batch, layout.groups * layout.length, channels)
+        if self.qkv.bias is not None:
+            grouped.copy_(self.qkv.bias.expand_as(grouped))
+        grouped.index_copy_(1, layout.slot, qkv)
+        return self._split_heads(grouped.view(batch * layout.groups, layout.length, channels))
 
-    def _attend_partitioned(self, qkv: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Attention output (B, N, D) over the buffered qkv (B, N, 3 D) of a rows x cols grid,
-        within windows and/or with the bias: all queries, as the tokenwise level does."""
-        layout, q, k, v = self._grouped_heads(qkv, grid)
-        bias = None if self.bias is None else self.bias(q, layout.sides).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-        out = out.transpose(1, 2).reshape(q.shape[0], layout.length, self.dim)
+    def _ungrouped(self, heads: Tensor, layout: GroupLayout, batch: int) -> Tensor:
+        """Attention output per group (B * groups, H, L, dh) -> the tokens' rows (B, N, D)."""
+        flat = heads.transpose(1, 2).reshape(batch, layout.groups * layout.length, self.dim)
+        return flat if layout.groups == 1 else flat.index_select(1, layout.slot)
+
+    def _bias(self, q: Tensor, layout: GroupLayout) -> Tensor | None:
+        """The bias (G, H, L, L) of the groups whose queries are q (G, H, L, dh), if any."""
+        return None if self.bias is None else self.bias(q, layout.sides).to(q.dtype)
+
+    def _bias_for(self, q: Tensor, layout: GroupLayout) -> BiasFor | None:
+        """The bias of some rows and columns of the groups whose queries are q, if any."""
+        return None if self.bias is None else partial(self.bias.between, q, layout.sides)
+
+    def _attend_every_row(self, qkv: Tensor, layout: GroupLayout) -> Tensor:
+        """Attention output (B, N, D) of every query over the buffered qkv (B, N, 3 D), within
+        each attention group: the tokenwise level."""
+        q, k, v = self._grouped_heads(qkv, layout)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(q, layout), scale=1.0)
         return self._ungrouped(out, layout, qkv.shape[0])
 
-    def _attend_grouped(
-        self, state, selection, fresh_streams, old_keys_values, recomputed, grid, costs
-    ) -> Tensor:
-        """Attention over attention groups (windows, or a global grid with a bias) at the qk,
-        full or exact level: output (B, N, D). Each group keeps its own caches; a stream's
-        changed tokens update the groups they fall in, each with its positions' bias. Appends
-        each stream's attention (multiply-accumulates, adds) to `costs`."""
-        batch = selection.batch_size
-        layout, q, k, v = self._grouped_heads(state["qkv"], grid)
-        groups, length = layout.groups, layout.length
-        sides = None if self.bias is None else layout.sides
-        for stream, index in enumerate(selection.per_stream):
-            span = slice(stream * groups, (stream + 1) * groups)
-            if stream in fresh_streams:
-                bias = None if self.bias is None else self.bias(q[span], layout.sides)
-                self._recompute_groups(state, span, q[span], k[span], v[span], bias)
-                macs, adds = dense_attention_cost(length, self.dim, self.heads, sides)
-                costs.append((groups * macs, groups * adds))
+    def _plan(self, selection: Selection, fresh_streams: list[int], layout: GroupLayout):
+        """Which groups of the batch this step recomputes and which it updates, and how.
+
+        A group is recomputed over every row when its stream is fresh or every token is
+        selected, and at the exact level also when a third or more of its positions changed
+        (then a recompute costs less); at the full level such a group is updated with every
+        row's log-sum-exp recomputed. Groups without a change are left alone.
+        """
+        batch, groups, length = selection.batch_size, layout.groups, layout.length
+        total = batch * groups
+        device = selection.flat.device
+        if selection.everything or len(fresh_streams) == batch:
+            counts = torch.full((total,), length, device=device)
+            return _Plan(counts, [_Update(None, None)])
+        flat = selection.flat
+        slots = (flat // selection.num_tokens) * (groups * length)
+        slots += layout.slot[flat % selection.num_tokens]
+        changed = torch.zeros(total * length, dtype=torch.bool, device=device)
+        changed[slots] = True
+        changed = changed.view(total, length)
+        counts = changed.sum(dim=1)
+        fresh = torch.zeros(total, dtype=torch.bool, device=device)
+        for stream in fresh_streams:
+            fresh[stream * groups : (stream + 1) * groups] = True
+        if self.level == "full":
+            # A window's padded slot never changes, so no gate selects it; but its attention
+            # column moves with the row's normalisation, and the full level updates only the
+            # columns it is given: the groups it updates update their padded slots too.
+            changed |= layout.padded.repeat(batch, 1) & (counts > 0).unsqueeze(1)
+            counts = changed.sum(dim=1)
+        large = (3 * counts >= length) & ~fresh
+        updated = (counts > 0) & ~fresh
+        recomputed, every_row = fresh, None
+        if self.level == "exact":
+            recomputed, updated = fresh | large, updated & ~large
+        elif self.level == "full":
+            every_row, updated = large, updated & ~large
+        updates = []
+        for groups_mask, kind in ((recomputed, None), (updated, False), (every_row, True)):
+            if groups_mask is None or not bool(groups_mask.any()):
                 continue
-            slots = layout.slot.index_select(0, index)
-            group_of, position = slots // length, slots % length
-            old = None if old_keys_values is None else old_keys_values[stream]
-            total_macs, total_adds = 0, 0
-            for group in group_of.unique().tolist():
-                member = (group_of == group).nonzero().squeeze(1)
-                at = stream * groups + group
-                bias_for = None
-                if self.bias is not None:
-                    bias_for = partial(self.bias.between, q[at], layout.sides)
-                old_group = None
-                if old is not None:
-                    old_group = (old[0].index_select(1, member), old[1].index_select(1, member))
-                changed = position.index_select(0, member)
-                if self.level == "full":
-                    # A padded slot never changes, so no gate selects it; but its attention
-                    # column moves with the row's normalisation, and the full level updates
-                    # only the columns it is given. Constant keys and values: old = new.
-                    padding = layout.padding[group]
-                    if padding.numel():
-                        changed = torch.cat([changed, padding])
-                        old_group = tuple(
-                            torch.cat([old_part, part[at].index_select(1, padding)], dim=1)
-                            for old_part, part in zip(old_group, (k, v), strict=True)
-                        )
-                macs, adds, underflowed = self._update_group(
-                    state, at, (q[at], k[at], v[at]), old_group, changed, bias_for, sides
-                )
-                recomputed[stream] += underflowed
-                total_macs, total_adds = total_macs + macs, total_adds + adds
-            if self.level == "qk":  # every group's softmax of its cached logits, times V
-                total_macs += groups * length * length * self.dim
-            costs.append((total_macs, total_adds))
+            chosen = None if bool(groups_mask.all()) else groups_mask.nonzero().squeeze(1)
+            changes = None
+            if kind is not None:
+                changes = Changes.from_mask(changed if chosen is None else changed[chosen])
+            updates.append(_Update(chosen, changes, every_row=bool(kind)))
+        return _Plan(counts, updates)
+
+    def _keys_values_before(
+        self, qkv: Tensor, layout: GroupLayout, plan: _Plan
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """Per update of the plan, the keys and values (G, H, m, dh) at its changed positions,
+        read before the step overwrites them (None for a recompute)."""
+        _, k, v = self._grouped_heads(qkv, layout)
+        old = []
+        for update in plan.updates:
+            if update.changes is None:
+                old.append(None)
+                continue
+            index = update.changes.index
+            old.append(tuple(at_positions(_of_groups(x, update.groups), index) for x in (k, v)))
+        return old
+
+    def _attend_cached(self, state, layout, plan, old_keys_values) -> tuple[Tensor, Tensor]:
+        """Attention output (B, N, D) from this level's caches, each update of the plan run on
+        its groups with one call per operation; and the underflowed rows that the full and
+        exact levels recomputed beyond the selection, per group (B * groups,)."""
+        batch = state["qkv"].shape[0]
+        q, k, v = self._grouped_heads(state["qkv"], layout)
+        names = CACHES[self.level]
+        lost = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        for update, old in zip(plan.updates, old_keys_values, strict=True):
+            heads = [_of_groups(x, update.groups) for x in (q, k, v)]
+            caches = [_of_groups(state[name], update.groups) for name in names]
+            if update.changes is None:
+                self._recompute(caches, heads, self._bias(heads[0], layout))
+            else:
+                bias_for = self._bias_for(heads[0], layout)
+                if self.level == "qk":
+                    update_query_key_groups(*caches, *heads[:2], update.changes, bias_for)
+                elif self.level == "exact":
+                    counts = update_exact_groups(*caches, *heads, *old, update.changes, bias_for)
+                else:
+                    counts = update_full_groups(
+                        *caches, *heads, *old, update.changes, bias_for, update.every_row
+                    )
+                if self.level != "qk":
+                    lost.index_add_(0, _all_if_none(update.groups, lost), counts)
+            if update.groups is not None:  # the caches were copies of those groups
+                for name, cache in zip(names, caches, strict=True):
+                    state[name].index_copy_(0, update.groups, cache)
         if self.level == "exact":
             out = state["attention_numerator"]
-            if len(fresh_streams) < batch:
+            if not plan.recomputes_everything:  # else every denominator is 1
                 out = out / state["attention_denominator"].unsqueeze(-1)
         elif self.level == "qk":
             out = torch.matmul(state["query_key_product"].softmax(dim=-1, dtype=v.dtype), v)
         else:
             out = state["attention_value_product"]
-        out = out.transpose(1, 2).reshape(batch * groups, length, self.dim)
-        return self._ungrouped(out, layout, batch)
+        return self._ungrouped(out, layout, batch), lost
 
-    def _recompute_groups(self, state, span, q, k, v, bias) -> None:
-        """Rebuild the caches of the groups `span` (G, ...) from q, k, v (G, H, L, dh)."""
+    def _recompute(self, caches: list[Tensor], heads: list[Tensor], bias: Tensor | None) -> None:
+        """Rebuild this level's caches of some groups from their q, k, v (G, H, L, dh)."""
         if self.level == "exact":
-            output, logsumexp = attention_with_logsumexp(q, k, v, bias)
-            state["attention_numerator"][span].copy_(output)
-            state["attention_denominator"][span].fill_(1.0)
-            state["attention_shift"][span].copy_(logsumexp)
+            recompute_exact_groups(*caches, *heads, bias)
         elif self.level == "qk":
-            logits = state["query_key_product"][span]
-            logits.copy_(query_key_product(q, k, bias).to(logits.dtype))
+            caches[0].copy_(query_key_product(*heads[:2], bias).to(caches[0].dtype))
         else:
-            names = ("attention_value_product", "attention_reference")
-            sums = ("attention_denominator", "attention_shift")
-            recompute_full_attention(
-                *(state[name][span] for name in (*names, *sums)), q, k, v, bias
-            )
+            recompute_full_attention(*caches, *heads, bias)
 
-    def _update_group(self, state, at, heads, old, changed, bias_for, sides):
-        """Update the caches of group `at` for its `changed` positions; returns its
-        (multiply-accumulates, adds, underflowed rows recomputed)."""
-        length = heads[0].shape[1]
-        count = changed.numel()
-        if self.level == "qk":
-            update_query_key_product(state["query_key_product"][at], *heads[:2], changed, bias_for)
-            return (*query_key_update_cost(length, count, self.dim, self.heads, sides), 0)
-        if self.level == "exact":
-            names = ("attention_numerator", "attention_denominator", "attention_shift")
-            underflowed = update_exact_attention(
-                *(state[name][at] for name in names), *heads, *old, changed, bias_for
-            )
-            cost = exact_update_cost(length, count, underflowed, self.dim, self.heads, sides)
-            return (*cost, underflowed)
-        names = (
-            "attention_value_product",
-            "attention_reference",
-            "attention_denominator",
-            "attention_shift",
-        )
-        underflowed = update_full_attention(
-            *(state[name][at] for name in names), *heads, *old, changed, bias_for
-        )
-        cost = full_update_cost(length, count, underflowed, self.dim, self.heads, sides)
-        return (*cost, underflowed)
-
-    def _keys_values_batch(self, qkv: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        """The buffered keys and values (B, H, s, dh) at the tokens index (B, s), read before
-        they are overwritten."""
-        _, k, v = self._split_heads(qkv)
-        by_element = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-        return k.gather(2, by_element), v.gather(2, by_element)
-
-    def _attend_exact_batch(self, state, index, old_keys_values, recomputed) -> Tensor:
-        """Attention output (B, H, N, dh) of the exact level, every stream updated at once."""
-        q, k, v = self._split_heads(state["qkv"])
-        numerator = state["attention_numerator"]
-        denominator = state["attention_denominator"]
-        counts = update_exact_attention_batch(
-            numerator, denominator, state["attention_shift"], q, k, v, *old_keys_values, index
-        )
-        recomputed[:] = counts
-        return numerator / denominator.unsqueeze(-1)
-
-    def _keys_values_at(
-        self, qkv: Tensor, selection: Selection, fresh_streams: list[int]
-    ) -> list[tuple[Tensor, Tensor] | None]:
-        """Per stream, the buffered keys and values (H, s, dh) at the selected tokens, read
-        before they are overwritten."""
-        _, k, v = self._split_heads(qkv)
-        old = []
-        for stream, index in enumerate(selection.per_stream):
-            if stream in fresh_streams:
-                old.append(None)
+    def _attention_costs(
+        self, layout: GroupLayout, plan: _Plan, lost: Tensor
+    ) -> list[tuple[int, int]]:
+        """Per stream, the (multiply-accumulates, adds) of its attention groups this step."""
+        groups, length = layout.groups, layout.length
+        sides = None if self.bias is None else layout.sides
+        recomputing = torch.zeros(plan.counts.numel(), dtype=torch.bool)
+        for update in plan.updates:
+            if update.changes is None:
+                recomputing[_all_if_none(update.groups, recomputing)] = True
+        counts, lost, recomputing = plan.counts.tolist(), lost.tolist(), recomputing.tolist()
+        costs = []
+        for stream in range(len(counts) // groups):
+            macs, adds = 0, 0
+            span = range(stream * groups, (stream + 1) * groups)
+            if all(recomputing[group] for group in span):
+                macs, adds = dense_attention_cost(length, self.dim, self.heads, sides)
+                costs.append((groups * macs, groups * adds))
                 continue
-            old.append((k[stream].index_select(1, index), v[stream].index_select(1, index)))
-        return old
+            for group in span:
+                cost = self._update_cost(counts[group], lost[group], length, sides)
+                macs, adds = macs + cost[0], adds + cost[1]
+            if self.level == "qk":  # every group's softmax of its cached logits, times V
+                macs += groups * length * length * self.dim
+            costs.append((macs, adds))
+        return costs
 
-    def _attend(
-        self,
-        state: dict[str, Tensor],
-        selection: Selection,
-        fresh_streams: list[int],
-        old_keys_values: list[tuple[Tensor, Tensor] | None] | None,
-        recomputed: list[int],
-    ) -> Tensor:
-        """Attention output (B, H, N, dh) over the buffered q, k, v, at this block's level.
-
-        `recomputed[b]` receives the rows the full or exact level recomputed beyond the
-        selection.
-        """
-        q, k, v = self._split_heads(state["qkv"])
-        if self.level == "tokenwise":
-            return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    def _update_cost(self, count, lost, length, sides) -> tuple[int, int]:
+        """(Multiply-accumulates, adds) of one group's update for `count` changed positions."""
+        if self.level == "qk":
+            return query_key_update_cost(length, count, self.dim, self.heads, sides)
         if self.level == "exact":
-            return self._attend_exact(
-                state, q, k, v, selection, fresh_streams, old_keys_values, recomputed
-            )
-        if self.level == "full":
-            return self._attend_full(
-                state, q, k, v, selection, fresh_streams, old_keys_values, recomputed
-            )
-
-        logits = state["query_key_product"]
-        for stream, index in enumerate(selection.per_stream):
-            if stream in fresh_streams:
-                logits[stream].copy_(torch.matmul(q[stream], k[stream].transpose(1, 2)))
-            else:
-                update_query_key_product(logits[stream], q[stream], k[stream], index)
-        return torch.matmul(logits.softmax(dim=-1, dtype=v.dtype), v)
-
-    def _attend_full(
-        self, state, q, k, v, selection, fresh_streams, old_keys_values, recomputed
-    ) -> Tensor:
-        """Attention output (B, H, N, dh): the cached attention-value product, updated."""
-        product = state["attention_value_product"]
-        names = ("attention_reference", "attention_denominator", "attention_shift")
-        for stream, index in enumerate(selection.per_stream):
-            sums = (product[stream], *(state[name][stream] for name in names))
-            heads = (q[stream], k[stream], v[stream])
-            if stream in fresh_streams:
-                recompute_full_attention(*sums, *heads)
-            else:
-                old_keys, old_values = old_keys_values[stream]
-                recomputed[stream] = update_full_attention(
-                    *sums, *heads, old_keys, old_values, index
-                )
-        return product
-
-    def _attend_exact(
-        self, state, q, k, v, selection, fresh_streams, old_keys_values, recomputed
-    ) -> Tensor:
-        """Attention output (B, H, N, dh) from the running sums of the exact level."""
-        numerator = state["attention_numerator"]
-        denominator = state["attention_denominator"]
-        shift = state["attention_shift"]
-        for stream, index in enumerate(selection.per_stream):
-            sums = (numerator[stream], denominator[stream], shift[stream])
-            heads = (q[stream], k[stream], v[stream])
-            if stream in fresh_streams:
-                recompute_attention_rows(*sums, *heads, index)
-            else:
-                old_keys, old_values = old_keys_values[stream]
-                recomputed[stream] = update_exact_attention(
-                    *sums, *heads, old_keys, old_values, index
-                )
-        if len(fresh_streams) == len(selection.per_stream):
-            return numerator  # every row just recomputed: the denominators are 1
-        return numerator / denominator.unsqueeze(-1)
+            return exact_update_cost(length, count, lost, self.dim, self.heads, sides)
+        return full_update_cost(length, count, lost, self.dim, self.heads, sides)
 
 
-def _equal_counts(selection: Selection) -> Tensor | None:
-    """The selection's token indices as one (B, s) tensor when every stream selected the same
-    number of tokens (and some), else None."""
-    counts = selection.counts
-    if selection.everything or counts[0] == 0 or any(count != counts[0] for count in counts):
-        return None
-    return torch.stack(selection.per_stream)
+# The caches of each level, in the order its update functions take them.
+CACHES = {
+    "qk": ("query_key_product",),
+    "full": (
+        "attention_value_product",
+        "attention_reference",
+        "attention_denominator",
+        "attention_shift",
+    ),
+    "exact": ("attention_numerator", "attention_denominator", "attention_shift"),
+}
+
+
+@dataclass(frozen=True)
+class _Update:
+    """One batched call of a plan: its groups (indices into the batch's groups; None: all),
+    their changed positions (None: recompute every row), and for the full level whether every
+    row's log-sum-exp is recomputed."""
+
+    groups: Tensor | None
+    changes: Changes | None
+    every_row: bool = False
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A step's attention plan: each group's count of changed positions (B * groups,), and
+    the updates that cover every group with a change."""
+
+    counts: Tensor
+    updates: list[_Update]
+
+    @property
+    def recomputes_everything(self) -> bool:
+        return len(self.updates) == 1 and self.updates[0] == _Update(None, None)
+
+
+def _of_groups(x: Tensor, groups: Tensor | None) -> Tensor:
+    """x (B * groups, ...) itself, or a copy of the groups `groups`."""
+    return x if groups is None else x.index_select(0, groups)
+
+
+def _all_if_none(groups: Tensor | None, like: Tensor) -> Tensor:
+    return torch.arange(like.shape[0], device=like.device) if groups is None else groups

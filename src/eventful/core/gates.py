@@ -1,4 +1,4 @@
-"""Token gate, delta gate and token buffer, as functions over explicit state tensors.
+"""Token gate and token buffer, as functions over explicit state tensors.
 
 A gate's *reference* holds, for every token, the value it had when it was last selected.
 Unselected tokens keep their old reference, so their error keeps accumulating until a policy
@@ -82,16 +82,6 @@ def token_gate(
     rows = gather_rows(current, selection)
     write_rows(reference, selection, rows)
     return GateStep(selection, rows, unprocessed, escalated)
-
-
-def delta_gate(new_rows: Tensor, reference: Tensor, index: Tensor, dim: int) -> Tensor:
-    """Change of the selected slices since their reference; the reference takes the new values.
-
-    `new_rows` are the slices of the current value at `index` along `dim` of `reference`.
-    """
-    delta = new_rows - reference.index_select(dim, index)
-    reference.index_copy_(dim, index, new_rows.to(reference.dtype))
-    return delta
 
 
 def gather_rows(tokens: Tensor, selection: Selection) -> Tensor:

@@ -56,7 +56,7 @@ class GroupLayout:
     groups: attention groups per stream (1 for global attention, the windows for windows);
     length: slots per group (L; a window's slots include its padding); sides: the grid
     (rows, cols) of one group, which a bias needs; slot (N,): each token's slot, group * L +
-    position in the group; padding: per group, its positions that hold no token (a window's
+    position in the group; padded (groups, L): the positions that hold no token (a window's
     padding; none under global attention).
     """
 
@@ -64,7 +64,7 @@ class GroupLayout:
     length: int
     sides: tuple[int, int]
     slot: Tensor
-    padding: tuple[Tensor, ...]
+    padded: Tensor
 
 
 def group_layout(
@@ -74,8 +74,7 @@ def group_layout(
     (window None) or windows, in the order of `to_windows`."""
     rows, cols = grid
     if window is None:
-        every = torch.arange(rows * cols, device=device)
-        return GroupLayout(1, rows * cols, grid, every, (every[:0],))
+        return GroupLayout(1, rows * cols, grid, *_every_slot_used(rows * cols, device))
     size = window.size
     _, padded_cols = window.padded_grid(rows, cols)
     row = torch.arange(rows, device=device).unsqueeze(1)
@@ -86,5 +85,15 @@ def group_layout(
     groups, length = window.count(rows, cols), size * size
     used = torch.zeros(groups * length, dtype=torch.bool, device=device)
     used[slot] = True
-    padding = tuple((~in_group).nonzero().squeeze(1) for in_group in used.view(groups, length))
-    return GroupLayout(groups, length, (size, size), slot, padding)
+    return GroupLayout(groups, length, (size, size), slot, ~used.view(groups, length))
+
+
+def whole_sequence_layout(num_tokens: int, device: torch.device) -> GroupLayout:
+    """All tokens of a stream, prefix tokens included, as one group in order (global attention
+    without a bias, which needs no grid)."""
+    return GroupLayout(1, num_tokens, (1, num_tokens), *_every_slot_used(num_tokens, device))
+
+
+def _every_slot_used(length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    slot = torch.arange(length, device=device)
+    return slot, torch.zeros(1, length, dtype=torch.bool, device=device)
