@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from eventful.core.description import EncoderDescription
 from eventful.core.local_head import convert_heads
 from eventful.core.model import EventfulModule, EventfulViT
 from eventful.core.policies import Policy
@@ -42,16 +45,11 @@ def convert(
     """
     if isinstance(model, ViT):
         return EventfulViT(describe_vit(model), policy, level, cache_dtype)
-    if isinstance(model, ViTDet):
-        eventful_vitdet = EventfulViT(describe_vitdet(model), policy, level, cache_dtype)
-        feature_map = FeatureMap(model.embedding.patch_size)
-        return EventfulWrapper(EncoderCall(eventful_vitdet, feature_map, _no_options), "")
-    if _is_encoder(model):
+    if is_encoder(model):
         return EventfulWrapper(_encoder_call(model, policy, level, cache_dtype), "")
-    path, encoder = _find_encoder(model)
-    call = _encoder_call(encoder, policy, level, cache_dtype)
-    # The copy takes the call where the encoder was, without copying the encoder's weights.
-    wrapped = copy.deepcopy(model, memo={id(encoder): call})
+    wrapped, path = replace_encoder(
+        model, lambda encoder: _encoder_call(encoder, policy, level, cache_dtype)
+    )
     _, dense_layers = convert_heads(wrapped, path)
     if dense_layers:
         warnings.warn(
@@ -62,8 +60,50 @@ def convert(
     return EventfulWrapper(wrapped, path, dense_layers)
 
 
-def _is_encoder(module: nn.Module) -> bool:
-    return isinstance(module, ViT) or hf.is_hf_encoder(module) or hf_vitdet.is_hf_vitdet(module)
+def is_encoder(module: nn.Module) -> bool:
+    return (
+        isinstance(module, (ViT, ViTDet))
+        or hf.is_hf_encoder(module)
+        or hf_vitdet.is_hf_vitdet(module)
+    )
+
+
+@dataclass(frozen=True)
+class EncoderAdapter:
+    """What the engine needs of a supported encoder: its description, how to turn final-norm
+    tokens (B, T, D) into what the encoder returns, how to check its keyword options, and the
+    blocks whose outputs it also returns (taps)."""
+
+    description: EncoderDescription
+    format_output: Callable[[Tensor, Tensor], Any]
+    check_arguments: Callable[[dict], None]
+    taps: tuple[int, ...] = ()
+
+
+def adapt_encoder(encoder: nn.Module) -> EncoderAdapter:
+    """The adapter of a supported encoder (`is_encoder`)."""
+    if isinstance(encoder, ViT):
+        return EncoderAdapter(describe_vit(encoder), _tokens, _no_options)
+    if isinstance(encoder, ViTDet):
+        feature_map = FeatureMap(encoder.embedding.patch_size)
+        return EncoderAdapter(describe_vitdet(encoder), feature_map, _no_options)
+    if hf_vitdet.is_hf_vitdet(encoder):
+        return EncoderAdapter(
+            hf_vitdet.describe_hf_vitdet(encoder),
+            hf_vitdet.VitDetOutput(encoder),
+            hf_vitdet.check_vitdet_options,
+            hf_vitdet.tapped_stages(encoder),
+        )
+    description = describe_vit(hf.vit_from_hf(encoder))
+    return EncoderAdapter(description, hf.HFEncoderOutput(encoder), hf.check_hf_encoder_options)
+
+
+def replace_encoder(model: nn.Module, make_call: Callable[[nn.Module], nn.Module]):
+    """A copy of `model` whose one encoder is replaced by `make_call(encoder)`, without copying
+    the encoder's weights; returns the copy and the encoder's path in it."""
+    path, encoder = _find_encoder(model)
+    call = make_call(encoder)
+    return copy.deepcopy(model, memo={id(encoder): call}), path
 
 
 def _encoder_call(
@@ -72,17 +112,9 @@ def _encoder_call(
     level: str | Sequence[str],
     cache_dtype: torch.dtype | None,
 ) -> EncoderCall:
-    if isinstance(encoder, ViT):
-        eventful_vit = EventfulViT(describe_vit(encoder), policy, level, cache_dtype)
-        return EncoderCall(eventful_vit, _tokens, _no_options)
-    if hf_vitdet.is_hf_vitdet(encoder):
-        description = hf_vitdet.describe_hf_vitdet(encoder)
-        taps = hf_vitdet.tapped_stages(encoder)
-        eventful_vitdet = EventfulViT(description, policy, level, cache_dtype, taps)
-        output = hf_vitdet.VitDetOutput(encoder)
-        return EncoderCall(eventful_vitdet, output, hf_vitdet.check_vitdet_options)
-    eventful_vit = EventfulViT(describe_vit(hf.vit_from_hf(encoder)), policy, level, cache_dtype)
-    return EncoderCall(eventful_vit, hf.HFEncoderOutput(encoder), hf.check_hf_encoder_options)
+    adapter = adapt_encoder(encoder)
+    eventful_encoder = EventfulViT(adapter.description, policy, level, cache_dtype, adapter.taps)
+    return EncoderCall(eventful_encoder, adapter.format_output, adapter.check_arguments)
 
 
 def _tokens(tokens: Tensor, pixel_values: Tensor) -> Tensor:
@@ -98,7 +130,7 @@ def _find_encoder(model: nn.Module) -> tuple[str, nn.Module]:
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         inside_found = any(name.startswith(prefix + ".") for prefix, _ in found)
-        if not inside_found and _is_encoder(module):
+        if not inside_found and is_encoder(module):
             found.append((name, module))
     if not found:
         raise TypeError(f"cannot convert a {type(model).__name__}; supported models: {SUPPORTED}")

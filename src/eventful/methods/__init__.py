@@ -1,0 +1,1 @@
+"""Methods built on the engine: IA-RED^2, TORE, baselines."""
