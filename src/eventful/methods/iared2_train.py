@@ -16,6 +16,7 @@ file beside it with the backbone's fingerprint, the settings, the progress and t
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ class CurriculumRule:
 @dataclass
 class Progress:
     """Where training stands: the group being trained and its next step; one log entry per
-    step (group, step, mean reward, keep share, fidelity)."""
+    step (group, step, mean reward, keep share, fidelity, seconds it took)."""
 
     group: int = 0
     step: int = 0
@@ -165,6 +166,7 @@ class Trainer:
     def step(self) -> dict:
         """One optimizer step of the current group; returns its log entry."""
         settings, progress = self.settings, self.progress
+        start = time.perf_counter()
         generator = torch.Generator().manual_seed(
             settings.seed * 1_000_003 + progress.group * 10_007 + progress.step
         )
@@ -187,6 +189,7 @@ class Trainer:
             "reward": round(float(rewards.mean()), 5),
             "keep_share": round(float(shares.mean()), 5),
             "fidelity": round(float(fidelities.mean()), 5),
+            "seconds": round(time.perf_counter() - start, 3),
         }
         progress.log.append(entry)
         progress.step += 1
