@@ -67,6 +67,12 @@ EXPECTED = {
         [rf"\(1, 384, 28, 28\) (?P<ratio>{NUMBER})x fewer ops"],
         lambda lines: lines[0]["ratio"] > 1,
     ),
+    ("Dropping patches: IA-RED^2", 0): Printed(
+        # 1 + 14 x 14 tokens of 384 features; each group keeps at most 98 of 196 patches (the
+        # untrained interpreters rate every patch above 0.5), so the blocks run on about half
+        [rf"\(1, 197, 384\) \[98, 98, 98\] (?P<ratio>{NUMBER})x fewer ops"],
+        lambda lines: 1.5 < lines[0]["ratio"] < 2.5,
+    ),
     ("Real weights, offline", 0): Printed(
         # one saliency map of the 224 x 224 input per frame, 4 frames
         [rf"torch\.Size\(\[1, 1, 224, 224\]\) (?P<ratio>{NUMBER})x fewer ops"] * 4,

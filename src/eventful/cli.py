@@ -1,4 +1,5 @@
-"""The `eventful` command: run an eventful model on a video and show what it saves and costs."""
+"""The `eventful` command: run an eventful model on a video and show what it saves and costs;
+train the small modules of a method (`eventful train iared2`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from eventful.cli_drift import add_drift_options, drift_control
+from eventful.cli_train import add_train_parser, train_iared2_command
 from eventful.core.block import LEVELS
 from eventful.core.budget import parse_schedule
 from eventful.core.policies import parse_policy
@@ -75,6 +77,7 @@ def build_parser() -> OneLineParser:
     )
     demo.add_argument("--output", default="eventful-demo", help="folder for demo.json/png/mp4")
     add_run_options(demo, demo=True)
+    add_train_parser(commands, DefaultsHelpFormatter)
     return parser
 
 
@@ -111,6 +114,26 @@ def add_run_options(parser: argparse.ArgumentParser, demo: bool) -> None:
     )
     add_drift_options(parser)
     parser.add_argument("--level", choices=LEVELS, default="exact", help="attention update level")
+    parser.add_argument(
+        "--method",
+        choices=("eventful", "iared2"),
+        default="eventful",
+        help="eventful: re-process what changed between frames; iared2: drop the patches that "
+        "trained interpreters rate uninformative, in every frame (needs --weights)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        metavar="CKPT",
+        help="the interpreters of --method iared2, from `eventful train iared2`",
+    )
+    parser.add_argument(
+        "--keep",
+        metavar="RULE",
+        default="0.5",
+        help="--method iared2: keep the patches rated at least this probability; T:K also "
+        "keeps at most K per group",
+    )
     if not demo:
         parser.add_argument(
             "--compare", action="store_true", help="also run dense; report fidelity"
@@ -196,6 +219,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
+        if args.command == "train":
+            return train_iared2_command(args)
         return run_video_command(args)
     finally:  # main() may run inside a longer-lived process (tests, notebooks)
         torch.set_num_threads(threads)
@@ -214,6 +239,12 @@ def run_video_command(args: argparse.Namespace) -> int:
     policy = parse_policy(args.policy)
     schedule = parse_schedule(args.budget_schedule) if args.budget_schedule else []
     drift = drift_control(args)
+    if args.method == "iared2":
+        if args.weights is None:
+            raise ValueError("--method iared2 needs --weights CKPT (from `eventful train iared2`)")
+        policy = parse_keep_rule(args.keep)
+    elif args.weights is not None:
+        raise ValueError("--weights applies to --method iared2 only")
     json_path, plot_path, viz_path = args.json, args.plot, args.viz
     max_frames = args.max_frames
     if args.command == "demo":
@@ -236,6 +267,7 @@ def run_video_command(args: argparse.Namespace) -> int:
     fps, total = probe.fps, probe.frame_count
     probe.close()
     model = load_model(args.model, args.size)
+    iared2 = None if args.method != "iared2" else load_iared2(model.dense, args.weights)
     for note in model.notes:
         print(f"eventful: note: {note}", file=sys.stderr)
     progress = RunProgress(total)
@@ -260,6 +292,7 @@ def run_video_command(args: argparse.Namespace) -> int:
                 on_frame=on_frame,
                 drift=drift,
                 schedule=schedule,
+                iared2=iared2,
             )
     finally:
         progress.close()
@@ -286,6 +319,29 @@ def run_video_command(args: argparse.Namespace) -> int:
     if viz_path:
         print(f"video: {viz_path}")
     return 0
+
+
+def parse_keep_rule(text: str):
+    """--keep T or T:K -> KeepRule(threshold=T, max_tokens=K)."""
+    from eventful.methods.iared2 import KeepRule
+
+    threshold, _, most = text.partition(":")
+    try:
+        return KeepRule(float(threshold), int(most) if most else None)
+    except ValueError as error:
+        message = f"--keep {text}: expected T or T:K (a probability, a count): {error}"
+        raise ValueError(message) from error
+
+
+def load_iared2(dense, weights: Path):
+    """An IA-RED^2 model of `dense` with the interpreters of checkpoint `weights`, in the
+    groups it was trained with."""
+    from eventful.methods.iared2 import IARed2Model
+    from eventful.methods.iared2_train import checkpoint_groups, read_checkpoint
+
+    model = IARed2Model(dense, groups=checkpoint_groups(weights))
+    read_checkpoint(weights, model)
+    return model
 
 
 def check_output_path(path: Path | None, option: str, suffixes: tuple[str, ...]) -> None:

@@ -50,7 +50,8 @@ class Changes:
     @staticmethod
     def of_one_group(index: Tensor) -> Changes:
         """The positions `index` (s,) of a single group, all changed."""
-        return Changes(index.unsqueeze(0), torch.ones(1, index.numel(), dtype=torch.bool))
+        valid = torch.ones(1, index.numel(), dtype=torch.bool, device=index.device)
+        return Changes(index.unsqueeze(0), valid)
 
 
 def at_positions(x: Tensor, index: Tensor) -> Tensor:

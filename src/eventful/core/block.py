@@ -391,7 +391,7 @@ class EventfulBlock(nn.Module):
         recomputing = torch.zeros(plan.counts.numel(), dtype=torch.bool)
         for update in plan.updates:
             if update.changes is None:
-                recomputing[_all_if_none(update.groups, recomputing)] = True
+                recomputing[_all_if_none(update.groups, recomputing).cpu()] = True
         counts, lost, recomputing = plan.counts.tolist(), lost.tolist(), recomputing.tolist()
         costs = []
         for stream in range(len(counts) // groups):

@@ -296,6 +296,17 @@ def read_checkpoint(path: Path, model: IARed2Model) -> Checkpoint:
     return Checkpoint(TrainSettings(**meta["settings"]), progress, tensors, meta["adam_steps"])
 
 
+def checkpoint_groups(path: Path) -> list[int]:
+    """The first block of each group of the interpreters saved at `path`."""
+    meta_path = _json_path(path)
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"IA-RED^2 checkpoint: {meta_path} does not exist")
+    try:
+        return list(json.loads(meta_path.read_text())["model"]["starts"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{meta_path} is not an IA-RED^2 checkpoint: {error}") from error
+
+
 def restore_adam(optimizer: torch.optim.Adam, model: IARed2Model, checkpoint: Checkpoint) -> None:
     """Put the checkpoint's Adam moments back for the parameters `optimizer` trains."""
     names = {id(p): n for n, p in model.interpreters.named_parameters()}

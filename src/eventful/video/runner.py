@@ -15,8 +15,11 @@ from torch import Tensor
 import eventful
 from eventful.core.budget import LatencyBudget, OpsBudget, scheduled_policy
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent
+from eventful.core.ops import OpCount
 from eventful.core.policies import Policy
 from eventful.evaluation import feature_cosine, output_tokens, saliency_mae
+from eventful.methods.iared2 import IARed2Model, KeepRule
+from eventful.methods.iared2_train import keep_share
 from eventful.models.saliency import SaliencyOutput
 from eventful.profile import part
 from eventful.video.decode import VideoReader
@@ -94,6 +97,7 @@ def run_video(
     on_frame: Callable[[FrameView], None] | None = None,
     drift: DriftControl | None = DEFAULT_DRIFT,
     schedule: Sequence[tuple[int, Policy]] = (),
+    iared2: IARed2Model | None = None,
 ) -> RunResult:
     """Stream `video` through the eventful copy of `model.dense`, one frame per step.
 
@@ -102,21 +106,44 @@ def run_video(
     the model's shipped fidelity estimate, where it has one for `level`, gives every frame its
     estimated cosine (else a note says there is none); `schedule`
     (frame, policy) pairs put a policy in force from a frame on (`scheduled_policy`: a budget
-    controller of the same kind changes its budget). Raises `VideoError` when the video cannot
-    be read, ValueError for bad settings.
+    controller of the same kind changes its budget). With `iared2` (an `IARed2Model` of
+    `model.dense` with trained interpreters) the frames run through it instead, each on its
+    own, and `policy` is its `KeepRule`; level, drift and schedule do not apply. Raises
+    `VideoError` when the video cannot be read, ValueError for bad settings.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available")
     reader = VideoReader(video, max_frames)
     dense = model.dense.to(device)
-    converted = eventful.convert(dense, policy=policy, level=level).to(device)
-    estimate = model.fidelity_estimate(converted.levels)
-    stream = converted.stream(batch_size=1, check_finite=False, drift=drift, estimate=estimate)
     size = model.input_size
-    tokens = converted.encoder.embedding.num_tokens(size, size)
-    blocks = converted.encoder.blocks
-    for entry in [policy, *(scheduled for _, scheduled in schedule)]:
-        entry.validate(tokens, blocks)
+    notes = []
+    if iared2 is None:
+        converted = eventful.convert(dense, policy=policy, level=level).to(device)
+        estimate = model.fidelity_estimate(converted.levels)
+        stream = converted.stream(batch_size=1, check_finite=False, drift=drift, estimate=estimate)
+        tokens = converted.encoder.embedding.num_tokens(size, size)
+        blocks = converted.encoder.blocks
+        for entry in [policy, *(scheduled for _, scheduled in schedule)]:
+            entry.validate(tokens, blocks)
+        if estimate is None:
+            notes.append(f"no fidelity estimate is calibrated for {model.name} at level {level}")
+        dense_head = getattr(converted, "dense_head_layers", [])
+        if dense_head:
+            notes.append(
+                f"the head layers {', '.join(dense_head)} are not local convolutions: they ran "
+                "densely on every frame"
+            )
+    else:
+        if schedule:
+            raise ValueError("IA-RED^2 keeps by its interpreters' scores: it takes no schedule")
+        converted = None
+        stream = DroppingStream(iared2.to(device), policy)
+        tokens = iared2.dropping.embedding.num_tokens(size, size)
+        level = "iared2"
+        notes.append(
+            "IA-RED^2: ops count the encoder only (the head runs densely); the updated-tokens "
+            "panel shows each token's keep probability where it was last scored"
+        )
     changes = dict(schedule)
     result = RunResult(
         video=str(video),
@@ -127,17 +154,10 @@ def run_video(
         device=device,
         fps=reader.fps,
         tokens=tokens,
-        drift=drift,
+        drift=drift if iared2 is None else None,
         schedule=list(schedule),
+        notes=notes,
     )
-    if estimate is None:
-        result.notes.append(f"no fidelity estimate is calibrated for {model.name} at level {level}")
-    dense_head = getattr(converted, "dense_head_layers", [])
-    if dense_head:
-        result.notes.append(
-            f"the head layers {', '.join(dense_head)} are not local convolutions: they ran "
-            "densely on every frame"
-        )
     frame_size = None
     for index, (rgb, decode_ms) in enumerate(_decoded(reader)):
         events = []
@@ -150,13 +170,13 @@ def run_video(
             )
         if index in changes:
             converted.policy = scheduled_policy(converted.policy, changes[index])
+        in_force = policy if converted is None else converted.policy
         frame_size = rgb.shape[:2]
         start = time.perf_counter()
         with part("preprocess"):
             image = model.preprocess(rgb)
             batch = image.unsqueeze(0).to(device)
         preprocess_ms = (time.perf_counter() - start) * 1000
-        in_force = converted.policy
         output, ms = _timed(stream, batch, device)
         frame = FrameResult(
             index=index,
@@ -172,7 +192,7 @@ def run_video(
             budget_gops=in_force.budget if isinstance(in_force, OpsBudget) else None,
             budget_ms=in_force.budget if isinstance(in_force, LatencyBudget) else None,
             events=events + stream.events,
-            estimated_cosine=None if estimate is None else stream.estimated_cosine[0],
+            estimated_cosine=stream.estimated_cosine[0],
         )
         if compare:
             with part("dense"):
@@ -217,3 +237,46 @@ def _timed(call: Callable, batch: Tensor, device: str):
     if device == "cuda":
         torch.cuda.synchronize()
     return value, (time.perf_counter() - start) * 1000
+
+
+class DroppingStream:
+    """IA-RED^2 as the runner drives a stream: one call per frame (no state between frames),
+    with the ops and the tokens of the last call."""
+
+    def __init__(self, model: IARed2Model, rule: KeepRule) -> None:
+        self.model = model
+        self.rule = rule
+        self.ops: OpCount | None = None
+        self.events: list[DriftEvent] = []
+        self.estimated_cosine = [None]
+
+    def __call__(self, frames: Tensor) -> object:
+        output = self.model(frames, self.rule)
+        last = self.model.last
+        dense = self.model.dropping.dense_macs(frames)
+        self.ops = OpCount(
+            per_stream=[
+                {"linear": macs, "attention": 0, "adds": 0, "gates": 0, "head": 0}
+                for macs in last.macs
+            ],
+            dense_per_stream=[dense] * frames.shape[0],
+            head_dense_per_stream=[0] * frames.shape[0],
+        )
+        return output
+
+    def updated_fraction(self) -> list[float]:
+        """Per stream: the share of the blocks' patch tokens processed."""
+        return keep_share(self.model.dropping, self.model.last.kept).tolist()
+
+    def updated_tokens(self, stream: int = 0) -> Tensor:
+        """(T,): the prefix tokens at 1, each patch at the keep probability of the last group
+        that scored it."""
+        last = self.model.last
+        scores = last.probabilities[0][stream].clone()
+        for probabilities, kept in zip(last.probabilities[1:], last.kept, strict=False):
+            scores = torch.where(kept[stream], probabilities[stream], scores)
+        prefix = self.model.dropping.embedding.num_prefix_tokens
+        return torch.cat([scores.new_ones(prefix), scores])
+
+    def reset(self) -> None:
+        """Nothing is kept between frames."""

@@ -106,6 +106,65 @@ class RunProgress:
         print(f"{done} | {times} | {self.stats()}", file=self.console.file, flush=True)
 
 
+class StepProgress:
+    """Progress of a training run on stderr: steps done of `total`, elapsed and remaining time,
+    and the latest step's reward, keep share and fidelity. A live bar on an interactive
+    terminal (as `RunProgress`), else a plain line every `every` steps and after the last."""
+
+    def __init__(
+        self, total: int, done: int = 0, console: Console | None = None, every: int = 10
+    ) -> None:
+        self.total, self.done, self.started_at = total, done, done
+        self.console = console or Console(stderr=True)
+        self.every = every
+        self.entry: dict | None = None
+        self.start = time.perf_counter()
+        self.bar: Progress | None = None
+        if self.console.is_interactive:
+            self.bar = _BarAndStats(
+                TextColumn("step"),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("elapsed,"),
+                TimeRemainingColumn(),
+                TextColumn("remaining"),
+                console=self.console,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=done, stats="")
+            self.bar.start()
+
+    def update(self, entry: dict) -> None:
+        """Count one step, with its log entry."""
+        self.done += 1
+        self.entry = entry
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, stats=self.stats())
+        elif self.done % self.every == 0:
+            self._print_line()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.entry is not None and self.done % self.every != 0:
+            self._print_line()
+
+    def stats(self) -> str:
+        entry = self.entry
+        return (
+            f"group {entry['group'] + 1} | reward {entry['reward']:.3f} | "
+            f"keep share {entry['keep_share']:.1%} | fidelity {entry['fidelity']:.3f}"
+        )
+
+    def _print_line(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        steps = max(self.done - self.started_at, 1)
+        left = max(self.total - self.done, 0) * elapsed / steps
+        times = f"elapsed {_clock(elapsed)}, remaining {_clock(left)}"
+        line = f"step {self.done}/{self.total} | {times} | {self.stats()}"
+        print(line, file=self.console.file, flush=True)
+
+
 class _BarAndStats(Progress):
     """The bar and times on one line, the stats under it: one line of both overflows a
     terminal of 80 columns."""
