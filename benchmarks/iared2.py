@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per threshold")
     parser.add_argument("--steps-per-group", type=int, default=60)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument(
         "--checkpoint", type=Path, default=Path("/tmp/iared2-dinov2-518.safetensors")
     )
@@ -206,7 +207,7 @@ def main() -> None:
     model = IARed2Model(zoo.dense)
     encoder = zoo.dense.get_submodule(model.path)  # the dense backbone
     training = torch.cat([clip_frames(zoo, clip, 4) for clip in TRAINING_CLIPS])
-    settings = TrainSettings(steps_per_group=args.steps_per_group)
+    settings = TrainSettings(steps_per_group=args.steps_per_group, learning_rate=args.learning_rate)
     log, settings = train(model, training, args.checkpoint, settings)
     seconds = sum(entry["seconds"] for entry in log)
     held_out = clip_frames(zoo, HELD_OUT_CLIP, 6)

@@ -236,6 +236,7 @@ def test_training_resumed_from_a_checkpoint_continues_as_if_never_stopped(tmp_pa
     resumed = Trainer(model, video, checkpoint.settings, checkpoint.progress)
     restore_adam(resumed.optimizer, model, checkpoint)
     resumed.step()
+
     def without_time(log):
         return [{k: v for k, v in entry.items() if k != "seconds"} for entry in log]
 
@@ -281,6 +282,8 @@ def test_bad_training_settings_are_refused():
         TrainSettings(bar=1.2)
     with pytest.raises(ValueError, match="at least batch_size = 8 frames, got 4"):
         Trainer(IARed2Model(tiny()), frames(batch=4), TrainSettings())
+    with pytest.raises(ValueError, match="at least batch_size = 8 frames, got 0"):
+        Trainer(IARed2Model(tiny()), frames(batch=4)[:0], TrainSettings())
 
 
 def test_a_short_training_run_on_real_frames_raises_the_reward(tmp_path):

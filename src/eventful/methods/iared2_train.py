@@ -16,6 +16,7 @@ file beside it with the backbone's fingerprint, the settings, the progress and t
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -224,6 +225,8 @@ def _json_path(path: Path) -> Path:
 
 
 def save_checkpoint(path, model, settings, progress, optimizer=None) -> None:
+    """Write checkpoint `path` (safetensors: the interpreters, and the Adam moments of
+    `optimizer`) and the JSON file beside it."""
     tensors = {
         f"interpreters.{k}": v.detach().contiguous()
         for k, v in model.interpreters.state_dict().items()
@@ -236,9 +239,6 @@ def save_checkpoint(path, model, settings, progress, optimizer=None) -> None:
             tensors[f"adam.{name}.exp_avg"] = state["exp_avg"].contiguous()
             tensors[f"adam.{name}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
             adam_steps[name] = float(state["step"])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
     meta = {
         "format": FORMAT,
         "fingerprint": model.fingerprint,
@@ -248,7 +248,16 @@ def save_checkpoint(path, model, settings, progress, optimizer=None) -> None:
         "adam_steps": adam_steps,
         "log": progress.log,
     }
-    _json_path(path).write_text(json.dumps(meta, indent=1))
+    # Both files are written in full beside their targets before either replaces its target:
+    # a run stopped while saving never leaves a file cut short.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights_part = path.with_name(path.name + ".part")
+    meta_part = path.with_name(path.name + ".json.part")
+    save_file(tensors, str(weights_part))
+    meta_part.write_text(json.dumps(meta, indent=1))
+    os.replace(weights_part, path)
+    os.replace(meta_part, _json_path(path))
 
 
 @dataclass
