@@ -136,7 +136,7 @@ def run_video(
     else:
         if schedule:
             raise ValueError("IA-RED^2 keeps by its interpreters' scores: it takes no schedule")
-        converted = None
+        converted, estimate = None, None
         stream = DroppingStream(iared2.to(device), policy)
         tokens = iared2.dropping.embedding.num_tokens(size, size)
         level = "iared2"
@@ -192,7 +192,7 @@ def run_video(
             budget_gops=in_force.budget if isinstance(in_force, OpsBudget) else None,
             budget_ms=in_force.budget if isinstance(in_force, LatencyBudget) else None,
             events=events + stream.events,
-            estimated_cosine=stream.estimated_cosine[0],
+            estimated_cosine=None if estimate is None else stream.estimated_cosine[0],
         )
         if compare:
             with part("dense"):
@@ -248,7 +248,6 @@ class DroppingStream:
         self.rule = rule
         self.ops: OpCount | None = None
         self.events: list[DriftEvent] = []
-        self.estimated_cosine = [None]
 
     def __call__(self, frames: Tensor) -> object:
         output = self.model(frames, self.rule)
