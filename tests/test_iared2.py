@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import eventful
-from eventful.methods.iared2 import IARed2Model, KeepRule
+from eventful.core.reduction import Restricted
+from eventful.methods.iared2 import IARed2Model, KeepRule, convert_with_interpreters
 from eventful.methods.iared2_train import Trainer, TrainSettings, read_checkpoint, restore_adam
 from eventful.models.imgfocus import imgfocus_saliency
 from eventful.synthetic import moving_squares
@@ -299,3 +300,66 @@ def test_a_short_training_run_on_real_frames_raises_the_reward(tmp_path):
     rewards = [trainer.step()["reward"] for _ in range(8)]
     assert sum(rewards[-3:]) / 3 > rewards[0] + 0.1
     assert trainer.progress.log[-1]["keep_share"] < trainer.progress.log[0]["keep_share"]
+
+
+def test_interpreters_that_keep_everything_leave_the_eventful_model_unchanged():
+    vit = tiny()
+    iared2 = IARed2Model(vit)
+    video = moving_squares(4, size=64, batch=2, seed=6)
+    plain = eventful.convert(vit, policy=eventful.TopK(16), level="exact").stream(batch_size=2)
+    both = convert_with_interpreters(vit, iared2, eventful.TopK(16), "exact", KEEP_ALL)
+    combined = both.stream(batch_size=2)
+    interpreters = sum(i.macs(64) for i in iared2.interpreters)
+    for frame in video:
+        assert torch.equal(combined(frame), plain(frame))
+        assert combined.ops.per_stream[0]["gates"] == plain.ops.per_stream[0]["gates"] + (
+            interpreters
+        )
+
+
+def test_gates_never_reprocess_a_patch_the_interpreters_dropped():
+    vit = tiny()
+    iared2 = IARed2Model(vit)
+    rule = KeepRule(threshold=0.0, max_tokens=20)
+    converted = convert_with_interpreters(vit, iared2, eventful.TopK(40), "exact", rule)
+    stream = converted.stream(batch_size=2)
+    video = moving_squares(3, size=64, batch=2, seed=7)
+    stream(video[0])  # the first step is dense: every token, whatever the interpreters say
+    assert all(
+        selection.everything for block in stream.trace.blocks for selection in block.values()
+    )
+    for frame in video[1:]:
+        stream(frame)
+        reduction = converted.encoder.reduction
+        allowed = None
+        for group, start in enumerate(iared2.dropping.starts):
+            kept = rule(reduction.last[group], torch.ones(2, 64, dtype=torch.bool))
+            allowed = kept if allowed is None else allowed & kept
+            for block in stream.trace.blocks[start : start + 2]:
+                for selection in block.values():
+                    patches = selection.mask()[:, 1:]
+                    assert not bool((patches & ~allowed).any())
+        assert int(allowed[0].sum()) < 20  # the groups' drops compound
+
+
+def test_interpreters_built_for_another_backbone_are_refused():
+    with pytest.raises(ValueError, match="built for another backbone"):
+        convert_with_interpreters(tiny(seed=1), IARed2Model(tiny(seed=0)), eventful.TopK(8))
+
+
+def test_a_restricted_policy_chooses_only_among_the_allowed_tokens():
+    errors = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.5], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    allowed = torch.tensor([[False, True, True, True, True, False], [True] * 6])
+    # A fraction is of the allowed tokens: half of 4 and half of 6.
+    chosen = Restricted(eventful.TopFraction(0.5), allowed).select(errors).mask()
+    assert chosen.tolist() == [
+        [False, True, True, False, False, False],
+        [False, False, False, True, True, True],
+    ]
+    # A threshold or a count keeps its own meaning, cut to the allowed tokens.
+    chosen = Restricted(eventful.Threshold(2.5), allowed).select(errors).mask()
+    assert chosen.tolist() == [
+        [False, True, True, False, False, False],
+        [False, False, True, True, True, True],
+    ]
+    assert Restricted(eventful.TopK(5), allowed).select(errors).counts == [4, 5]

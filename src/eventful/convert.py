@@ -101,7 +101,7 @@ def adapt_encoder(encoder: nn.Module) -> EncoderAdapter:
 def replace_encoder(model: nn.Module, make_call: Callable[[nn.Module], nn.Module]):
     """A copy of `model` whose one encoder is replaced by `make_call(encoder)`, without copying
     the encoder's weights; returns the copy and the encoder's path in it."""
-    path, encoder = _find_encoder(model)
+    path, encoder = find_encoder(model)
     call = make_call(encoder)
     return copy.deepcopy(model, memo={id(encoder): call}), path
 
@@ -126,7 +126,7 @@ def _no_options(options: dict) -> None:
         raise TypeError(f"an eventful.ViT encoder takes frames only, got options {options}")
 
 
-def _find_encoder(model: nn.Module) -> tuple[str, nn.Module]:
+def find_encoder(model: nn.Module) -> tuple[str, nn.Module]:
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         inside_found = any(name.startswith(prefix + ".") for prefix, _ in found)

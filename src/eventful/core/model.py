@@ -16,6 +16,7 @@ from eventful.core.drift import DEFAULT_DRIFT, DriftControl
 from eventful.core.escalation import Escalation
 from eventful.core.ops import StepTrace
 from eventful.core.policies import Policy
+from eventful.core.reduction import Restricted, TokenReduction
 from eventful.core.state import StreamState
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ class EventfulViT(EventfulModule):
     the "qk" and "full" levels in half precision: half the memory, at some fidelity cost.
     `taps`: stages (0: the embedding's output, i: block i's output, counted from 1) whose
     tokens the step also returns, in order, as `(final tokens, tapped tokens)`: the multi-scale
-    outputs of a detection backbone.
+    outputs of a detection backbone. `reduction` (None: none), settable at any time, limits the
+    tokens the blocks of each of its groups may re-process (`eventful.core.reduction`).
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class EventfulViT(EventfulModule):
         )
         self.norm = copy.deepcopy(description.norm)
         self.policy = policy
+        self.reduction: TokenReduction | None = None
 
     @property
     def policy(self) -> Policy:
@@ -174,14 +177,20 @@ class EventfulViT(EventfulModule):
             trace.num_tokens = num_tokens
             trace.fresh_streams = fresh
             trace.grid = grid
+            trace.reduction_macs = [0] * state.batch_size if self.reduction is not None else []
         tapped = []
         try:
             tokens = self.embedding(frames)
             if 0 in self.taps:
                 tapped.append(tokens)
             blocks = zip(self.blocks, state.blocks, strict=True)
+            allowed = None
             for stage, (block, block_state) in enumerate(blocks, start=1):
+                if self.reduction is not None and stage - 1 in self.reduction.starts:
+                    allowed = self._reduce(stage - 1, tokens, allowed, fresh, trace)
                 policy = self.policy.for_block(block_state, fresh)
+                if allowed is not None and not bool(allowed.all()):
+                    policy = Restricted(policy, allowed)
                 tokens = block(tokens, block_state, policy, fresh, trace, escalation, grid)
                 if stage in self.taps:
                     tapped.append(tokens)
@@ -193,6 +202,19 @@ class EventfulViT(EventfulModule):
         if self.taps:
             return self.norm(tokens), tuple(tapped)
         return self.norm(tokens)
+
+    def _reduce(self, start, tokens, allowed, fresh, trace) -> Tensor:
+        """The tokens (B, T) the blocks from `start` on may re-process: those the reduction
+        keeps there and kept before; every token of a fresh stream."""
+        group = self.reduction.starts.index(start)
+        keep = self.reduction.keep(group, tokens)
+        allowed = keep if allowed is None else allowed & keep
+        allowed[:, : self.embedding.num_prefix_tokens] = True
+        allowed[fresh] = True
+        if trace is not None:
+            macs = self.reduction.macs(group, tokens.shape[1])
+            trace.reduction_macs = [spent + macs for spent in trace.reduction_macs]
+        return allowed
 
     def check_input(
         self,

@@ -12,7 +12,8 @@ Categories:
 - "linear": the token-wise linear layers (qkv, output projection, MLP);
 - "attention": the query-key and attention-value matmuls, dense or incremental;
 - "adds": residual adds and accumulation into the cached attention-value product;
-- "gates": gate errors and their norms, and the deltas of the delta gates;
+- "gates": gate errors and their norms, the deltas of the delta gates, and the scoring of a
+  token reduction (IA-RED^2's interpreters inside an eventful step);
 - "head": the linear and convolution layers a wrapped model runs on the encoder's tokens (a
   classifier, the saliency decoder): `layer_macs` of each, as they ran.
 """
@@ -56,6 +57,8 @@ class StepTrace:
     # what the dense model's head costs on the same input.
     head_macs: int = 0
     head_dense_macs: int = 0
+    # Per stream: multiply-accumulates of a token reduction's scoring (core/reduction.py).
+    reduction_macs: list[int] = field(default_factory=list)
 
     def record_block(
         self,
@@ -251,6 +254,8 @@ def count_step(blocks: nn.ModuleList, trace: StepTrace) -> OpCount:
     for stream in range(batch):
         per_stream[stream]["head"] = trace.head_macs // batch
         dense[stream] += head_dense[stream]
+        if trace.reduction_macs:
+            per_stream[stream]["gates"] += trace.reduction_macs[stream]
     steps = zip(
         blocks,
         trace.blocks,

@@ -74,6 +74,13 @@ class Policy:
     def observe(self, report: StepReport) -> None:
         """Feedback after each step (a `Stream` calls it); stateless policies ignore it."""
 
+    def select_among(self, error_norms: Tensor, allowed: Tensor) -> Selection:
+        """Select only among the tokens `allowed` (B, N) marks (a token reduction,
+        `eventful.core.reduction`): by default the policy's own choice with the other tokens'
+        errors at 0, cut to the allowed ones."""
+        chosen = self.select(error_norms.masked_fill(~allowed, 0.0))
+        return Selection.from_mask(chosen.mask() & allowed)
+
     def for_block(self, block_state: dict[str, Tensor], fresh_streams: list[int]) -> Policy:
         """The policy that serves one block's gates in this step; the model asks before each
         block. Stateless policies serve themselves; a policy with per-stream, per-token state
@@ -135,6 +142,17 @@ class TopFraction(Policy):
 
     def select(self, error_norms: Tensor) -> Selection:
         return select_largest(error_norms, self.count(error_norms.shape[1]))
+
+    def select_among(self, error_norms: Tensor, allowed: Tensor) -> Selection:
+        """The fraction of each stream's allowed tokens (round, at least one) of largest
+        error."""
+        counts = (allowed.sum(dim=1) * self.fraction).round().clamp(min=1)
+        ranked = error_norms.masked_fill(~allowed, float("-inf"))
+        order = ranked.argsort(dim=1, descending=True)
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+        )
+        return Selection.from_mask((rank < counts.unsqueeze(1)) & allowed)
 
     def tokens_per_stream(self, num_tokens: int) -> int | None:
         return self.count(num_tokens)

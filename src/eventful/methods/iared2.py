@@ -24,11 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eventful.convert import EncoderAdapter, adapt_encoder, is_encoder, replace_encoder
+from eventful.convert import (
+    EncoderAdapter,
+    adapt_encoder,
+    convert,
+    find_encoder,
+    is_encoder,
+    replace_encoder,
+)
 from eventful.core.attention import dense_attention_cost
 from eventful.core.description import BlockDescription, EncoderDescription
 from eventful.core.fingerprint import model_fingerprint
+from eventful.core.model import EventfulModule
 from eventful.core.ops import linear_macs
+from eventful.core.policies import Policy
 
 
 class Interpreter(nn.Module):
@@ -387,3 +396,50 @@ class IARed2Model(nn.Module):
     def forward(self, frames: Tensor, rule: Decide | KeepRule | None = None) -> object:
         self.call.rule = rule
         return self.wrapped(frames)
+
+
+class InterpreterReduction:
+    """IA-RED^2's interpreters as a token reduction of an eventful step
+    (`eventful.core.reduction`): before each group's first block, the interpreter rates the
+    tokens as the eventful step has them and `rule` keeps some; the group's gates then choose
+    among those. `last` holds the latest keep probabilities per group (B, N patches)."""
+
+    def __init__(self, model: IARed2Model, rule: KeepRule) -> None:
+        self.model = model
+        self.rule = rule
+        self.starts = model.dropping.starts
+        self.prefix = model.dropping.embedding.num_prefix_tokens
+        self.last: list[Tensor] = []
+
+    def keep(self, group: int, tokens: Tensor) -> Tensor:
+        if group == 0:
+            self.last = []
+        probabilities = self.model.interpreters[group](tokens, self.prefix)
+        self.last.append(probabilities)
+        kept = self.rule(probabilities, torch.ones_like(probabilities, dtype=torch.bool))
+        return torch.cat([kept.new_ones(kept.shape[0], self.prefix), kept], dim=1)
+
+    def macs(self, group: int, num_tokens: int) -> int:
+        return self.model.interpreters[group].macs(num_tokens - self.prefix)
+
+
+def convert_with_interpreters(
+    model: nn.Module,
+    iared2: IARed2Model,
+    policy: Policy,
+    level: str = "exact",
+    rule: KeepRule | None = None,
+) -> EventfulModule:
+    """`eventful.convert(model, policy, level)` whose gates also skip the patches that the
+    trained interpreters of `iared2` (built on `model`) drop in each frame: temporal gating and
+    spatial dropping together. A dropped patch keeps its cached values and stays a key of
+    attention (`eventful.core.reduction`)."""
+    encoder = model if is_encoder(model) else find_encoder(model)[1]
+    if model_fingerprint(encoder) != iared2.fingerprint:
+        raise ValueError(
+            "the IA-RED^2 interpreters were built for another backbone (fingerprint "
+            f"{iared2.fingerprint}); this model's encoder has {model_fingerprint(encoder)}"
+        )
+    converted = convert(model, policy, level)
+    converted.encoder.reduction = InterpreterReduction(iared2, rule or KeepRule())
+    return converted
