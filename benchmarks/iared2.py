@@ -191,7 +191,7 @@ def composition(model: IARed2Model, encoder, zoo) -> list[list[str]]:
         return result.tokens
 
     runs = {"IA-RED^2 alone, keep 0.5": iared2_alone}
-    for fraction in (0.5, 0.25):
+    for fraction in (0.5, 0.25, 0.125):
         runs[f"eventful alone, exact, k = N x {fraction}"] = eventful_stream(fraction, False)
         runs[f"both: eventful k = N x {fraction}, keep 0.5"] = eventful_stream(fraction, True)
     timings = {name: Timings() for name in ["dense", *runs]}
