@@ -10,6 +10,12 @@ import eventful
 from eventful.core.reduction import Restricted
 from eventful.methods.iared2 import IARed2Model, KeepRule, convert_with_interpreters
 from eventful.methods.iared2_train import Trainer, TrainSettings, read_checkpoint, restore_adam
+from eventful.methods.token_scores import (
+    ClassAttentionScores,
+    KeepCounts,
+    NormScores,
+    RandomScores,
+)
 from eventful.models.imgfocus import imgfocus_saliency
 from eventful.synthetic import moving_squares
 from eventful.video.clips import registry_clip
@@ -363,3 +369,27 @@ def test_a_restricted_policy_chooses_only_among_the_allowed_tokens():
         [False, False, True, True, True, True],
     ]
     assert Restricted(eventful.TopK(5), allowed).select(errors).counts == [4, 5]
+
+
+def test_the_easy_alternatives_keep_the_counts_they_are_given_by_their_scores():
+    vit = tiny()
+    dropping = IARed2Model(vit).dropping
+    batch = frames(batch=2)
+    counts = [[40, 30, 20], [50, 25, 10]]
+    for scorers in (
+        [RandomScores(seed) for seed in range(3)],
+        [NormScores() for _ in range(3)],
+        [ClassAttentionScores(dropping.blocks[start]) for start in dropping.starts],
+    ):
+        dropping.interpreters = torch.nn.ModuleList(scorers)
+        with torch.no_grad():
+            result = dropping(batch, KeepCounts(counts))
+        assert [[int(kept[b].sum()) for kept in result.kept] for b in range(2)] == counts
+    # Token norm at the first group: the patches of largest norm after the embedding.
+    with torch.no_grad():
+        norms = vit.embedding(batch)[:, 1:].norm(dim=-1)
+    expected = norms.topk(40, dim=1).indices.sort(dim=1).values
+    dropping.interpreters = torch.nn.ModuleList(NormScores() for _ in range(3))
+    with torch.no_grad():
+        kept = dropping(batch, KeepCounts(counts)).kept[0]
+    assert torch.equal(kept[0].nonzero().squeeze(1), expected[0])

@@ -55,7 +55,9 @@ def add_train_parser(commands, formatter) -> None:
         help="the checkpoint (and OUTPUT.json beside it); with --resume, where to resume from",
     )
     iared2.add_argument(
-        "--resume", action="store_true", help="continue the training saved in --output"
+        "--resume",
+        action="store_true",
+        help="continue the training saved in --output, with the settings it was started with",
     )
     iared2.add_argument(
         "--threads", type=int, metavar="N", help="torch CPU threads (default: torch's own)"

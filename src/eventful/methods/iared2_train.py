@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -116,11 +116,7 @@ class Progress:
 
     group: int = 0
     step: int = 0
-    log: list[dict] = None
-
-    def __post_init__(self) -> None:
-        if self.log is None:
-            self.log = []
+    log: list[dict] = field(default_factory=list)
 
 
 class Trainer:
