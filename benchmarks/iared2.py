@@ -194,6 +194,18 @@ def composition(model: IARed2Model, encoder, zoo) -> list[list[str]]:
     for fraction in (0.5, 0.25, 0.125):
         runs[f"eventful alone, exact, k = N x {fraction}"] = eventful_stream(fraction, False)
         runs[f"both: eventful k = N x {fraction}, keep 0.5"] = eventful_stream(fraction, True)
+    # The same, with the first group dropping about as many patches as the interpreters do
+    # (they keep about half there and little less after), chosen at random.
+    random_drops = IARed2Model(encoder)
+    random_drops.dropping.interpreters = torch.nn.ModuleList(
+        [RandomScores(0), *(KeepAllScores() for _ in range(len(model.interpreters) - 1))]
+    )
+    for fraction in (0.25, 0.125):
+        converted = convert_with_interpreters(
+            encoder, random_drops, eventful.TopFraction(fraction), "exact", KeepRule(0.48)
+        )
+        name = f"both, random drops: eventful k = N x {fraction}, about half the patches"
+        runs[name] = converted.stream(drift=None, check_finite=False)
     timings = {name: Timings() for name in ["dense", *runs]}
     macs = {name: [] for name in runs}
     cosines = {name: ([], []) for name in runs}
@@ -231,6 +243,16 @@ def composition(model: IARed2Model, encoder, zoo) -> list[list[str]]:
         )
         print(*rows[-1], sep=" | ", flush=True)
     return rows
+
+
+class KeepAllScores(torch.nn.Module):
+    """Every patch at probability 1: a group that drops nothing more."""
+
+    def forward(self, x: torch.Tensor, prefix: int) -> torch.Tensor:
+        return x.new_ones(x.shape[0], x.shape[1] - prefix)
+
+    def macs(self, patches: int) -> int:
+        return 0
 
 
 def heat_maps(model: IARed2Model, zoo, path: Path) -> None:
@@ -327,7 +349,9 @@ def main() -> None:
         "streams' first frame is dense), drift control off. Together, the gates choose among "
         "the patches the interpreters keep in each frame; a dropped patch keeps its cached "
         "values and stays a key of attention, so every final token stays comparable to "
-        "dense, unlike IA-RED^2 alone, whose dropped patches keep their early features.\n\n"
+        "dense, unlike IA-RED^2 alone, whose dropped patches keep their early features. The "
+        "last rows drop patches at random instead (about half, before the first block), to "
+        "tell the interpreters' choice from dropping as such.\n\n"
         + markdown_table(
             [
                 "configuration",
