@@ -58,7 +58,7 @@ def test_a_piece_is_the_same_region_cut_from_the_full_image():
     frame = image()
     ids = torch.tensor([[r * 8 + c for r in range(4, 8) for c in range(0, 4)]])
     with torch.no_grad():
-        piece = recycler.extract(crop(frame, (4, 0)), ids, (8, 8))
+        piece = recycler.extract(recycler.patch_tokens(crop(frame, (4, 0))), ids, (8, 8))
         full = vit.embedding(frame)
     assert_equal_up_to_rounding(piece[:, 1:], full[:, 1:][:, ids[0]])
     assert_equal_up_to_rounding(piece[:, 0], full[:, 0])
@@ -72,7 +72,8 @@ def test_cached_extractor_tokens_equal_recomputed_ones():
     for at in QUADRANTS[:3]:
         session.add(crop(frame, at), at)
     with torch.no_grad():
-        again = recycler.extract(crop(frame, QUADRANTS[1]), session.ids[1], (8, 8))
+        pixels = crop(frame, QUADRANTS[1])
+        again = recycler.extract(recycler.patch_tokens(pixels), session.ids[1], (8, 8))
     assert torch.equal(again[:, 1:], session.patches[1])
     assert torch.equal(again[:, :1], session.prefixes[1])
 
@@ -174,3 +175,25 @@ def test_split_zero_on_every_piece_is_the_hugging_face_model(name):
     assert_equal_up_to_rounding(prediction.tokens[:, :prefix], want[:, :prefix])
     order = prediction.ids[0]
     assert_equal_up_to_rounding(prediction.tokens[:, prefix:], want[:, prefix:][:, order])
+
+
+def test_a_patch_mask_adds_a_region_of_any_shape():
+    vit = tiny_vit(depth=4)
+    recycler = Recycler(vit, split=2)
+    frame = image()
+    by_mask = recycler.session(64, 64)
+    by_crops = recycler.session(64, 64)
+    for at in QUADRANTS[:2]:
+        mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+        mask[:, at[0] : at[0] + 4, at[1] : at[1] + 4] = True
+        by_mask.add_patches(frame, mask)
+        by_crops.add(crop(frame, at), at)
+    assert torch.equal(by_mask.predict().ids, by_crops.predict().ids)
+    assert_equal_up_to_rounding(by_mask.predict().tokens, by_crops.predict().tokens)
+    diagonal = torch.eye(8, dtype=torch.bool)[None] & ~by_mask.seen.view(1, 8, 8)
+    by_mask.add_patches(frame, diagonal)  # any shape: the diagonal of the unseen quadrants
+    assert by_mask.predict().tokens.shape == (1, 1 + 32 + 4, 48)
+    with pytest.raises(ValueError, match="overlaps patches already added"):
+        by_mask.add_patches(frame, diagonal)
+    with pytest.raises(ValueError, match="expected a bool patch mask"):
+        by_mask.add_patches(frame, diagonal.float())

@@ -62,15 +62,18 @@ class Recycler(nn.Module):
     def session(self, height: int, width: int, batch_size: int = 1) -> RecycleSession:
         return RecycleSession(self, height, width, batch_size)
 
-    def extract(self, pieces: Tensor, ids: Tensor, grid: tuple[int, int]) -> Tensor:
-        """The extractor on pieces (B, C, h, w) whose patches sit at `ids` (B, n) of the full
-        grid: prefix and patch tokens (B, P + n, D) after block K."""
+    def patch_tokens(self, pixels: Tensor) -> Tensor:
+        """The patch projection of pixels (B, C, h, w), whole patches: (B, n, D), row-major."""
+        return self.embedding.patch_projection(pixels).flatten(2).transpose(1, 2)
+
+    def extract(self, patches: Tensor, ids: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The extractor on patch tokens (B, n, D) (`patch_tokens`) at `ids` (B, n) of the
+        full grid: prefix and patch tokens (B, P + n, D) after block K."""
         embedding = self.embedding
-        patches = embedding.patch_projection(pieces).flatten(2).transpose(1, 2)
         position = embedding.position_for_grid(*grid)
         classes = embedding.num_prefix_tokens - embedding.registers.shape[1]
         patch_position = position[0, classes:][ids]
-        batch = pieces.shape[0]
+        batch = patches.shape[0]
         prefix = [embedding.registers.expand(batch, -1, -1)]
         if classes:
             prefix.insert(0, (embedding.class_token + position[:, :classes]).expand(batch, -1, -1))
@@ -116,7 +119,35 @@ class RecycleSession:
         """Add one piece per stream: pixels (B, C, h, w), whole patches, whose top-left patch
         sits at `at` (row, column in patches; one pair for every stream, or (B, 2))."""
         ids = self._ids(pieces, at)
-        tokens = self.recycler.extract(pieces, ids, self.grid)
+        self._extract(self.recycler.patch_tokens(pieces), ids)
+
+    @torch.no_grad()
+    def add_patches(self, frames: Tensor, mask: Tensor) -> None:
+        """Add the patches that `mask` (B, rows, cols) marks in full frames (B, C, H, W): a
+        newly revealed region of any shape. Every stream adds as many patches."""
+        rows, cols = self.grid
+        patch = self.recycler.patch_size
+        expected = (self.batch_size, rows * patch, cols * patch)
+        if frames.dim() != 4 or (frames.shape[0], *frames.shape[-2:]) != expected:
+            raise ValueError(
+                f"expected full frames ({self.batch_size}, C, {rows * patch}, {cols * patch}), "
+                f"got {tuple(frames.shape)}"
+            )
+        if mask.dtype != torch.bool or tuple(mask.shape) != (self.batch_size, rows, cols):
+            raise ValueError(
+                f"expected a bool patch mask ({self.batch_size}, {rows}, {cols}), got "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
+        counts = mask.flatten(1).sum(dim=1).tolist()
+        if len(set(counts)) != 1 or counts[0] == 0:
+            raise ValueError(f"every stream must add the same number of patches, got {counts}")
+        ids = mask.flatten(1).nonzero()[:, 1].view(self.batch_size, counts[0])
+        self._check_new(ids)
+        patches = self.recycler.patch_tokens(frames)
+        self._extract(patches.gather(1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1])), ids)
+
+    def _extract(self, patches: Tensor, ids: Tensor) -> None:
+        tokens = self.recycler.extract(patches, ids, self.grid)
         self.prefixes.append(tokens[:, : self.prefix])
         self.patches.append(tokens[:, self.prefix :])
         self.ids.append(ids)
@@ -164,8 +195,11 @@ class RecycleSession:
         row = corner[:, :1, None] + torch.arange(rows)[None, :, None]
         col = corner[:, 1:, None] + torch.arange(cols)[None, None, :]
         ids = (row * grid_cols + col).reshape(self.batch_size, -1)
+        self._check_new(ids)
+        return ids
+
+    def _check_new(self, ids: Tensor) -> None:
         overlap = self.seen.gather(1, ids).any(dim=1)
         if bool(overlap.any()):
             streams = overlap.nonzero().squeeze(1).tolist()
             raise ValueError(f"streams {streams}: the piece overlaps patches already added")
-        return ids
