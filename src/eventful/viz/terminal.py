@@ -13,6 +13,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -50,18 +51,7 @@ class RunProgress:
         self.start = time.perf_counter()
         self.bar: Progress | None = None
         if self.console.is_interactive:
-            self.bar = _BarAndStats(
-                TextColumn("frame"),
-                BarColumn(bar_width=24),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("elapsed,"),
-                TimeRemainingColumn(),
-                TextColumn("remaining"),
-                console=self.console,
-            )
-            self.task = self.bar.add_task("run", total=total, stats="")
-            self.bar.start()
+            self.bar, self.task = _live_bar(self.console, "frame", total)
 
     def update(self, frame: FrameResult) -> None:
         """Count one processed frame."""
@@ -121,18 +111,7 @@ class StepProgress:
         self.start = time.perf_counter()
         self.bar: Progress | None = None
         if self.console.is_interactive:
-            self.bar = _BarAndStats(
-                TextColumn("step"),
-                BarColumn(bar_width=24),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("elapsed,"),
-                TimeRemainingColumn(),
-                TextColumn("remaining"),
-                console=self.console,
-            )
-            self.task = self.bar.add_task("train", total=total, completed=done, stats="")
-            self.bar.start()
+            self.bar, self.task = _live_bar(self.console, "step", total, done)
 
     def update(self, entry: dict) -> None:
         """Count one step, with its log entry."""
@@ -163,6 +142,26 @@ class StepProgress:
         times = f"elapsed {_clock(elapsed)}, remaining {_clock(left)}"
         line = f"step {self.done}/{self.total} | {times} | {self.stats()}"
         print(line, file=self.console.file, flush=True)
+
+
+def _live_bar(
+    console: Console, unit: str, total: int | None, done: int = 0
+) -> tuple[Progress, TaskID]:
+    """A started bar of `unit`s done of `total` (None: unknown), elapsed and remaining time,
+    with a line of stats under it."""
+    bar = _BarAndStats(
+        TextColumn(unit),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("elapsed,"),
+        TimeRemainingColumn(),
+        TextColumn("remaining"),
+        console=console,
+    )
+    task = bar.add_task(unit, total=total, completed=done, stats="")
+    bar.start()
+    return bar, task
 
 
 class _BarAndStats(Progress):
