@@ -108,11 +108,10 @@ class EventfulBlock(nn.Module):
         self.activation = copy.deepcopy(block.activation)
         self.fc2 = _scaled_linear(block.fc2, _ones_if_none(block.layer_scale2, dim))
         attention = block.attention
-        partitioned = attention.window is not None or attention.bias is not None
         self.window = attention.window
         # The bias takes q before the scale, which the qkv projection now applies.
         self.bias = None if attention.bias is None else attention.bias.scaled(1 / attention.scale)
-        self.partitioned = partitioned
+        self.partitioned = attention.partitioned
         self._layouts: dict[tuple, GroupLayout] = {}
 
     def layout(

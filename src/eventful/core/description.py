@@ -53,6 +53,12 @@ class AttentionDescription:
     window: Windows | None = None
     bias: nn.Module | None = None
 
+    @property
+    def partitioned(self) -> bool:
+        """Whether attention runs over groups of the patch grid (windows) or needs the grid
+        (a bias): either way, on the patch grid, not on any set of tokens."""
+        return self.window is not None or self.bias is not None
+
 
 @dataclass(frozen=True)
 class BlockDescription:
@@ -112,6 +118,11 @@ class EncoderDescription:
     embedding: nn.Module
     blocks: tuple[BlockDescription, ...]
     norm: nn.Module
+
+    @property
+    def partitioned_blocks(self) -> list[int]:
+        """The blocks whose attention is partitioned (`AttentionDescription.partitioned`)."""
+        return [index for index, block in enumerate(self.blocks) if block.attention.partitioned]
 
     def validate(self) -> None:
         if not self.blocks:

@@ -101,11 +101,7 @@ class EventfulViT(EventfulModule):
             raise ValueError(f"tapped stages {outside} outside 0..{depth} (0: the embedding)")
         self.taps = tuple(taps)
         levels = _levels_for(level, len(description.blocks))
-        partitioned = [
-            index
-            for index, block in enumerate(description.blocks)
-            if block.attention.window is not None or block.attention.bias is not None
-        ]
+        partitioned = description.partitioned_blocks
         prefix = description.embedding.num_prefix_tokens
         if partitioned and prefix:
             raise ValueError(

@@ -151,27 +151,29 @@ def dense_attention_macs(
     tokens (the padded grid's windows: 2 W L^2 d). A decomposed relative position bias adds,
     per group of L tokens on an r x c grid, each query's dot products with the r + c table rows
     it uses (L (r + c) d) and two adds per logit and head. `grid` (patch rows, columns) is
-    needed for windows and biases.
+    needed for windows and biases. `block`: an `EventfulBlock`, or a `BlockDescription`.
     """
-    if block.window is None and block.bias is None:
-        return dense_attention_cost(num_tokens, block.dim, block.heads)
+    attention = getattr(block, "attention", block)  # heads, window and bias of either
+    if attention.window is None and attention.bias is None:
+        return dense_attention_cost(num_tokens, block.dim, attention.heads)
     if grid is None:
         raise ValueError("counting windowed or biased attention needs the patch grid")
-    if block.window is None:
+    if attention.window is None:
         groups, length, sides = 1, num_tokens, grid
     else:
-        size = block.window.size
-        groups, length, sides = block.window.count(*grid), size * size, (size, size)
-    bias_sides = None if block.bias is None else sides
-    macs, adds = dense_attention_cost(length, block.dim, block.heads, bias_sides)
+        size = attention.window.size
+        groups, length, sides = attention.window.count(*grid), size * size, (size, size)
+    bias_sides = None if attention.bias is None else sides
+    macs, adds = dense_attention_cost(length, block.dim, attention.heads, bias_sides)
     return groups * macs, groups * adds
 
 
 def dense_block_macs(
     block: nn.Module, num_tokens: int, grid: tuple[int, int] | None = None
 ) -> dict[str, int]:
-    """One stream of one block run densely. A windowed block's linear layers run on the real
-    tokens only: the padding's projections are constant (block.py)."""
+    """One stream of one block (an `EventfulBlock` or a `BlockDescription`) run densely. A
+    windowed block's linear layers run on the real tokens only: the padding's projections are
+    constant (block.py)."""
     n, d = num_tokens, block.dim
     linear = (
         linear_macs(n, block.qkv)

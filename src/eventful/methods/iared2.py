@@ -32,11 +32,10 @@ from eventful.convert import (
     is_encoder,
     replace_encoder,
 )
-from eventful.core.attention import dense_attention_cost
 from eventful.core.description import BlockDescription, EncoderDescription
 from eventful.core.fingerprint import model_fingerprint
 from eventful.core.model import EventfulModule
-from eventful.core.ops import linear_macs
+from eventful.core.ops import dense_block_macs, linear_macs
 from eventful.core.policies import Policy
 
 
@@ -159,12 +158,12 @@ class IARed2(nn.Module):
     ) -> None:
         super().__init__()
         description.validate()
-        for index, block in enumerate(description.blocks):
-            if block.attention.window is not None or block.attention.bias is not None:
-                raise ValueError(
-                    f"IA-RED^2 drops tokens from global attention; block {index} attends within "
-                    "windows or with a relative position bias, which dropped tokens would break"
-                )
+        partitioned = description.partitioned_blocks
+        if partitioned:
+            raise ValueError(
+                f"IA-RED^2 drops tokens from global attention; block {partitioned[0]} attends "
+                "within windows or with a relative position bias, which dropped tokens would break"
+            )
         depth = len(description.blocks)
         starts = equal_groups(depth, groups) if isinstance(groups, int) else tuple(groups)
         if (
@@ -253,13 +252,9 @@ class IARed2(nn.Module):
 
 
 def block_macs(block: BlockDescription, tokens: int) -> int:
-    """Multiply-accumulates of one stream of a global-attention block on `tokens` tokens: the
-    linear layers, q k^T and A v, and the two residual adds (the core's conventions)."""
-    linear = sum(
-        linear_macs(tokens, layer) for layer in (block.qkv, block.proj, block.fc1, block.fc2)
-    )
-    attention, _ = dense_attention_cost(tokens, block.dim, block.attention.heads)
-    return linear + attention + 2 * tokens * block.dim
+    """Multiply-accumulates of one stream of a described block on `tokens` tokens, every
+    category together (`ops.dense_block_macs`)."""
+    return sum(dense_block_macs(block, tokens).values())
 
 
 def dense_block(block: BlockDescription, x: Tensor, mask: Tensor | None = None) -> Tensor:

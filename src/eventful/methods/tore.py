@@ -41,12 +41,12 @@ class Recycler(nn.Module):
         super().__init__()
         encoder = model if is_encoder(model) else find_encoder(model)[1]
         description = adapt_encoder(encoder).description
-        for index, block in enumerate(description.blocks):
-            if block.attention.window is not None or block.attention.bias is not None:
-                raise ValueError(
-                    f"token recycling runs pieces alone through global attention; block {index} "
-                    "attends within windows or with a relative position bias"
-                )
+        partitioned = description.partitioned_blocks
+        if partitioned:
+            raise ValueError(
+                "token recycling runs pieces alone through global attention; block "
+                f"{partitioned[0]} attends within windows or with a relative position bias"
+            )
         depth = len(description.blocks)
         if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split <= depth:
             raise ValueError(f"split must be an integer in [0, {depth}], got {split!r}")
