@@ -101,7 +101,7 @@ def train_iared2_command(args: argparse.Namespace) -> int:
         f"training IA-RED^2 for {zoo.name} at {zoo.input_size} on {frames.shape[0]} frames: "
         f"{trainer.total_steps} steps, {trainer.done_steps} done"
     )
-    progress = StepProgress(trainer.total_steps, trainer.done_steps)
+    progress = StepProgress(trainer.total_steps, describe_iared2_step, trainer.done_steps)
     try:
         trainer.run(on_step=progress.update, checkpoint=output)
     finally:
@@ -113,6 +113,13 @@ def train_iared2_command(args: argparse.Namespace) -> int:
             f"fidelity {last['fidelity']:.3f}; checkpoint {output}"
         )
     return 0
+
+
+def describe_iared2_step(entry: dict) -> str:
+    return (
+        f"group {entry['group'] + 1} | reward {entry['reward']:.3f} | "
+        f"keep share {entry['keep_share']:.1%} | fidelity {entry['fidelity']:.3f}"
+    )
 
 
 def training_frames(zoo, clips: list[str], every: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ file beside it with the backbone's fingerprint, the settings, the progress and t
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,10 +23,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from eventful.methods.checkpoints import (
+    adam_tensors,
+    meta_path,
+    read_checkpoint_files,
+    write_checkpoint,
+)
+from eventful.methods.checkpoints import restore_adam as restore
 from eventful.methods.iared2 import IARed2, IARed2Model, KeepRule
 
 FORMAT = "eventful-iared2/1"
@@ -216,25 +220,14 @@ class Trainer:
         save_checkpoint(path, self.model, self.settings, self.progress, self.optimizer)
 
 
-def _json_path(path: Path) -> Path:
-    return Path(path).with_suffix(".json")
-
-
 def save_checkpoint(path, model, settings, progress, optimizer=None) -> None:
     """Write checkpoint `path` (safetensors: the interpreters, and the Adam moments of
     `optimizer`) and the JSON file beside it."""
-    tensors = {
-        f"interpreters.{k}": v.detach().contiguous()
-        for k, v in model.interpreters.state_dict().items()
-    }
+    tensors = {f"interpreters.{k}": v for k, v in model.interpreters.state_dict().items()}
     adam_steps = {}
     if optimizer is not None:
-        names = {id(p): n for n, p in model.interpreters.named_parameters()}
-        for parameter, state in optimizer.state.items():
-            name = names[id(parameter)]
-            tensors[f"adam.{name}.exp_avg"] = state["exp_avg"].contiguous()
-            tensors[f"adam.{name}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
-            adam_steps[name] = float(state["step"])
+        moments, adam_steps = adam_tensors(optimizer, model.interpreters)
+        tensors.update(moments)
     meta = {
         "format": FORMAT,
         "fingerprint": model.fingerprint,
@@ -244,16 +237,7 @@ def save_checkpoint(path, model, settings, progress, optimizer=None) -> None:
         "adam_steps": adam_steps,
         "log": progress.log,
     }
-    # Both files are written in full beside their targets before either replaces its target:
-    # a run stopped while saving never leaves a file cut short.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    weights_part = path.with_name(path.name + ".part")
-    meta_part = path.with_name(path.name + ".json.part")
-    save_file(tensors, str(weights_part))
-    meta_part.write_text(json.dumps(meta, indent=1))
-    os.replace(weights_part, path)
-    os.replace(meta_part, _json_path(path))
+    write_checkpoint(path, tensors, meta)
 
 
 @dataclass
@@ -269,21 +253,7 @@ class Checkpoint:
 def read_checkpoint(path: Path, model: IARed2Model) -> Checkpoint:
     """Load the interpreters of checkpoint `path` into `model` and return it; refuses, before
     touching the model, a checkpoint of another format, backbone or interpreter layout."""
-    path = Path(path)
-    meta_path = _json_path(path)
-    for needed in (path, meta_path):
-        if not needed.is_file():
-            raise FileNotFoundError(f"IA-RED^2 checkpoint: {needed} does not exist")
-    try:
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(path))
-    except (ValueError, OSError, SafetensorError) as error:
-        raise ValueError(f"IA-RED^2 checkpoint {path} cannot be read: {error}") from error
-    if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{meta_path} is not an IA-RED^2 checkpoint of format {FORMAT!r} "
-            f"(format {meta.get('format')!r})"
-        )
+    meta, tensors = read_checkpoint_files(path, FORMAT, "IA-RED^2")
     if meta["fingerprint"] != model.fingerprint:
         raise ValueError(
             f"IA-RED^2 checkpoint {path} was trained for the backbone with fingerprint "
@@ -303,25 +273,15 @@ def read_checkpoint(path: Path, model: IARed2Model) -> Checkpoint:
 
 def checkpoint_groups(path: Path) -> list[int]:
     """The first block of each group of the interpreters saved at `path`."""
-    meta_path = _json_path(path)
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"IA-RED^2 checkpoint: {meta_path} does not exist")
+    meta_file = meta_path(path)
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"IA-RED^2 checkpoint: {meta_file} does not exist")
     try:
-        return list(json.loads(meta_path.read_text())["model"]["starts"])
+        return list(json.loads(meta_file.read_text())["model"]["starts"])
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{meta_path} is not an IA-RED^2 checkpoint: {error}") from error
+        raise ValueError(f"{meta_file} is not an IA-RED^2 checkpoint: {error}") from error
 
 
 def restore_adam(optimizer: torch.optim.Adam, model: IARed2Model, checkpoint: Checkpoint) -> None:
     """Put the checkpoint's Adam moments back for the parameters `optimizer` trains."""
-    names = {id(p): n for n, p in model.interpreters.named_parameters()}
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            name = names[id(parameter)]
-            if name not in checkpoint.adam_steps:
-                continue
-            optimizer.state[parameter] = {
-                "step": torch.tensor(checkpoint.adam_steps[name]),
-                "exp_avg": checkpoint.tensors[f"adam.{name}.exp_avg"].clone(),
-                "exp_avg_sq": checkpoint.tensors[f"adam.{name}.exp_avg_sq"].clone(),
-            }
+    restore(optimizer, model.interpreters, checkpoint.tensors, checkpoint.adam_steps)

@@ -88,6 +88,54 @@ class Recycler(nn.Module):
             tokens = dense_block(block, tokens)
         return self.norm(tokens)
 
+    def predict_from(self, prefixes: list[Tensor], patches: list[Tensor], ids: list[Tensor]):
+        """The aggregator over extracted pieces: per piece its prefix tokens (B, P, D), patch
+        tokens (B, n, D) and their ids (B, n); the prefixes enter as their mean."""
+        prefix = torch.stack(prefixes).mean(dim=0)
+        tokens = torch.cat([prefix, *patches], dim=1)
+        return Prediction(self.aggregate(tokens), torch.cat(ids, dim=1))
+
+    def forward(self, frames: Tensor, pieces: list[tuple[int, int, int, int]]) -> Prediction:
+        """What a session predicts after adding `pieces` of full frames (B, C, H, W) in order,
+        each (top, left, rows, cols) in patches, the same for every stream; with gradients
+        when they are enabled (fine-tuning, `tore_train`). Pieces of one size are extracted
+        together."""
+        patch = self.patch_size
+        if frames.dim() != 4 or frames.shape[-2] % patch or frames.shape[-1] % patch:
+            raise ValueError(
+                f"expected full frames (B, C, H, W) of whole patches of {patch} pixels, got "
+                f"{tuple(frames.shape)}"
+            )
+        if not pieces:
+            raise ValueError("a prediction needs at least one piece")
+        grid = (frames.shape[-2] // patch, frames.shape[-1] // patch)
+        batch = frames.shape[0]
+        seen = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
+        piece_ids = []
+        for top, left, rows, cols in pieces:
+            ids = piece_ids_at(torch.tensor([[top, left]]), rows, cols, grid)[0]
+            if bool(seen[ids].any()):
+                raise ValueError(f"the piece {(top, left, rows, cols)} overlaps an earlier one")
+            seen[ids] = True
+            piece_ids.append(ids)
+        tokens = self.patch_tokens(frames)
+        extracted: list[Tensor | None] = [None] * len(pieces)
+        for size in dict.fromkeys(ids.numel() for ids in piece_ids):
+            members = [index for index, ids in enumerate(piece_ids) if ids.numel() == size]
+            ids = torch.stack([piece_ids[index] for index in members]).repeat_interleave(batch, 0)
+            patches = tokens.repeat(len(members), 1, 1).gather(
+                1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+            )
+            out = self.extract(patches, ids, grid).split(batch)
+            for index, piece in zip(members, out, strict=True):
+                extracted[index] = piece
+        prefix = self.embedding.num_prefix_tokens
+        return self.predict_from(
+            [piece[:, :prefix] for piece in extracted],
+            [piece[:, prefix:] for piece in extracted],
+            [ids.expand(batch, -1) for ids in piece_ids],
+        )
+
 
 class RecycleSession:
     """One image per stream of a batch, arriving piece by piece: `add` a piece, `predict`
@@ -161,14 +209,11 @@ class RecycleSession:
         """The aggregator over every piece added so far."""
         if not self.patches:
             raise ValueError("predict() needs at least one add() first")
-        prefix = torch.stack(self.prefixes).mean(dim=0)
-        tokens = torch.cat([prefix, *self.patches], dim=1)
+        tokens = self.prefix + sum(patches.shape[1] for patches in self.patches)
         blocks = self.recycler.blocks
-        self.ops = sum(
-            block_macs(block, tokens.shape[1]) for block in blocks[self.recycler.split :]
-        )
-        self.recompute_ops = sum(block_macs(block, tokens.shape[1]) for block in blocks)
-        return Prediction(self.recycler.aggregate(tokens), torch.cat(self.ids, dim=1))
+        self.ops = sum(block_macs(block, tokens) for block in blocks[self.recycler.split :])
+        self.recompute_ops = sum(block_macs(block, tokens) for block in blocks)
+        return self.recycler.predict_from(self.prefixes, self.patches, self.ids)
 
     def _ids(self, pieces: Tensor, at: tuple[int, int] | Tensor) -> Tensor:
         """The full grid's patch ids (B, n) a piece covers, after checking it fits."""
@@ -183,18 +228,8 @@ class RecycleSession:
             raise ValueError(
                 f"a piece must be whole patches of {patch} pixels, got {height}x{width}"
             )
-        rows, cols = height // patch, width // patch
         corner = torch.as_tensor(at, dtype=torch.long).reshape(-1, 2).expand(self.batch_size, 2)
-        grid_rows, grid_cols = self.grid
-        for stream, (top, left) in enumerate(corner.tolist()):
-            if top < 0 or left < 0 or top + rows > grid_rows or left + cols > grid_cols:
-                raise ValueError(
-                    f"stream {stream}: a piece of {rows}x{cols} patches at ({top}, {left}) "
-                    f"leaves the {grid_rows}x{grid_cols} grid"
-                )
-        row = corner[:, :1, None] + torch.arange(rows)[None, :, None]
-        col = corner[:, 1:, None] + torch.arange(cols)[None, None, :]
-        ids = (row * grid_cols + col).reshape(self.batch_size, -1)
+        ids = piece_ids_at(corner, height // patch, width // patch, self.grid)
         self._check_new(ids)
         return ids
 
@@ -203,3 +238,19 @@ class RecycleSession:
         if bool(overlap.any()):
             streams = overlap.nonzero().squeeze(1).tolist()
             raise ValueError(f"streams {streams}: the piece overlaps patches already added")
+
+
+def piece_ids_at(corners: Tensor, rows: int, cols: int, grid: tuple[int, int]) -> Tensor:
+    """The full grid's patch ids (B, rows * cols), row-major, of a piece of rows x cols patches
+    whose top-left patch sits at corners (B, 2) of each stream; refuses one that leaves the
+    grid."""
+    grid_rows, grid_cols = grid
+    for stream, (top, left) in enumerate(corners.tolist()):
+        if top < 0 or left < 0 or top + rows > grid_rows or left + cols > grid_cols:
+            raise ValueError(
+                f"stream {stream}: a piece of {rows}x{cols} patches at ({top}, {left}) "
+                f"leaves the {grid_rows}x{grid_cols} grid"
+            )
+    row = corners[:, :1, None] + torch.arange(rows)[None, :, None]
+    col = corners[:, 1:, None] + torch.arange(cols)[None, None, :]
+    return (row * grid_cols + col).reshape(corners.shape[0], -1)

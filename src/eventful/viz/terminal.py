@@ -4,7 +4,7 @@ plain lines where the output is not an interactive terminal (CI, a pipe, a file)
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 from rich import box
@@ -98,13 +98,19 @@ class RunProgress:
 
 class StepProgress:
     """Progress of a training run on stderr: steps done of `total`, elapsed and remaining time,
-    and the latest step's reward, keep share and fidelity. A live bar on an interactive
-    terminal (as `RunProgress`), else a plain line every `every` steps and after the last."""
+    and `describe` of the latest step's log entry. A live bar on an interactive terminal (as
+    `RunProgress`), else a plain line every `every` steps and after the last."""
 
     def __init__(
-        self, total: int, done: int = 0, console: Console | None = None, every: int = 10
+        self,
+        total: int,
+        describe: Callable[[dict], str],
+        done: int = 0,
+        console: Console | None = None,
+        every: int = 10,
     ) -> None:
         self.total, self.done, self.started_at = total, done, done
+        self.describe = describe
         self.console = console or Console(stderr=True)
         self.every = every
         self.entry: dict | None = None
@@ -129,11 +135,7 @@ class StepProgress:
             self._print_line()
 
     def stats(self) -> str:
-        entry = self.entry
-        return (
-            f"group {entry['group'] + 1} | reward {entry['reward']:.3f} | "
-            f"keep share {entry['keep_share']:.1%} | fidelity {entry['fidelity']:.3f}"
-        )
+        return self.describe(self.entry)
 
     def _print_line(self) -> None:
         elapsed = time.perf_counter() - self.start
