@@ -79,6 +79,17 @@ EXPECTED = {
         [rf"\(1, {1 + 49 * n}, 384\) (?P<ratio>{NUMBER})x" for n in range(1, 5)],
         lambda lines: all(line["ratio"] == 3.0 for line in lines),
     ),
+    ("Inputs that arrive piece by piece: TORE token recycling", 1): Printed(
+        # per step, the whole model on the tiles seen over the extractor on the view and the
+        # aggregator: equal with one tile, then fewer; from step 4 on the aggregator is
+        # eventful (its dense first step is step 3), and the revisits cost fewer still
+        [rf"{t} (?P<ratio>{NUMBER})x fewer ops" for t in range(8)],
+        lambda lines: (
+            lines[0]["ratio"] == 1.0
+            and all(line["ratio"] > 1.0 for line in lines[1:4])
+            and all(line["ratio"] > lines[3]["ratio"] for line in lines[4:])
+        ),
+    ),
     ("Real weights, offline", 0): Printed(
         # one saliency map of the 224 x 224 input per frame, 4 frames
         [rf"torch\.Size\(\[1, 1, 224, 224\]\) (?P<ratio>{NUMBER})x fewer ops"] * 4,

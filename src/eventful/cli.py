@@ -1,5 +1,6 @@
 """The `eventful` command: run an eventful model on a video and show what it saves and costs;
-train the small modules of a method (`eventful train iared2`)."""
+train the small modules of a method (`eventful train iared2`), or fine-tune a model for token
+recycling (`eventful train tore`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from eventful.cli_drift import add_drift_options, drift_control
-from eventful.cli_train import add_train_parser, train_iared2_command
+from eventful.cli_train import add_train_parser, train_command
 from eventful.core.block import LEVELS
 from eventful.core.budget import parse_schedule
 from eventful.core.policies import parse_policy
@@ -220,7 +221,7 @@ def run_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         if args.command == "train":
-            return train_iared2_command(args)
+            return train_command(args)
         return run_video_command(args)
     finally:  # main() may run inside a longer-lived process (tests, notebooks)
         torch.set_num_threads(threads)

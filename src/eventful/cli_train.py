@@ -1,6 +1,6 @@
-"""`eventful train iared2`: train IA-RED^2's interpreters for a model on frames of real video,
-against the model's own dense output (no labels), with a progress bar and a resumable
-checkpoint."""
+"""`eventful train iared2|tore`: train IA-RED^2's interpreters, or fine-tune a model for TORE
+token recycling, on frames of real video against the model's own dense output (no labels),
+with a progress bar and a resumable checkpoint."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ TRAINING_CLIPS = "bigbuckbunny.mp4,bikes.mp4"
 
 def add_train_parser(commands, formatter) -> None:
     train = commands.add_parser(
-        "train", help="train a method's small modules against the frozen dense model"
+        "train", help="train a method's modules against the frozen dense model, without labels"
     )
     methods = train.add_subparsers(dest="method", required=True, parser_class=type(train))
     iared2 = methods.add_parser(
@@ -24,44 +24,80 @@ def add_train_parser(commands, formatter) -> None:
         help="IA-RED^2's interpreters, which learn which patches to drop",
         formatter_class=formatter,
     )
-    iared2.add_argument(
-        "--model", default="dinov2-saliency", help=f"one of {', '.join(MODEL_NAMES)}, or hf:DIR"
-    )
-    iared2.add_argument(
-        "--size", type=int, metavar="S", help="input side in pixels (default: the model's own)"
-    )
-    iared2.add_argument(
-        "--clips",
-        default=TRAINING_CLIPS,
-        help="comma-separated video files, or names of the registry's clips, to train on",
-    )
-    iared2.add_argument(
-        "--every", type=int, default=4, metavar="N", help="take every N-th frame of each clip"
-    )
+    add_common_arguments(iared2, "iared2.safetensors", learning_rate=1e-3, batch_size=8)
     iared2.add_argument("--groups", type=int, default=3, help="groups of blocks (equal sizes)")
     iared2.add_argument("--steps-per-group", type=int, default=80, metavar="N")
-    iared2.add_argument("--batch-size", type=int, default=8, metavar="B")
-    iared2.add_argument("--learning-rate", type=float, default=1e-3, metavar="LR")
     iared2.add_argument(
         "--bar",
         type=float,
         default=0.95,
         help="the fidelity (mean cosine of the final tokens kept) below which a frame is penalised",
     )
-    iared2.add_argument(
+    tore = methods.add_parser(
+        "tore",
+        help="fine-tune the model for TORE token recycling (any split, any piece layout)",
+        formatter_class=formatter,
+    )
+    add_common_arguments(tore, "tore.safetensors", learning_rate=3e-6, batch_size=8)
+    tore.add_argument("--steps", type=int, default=600, metavar="N", help="optimizer steps")
+    tore.add_argument(
+        "--tuned",
+        choices=("all", "vectors"),
+        default="all",
+        help="which parameters: all, or only biases, norms, layer scales and the class token",
+    )
+
+
+def add_common_arguments(parser, output: str, learning_rate: float, batch_size: int) -> None:
+    parser.add_argument(
+        "--model", default="dinov2-saliency", help=f"one of {', '.join(MODEL_NAMES)}, or hf:DIR"
+    )
+    parser.add_argument(
+        "--size", type=int, metavar="S", help="input side in pixels (default: the model's own)"
+    )
+    parser.add_argument(
+        "--clips",
+        default=TRAINING_CLIPS,
+        help="comma-separated video files, or names of the registry's clips, to train on",
+    )
+    parser.add_argument(
+        "--every", type=int, default=4, metavar="N", help="take every N-th frame of each clip"
+    )
+    parser.add_argument("--batch-size", type=int, default=batch_size, metavar="B")
+    parser.add_argument("--learning-rate", type=float, default=learning_rate, metavar="LR")
+    parser.add_argument(
         "--output",
         type=Path,
-        default=Path("iared2.safetensors"),
+        default=Path(output),
         help="the checkpoint (and OUTPUT.json beside it); with --resume, where to resume from",
     )
-    iared2.add_argument(
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="continue the training saved in --output, with the settings it was started with",
     )
-    iared2.add_argument(
+    parser.add_argument(
         "--threads", type=int, metavar="N", help="torch CPU threads (default: torch's own)"
     )
+
+
+def checked_output(args: argparse.Namespace) -> Path:
+    """--output, after checking --every, its suffix, and that it exists exactly when resuming
+    (a missing file to resume is refused when it is read)."""
+    if args.every < 1:
+        raise ValueError(f"--every must be at least 1, got {args.every}")
+    output = args.output
+    if output.suffix != ".safetensors":
+        raise ValueError(f"--output {output}: expected a file name ending in .safetensors")
+    if not args.resume and output.exists():
+        raise ValueError(f"--output {output} exists; pass --resume to continue it, or remove it")
+    return output
+
+
+def train_command(args: argparse.Namespace) -> int:
+    if args.method == "tore":
+        return train_tore_command(args)
+    return train_iared2_command(args)
 
 
 def train_iared2_command(args: argparse.Namespace) -> int:
@@ -75,13 +111,7 @@ def train_iared2_command(args: argparse.Namespace) -> int:
     from eventful.viz.terminal import StepProgress
     from eventful.zoo import load_model
 
-    if args.every < 1:
-        raise ValueError(f"--every must be at least 1, got {args.every}")
-    output = args.output
-    if output.suffix != ".safetensors":
-        raise ValueError(f"--output {output}: expected a file name ending in .safetensors")
-    if not args.resume and output.exists():
-        raise ValueError(f"--output {output} exists; pass --resume to continue it, or remove it")
+    output = checked_output(args)
     settings = TrainSettings(
         steps_per_group=args.steps_per_group,
         batch_size=args.batch_size,
@@ -113,6 +143,52 @@ def train_iared2_command(args: argparse.Namespace) -> int:
             f"fidelity {last['fidelity']:.3f}; checkpoint {output}"
         )
     return 0
+
+
+def train_tore_command(args: argparse.Namespace) -> int:
+    from eventful.methods.tore_train import Trainer, TrainSettings, read_checkpoint
+    from eventful.viz.terminal import StepProgress
+    from eventful.zoo import load_model
+
+    output = checked_output(args)
+    zoo = load_model(args.model, args.size)
+    checkpoint = read_checkpoint(output) if args.resume else None
+    settings = checkpoint.settings if checkpoint is not None else None
+    settings = settings or TrainSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        tuned=args.tuned,
+    )
+    frames = training_frames(zoo, args.clips.split(","), args.every)
+    trainer = Trainer(zoo.dense, frames, settings)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    print(
+        f"fine-tuning {zoo.name} at {zoo.input_size} for token recycling on {frames.shape[0]} "
+        f"frames: {settings.steps} steps, {trainer.progress.step} done"
+    )
+    progress = StepProgress(settings.steps, describe_tore_step, trainer.progress.step)
+    try:
+        trainer.run(on_step=progress.update, checkpoint=output)
+    finally:
+        progress.close()
+    recent = trainer.progress.log[-20:]
+    if recent:
+        loss = sum(entry["loss"] for entry in recent) / len(recent)
+        fidelity = sum(entry["fidelity"] for entry in recent) / len(recent)
+        print(
+            f"done: mean loss {loss:.4f}, fidelity {fidelity:.3f} over the last {len(recent)} "
+            f"steps; checkpoint {output}"
+        )
+    return 0
+
+
+def describe_tore_step(entry: dict) -> str:
+    return (
+        f"split {entry['split']} | {entry['arrived']} of {entry['pieces']} pieces | "
+        f"loss {entry['loss']:.4f} | fidelity {entry['fidelity']:.3f}"
+    )
 
 
 def describe_iared2_step(entry: dict) -> str:

@@ -132,12 +132,20 @@ class Trainer:
                 f"got {frames.shape[0]}"
             )
         self.encoder = model if is_encoder(model) else find_encoder(model)[1]
+        self.students = [Recycler(self.encoder, 0)]
+        own = {id(parameter) for parameter in self.encoder.parameters()}
+        if any(id(parameter) not in own for parameter in self.students[0].parameters()):
+            raise TypeError(
+                f"fine-tuning for recycling tunes the encoder's own modules, but "
+                f"{type(self.encoder).__name__} runs through a converted copy (q, k and v "
+                "fused); tune eventful.models.hf.vit_from_hf(encoder), which has its weights"
+            )
         self.fingerprint = model_fingerprint(self.encoder)
         self.encoder.eval()
         teacher = copy.deepcopy(self.encoder).requires_grad_(False)
         self.teacher = Recycler(teacher, 0)
-        self.students = [
-            Recycler(self.encoder, split) for split in range(len(self.teacher.blocks) + 1)
+        self.students += [
+            Recycler(self.encoder, split) for split in range(1, len(self.teacher.blocks) + 1)
         ]
         patch = self.teacher.patch_size
         self.grid = (frames.shape[-2] // patch, frames.shape[-1] // patch)
