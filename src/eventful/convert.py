@@ -19,13 +19,29 @@ from eventful.core.wrapper import EncoderCall, EventfulWrapper
 from eventful.models import hf, hf_vitdet
 from eventful.models.vit import ViT, describe_vit
 from eventful.models.vitdet import FeatureMap, ViTDet, describe_vitdet
+from eventful.models.vivit import ViViT
 
 SUPPORTED = (
-    "eventful.ViT, eventful.ViTDet; transformers ViTModel, Dinov2Model, "
-    "Dinov2WithRegistersModel, VitDetModel, VitDetBackbone; and any model that calls exactly "
+    "eventful.ViT, eventful.ViTDet, a factorised eventful.models.vivit.ViViT; transformers "
+    "ViTModel, Dinov2Model, Dinov2WithRegistersModel, VitDetModel, VitDetBackbone; and any "
+    "model that calls exactly "
     "one of these as its encoder (ViTForImageClassification, Dinov2ForImageClassification, a "
     "backbone with your own head, ...)"
 )
+
+
+# Hugging Face video transformers whose blocks mix time steps: (class names, why).
+JOINT_VIDEO_MODELS = (
+    (
+        ("VivitModel", "VivitForVideoClassification", "VideoMAEModel",
+         "VideoMAEForVideoClassification"),
+        "attends jointly over the tubelets of every time step of a clip in every block",
+    ),
+    (
+        ("TimesformerModel", "TimesformerForVideoClassification"),
+        "attends across time steps (divided space-time attention) in every block",
+    ),
+)  # fmt: skip
 
 
 def convert(
@@ -42,9 +58,16 @@ def convert(
     level: "tokenwise", "qk", "full" or "exact" (the default: exact attention, no N x N cache;
     see BENCHMARKS.md) for every block, or a sequence with one per block.
     cache_dtype: e.g. torch.float16 to halve the N x N attention caches of "qk" and "full".
+    A factorised `ViViT` gives an `EventfulViViT`, called on clips, whose spatial model is
+    eventful across the time steps of each clip.
     """
     if isinstance(model, ViT):
         return EventfulViT(describe_vit(model), policy, level, cache_dtype)
+    if isinstance(model, ViViT):
+        from eventful.clip_classifier import EventfulViViT
+
+        return EventfulViViT(model, policy, level, cache_dtype)
+    refuse_joint_video(model)
     if is_encoder(model):
         return EventfulWrapper(_encoder_call(model, policy, level, cache_dtype), "")
     wrapped, path = replace_encoder(
@@ -58,6 +81,19 @@ def convert(
             stacklevel=2,
         )
     return EventfulWrapper(wrapped, path, dense_layers)
+
+
+def refuse_joint_video(model: nn.Module) -> None:
+    """Refuse, naming why, a video transformer whose blocks mix the tokens of time steps: the
+    engine makes a model eventful across frames, so it needs a model per time step."""
+    name = type(model).__name__
+    for names, why in JOINT_VIDEO_MODELS:
+        if name in names:
+            raise TypeError(
+                f"{name} {why}, so no token belongs to one frame and there is no per-frame "
+                "model to make eventful across frames; a factorised video model runs a "
+                "spatial model per time step: eventful.models.vivit.ViViT"
+            )
 
 
 def is_encoder(module: nn.Module) -> bool:

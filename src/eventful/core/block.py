@@ -45,6 +45,7 @@ from eventful.core.attention import (
 from eventful.core.description import BlockDescription
 from eventful.core.escalation import Escalation
 from eventful.core.gates import GateStep, token_gate, write_rows
+from eventful.core.kv_pooling import pool_keys_values
 from eventful.core.ops import StepTrace
 from eventful.core.partition import GroupLayout, group_layout, whole_sequence_layout
 from eventful.core.policies import Policy
@@ -113,6 +114,10 @@ class EventfulBlock(nn.Module):
         self.bias = None if attention.bias is None else attention.bias.scaled(1 / attention.scale)
         self.partitioned = attention.partitioned
         self._layouts: dict[tuple, GroupLayout] = {}
+        # Baselines, set by EventfulViT: the STGT gates (change since the previous step), and
+        # the K/V pooling factor of the tokenwise level's attention.
+        self.previous_frame_gates = False
+        self.kv_pool = 1
 
     def layout(
         self, grid: tuple[int, int] | None, num_tokens: int, device: torch.device
@@ -196,6 +201,7 @@ class EventfulBlock(nn.Module):
                 fresh_streams,
                 escalation,
                 measure,
+                self.previous_frame_gates,
             )
 
         qkv_gate = gate("qkv", x)
@@ -204,7 +210,7 @@ class EventfulBlock(nn.Module):
         recomputed, attention_costs = [0] * batch, None
         if self.level == "tokenwise":
             write_rows(state["qkv"], qkv_gate.selection, qkv_rows)
-            attended = self._attend_every_row(state["qkv"], layout)
+            attended = self._attend_every_row(state["qkv"], layout, grid)
         else:
             plan = self._plan(qkv_gate.selection, fresh_streams, layout)
             old_keys_values = [None] * len(plan.updates)  # the qk level needs none
@@ -264,10 +270,15 @@ class EventfulBlock(nn.Module):
         """The bias of some rows and columns of the groups whose queries are q, if any."""
         return None if self.bias is None else partial(self.bias.between, q, layout.sides)
 
-    def _attend_every_row(self, qkv: Tensor, layout: GroupLayout) -> Tensor:
+    def _attend_every_row(
+        self, qkv: Tensor, layout: GroupLayout, grid: tuple[int, int] | None
+    ) -> Tensor:
         """Attention output (B, N, D) of every query over the buffered qkv (B, N, 3 D), within
-        each attention group: the tokenwise level."""
+        each attention group: the tokenwise level. With K/V pooling (global attention), the
+        patches' keys and values are averaged over the grid's cells first."""
         q, k, v = self._grouped_heads(qkv, layout)
+        if self.kv_pool > 1:
+            k, v = pool_keys_values(k, v, grid, self.kv_pool)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(q, layout), scale=1.0)
         return self._ungrouped(out, layout, qkv.shape[0])
 

@@ -4,6 +4,11 @@ A gate's *reference* holds, for every token, the value it had when it was last s
 Unselected tokens keep their old reference, so their error keeps accumulating until a policy
 picks them: nothing drifts without bound under a threshold.
 
+With `previous_frame` (the STGT gate, a baseline) the error is instead each token's change
+since the previous step, selected or not: every reference takes the current value after the
+selection. A token that changes a little at every step is then never selected, however far it
+has drifted from what was last processed.
+
 A gate also measures what it leaves undone: its *unprocessed share*, per stream, is the sum of
 the L2 norms of the unselected tokens' changes since they were last processed, over N times the
 gate's *scale* (the mean L2 norm of the gate's input tokens at the stream's last dense step).
@@ -46,6 +51,7 @@ def token_gate(
     fresh_streams: list[int],
     escalation: Escalation | None = None,
     measure: bool = False,
+    previous_frame: bool = False,
 ) -> GateStep:
     """Select the tokens of `current` that changed most since their reference.
 
@@ -53,6 +59,8 @@ def token_gate(
     Sets `reference` to `current` at the selected tokens. Streams listed in `fresh_streams`
     have no valid reference and select every token. `escalation` adds tokens beyond the
     policy's while a stream's unprocessed share exceeds its bound; `measure` reports the share.
+    `previous_frame`: measure change since the previous step (STGT) instead of since each
+    token's reference.
     """
     batch, num_tokens, dim = current.shape
     if len(fresh_streams) == batch:  # every stream: no gather
@@ -80,7 +88,10 @@ def token_gate(
         if measure:
             unprocessed = l2_norms.masked_fill(selection.mask(), 0).sum(1) / size
     rows = gather_rows(current, selection)
-    write_rows(reference, selection, rows)
+    if previous_frame:
+        reference.copy_(current)
+    else:
+        write_rows(reference, selection, rows)
     return GateStep(selection, rows, unprocessed, escalated)
 
 

@@ -14,6 +14,7 @@ from eventful.core.block import LEVELS, EventfulBlock
 from eventful.core.description import EncoderDescription
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl
 from eventful.core.escalation import Escalation
+from eventful.core.kv_pooling import check_pooling
 from eventful.core.ops import StepTrace
 from eventful.core.policies import Policy
 from eventful.core.reduction import Restricted, TokenReduction
@@ -83,6 +84,11 @@ class EventfulViT(EventfulModule):
     tokens the step also returns, in order, as `(final tokens, tapped tokens)`: the multi-scale
     outputs of a detection backbone. `reduction` (None: none), settable at any time, limits the
     tokens the blocks of each of its groups may re-process (`eventful.core.reduction`).
+    `gate_reference`, settable at any time: "processed" (the default) measures each token's
+    change since it was last processed; "previous" since the previous step, as the STGT gate
+    does (a baseline, `eventful.core.gates`). `kv_pooling`, settable at any time: a factor
+    by which the patches' keys and values are averaged over the grid in attention (a baseline,
+    `eventful.core.kv_pooling`; tokenwise level and global attention only; 1: none).
     """
 
     def __init__(
@@ -137,6 +143,39 @@ class EventfulViT(EventfulModule):
     @property
     def encoder(self) -> EventfulViT:
         return self
+
+    @property
+    def gate_reference(self) -> str:
+        return "previous" if self.blocks[0].previous_frame_gates else "processed"
+
+    @gate_reference.setter
+    def gate_reference(self, reference: str) -> None:
+        if reference not in ("processed", "previous"):
+            raise ValueError(
+                f'gate_reference must be "processed" or "previous" (STGT), got {reference!r}'
+            )
+        for block in self.blocks:
+            block.previous_frame_gates = reference == "previous"
+
+    @property
+    def kv_pooling(self) -> int:
+        return self.blocks[0].kv_pool
+
+    @kv_pooling.setter
+    def kv_pooling(self, factor: int) -> None:
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"the K/V pooling factor must be a positive integer, got {factor!r}")
+        if factor > 1:
+            levels = sorted({block.level for block in self.blocks} - {"tokenwise"})
+            if levels:
+                raise ValueError(
+                    f"K/V pooling runs with the tokenwise level only, which recomputes "
+                    f"attention each step; this model has {', '.join(levels)} blocks"
+                )
+            if any(block.partitioned for block in self.blocks):
+                raise ValueError("K/V pooling applies to global attention; this model has windows")
+        for block in self.blocks:
+            block.kv_pool = factor
 
     @torch.no_grad()
     def forward(
@@ -276,6 +315,8 @@ class EventfulViT(EventfulModule):
                 f"{size * patch}x{size * patch} pixels"
             )
         num_tokens = self.embedding.num_tokens(height, width)
+        if self.kv_pooling > 1:
+            check_pooling(self.kv_pooling, (rows, cols))
         self.policy.validate(num_tokens, self.blocks)
         if escalation is not None:
             escalation.validate(num_tokens, self.policy)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from eventful.core.attention import dense_attention_cost, exact_update_is_dense
 from eventful.core.gates import GateStep
+from eventful.core.kv_pooling import pooled_attention_macs
 from eventful.core.selection import Selection
 
 CATEGORIES = ("linear", "attention", "adds", "gates", "head")
@@ -217,6 +218,9 @@ def eventful_block_macs(
     if attention_cost is not None:
         attention = attention_cost[0]
         adds += attention_cost[1]
+    elif getattr(block, "kv_pool", 1) > 1:  # the tokenwise level, keys and values pooled
+        attention, pool_adds = pooled_attention_macs(n, d, grid, block.kv_pool)
+        adds += pool_adds
     elif fresh or block.level == "tokenwise":
         attention, bias_adds = dense_attention_macs(block, n, grid)
         adds += bias_adds

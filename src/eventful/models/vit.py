@@ -232,27 +232,28 @@ def attention_scale(dim: int, heads: int) -> float:
     return 1.0 / math.sqrt(dim // heads)
 
 
-def describe_vit(vit: ViT) -> EncoderDescription:
-    """The engine's description of a `ViT` (its modules, not copies: the engine copies)."""
+def describe_block(block: Block) -> BlockDescription:
+    """The engine's description of a `Block` (its modules, not copies)."""
 
     def layer_scale(module: nn.Module) -> Tensor | None:
         return module.gamma.detach() if isinstance(module, LayerScale) else None
 
-    blocks = tuple(
-        BlockDescription(
-            norm1=block.norm1,
-            qkv=block.attn.qkv,
-            proj=block.attn.proj,
-            norm2=block.norm2,
-            fc1=block.mlp.fc1,
-            activation=nn.GELU(),
-            fc2=block.mlp.fc2,
-            attention=AttentionDescription(
-                heads=block.attn.heads, scale=attention_scale(vit.dim, block.attn.heads)
-            ),
-            layer_scale1=layer_scale(block.ls1),
-            layer_scale2=layer_scale(block.ls2),
-        )
-        for block in vit.blocks
+    dim, heads = block.attn.proj.out_features, block.attn.heads
+    return BlockDescription(
+        norm1=block.norm1,
+        qkv=block.attn.qkv,
+        proj=block.attn.proj,
+        norm2=block.norm2,
+        fc1=block.mlp.fc1,
+        activation=nn.GELU(),
+        fc2=block.mlp.fc2,
+        attention=AttentionDescription(heads=heads, scale=attention_scale(dim, heads)),
+        layer_scale1=layer_scale(block.ls1),
+        layer_scale2=layer_scale(block.ls2),
     )
+
+
+def describe_vit(vit: ViT) -> EncoderDescription:
+    """The engine's description of a `ViT` (its modules, not copies: the engine copies)."""
+    blocks = tuple(describe_block(block) for block in vit.blocks)
     return EncoderDescription(vit.embedding, blocks, vit.norm)
