@@ -221,6 +221,44 @@ class DriftMonitor:
         # Snapshots from before the contrast trigger hold none: it starts at the next frame.
         self.dense_contrast = list(snapshot.get("dense_contrast", [None] * len(self.last_dense)))
 
+    def take(self, streams: list[int]) -> DriftMonitor:
+        """A new monitor with copies of the running state of `streams`, in that order."""
+        taken = DriftMonitor(self.control, len(streams))
+        snapshot = self.state_dict()
+        for name in (
+            "last_dense",
+            "over_bound",
+            "previous_contrast",
+            "previous_detail",
+            "dense_contrast",
+        ):
+            setattr(taken, name, [snapshot[name][stream] for stream in streams])
+        taken.changes = [
+            deque(snapshot["changes"][stream], maxlen=CUT_HISTORY) for stream in streams
+        ]
+        if self.previous is not None:
+            taken.previous = self.previous[streams].clone()
+            taken.previous_shape = (len(streams), *self.previous_shape[1:])
+        return taken
+
+    @staticmethod
+    def cat(monitors: list[DriftMonitor], shifts: list[int]) -> DriftMonitor:
+        """One monitor with the streams of `monitors`, in order; `shifts` moves each one's step
+        numbers onto the joined stream's count. Frames last seen in another shape are dropped:
+        the change triggers restart at the next frame."""
+        joined = DriftMonitor(monitors[0].control, sum(len(m.last_dense) for m in monitors))
+        joined.last_dense = [
+            step + shift for m, shift in zip(monitors, shifts, strict=True) for step in m.last_dense
+        ]
+        for name in ("over_bound", "previous_contrast", "previous_detail", "dense_contrast"):
+            setattr(joined, name, [value for m in monitors for value in getattr(m, name)])
+        joined.changes = [deque(h, maxlen=CUT_HISTORY) for m in monitors for h in m.changes]
+        shapes = {None if m.previous is None else m.previous_shape[1:] for m in monitors}
+        if len(shapes) == 1 and None not in shapes:
+            joined.previous = torch.cat([m.previous for m in monitors])
+            joined.previous_shape = (joined.previous.shape[0], *shapes.pop())
+        return joined
+
     def plan(self, frames: object, frame: int, fresh: list[bool]) -> DriftPlan:
         """The refreshes due at step `frame` of streams whose `fresh` flag is False."""
         coarse = contrasts = details = changes = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -136,3 +136,84 @@ class StreamState:
             stack: {name: t.clone() for name, t in caches.items()}
             for stack, caches in snapshot.get("heads", {}).items()
         }
+
+    def take(self, streams: Sequence[int]) -> StreamState:
+        """A new state with copies of the caches of `streams`, in that order: cameras leaving
+        a batch. This state is left as it was."""
+        chosen = [_stream_index(stream) for stream in streams]
+        if not chosen:
+            raise ValueError("take needs at least one stream")
+        for stream in chosen:
+            if not 0 <= stream < self.batch_size:
+                raise IndexError(
+                    f"stream index {stream} out of range for a batch of {self.batch_size} streams"
+                )
+        taken = StreamState(len(chosen))
+        taken.fresh = [self.fresh[stream] for stream in chosen]
+        taken.input_size = self.input_size
+
+        def rows(tensor: Tensor) -> Tensor:
+            per = tensor.shape[0] // self.batch_size  # attention groups, head positions
+            index = torch.tensor(
+                [stream * per + row for stream in chosen for row in range(per)],
+                device=tensor.device,
+            )
+            return tensor.index_select(0, index)
+
+        taken.blocks = [{name: rows(t) for name, t in block.items()} for block in self.blocks]
+        taken.heads = {
+            stack: {name: rows(t) for name, t in caches.items()}
+            for stack, caches in self.heads.items()
+        }
+        return taken
+
+    @staticmethod
+    def cat(states: Sequence[StreamState]) -> StreamState:
+        """One state holding the streams of `states`, in order: cameras joining a batch.
+
+        States never run (nothing allocated) join as fresh streams. Allocated states must share
+        the input size, dtype and device. A head's caches are kept only if every state has
+        them; otherwise that head runs densely on the next step."""
+        if not states:
+            raise ValueError("cat needs at least one stream state")
+        allocated = [state for state in states if state.allocated]
+        joined = StreamState(sum(state.batch_size for state in states))
+        joined.fresh = [fresh for state in states for fresh in state.fresh]
+        if not allocated:
+            return joined
+        sizes = {state.input_size for state in allocated}
+        kinds = {(state.dtype, state.device) for state in allocated}
+        if len(sizes) > 1 or len(kinds) > 1:
+            raise ValueError(
+                f"streams of different input sizes, dtypes or devices cannot share a batch: "
+                f"{sorted(str(size) for size in sizes)}, {sorted(str(kind) for kind in kinds)}"
+            )
+        template = allocated[0]
+
+        def per_stream(tensor: Tensor, batch: int) -> int:
+            return tensor.shape[0] // batch
+
+        blocks = []
+        for index, block in enumerate(template.blocks):
+            joined_block = {}
+            for name, tensor in block.items():
+                per = per_stream(tensor, template.batch_size)
+                parts = [
+                    state.blocks[index][name]
+                    if state.allocated
+                    else tensor.new_zeros(per * state.batch_size, *tensor.shape[1:])
+                    for state in states
+                ]
+                joined_block[name] = torch.cat(parts)
+            blocks.append(joined_block)
+        joined.blocks = blocks
+        joined.input_size = template.input_size
+        stacks = set.intersection(*(set(state.heads) for state in states))
+        joined.heads = {
+            stack: {
+                name: torch.cat([state.heads[stack][name] for state in states])
+                for name in template.heads[stack]
+            }
+            for stack in stacks
+        }
+        return joined

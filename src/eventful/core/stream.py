@@ -9,13 +9,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent
+from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent, DriftMonitor
 from eventful.core.estimate import FidelityEstimate
+from eventful.core.fingerprint import model_fingerprint
 from eventful.core.model import EventfulModule
 from eventful.core.ops import OpCount, StepTrace, count_step
 from eventful.core.policies import StepReport
 from eventful.core.state import StreamState
 from eventful.profile import part
+
+# The format of `Stream.state_dict` snapshots; a snapshot of another format is refused.
+SNAPSHOT_FORMAT = "eventful-stream/1"
 
 
 class Stream:
@@ -159,16 +163,31 @@ class Stream:
 
     def state_dict(self) -> dict:
         """A snapshot (copied tensors) of the caches (`StreamState.state_dict`), the step count
-        and the drift control's running state (None without drift control); `torch.save` and
-        `load_state_dict` accept it. The policy's own state (a budget's history) is not in it."""
+        and the drift control's running state (None without drift control), with the snapshot
+        format and the model's fingerprint; `torch.save` and `load_state_dict` accept it. The
+        policy's own state (a budget's history) is not in it."""
         snapshot = self.state.state_dict()
+        snapshot["format"] = SNAPSHOT_FORMAT
+        snapshot["fingerprint"] = model_fingerprint(self.model)
         snapshot["steps"] = self.steps
         snapshot["drift"] = None if self.drift is None else self.drift.state_dict()
         return snapshot
 
     def load_state_dict(self, snapshot: dict) -> None:
         """Continue exactly where the snapshot's stream was. A snapshot without drift history
-        (taken without drift control) starts this stream's triggers afresh from its step."""
+        (taken without drift control) starts this stream's triggers afresh from its step.
+        Refuses, changing nothing, a snapshot of another format or of another model (weights);
+        snapshots from before formats were recorded carry neither and are accepted."""
+        found = snapshot.get("format", SNAPSHOT_FORMAT)
+        if found != SNAPSHOT_FORMAT:
+            raise ValueError(
+                f"the snapshot has format {found!r}; this version reads {SNAPSHOT_FORMAT!r}"
+            )
+        if "fingerprint" in snapshot and snapshot["fingerprint"] != model_fingerprint(self.model):
+            raise ValueError(
+                f"the snapshot is of a model with fingerprint {snapshot['fingerprint']}; this "
+                f"stream's model has {model_fingerprint(self.model)}"
+            )
         steps = snapshot.get("steps", 0)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"snapshot steps must be a non-negative integer, got {steps!r}")
@@ -182,3 +201,48 @@ class Stream:
         self.state.load_state_dict(snapshot)
         self.steps = steps
         self.drift = monitor
+
+    def take(self, streams: Iterable[int]) -> Stream:
+        """A new stream of the same model with copies of the caches, step count and drift
+        history of `streams`, in that order: cameras leaving this batch. This stream is left
+        as it was; the new one starts with no events logged."""
+        chosen = list(streams)
+        taken = self._like(len(chosen))
+        taken.state = self.state.take(chosen)
+        if self.drift is not None:
+            taken.drift = self.drift.take(chosen)
+        taken.steps = self.steps
+        return taken
+
+    @staticmethod
+    def cat(streams: list[Stream]) -> Stream:
+        """One stream holding the streams of `streams` (of one model), in order: cameras
+        joining a batch. The joined stream counts steps from the largest count; each camera's
+        drift history keeps its own age."""
+        if not streams:
+            raise ValueError("cat needs at least one stream")
+        first = streams[0]
+        if any(stream.model is not first.model for stream in streams):
+            raise ValueError("only streams of one converted model can share a batch")
+        if len({stream.drift is None for stream in streams}) > 1:
+            raise ValueError("streams with and without drift control cannot share a batch")
+        joined = first._like(sum(stream.batch_size for stream in streams))
+        joined.state = StreamState.cat([stream.state for stream in streams])
+        joined.steps = max(stream.steps for stream in streams)
+        if first.drift is not None:
+            shifts = [joined.steps - stream.steps for stream in streams]
+            joined.drift = DriftMonitor.cat([stream.drift for stream in streams], shifts)
+        return joined
+
+    def _like(self, batch_size: int) -> Stream:
+        """A new stream of this one's model and settings for `batch_size` streams."""
+        return Stream(
+            self.model,
+            batch_size,
+            count_ops=self.count_ops,
+            check_finite=self.check_finite,
+            compile=self._step is not self.model,
+            drift=None if self.drift is None else self.drift.control,
+            clock=self.clock,
+            estimate=self.estimate,
+        )
