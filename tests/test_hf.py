@@ -304,15 +304,17 @@ UNCONVERTIBLE = [
                 hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
             )
         ),
-        r"cannot convert a BertModel; supported models: eventful\.ViT, eventful\.ViTDet; "
-        r"transformers ViTModel, Dinov2Model, Dinov2WithRegistersModel",
+        r"cannot convert a BertModel; supported models: eventful\.ViT, eventful\.ViTDet, a "
+        r"factorised eventful\.models\.vivit\.ViViT; transformers ViTModel, Dinov2Model, "
+        r"Dinov2WithRegistersModel",
         id="bert",
     ),
     pytest.param(
         lambda: transformers.VivitModel(
             transformers.VivitConfig(**TINY, num_frames=4, tubelet_size=[2, 8, 8])
         ),
-        r"cannot convert a VivitModel; supported models: .*ViTModel, Dinov2Model",
+        r"VivitModel attends jointly over the tubelets of every time step of a clip in every "
+        r"block, so no token belongs to one frame",
         id="vivit",
     ),
     pytest.param(

@@ -105,7 +105,7 @@ def test_clip_views_take_evenly_spaced_windows_and_crops():
     assert torch.equal(views[0, 1], wide[0, 0:4, :, 2:34, 8:40])
     assert torch.equal(views[0, 4], wide[0, 6:10, :, 2:34, 0:32])
     tall = wide.transpose(-1, -2)
-    assert torch.equal(clip_views(tall, 4, 32, spatial=2)[0, 1], tall[0, 0:4, :, 8:40, 2:34])
+    assert torch.equal(clip_views(tall, 4, 32, spatial=2)[0, 1], tall[0, 3:7, :, 8:40, 2:34])
     padded = clip_views(wide[:, :2], length=4, size=32)
     assert torch.equal(padded[0, 0, 3], wide[0, 1, :, 2:34, 4:36])
 

@@ -94,6 +94,14 @@ class CameraBatch:
         state.pending.clear()
         return stream.state_dict()
 
+    def snapshot(self, camera: Hashable) -> dict:
+        """`camera`'s snapshot (`Stream.state_dict`) as of its last step; it keeps running."""
+        self._camera(camera)
+        for members, stream in self.batches.values():
+            if camera in members:
+                return stream.take([members.index(camera)]).state_dict()
+        return self.cameras[camera].stream.state_dict()
+
     def submit(self, camera: Hashable, sequence: int, frame: Tensor) -> None:
         """Queue `frame` (C, H, W) of `camera`, numbered `sequence` (increasing per camera)."""
         state = self._camera(camera)
