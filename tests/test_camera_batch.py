@@ -1,6 +1,9 @@
 """One worker's cameras, batched: order per camera, equality with cameras run alone, the
 back-pressure rule, resets on a new frame size, moving a camera, and bad input."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -125,3 +128,12 @@ def test_bad_input_is_refused_and_other_cameras_are_unaffected():
         assert_equal_up_to_rounding(result.output, want)
     with pytest.raises(ValueError, match="max_pending must be a positive integer"):
         CameraBatch(model, max_pending=0)
+
+
+def test_the_engine_and_the_camera_batch_never_import_ray():
+    code = (
+        "import sys, eventful, eventful.serve.camera_batch, eventful.cli; "
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

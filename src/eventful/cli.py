@@ -1,6 +1,6 @@
 """The `eventful` command: run an eventful model on a video and show what it saves and costs;
 train the small modules of a method (`eventful train iared2`), or fine-tune a model for token
-recycling (`eventful train tore`)."""
+recycling (`eventful train tore`); serve cameras on a local Ray cluster (`eventful serve`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from eventful.cli_drift import add_drift_options, drift_control
+from eventful.cli_serve import add_serve_parser, serve_command
 from eventful.cli_train import add_train_parser, train_command
 from eventful.core.block import LEVELS
 from eventful.core.budget import parse_schedule
@@ -79,6 +80,7 @@ def build_parser() -> OneLineParser:
     demo.add_argument("--output", default="eventful-demo", help="folder for demo.json/png/mp4")
     add_run_options(demo, demo=True)
     add_train_parser(commands, DefaultsHelpFormatter)
+    add_serve_parser(commands, DefaultsHelpFormatter)
     return parser
 
 
@@ -222,6 +224,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             return train_command(args)
+        if args.command == "serve":
+            return serve_command(args)
         return run_video_command(args)
     finally:  # main() may run inside a longer-lived process (tests, notebooks)
         torch.set_num_threads(threads)
