@@ -14,6 +14,7 @@ import os
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl
@@ -39,9 +40,18 @@ class ModelSpec:
 
 
 class Worker:
-    """What one Ray actor runs: a `CameraBatch` on its own copy of the model."""
+    """What one Ray actor runs: a `CameraBatch` on its own copy of the model, with `threads`
+    torch threads (None: torch's own)."""
 
-    def __init__(self, spec: ModelSpec, max_pending: int, drift: DriftControl | None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        max_pending: int,
+        drift: DriftControl | None,
+        threads: int | None = None,
+    ) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.cameras = CameraBatch(spec.build(), max_pending, drift)
 
     def add(self, camera: Hashable, snapshot: dict | None = None) -> None:
@@ -67,7 +77,8 @@ class Worker:
 
 
 class Router:
-    """Cameras served by `workers` Ray actors (Ray must be initialised, `ray.init`)."""
+    """Cameras served by `workers` Ray actors (Ray must be initialised, `ray.init`), each
+    with `worker_threads` torch threads."""
 
     def __init__(
         self,
@@ -77,6 +88,7 @@ class Router:
         max_checkpoint_age: int = 120,
         max_pending: int = 2,
         drift: DriftControl | None = DEFAULT_DRIFT,
+        worker_threads: int | None = None,
     ) -> None:
         import ray
 
@@ -89,6 +101,7 @@ class Router:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.ray = ray
         self.spec, self.max_pending, self.drift = spec, max_pending, drift
+        self.worker_threads = worker_threads
         self.checkpoint_every = checkpoint_every
         self.max_checkpoint_age = max_checkpoint_age
         self.remote_worker = ray.remote(Worker)
@@ -102,7 +115,9 @@ class Router:
         self.closed = False
 
     def _start(self):
-        return self.remote_worker.remote(self.spec, self.max_pending, self.drift)
+        return self.remote_worker.remote(
+            self.spec, self.max_pending, self.drift, self.worker_threads
+        )
 
     def load(self) -> list[int]:
         """Cameras per worker."""
