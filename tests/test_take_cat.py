@@ -117,3 +117,16 @@ def test_a_snapshot_of_another_model_or_format_is_refused_and_changes_nothing():
     assert after["steps"] == before["steps"]
     for old, new in zip(before["blocks"], after["blocks"], strict=True):
         assert all(torch.equal(old[name], new[name]) for name in old)
+
+
+def test_the_remembered_fingerprint_follows_the_weights():
+    from eventful.core.fingerprint import cached_fingerprint, model_fingerprint
+
+    vit = tiny_vit()
+    first = cached_fingerprint(vit)
+    assert first == model_fingerprint(vit) == cached_fingerprint(vit)
+    with torch.no_grad():
+        vit.blocks[0].mlp.fc1.bias.add_(1.0)  # changed in place
+    assert cached_fingerprint(vit) == model_fingerprint(vit) != first
+    vit.load_state_dict(tiny_vit(seed=1).state_dict())
+    assert cached_fingerprint(vit) == model_fingerprint(tiny_vit(seed=1))

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent, DriftMonitor
 from eventful.core.estimate import FidelityEstimate
-from eventful.core.fingerprint import model_fingerprint
+from eventful.core.fingerprint import cached_fingerprint
 from eventful.core.model import EventfulModule
 from eventful.core.ops import OpCount, StepTrace, count_step
 from eventful.core.policies import StepReport
@@ -168,7 +168,7 @@ class Stream:
         policy's own state (a budget's history) is not in it."""
         snapshot = self.state.state_dict()
         snapshot["format"] = SNAPSHOT_FORMAT
-        snapshot["fingerprint"] = model_fingerprint(self.model)
+        snapshot["fingerprint"] = cached_fingerprint(self.model)
         snapshot["steps"] = self.steps
         snapshot["drift"] = None if self.drift is None else self.drift.state_dict()
         return snapshot
@@ -183,10 +183,10 @@ class Stream:
             raise ValueError(
                 f"the snapshot has format {found!r}; this version reads {SNAPSHOT_FORMAT!r}"
             )
-        if "fingerprint" in snapshot and snapshot["fingerprint"] != model_fingerprint(self.model):
+        if "fingerprint" in snapshot and snapshot["fingerprint"] != cached_fingerprint(self.model):
             raise ValueError(
                 f"the snapshot is of a model with fingerprint {snapshot['fingerprint']}; this "
-                f"stream's model has {model_fingerprint(self.model)}"
+                f"stream's model has {cached_fingerprint(self.model)}"
             )
         steps = snapshot.get("steps", 0)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
