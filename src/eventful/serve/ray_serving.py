@@ -186,14 +186,16 @@ class Router:
         return results
 
     def _checkpoint(self, results: list[FrameResult]) -> None:
-        due = {r.camera for r in results}
-        for camera in due:
-            answered = self.answered[camera]
+        """Snapshot, all at once, every camera answered `checkpoint_every` frames since its
+        last checkpoint."""
+        calls = {}
+        for camera in dict.fromkeys(result.camera for result in results):
             last = self.checkpoints.get(camera, (0, None))[0]
-            if answered - last >= self.checkpoint_every:
+            if self.answered[camera] - last >= self.checkpoint_every:
                 actor = self.actors[self.placement[camera]]
-                snapshot = self.ray.get(actor.snapshot.remote(camera))
-                self.checkpoints[camera] = (answered, snapshot)
+                calls[camera] = actor.snapshot.remote(camera)
+        for camera, snapshot in zip(calls, self.ray.get(list(calls.values())), strict=True):
+            self.checkpoints[camera] = (self.answered[camera], snapshot)
 
     def _failover(self, dead: int) -> list[Hashable]:
         """Replace dead worker `dead` and put its cameras back from their checkpoints."""
