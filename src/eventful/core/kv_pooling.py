@@ -15,10 +15,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def check_pooling(factor: int, grid: tuple[int, int]) -> None:
-    """Refuse a factor that is not a positive integer or does not divide the patch grid."""
+def check_factor(factor: int) -> None:
+    """Refuse a factor that is not a positive integer."""
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"the K/V pooling factor must be a positive integer, got {factor!r}")
+
+
+def check_pooling(factor: int, grid: tuple[int, int]) -> None:
+    """Refuse a factor that is not a positive integer or does not divide the patch grid."""
+    check_factor(factor)
     rows, cols = grid
     if rows % factor or cols % factor:
         raise ValueError(

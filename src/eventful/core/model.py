@@ -14,7 +14,7 @@ from eventful.core.block import LEVELS, EventfulBlock
 from eventful.core.description import EncoderDescription
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl
 from eventful.core.escalation import Escalation
-from eventful.core.kv_pooling import check_pooling
+from eventful.core.kv_pooling import check_factor, check_pooling
 from eventful.core.ops import StepTrace
 from eventful.core.policies import Policy
 from eventful.core.reduction import Restricted, TokenReduction
@@ -163,8 +163,7 @@ class EventfulViT(EventfulModule):
 
     @kv_pooling.setter
     def kv_pooling(self, factor: int) -> None:
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"the K/V pooling factor must be a positive integer, got {factor!r}")
+        check_factor(factor)
         if factor > 1:
             levels = sorted({block.level for block in self.blocks} - {"tokenwise"})
             if levels:

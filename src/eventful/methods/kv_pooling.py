@@ -13,7 +13,12 @@ from torch import Tensor, nn
 
 from eventful.convert import adapt_encoder, find_encoder, is_encoder
 from eventful.core.description import BlockDescription
-from eventful.core.kv_pooling import check_pooling, pool_keys_values, pooled_attention_macs
+from eventful.core.kv_pooling import (
+    check_factor,
+    check_pooling,
+    pool_keys_values,
+    pooled_attention_macs,
+)
 from eventful.core.ops import linear_macs
 
 
@@ -35,7 +40,7 @@ class KVPooling(nn.Module):
         description = adapt_encoder(encoder).description
         if description.partitioned_blocks:
             raise ValueError("K/V pooling applies to global attention; this model has windows")
-        check_pooling(factor, (factor, factor))
+        check_factor(factor)
         self.embedding = description.embedding
         self.blocks = description.blocks
         self.norm = description.norm
