@@ -137,3 +137,24 @@ def test_the_engine_and_the_camera_batch_never_import_ray():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_model_with_a_head_gets_its_own_output_type_per_camera():
+    from eventful.models.saliency import SaliencyOutput
+    from tests.test_local_head import saliency_model
+
+    model = eventful.convert(saliency_model(), policy=POLICY)
+    served = CameraBatch(model)
+    videos = {"a": frames(1, 3), "b": frames(2, 3)}
+    for camera in videos:
+        served.add(camera)
+    results = {camera: [] for camera in videos}
+    for sequence in range(3):
+        for camera, video in videos.items():
+            served.submit(camera, sequence, video[sequence])
+        for result in served.step():
+            results[result.camera].append(result.output)
+    for camera, video in videos.items():
+        for got, want in zip(results[camera], alone(model, video), strict=True):
+            assert isinstance(got, SaliencyOutput)
+            assert_equal_up_to_rounding(got.saliency, want.saliency)

@@ -130,3 +130,23 @@ def test_the_remembered_fingerprint_follows_the_weights():
     assert cached_fingerprint(vit) == model_fingerprint(vit) != first
     vit.load_state_dict(tiny_vit(seed=1).state_dict())
     assert cached_fingerprint(vit) == model_fingerprint(tiny_vit(seed=1))
+
+
+def test_a_model_with_an_eventful_head_keeps_its_head_caches_through_take_and_cat():
+    from tests.test_local_head import saliency_model
+
+    model = eventful.convert(saliency_model(), policy=POLICY, level="exact")
+    cameras = [camera(seed) for seed in (1, 2)]
+    alone = [model.stream() for _ in cameras]
+    for step in range(3):
+        for stream, frames in zip(alone, cameras, strict=True):
+            stream(frames[step])
+    joined = eventful.Stream.cat(alone)
+    assert set(joined.state.heads) == set(alone[0].state.heads) != set()
+    for step in range(3, 6):
+        together = joined(torch.cat([frames[step] for frames in cameras]))
+        for index, (stream, frames) in enumerate(zip(alone, cameras, strict=True)):
+            want = stream(frames[step]).saliency
+            assert_equal_up_to_rounding(together.saliency[index : index + 1], want)
+    back = joined.take([1])
+    assert_equal_up_to_rounding(back(cameras[1][6]).saliency, alone[1](cameras[1][6]).saliency)

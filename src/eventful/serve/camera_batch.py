@@ -218,12 +218,13 @@ class CameraBatch:
 
 
 def _row(outputs: object, index: int) -> object:
-    """Stream `index`'s part of a batched output: a tensor, or tuples and mappings of them
-    (transformers' output objects are mappings)."""
+    """Stream `index`'s part of a batched output: a tensor, or tuples (named ones keep their
+    type) and mappings of them (transformers' output objects are mappings)."""
     if isinstance(outputs, Tensor):
         return outputs[index : index + 1]
     if isinstance(outputs, tuple):
-        return tuple(_row(part, index) for part in outputs)
+        parts = [_row(part, index) for part in outputs]
+        return type(outputs)(*parts) if hasattr(outputs, "_fields") else tuple(parts)
     if isinstance(outputs, Mapping):
         return type(outputs)(**{name: _row(part, index) for name, part in outputs.items()})
     raise TypeError(f"cannot split a batched output of type {type(outputs).__name__}")
