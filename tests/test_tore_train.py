@@ -89,6 +89,8 @@ def test_the_forward_refuses_bad_pieces():
         recycler(batch, [(6, 6, 4, 4)])
     with pytest.raises(ValueError, match="at least one piece"):
         recycler(batch, [])
+    with pytest.raises(ValueError, match="at least one patch each way, got 0x4"):
+        recycler(batch, [(0, 0, 0, 4)])
     with pytest.raises(ValueError, match="whole patches of 8 pixels"):
         recycler(batch[..., :60], [(0, 0, 4, 4)])
 

@@ -245,6 +245,8 @@ def piece_ids_at(corners: Tensor, rows: int, cols: int, grid: tuple[int, int]) -
     whose top-left patch sits at corners (B, 2) of each stream; refuses one that leaves the
     grid."""
     grid_rows, grid_cols = grid
+    if rows < 1 or cols < 1:
+        raise ValueError(f"a piece needs at least one patch each way, got {rows}x{cols} patches")
     for stream, (top, left) in enumerate(corners.tolist()):
         if top < 0 or left < 0 or top + rows > grid_rows or left + cols > grid_cols:
             raise ValueError(
