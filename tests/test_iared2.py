@@ -61,6 +61,9 @@ def test_keeping_every_token_is_the_dense_model(variant):
             model(batch, KEEP_ALL), vit(batch), rtol=TOLERANCE, atol=TOLERANCE
         )
     assert all(bool(kept.all()) for kept in model.last.kept)
+    # the trainer's teacher: the same blocks, no interpreter
+    dense = model.dropping.dense(batch)
+    torch.testing.assert_close(dense, vit(batch), rtol=TOLERANCE, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize("name", ["ViTModel", "Dinov2Model"])

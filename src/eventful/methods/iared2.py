@@ -245,6 +245,14 @@ class IARed2(nn.Module):
             result.tokens = self.norm(torch.cat([x[:, :prefix], at_drop], dim=1))
         return result
 
+    @torch.no_grad()
+    def dense(self, frames: Tensor) -> Tensor:
+        """The encoder's final tokens (B, T, D) with every token and no interpreter."""
+        x = self.embedding(frames)
+        for block in self.blocks:
+            x = dense_block(block, x)
+        return self.norm(x)
+
     def dense_macs(self, frames: Tensor) -> int:
         """Multiply-accumulates of one stream of the blocks with every token (no interpreter)."""
         tokens = self.embedding.num_tokens(*frames.shape[-2:])

@@ -143,14 +143,9 @@ class Trainer:
         self.settings = settings
         self.progress = progress or Progress()
         self.optimizer = self._optimizer(self.progress.group)
-        dropping = model.dropping
-        with torch.no_grad():
-            self.dense = torch.cat(
-                [
-                    dropping(chunk, KeepRule(threshold=0.0)).tokens
-                    for chunk in frames.split(settings.batch_size)
-                ]
-            )
+        self.dense = torch.cat(
+            [model.dropping.dense(chunk) for chunk in frames.split(settings.batch_size)]
+        )
 
     @property
     def total_steps(self) -> int:
