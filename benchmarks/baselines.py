@@ -111,7 +111,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     zoo = load_model("dinov2-saliency", SIZE)
     backbone = zoo.dense.backbone
-    dense_ops = dense_macs(eventful.convert(backbone, eventful.TopFraction(1.0)).blocks, 257)
+    tokens = backbone.embedding.num_tokens(SIZE, SIZE)
+    dense_ops = dense_macs(eventful.convert(backbone, eventful.TopFraction(1.0)).blocks, tokens)
     results = {}  # (family, setting) -> per clip: cosines, ops, seconds
     for clip in CLIPS:
         frames = [zoo.preprocess(rgb)[None] for rgb in decode_frames(registry_clip(clip), FRAMES)]

@@ -218,7 +218,7 @@ def eventful_block_macs(
     if attention_cost is not None:
         attention = attention_cost[0]
         adds += attention_cost[1]
-    elif getattr(block, "kv_pool", 1) > 1:  # the tokenwise level, keys and values pooled
+    elif block.kv_pool > 1:  # the tokenwise level, keys and values pooled
         attention, pool_adds = pooled_attention_macs(n, d, grid, block.kv_pool)
         adds += pool_adds
     elif fresh or block.level == "tokenwise":

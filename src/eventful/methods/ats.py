@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from eventful.convert import adapt_encoder, find_encoder, is_encoder
 from eventful.core.description import BlockDescription
 from eventful.methods.iared2 import DropResult, IARed2
+from eventful.methods.token_scores import class_attention
 
 
 class SignificanceScores(nn.Module):
@@ -32,13 +33,8 @@ class SignificanceScores(nn.Module):
         self.block = block
 
     def forward(self, x: Tensor, prefix: int) -> Tensor:
-        block = self.block
-        batch, tokens, dim = x.shape
-        heads = block.attention.heads
-        qkv = block.qkv(block.norm1(x)).view(batch, tokens, 3, heads, dim // heads)
-        query, keys, values = qkv[:, 0, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = torch.einsum("bhd,bthd->bht", query, keys) * block.attention.scale
-        attention = logits.softmax(dim=-1)[:, :, prefix:]  # (B, H, n)
+        attention, values = class_attention(self.block, x)
+        attention = attention[:, :, prefix:]  # (B, H, n)
         value_norms = torch.linalg.vector_norm(values[:, prefix:], dim=-1).transpose(1, 2)
         significance = (attention * value_norms).sum(dim=1)
         return significance / significance.sum(dim=1, keepdim=True)

@@ -34,6 +34,7 @@ from eventful.convert import (
 )
 from eventful.core.description import BlockDescription, EncoderDescription
 from eventful.core.fingerprint import model_fingerprint
+from eventful.core.kv_pooling import pool_keys_values
 from eventful.core.model import EventfulModule
 from eventful.core.ops import dense_block_macs, linear_macs
 from eventful.core.policies import Policy
@@ -265,13 +266,21 @@ def block_macs(block: BlockDescription, tokens: int) -> int:
     return sum(dense_block_macs(block, tokens).values())
 
 
-def dense_block(block: BlockDescription, x: Tensor, mask: Tensor | None = None) -> Tensor:
+def dense_block(
+    block: BlockDescription,
+    x: Tensor,
+    mask: Tensor | None = None,
+    pool: tuple[tuple[int, int], int] | None = None,
+) -> Tensor:
     """The described block run densely on x (B, n, D); `mask` (B, 1, n, n) bool, if given,
-    says which keys each query attends to."""
+    says which keys each query attends to; `pool` (grid, factor), if given, averages the
+    patches' keys and values over the grid's cells (`eventful.core.kv_pooling`)."""
     batch, tokens, dim = x.shape
     heads = block.attention.heads
     qkv = block.qkv(block.norm1(x)).view(batch, tokens, 3, heads, dim // heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    if pool is not None:
+        k, v = pool_keys_values(k, v, *pool)
     attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=block.attention.scale)
     attended = block.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
     if block.layer_scale1 is not None:

@@ -8,18 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eventful.convert import adapt_encoder, find_encoder, is_encoder
 from eventful.core.description import BlockDescription
-from eventful.core.kv_pooling import (
-    check_factor,
-    check_pooling,
-    pool_keys_values,
-    pooled_attention_macs,
-)
+from eventful.core.kv_pooling import check_factor, check_pooling, pooled_attention_macs
 from eventful.core.ops import linear_macs
+from eventful.methods.iared2 import dense_block
 
 
 @dataclass
@@ -53,25 +48,9 @@ class KVPooling(nn.Module):
         tokens = self.embedding(frames)
         macs = 0
         for block in self.blocks:
-            tokens = self._block(block, tokens, grid)
+            tokens = dense_block(block, tokens, pool=(grid, self.factor))
             macs += block_macs(block, tokens.shape[1], grid, self.factor)
         return PooledResult(self.norm(tokens), macs)
-
-    def _block(self, block: BlockDescription, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        batch, count, dim = x.shape
-        heads = block.attention.heads
-        qkv = block.qkv(block.norm1(x)).view(batch, count, 3, heads, dim // heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        k, v = pool_keys_values(k, v, grid, self.factor)
-        attended = F.scaled_dot_product_attention(q, k, v, scale=block.attention.scale)
-        attended = block.proj(attended.transpose(1, 2).reshape(batch, count, dim))
-        if block.layer_scale1 is not None:
-            attended = attended * block.layer_scale1
-        y = x + attended
-        mlp = block.fc2(block.activation(block.fc1(block.norm2(y))))
-        if block.layer_scale2 is not None:
-            mlp = mlp * block.layer_scale2
-        return y + mlp
 
 
 def block_macs(block: BlockDescription, tokens: int, grid: tuple[int, int], factor: int) -> int:

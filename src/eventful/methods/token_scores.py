@@ -49,17 +49,23 @@ class ClassAttentionScores(nn.Module):
         self.block = block
 
     def forward(self, x: Tensor, prefix: int) -> Tensor:
-        block = self.block
-        batch, tokens, dim = x.shape
-        heads = block.attention.heads
-        qkv = block.qkv(block.norm1(x)).view(batch, tokens, 3, heads, dim // heads)
-        query, keys = qkv[:, 0, 0], qkv[:, :, 1]  # (B, H, dh), (B, T, H, dh)
-        logits = torch.einsum("bhd,bthd->bht", query, keys) * block.attention.scale
-        return logits.softmax(dim=-1)[:, :, prefix:].mean(dim=1)
+        attention, _ = class_attention(self.block, x)
+        return attention[:, :, prefix:].mean(dim=1)
 
     def macs(self, patches: int) -> int:
         dim = self.block.dim
         return (1 + patches) * 3 * dim * dim + (1 + patches) * dim
+
+
+def class_attention(block: BlockDescription, x: Tensor) -> tuple[Tensor, Tensor]:
+    """In `block`, on tokens x (B, T, D) with a class token at position 0: the class token's
+    attention to every token per head (B, H, T), and every token's values (B, T, H, dh)."""
+    batch, tokens, dim = x.shape
+    heads = block.attention.heads
+    qkv = block.qkv(block.norm1(x)).view(batch, tokens, 3, heads, dim // heads)
+    query, keys = qkv[:, 0, 0], qkv[:, :, 1]  # (B, H, dh), (B, T, H, dh)
+    logits = torch.einsum("bhd,bthd->bht", query, keys) * block.attention.scale
+    return logits.softmax(dim=-1), qkv[:, :, 2]
 
 
 class KeepCounts:
