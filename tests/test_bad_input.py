@@ -101,6 +101,24 @@ BAD_FRAMES = [
         id="float64",
     ),
     pytest.param(
+        lambda: frames(9).half(),
+        ValueError,
+        "frames have dtype torch.float16, but the model has dtype torch.float32",
+        id="float16",
+    ),
+    pytest.param(
+        lambda: (frames(9) * 255).to(torch.uint8),
+        ValueError,
+        r"frames have dtype torch.uint8, but the model has dtype torch.float32; .*preprocessing",
+        id="uint8",
+    ),
+    pytest.param(
+        lambda: frames(9).to("meta"),
+        ValueError,
+        "frames are on meta, but the model is on cpu",
+        id="meta-frames-cpu-model",
+    ),
+    pytest.param(
         lambda: frames(9).cuda(),
         ValueError,
         "frames are on cuda:0, but the model is on cpu",
@@ -128,6 +146,7 @@ def test_bad_first_frames_leave_a_new_stream_unallocated(make_bad, error, match)
         stream(make_bad())
     snapshot = stream.state_dict()
     assert snapshot.pop("format") == "eventful-stream/1" and snapshot.pop("fingerprint")
+    assert snapshot.pop("configuration")["levels"] == ["full", "full"]
     assert snapshot == {
         "batch_size": BATCH,
         "fresh": [True, True],
@@ -137,6 +156,25 @@ def test_bad_first_frames_leave_a_new_stream_unallocated(make_bad, error, match)
         "steps": 0,
         "drift": None,
     }
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(lambda f: f.transpose(2, 3).contiguous().transpose(2, 3), id="transposed"),
+        pytest.param(lambda f: torch.stack([f, f], dim=-1)[..., 0], id="strided"),
+        pytest.param(lambda f: f.to(memory_format=torch.channels_last), id="channels-last"),
+    ],
+)
+def test_frames_in_any_memory_layout_give_the_contiguous_frames_outputs(layout):
+    model = make_model()
+    stream, twin = model.stream(batch_size=BATCH), model.stream(batch_size=BATCH)
+    for step in range(3):
+        contiguous = frames(step)
+        laid_out = layout(contiguous)
+        assert torch.equal(laid_out, contiguous) and not laid_out.is_contiguous()
+        # The patch convolution may pick another kernel for another layout: within rounding.
+        torch.testing.assert_close(stream(laid_out), twin(contiguous), atol=1e-5, rtol=1e-5)
 
 
 def test_state_dtype_mismatch_is_rejected_and_state_untouched():

@@ -4,7 +4,10 @@ supported Hugging Face class, through the same checks.
 - every token selected (TopK(N)) returns what the dense model returns, at every level;
 - threshold 0 returns it too;
 - a batch of two streams equals the two streams run separately, up to rounding;
-- a saved and restored stream continues bit-identically.
+- a saved and restored stream continues bit-identically;
+- converted and streamed under `torch.no_grad()` or `torch.inference_mode()`, or converted in
+  one mode and stepped in others, it returns what it returns in default mode, at its own size
+  and at another (an interpolated position embedding).
 """
 
 import io
@@ -75,6 +78,23 @@ def token_count(dense: torch.nn.Module, size: int) -> int:
 
 ALL_MODELS = [*MODEL_NAMES, *HF_MODELS]
 
+# Another input size per model: another patch grid (a windowed model: still whole windows).
+OTHER_SIZES = {
+    "vit-s16": 80,
+    "vit-b16": 80,
+    "dinov2-saliency": 252,
+    "dinov2-s14-vitdet": 238,
+    "vitdet-b": 256,
+    "vitdet-l": 256,
+    "VitDetBackbone": 96,
+    "VitDetModel": 96,
+}
+GRAD_MODES = {
+    "default": torch.enable_grad,
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+}
+
 
 @pytest.fixture(scope="module", params=ALL_MODELS)
 def model(request):
@@ -82,11 +102,12 @@ def model(request):
     frames = moving_squares(3, size=size, batch=2, seed=5)
     with torch.no_grad():
         expected = [tensors_of(dense(frame)) for frame in frames]
-    return dense, size, frames, expected, LEVELS, token_count(dense, size)
+    other = OTHER_SIZES.get(request.param, 48)
+    return dense, size, frames, expected, LEVELS, token_count(dense, size), other
 
 
 def test_every_token_and_threshold_zero_return_the_dense_output(model):
-    dense, _, frames, expected, levels, tokens = model
+    dense, _, frames, expected, levels, tokens, _ = model
     for level in levels:
         for policy in (eventful.TopK(tokens), eventful.Threshold(0.0)):
             stream = eventful.convert(dense, policy=policy, level=level).stream(batch_size=2)
@@ -100,7 +121,7 @@ def test_every_token_and_threshold_zero_return_the_dense_output(model):
 
 
 def test_a_batch_equals_its_streams_run_separately(model):
-    dense, _, frames, _, levels, tokens = model
+    dense, _, frames, _, levels, tokens, _ = model
     for level in levels:
         # The single streams replay the batch's selections: rounding differs between the
         # batch's matmuls and a single stream's, and near a tie it would swap a token.
@@ -120,7 +141,7 @@ def test_a_batch_equals_its_streams_run_separately(model):
 
 
 def test_a_restored_stream_continues_bit_identically(model):
-    dense, _, frames, _, levels, tokens = model
+    dense, _, frames, _, levels, tokens, _ = model
     converted = eventful.convert(dense, policy=eventful.TopK(max(1, tokens // 4)), level=levels[-1])
     original = converted.stream(batch_size=2)
     for frame in frames[:2]:
@@ -133,3 +154,29 @@ def test_a_restored_stream_continues_bit_identically(model):
     for frame in frames[2:]:
         for got, want in zip(tensors_of(restored(frame)), tensors_of(original(frame)), strict=True):
             assert torch.equal(got, want)
+
+
+def streamed(dense, size: int, convert_mode: str, step_modes: list[str]) -> list[list[Tensor]]:
+    """Outputs of a model converted under `convert_mode`, stepped under `step_modes` in turn."""
+    frames = moving_squares(len(step_modes), size=size, batch=1, seed=7)
+    with GRAD_MODES[convert_mode]():
+        converted = eventful.convert(dense, policy=eventful.TopFraction(0.25))
+    stream = converted.stream()
+    outputs = []
+    for frame, mode in zip(frames, step_modes, strict=True):
+        with GRAD_MODES[mode]():
+            outputs.append([tensor.clone() for tensor in tensors_of(stream(frame))])
+    return outputs
+
+
+def test_every_grad_mode_returns_what_default_mode_returns(model):
+    dense, size, *_, other = model
+    for input_size in (size, other):
+        want = streamed(dense, input_size, "default", ["default"] * 3)
+        runs = {mode: (mode, [mode] * 3) for mode in GRAD_MODES}
+        runs["switching"] = ("inference_mode", ["inference_mode", "no_grad", "default"])
+        for name, (convert_mode, step_modes) in runs.items():
+            got = streamed(dense, input_size, convert_mode, step_modes)
+            for got_step, want_step in zip(got, want, strict=True):
+                for got_tensor, want_tensor in zip(got_step, want_step, strict=True):
+                    assert torch.equal(got_tensor, want_tensor), (name, input_size)

@@ -119,6 +119,42 @@ def test_a_snapshot_of_another_model_or_format_is_refused_and_changes_nothing():
         assert all(torch.equal(old[name], new[name]) for name in old)
 
 
+@pytest.mark.parametrize(
+    ("convert_other", "match"),
+    [
+        (lambda vit: eventful.convert(vit, policy=POLICY, level="qk"), "levels 'exact' in every"),
+        (
+            lambda vit: eventful.convert(vit.to(torch.bfloat16), policy=POLICY),
+            "weights in torch.float32; this stream's model has torch.bfloat16",
+        ),
+        (
+            lambda vit: eventful.convert(vit, policy=POLICY, level="exact", cache_dtype=torch.half),
+            "attention caches in None; this stream's model has torch.float16",
+        ),
+        (
+            lambda vit: eventful.convert(vit, policy=eventful.Threshold(0.1)),
+            "under a TopFraction policy, this stream's model has a Threshold one",
+        ),
+    ],
+    ids=["level", "precision", "cache-precision", "policy-type"],
+)
+def test_a_snapshot_of_a_model_converted_otherwise_is_refused_and_changes_nothing(
+    convert_other, match
+):
+    source = eventful.convert(tiny_vit(), policy=POLICY).stream()
+    source(camera(1)[0])
+    stream = convert_other(tiny_vit()).stream()
+    frame = camera(2)[0].to(next(stream.model.parameters()).dtype)
+    stream(frame)
+    before = stream.state_dict()
+    with pytest.raises(ValueError, match=match):
+        stream.load_state_dict(source.state_dict())
+    after = stream.state_dict()
+    assert after["steps"] == before["steps"]
+    for old, new in zip(before["blocks"], after["blocks"], strict=True):
+        assert all(torch.equal(old[name], new[name]) for name in old)
+
+
 def test_the_remembered_fingerprint_follows_the_weights():
     from eventful.core.fingerprint import cached_fingerprint, model_fingerprint
 

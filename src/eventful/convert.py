@@ -60,7 +60,19 @@ def convert(
     cache_dtype: e.g. torch.float16 to halve the N x N attention caches of "qk" and "full".
     A factorised `ViViT` gives an `EventfulViViT`, called on clips, whose spatial model is
     eventful across the time steps of each clip.
+    The copy's weights are ordinary tensors in every grad mode, also when converted under
+    `torch.inference_mode` (whose tensors could not be loaded into or trained outside it).
     """
+    with torch.inference_mode(False):
+        return _convert(model, policy, level, cache_dtype)
+
+
+def _convert(
+    model: nn.Module,
+    policy: Policy,
+    level: str | Sequence[str],
+    cache_dtype: torch.dtype | None,
+) -> EventfulModule:
     if isinstance(model, ViT):
         return EventfulViT(describe_vit(model), policy, level, cache_dtype)
     if isinstance(model, ViViT):

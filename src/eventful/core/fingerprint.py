@@ -6,7 +6,7 @@ import hashlib
 import weakref
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def model_fingerprint(module: nn.Module) -> str:
@@ -20,17 +20,34 @@ def model_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def tensor_key(tensor: Tensor) -> tuple:
+    """What tells whether a tensor still holds the values a cache was computed from, without
+    reading them: its storage, shape, dtype, device and version counter (which in-place changes
+    advance). Inference tensors (made under `torch.inference_mode`) have no version counter, so
+    their key leaves it out: an in-place change to them is seen only through
+    `forget_weight_caches` (which `load_state_dict` of a converted model calls)."""
+    version = None if tensor.is_inference() else tensor._version
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tensor.device, version)
+
+
+def forget_weight_caches(module: nn.Module) -> None:
+    """Drop everything computed from the weights of `module` and its submodules (interpolated
+    position embeddings, kernel matrices, the remembered fingerprint): the next use recomputes
+    it. Modules that keep such caches define `clear_weight_caches()`."""
+    for submodule in module.modules():
+        _REMEMBERED.pop(submodule, None)
+        if hasattr(submodule, "clear_weight_caches"):
+            submodule.clear_weight_caches()
+
+
 _REMEMBERED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
 def cached_fingerprint(module: nn.Module) -> str:
     """`model_fingerprint(module)`, remembered while no parameter or buffer of `module` is
-    replaced or changed in place (their storage, version counter, shape, dtype and device are
-    the key): a stream can stamp every snapshot without hashing its weights each time."""
-    key = tuple(
-        (name, t.data_ptr(), t._version, tuple(t.shape), t.dtype, str(t.device))
-        for name, t in module.state_dict(keep_vars=True).items()
-    )
+    replaced or changed in place (`tensor_key` of each is the key): a stream can stamp every
+    snapshot without hashing its weights each time."""
+    key = tuple((name, *tensor_key(t)) for name, t in module.state_dict(keep_vars=True).items())
     remembered = _REMEMBERED.get(module)
     if remembered is None or remembered[0] != key:
         remembered = (key, model_fingerprint(module))

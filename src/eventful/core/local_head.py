@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from eventful.core.fingerprint import tensor_key
 from eventful.core.ops import HEAD_LAYERS, layer_macs
 
 # Layers that act on each position alone. BatchNorm2d in training mode uses batch statistics: a
@@ -132,20 +133,24 @@ class LocalStack(nn.Module):
             else:
                 self.stages[-1][1].append(layer)
         self.step: HeadStep | None = None
-        self._matrices: dict[int, tuple[tuple, Tensor]] = {}  # per convolution, see below
+        self._matrices: dict[int, tuple[tuple, Tensor]] = {}  # per stage, see below
 
-    def _kernel_matrix(self, conv: nn.Module) -> Tensor:
-        """The weight of `conv` as (C_in, K * C_out): row c holds what a unit delta of input
-        channel c adds to each output channel at each kernel offset. Kept until the weight
-        changes (new weights, another device or dtype)."""
+    def clear_weight_caches(self) -> None:
+        """Forget the kernel matrices (`forget_weight_caches`)."""
+        self._matrices = {}
+
+    def _kernel_matrix(self, index: int, conv: nn.Module) -> Tensor:
+        """The weight of `conv`, the convolution of stage `index`, as (C_in, K * C_out): row c
+        holds what a unit delta of input channel c adds to each output channel at each kernel
+        offset. Kept until the weight changes (`tensor_key`)."""
         weight = conv.weight
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
-        kept = self._matrices.get(id(conv))
+        key = tensor_key(weight)
+        kept = self._matrices.get(index)
         if kept is None or kept[0] != key:
             order = (0, 2, 3, 1) if isinstance(conv, nn.ConvTranspose2d) else (1, 2, 3, 0)
             matrix = weight.detach().permute(order).reshape(weight.shape[order[0]], -1)
             kept = (key, matrix.contiguous())
-            self._matrices[id(conv)] = kept
+            self._matrices[index] = kept
         return kept[1]
 
     def forward(self, inputs: Tensor) -> Tensor:
@@ -271,7 +276,7 @@ class LocalStack(nn.Module):
         _, _, height, width = shapes[index]
         _, out_channels, out_height, out_width = shapes[index + 1]
         kernel_h, kernel_w = conv.kernel_size
-        contributions = deltas @ self._kernel_matrix(conv)
+        contributions = deltas @ self._kernel_matrix(index, conv)
         contributions = contributions.view(-1, kernel_h * kernel_w, out_channels)
         stream, rest = changed // (height * width), changed % (height * width)
         rows = reach(conv, 0, rest // width, out_height)

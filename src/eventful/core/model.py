@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -14,6 +16,7 @@ from eventful.core.block import LEVELS, EventfulBlock
 from eventful.core.description import EncoderDescription
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl
 from eventful.core.escalation import Escalation
+from eventful.core.fingerprint import forget_weight_caches
 from eventful.core.kv_pooling import check_factor, check_pooling
 from eventful.core.ops import StepTrace
 from eventful.core.policies import Policy
@@ -35,12 +38,57 @@ def _levels_for(level: str | Sequence[str], depth: int) -> list[str]:
     return levels
 
 
+_STEP_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_STEP_LOCKS_GUARD = threading.Lock()
+
+
+def step_lock(model: EventfulModule) -> threading.RLock:
+    """The lock every step of `model` holds: streams of one model stepped from several threads
+    take turns, each getting what it would alone (a step keeps per-step values in the model's
+    modules, and the policy is shared). Kept beside the model, so copies get their own."""
+    encoder = model.encoder
+    with _STEP_LOCKS_GUARD:
+        lock = _STEP_LOCKS.get(encoder)
+        if lock is None:
+            lock = _STEP_LOCKS[encoder] = threading.RLock()
+    return lock
+
+
+def check_frame_tensor(frames: object, weight: Tensor) -> None:
+    """What any step asks of its frames before reading them (drift control reads them before
+    the model does): a tensor on the device and in the dtype of the model's `weight`."""
+    if not isinstance(frames, Tensor):
+        raise TypeError(f"expected frames as a torch.Tensor, got {type(frames).__name__}")
+    if frames.device != weight.device:
+        raise ValueError(
+            f"frames are on {frames.device}, but the model is on {weight.device}; move one of them"
+        )
+    if frames.dtype != weight.dtype:
+        fix = (
+            "scale the pixels to floats as the model's preprocessing expects"
+            if not frames.dtype.is_floating_point
+            else f"convert them with frames.to({weight.dtype})"
+        )
+        raise ValueError(
+            f"frames have dtype {frames.dtype}, but the model has dtype {weight.dtype}; {fix}"
+        )
+
+
+def _weights_loaded(module: nn.Module, incompatible_keys: object) -> None:
+    forget_weight_caches(module)
+
+
 class EventfulModule(nn.Module):
     """What every converted model offers: an eventful `encoder`, new states and streams.
 
     Call it as `model(frames, state)`; `model.stream(batch_size)` wraps a state for the usual
-    one-call-per-step loop.
+    one-call-per-step loop. `load_state_dict` forgets what was computed from the old weights
+    (`forget_weight_caches`).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_load_state_dict_post_hook(_weights_loaded)
 
     @property
     def encoder(self) -> EventfulViT:
@@ -195,8 +243,21 @@ class EventfulViT(EventfulModule):
         Should the step itself fail midway, every stream is reset (its next step runs densely),
         so no half-updated cache is ever used.
         """
+        with step_lock(self):
+            return self._forward(frames, state, trace, check_finite, refresh, escalation)
+
+    def _forward(
+        self,
+        frames: Tensor,
+        state: StreamState,
+        trace: StepTrace | None,
+        check_finite: bool,
+        refresh: Sequence[int],
+        escalation: Escalation | None,
+    ) -> Tensor | tuple[Tensor, tuple[Tensor, ...]]:
         num_tokens = self.check_input(frames, state, check_finite, escalation)
         input_size = (frames.shape[-2], frames.shape[-1])
+        state.ensure_writable()
         state.reset(refresh)
         fresh = state.fresh_streams()
         if not state.allocated or state.input_size != input_size:
@@ -259,8 +320,7 @@ class EventfulViT(EventfulModule):
     ) -> int:
         """Validate frames (and an escalation's cap) against the model and state; returns the
         token count per stream."""
-        if not isinstance(frames, Tensor):
-            raise TypeError(f"expected frames as a torch.Tensor, got {type(frames).__name__}")
+        check_frame_tensor(frames, next(self.embedding.parameters()))
         channels = self.embedding.in_chans
         patch = self.embedding.patch_size
         if frames.dim() != 4 or frames.shape[1] != channels:
@@ -277,16 +337,6 @@ class EventfulViT(EventfulModule):
             raise ValueError(
                 f"frames hold a batch of {frames.shape[0]}, but the stream state holds "
                 f"{state.batch_size} streams"
-            )
-        weight = next(self.embedding.parameters())
-        if frames.device != weight.device:
-            raise ValueError(
-                f"frames are on {frames.device}, but the model is on {weight.device}; "
-                "move one of them"
-            )
-        if frames.dtype != weight.dtype:
-            raise ValueError(
-                f"frames have dtype {frames.dtype}, but the model has dtype {weight.dtype}"
             )
         if state.allocated:
             if state.device != frames.device:

@@ -86,6 +86,17 @@ class StreamState:
         for stream in chosen:
             self.fresh[stream] = True
 
+    def ensure_writable(self) -> None:
+        """Outside `torch.inference_mode`, replace the caches made inside it (inference tensors,
+        which only inference mode may update in place) by ordinary copies, once: a stream may
+        move between grad modes from step to step."""
+        if torch.is_inference_mode_enabled():
+            return
+        for caches in [*self.blocks, *self.heads.values()]:  # in place: steps hold these dicts
+            for name, tensor in caches.items():
+                if tensor.is_inference():
+                    caches[name] = tensor.clone()
+
     def mark_processed(self) -> None:
         self.fresh = [False] * self.batch_size
 

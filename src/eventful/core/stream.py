@@ -12,7 +12,7 @@ from torch import Tensor
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent, DriftMonitor
 from eventful.core.estimate import FidelityEstimate
 from eventful.core.fingerprint import cached_fingerprint
-from eventful.core.model import EventfulModule
+from eventful.core.model import EventfulModule, check_frame_tensor, step_lock
 from eventful.core.ops import OpCount, StepTrace, count_step
 from eventful.core.policies import StepReport
 from eventful.core.state import StreamState
@@ -20,6 +20,12 @@ from eventful.profile import part
 
 # The format of `Stream.state_dict` snapshots; a snapshot of another format is refused.
 SNAPSHOT_FORMAT = "eventful-stream/1"
+
+
+def _levels_text(levels: list[str] | None) -> str:
+    if levels and len(set(levels)) == 1:
+        return f"{levels[0]!r} in every block"
+    return repr(levels)
 
 
 class Stream:
@@ -78,11 +84,17 @@ class Stream:
 
     @torch.no_grad()
     def __call__(self, frames: Tensor) -> Any:
-        """One time step: frames (B, C, H, W) -> what the converted model returns."""
+        """One time step: frames (B, C, H, W) -> what the converted model returns. Safe to call
+        from several threads (`step_lock`)."""
+        with step_lock(self.model):
+            return self._call(frames)
+
+    def _call(self, frames: Tensor) -> Any:
         policy = self.model.encoder.policy
         fresh = list(self.state.fresh)
         plan = None
         if self.drift is not None:
+            check_frame_tensor(frames, next(self.model.encoder.parameters()))
             with part("drift"):
                 plan = self.drift.plan(frames, self.steps, fresh)
         refresh = [] if plan is None else plan.streams
@@ -164,11 +176,13 @@ class Stream:
     def state_dict(self) -> dict:
         """A snapshot (copied tensors) of the caches (`StreamState.state_dict`), the step count
         and the drift control's running state (None without drift control), with the snapshot
-        format and the model's fingerprint; `torch.save` and `load_state_dict` accept it. The
-        policy's own state (a budget's history) is not in it."""
+        format, the model's fingerprint and its configuration (levels, precision, policy type);
+        `torch.save` and `load_state_dict` accept it. The policy's own state (a budget's
+        history) is not in it."""
         snapshot = self.state.state_dict()
         snapshot["format"] = SNAPSHOT_FORMAT
         snapshot["fingerprint"] = cached_fingerprint(self.model)
+        snapshot["configuration"] = self._configuration()
         snapshot["steps"] = self.steps
         snapshot["drift"] = None if self.drift is None else self.drift.state_dict()
         return snapshot
@@ -176,13 +190,16 @@ class Stream:
     def load_state_dict(self, snapshot: dict) -> None:
         """Continue exactly where the snapshot's stream was. A snapshot without drift history
         (taken without drift control) starts this stream's triggers afresh from its step.
-        Refuses, changing nothing, a snapshot of another format or of another model (weights);
-        snapshots from before formats were recorded carry neither and are accepted."""
+        Refuses, changing nothing, a snapshot of another format, of a model converted otherwise
+        (levels, precision, policy type: their caches differ) or of other weights; snapshots
+        from before these were recorded carry none of them and are accepted."""
         found = snapshot.get("format", SNAPSHOT_FORMAT)
         if found != SNAPSHOT_FORMAT:
             raise ValueError(
                 f"the snapshot has format {found!r}; this version reads {SNAPSHOT_FORMAT!r}"
             )
+        if "configuration" in snapshot:
+            self._check_configuration(snapshot["configuration"])
         if "fingerprint" in snapshot and snapshot["fingerprint"] != cached_fingerprint(self.model):
             raise ValueError(
                 f"the snapshot is of a model with fingerprint {snapshot['fingerprint']}; this "
@@ -201,6 +218,37 @@ class Stream:
         self.state.load_state_dict(snapshot)
         self.steps = steps
         self.drift = monitor
+
+    def _configuration(self) -> dict:
+        """What a snapshot's caches depend on besides the weights."""
+        encoder = self.model.encoder
+        return {
+            "levels": list(self.model.levels),
+            "dtype": str(next(encoder.parameters()).dtype),
+            "cache_dtype": str(encoder.blocks[0].cache_dtype),
+            "policy": type(encoder.policy).__name__,
+        }
+
+    def _check_configuration(self, taken: dict) -> None:
+        here = self._configuration()
+        if taken.get("levels") != here["levels"]:
+            raise ValueError(
+                f"the snapshot was taken with levels {_levels_text(taken.get('levels'))}; this "
+                f"stream's model runs {_levels_text(here['levels'])}: convert it with the "
+                "snapshot's levels"
+            )
+        for key, what in (("dtype", "weights"), ("cache_dtype", "attention caches")):
+            if taken.get(key) != here[key]:
+                raise ValueError(
+                    f"the snapshot was taken with {what} in {taken.get(key)}; this stream's "
+                    f"model has {here[key]}: convert it at the snapshot's precision"
+                )
+        if taken.get("policy") != here["policy"]:
+            raise ValueError(
+                f"the snapshot was taken under a {taken.get('policy')} policy, this stream's "
+                f"model has a {here['policy']} one (a policy may keep caches of its own, as "
+                f"MaxAge does): restore it under a {taken.get('policy')}, then assign the new one"
+            )
 
     def take(self, streams: Iterable[int]) -> Stream:
         """A new stream of the same model with copies of the caches, step count and drift

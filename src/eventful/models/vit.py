@@ -13,6 +13,7 @@ from eventful.core.description import (
     BlockDescription,
     EncoderDescription,
 )
+from eventful.core.fingerprint import tensor_key
 
 
 class TokenEmbedding(nn.Module):
@@ -81,11 +82,14 @@ class TokenEmbedding(nn.Module):
             return self.position
         if torch.is_grad_enabled() and self.position.requires_grad:
             return self._interpolate(rows, cols)
-        position = self.position
-        key = (rows, cols, id(position), position.data_ptr(), position._version, position.device)
+        key = (rows, cols, tensor_key(self.position))
         if self._interpolated is None or self._interpolated[0] != key:
             self._interpolated = (key, self._interpolate(rows, cols))
         return self._interpolated[1]
+
+    def clear_weight_caches(self) -> None:
+        """Forget the interpolated position embedding (`forget_weight_caches`)."""
+        self._interpolated = None
 
     def _interpolate(self, rows: int, cols: int) -> Tensor:
         class_position = self.position[:, : self._classes]
