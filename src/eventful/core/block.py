@@ -47,6 +47,7 @@ from eventful.core.escalation import Escalation
 from eventful.core.gates import GateStep, token_gate, write_rows
 from eventful.core.kv_pooling import pool_keys_values
 from eventful.core.ops import StepTrace
+from eventful.core.packed_linear import PackedLinear
 from eventful.core.partition import GroupLayout, group_layout, whole_sequence_layout
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
@@ -54,9 +55,9 @@ from eventful.core.selection import Selection
 LEVELS = ("tokenwise", "qk", "full", "exact")
 
 
-def _scaled_linear(linear: nn.Linear, scale: Tensor) -> nn.Linear:
+def _scaled_linear(linear: nn.Linear, scale: Tensor) -> PackedLinear:
     """A copy of `linear` whose outputs are multiplied by `scale` (out_features,)."""
-    scaled = copy.deepcopy(linear)
+    scaled = PackedLinear.from_linear(linear)
     with torch.no_grad():
         scaled.weight.mul_(scale.unsqueeze(1))
         if scaled.bias is not None:
@@ -105,8 +106,7 @@ class EventfulBlock(nn.Module):
         self.qkv = _scaled_linear(block.qkv, query_scale)
         self.proj = _scaled_linear(block.proj, _ones_if_none(block.layer_scale1, dim))
         self.norm2 = copy.deepcopy(block.norm2)
-        self.fc1 = copy.deepcopy(block.fc1)
-        self.activation = copy.deepcopy(block.activation)
+        self.fc1 = PackedLinear.from_linear(block.fc1, copy.deepcopy(block.activation))
         self.fc2 = _scaled_linear(block.fc2, _ones_if_none(block.layer_scale2, dim))
         attention = block.attention
         self.window = attention.window
@@ -227,7 +227,7 @@ class EventfulBlock(nn.Module):
         y = x + state["proj"]
 
         mlp_gate = gate("mlp", y)
-        hidden = self.activation(self.fc1(self.norm2(mlp_gate.rows)))
+        hidden = self.fc1(self.norm2(mlp_gate.rows))  # with the activation
         write_rows(state["mlp"], mlp_gate.selection, self.fc2(hidden))
         if trace is not None:
             gates = {"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}

@@ -1,0 +1,292 @@
+"""Where a step's time goes against this machine's roofline, and the fixed cost of a step.
+
+Part "roofline": the machine's measured peak multiply-add rate (a 2048 x 2048 matmul, float32
+and bfloat16) and memory bandwidth (a 256 MB copy); then, for ViT-S/14 at 224 and ViT-B/16 at
+384, tokenwise and exact, k = N/4 and N/16, each part of a step (torch profiler, self CPU time)
+in milliseconds beside the least time this machine needs for it: max(flops / peak, bytes /
+bandwidth) from the step's own op counts and the bytes it must read.
+
+Part "fixed-cost": time per step against k (N down to N/64), interleaved with the dense model
+on the same real frames, fitted as `a + b k` (least squares over the k below N); `a` over a
+dense step is the share no policy can remove.
+
+    python benchmarks/roofline.py --threads 2 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from report import markdown_table, write_or_print
+from speed import Timings, real_frames
+from torch.profiler import ProfilerActivity, profile
+
+import eventful
+
+LEVELS = ("tokenwise", "exact")
+FLOAT = 4  # bytes
+
+# Parts of a step, by the operator names the profiler reports; the rest is "other operators".
+PARTS = {
+    "linear layers": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear"),
+    "attention": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::bmm",
+        "aten::exp",
+        "aten::addcmul_",
+        "aten::mul_",
+        "aten::maximum",
+    ),
+    "gathers and scatters": (
+        "aten::index_select",
+        "aten::index_copy_",
+        "aten::gather",
+        "aten::scatter_",
+        "aten::copy_",
+        "aten::cat",
+    ),
+    "gates (error, norm, selection)": ("aten::sub", "aten::linalg_vector_norm", "aten::topk"),
+    "norms and activations": ("aten::native_layer_norm", "aten::gelu"),
+    "patch embedding": ("aten::mkldnn_convolution",),
+}
+
+
+def models() -> dict[str, tuple[Callable[[], eventful.ViT], int]]:
+    def vit(patch: int, dim: int, heads: int, size: int) -> Callable[[], eventful.ViT]:
+        def build() -> eventful.ViT:
+            torch.manual_seed(0)
+            return eventful.ViT(
+                image_size=size, patch_size=patch, dim=dim, depth=12, heads=heads
+            ).eval()
+
+        return build
+
+    return {
+        "ViT-S/14 @ 224": (vit(14, 384, 6, 224), 224),
+        "ViT-B/16 @ 224": (vit(16, 768, 12, 224), 224),
+        "ViT-B/16 @ 384": (vit(16, 768, 12, 384), 384),
+    }
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine_peaks() -> dict[str, float]:
+    """Peak multiply-add rates (FLOP/s, a multiply-add counted as 2) and copy bandwidth (B/s,
+    bytes read plus written)."""
+    size = 2048
+    peaks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b
+        repeats = 5 if dtype == torch.float32 else 1  # bfloat16 may be emulated: slow
+        peaks[str(dtype)] = 2 * size**3 / median_seconds(lambda a=a, b=b: a @ b, repeats)
+    source = torch.ones(64 * 2**20)  # 256 MB
+    target = torch.empty_like(source)
+    target.copy_(source)
+    copy_seconds = median_seconds(lambda: target.copy_(source), 7)
+    peaks["bandwidth"] = 2 * source.numel() * FLOAT / copy_seconds
+    return peaks
+
+
+def cpu_flags() -> str:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+    found = [flag for flag in wanted if f" {flag}" in text]
+    return ", ".join(found) or "none of " + ", ".join(wanted)
+
+
+def profile_parts(stream, frames: list[torch.Tensor]) -> dict[str, float]:
+    """Milliseconds per step of each part (`PARTS`), self CPU time, over frames after two."""
+    for frame in frames[:2]:
+        stream(frame)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as run:
+        for frame in frames[2:]:
+            stream(frame)
+    steps = len(frames) - 2
+    spent = dict.fromkeys([*PARTS, "other operators"], 0.0)
+    for event in run.key_averages():
+        part = next((name for name, ops in PARTS.items() if event.key in ops), "other operators")
+        spent[part] += event.self_cpu_time_total / 1000 / steps
+    return spent
+
+
+def least_times(model, stream, num_tokens: int, peaks: dict[str, float]) -> dict[str, float]:
+    """Milliseconds each part needs at least on this machine, from the last step's op counts."""
+    flops, bandwidth = peaks[str(torch.float32)], peaks["bandwidth"]
+    ops = stream.ops.by_category
+    encoder = model.encoder
+    dim = encoder.blocks[0].dim
+    linear_bytes = sum(
+        FLOAT * (layer.weight.numel() + layer.bias.numel())
+        for block in encoder.blocks
+        for layer in (block.qkv, block.proj, block.fc1, block.fc2)
+    )
+    tokens_bytes = FLOAT * num_tokens * dim  # one pass over a stream's (N, D) tokens
+    depth = len(encoder.blocks)
+    patch = encoder.embedding.patch_size
+    rows = stream.trace.blocks
+    selected = sum(sum(gate.counts) for block in rows for gate in block.values())
+    return {
+        "linear layers": 1000 * max(2 * ops["linear"] / flops, linear_bytes / bandwidth),
+        # The qkv buffer read once per block (B, N, 3 D).
+        "attention": 1000 * max(2 * ops["attention"] / flops, depth * 3 * tokens_bytes / bandwidth),
+        # Each gate reads its input and its reference; the buffers take the selected rows.
+        "gathers and scatters": 1000 * FLOAT * selected * dim * 3 / bandwidth,
+        "gates (error, norm, selection)": 1000 * depth * 3 * 2 * tokens_bytes / bandwidth,
+        "norms and activations": 1000 * FLOAT * selected * dim * 2 / bandwidth,
+        "patch embedding": 1000 * 2 * 3 * num_tokens * dim * patch**2 / flops,
+        "other operators": 0.0,
+    }
+
+
+def roofline_section(threads: int, steps: int) -> str:
+    peaks = machine_peaks()
+    machine_rows = [
+        ["float32 matmul, 2048 x 2048", f"{peaks[str(torch.float32)] / 1e9:.1f} GFLOP/s"],
+        ["bfloat16 matmul, 2048 x 2048", f"{peaks[str(torch.bfloat16)] / 1e9:.1f} GFLOP/s"],
+        ["copy, 256 MB (read + write)", f"{peaks['bandwidth'] / 1e9:.1f} GB/s"],
+        ["CPU features", cpu_flags()],
+    ]
+    tables = []
+    for name in ("ViT-S/14 @ 224", "ViT-B/16 @ 384"):
+        build, size = models()[name]
+        vit = build()
+        num_tokens = vit.embedding.num_tokens(size, size)
+        frames = real_frames(size, steps, 1)
+        columns, floors = {}, {}
+        for level in LEVELS:
+            for divisor in (4, 16):
+                k = round(num_tokens / divisor)
+                model = eventful.convert(vit, policy=eventful.TopK(k), level=level)
+                stream = model.stream(drift=None, check_finite=False)
+                label = f"{level}, k = N/{divisor}"
+                parts = profile_parts(stream, frames)
+                wall = Timings()
+                for frame in frames:
+                    wall.add(stream, frame)
+                parts["step, unprofiled"] = wall.summary()[0]
+                columns[label] = parts
+                floors[label] = least_times(model, stream, num_tokens, peaks)
+                print(name, label, {part: round(ms, 1) for part, ms in parts.items()}, flush=True)
+        header = ["part", *(f"{label}: ms (least)" for label in columns)]
+        table = []
+        for part in [*PARTS, "other operators"]:
+            table.append(
+                [
+                    part,
+                    *(
+                        f"{columns[label][part]:.1f} ({floors[label][part]:.2f})"
+                        for label in columns
+                    ),
+                ]
+            )
+        table.append(
+            [
+                "all operators (step, unprofiled)",
+                *(
+                    f"{sum(v for p, v in columns[label].items() if p in floors[label]):.1f} "
+                    f"({columns[label]['step, unprofiled']:.1f}; least "
+                    f"{sum(floors[label].values()):.2f})"
+                    for label in columns
+                ),
+            ]
+        )
+        tables.append(
+            f"#### {name} ({num_tokens} tokens), batch 1\n\n" + markdown_table(header, table)
+        )
+    return (
+        "### Roofline: each part of a step against this machine's limits\n\n"
+        f"{threads} threads. This machine:\n\n"
+        + markdown_table(["measure", "value"], machine_rows)
+        + "\n\nPer part of a step: milliseconds per step under the torch profiler (self CPU "
+        f"time, the profiler's own cost included; {steps - 2} steps after two, real frames, "
+        "random weights, no drift control), and in brackets the least time this machine needs "
+        "for that part: max(2 x multiply-adds / float32 peak, bytes / bandwidth), the "
+        "multiply-adds from the step's op counts, the bytes those the part must read at least "
+        "(all linear weights once; each gate's input and reference; the selected rows). "
+        '"Other operators" (index arithmetic, selection bookkeeping, views, allocation) need '
+        "no time at all on the roofline. The last row adds the profiled parts and gives the "
+        "step's median wall time without the profiler; the gap between the two is the "
+        "profiler's own cost, and the wall time less the least time is what Python, dispatch "
+        "and kernels far from their limits still take.\n\n" + "\n\n".join(tables)
+    )
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares a, b of ms = a + b k."""
+    ks, ms = [k for k, _ in points], [m for _, m in points]
+    mean_k, mean_m = statistics.fmean(ks), statistics.fmean(ms)
+    slope = sum((k - mean_k) * (m - mean_m) for k, m in points) / sum((k - mean_k) ** 2 for k in ks)
+    return mean_m - slope * mean_k, slope
+
+
+def fixed_cost_section(threads: int, steps: int) -> str:
+    divisors = (1, 4, 16, 64)
+    header = ["model", "level", "dense ms", *(f"k = N/{d}" for d in divisors), "a / dense", "b ms"]
+    rows = []
+    for name, (build, size) in models().items():
+        vit = build()
+        num_tokens = vit.embedding.num_tokens(size, size)
+        frames = real_frames(size, steps, 1)
+        for level in LEVELS:
+            dense, ratios, points = Timings(), [], []
+            for divisor in divisors:
+                k = max(1, round(num_tokens / divisor))
+                stream = eventful.convert(vit, policy=eventful.TopK(k), level=level).stream(
+                    drift=None, check_finite=False, count_ops=False
+                )
+                timed = Timings()
+                for index, frame in enumerate(frames):
+                    pair = [(dense, vit), (timed, stream)]
+                    for timings, call in pair if index % 2 == 0 else reversed(pair):
+                        timings.add(call, frame)
+                ms = timed.summary()[0]
+                ratios.append(ms)
+                if divisor > 1:
+                    points.append((k, ms))
+            dense_ms = dense.summary()[0]
+            a, b = fit(points)
+            cells = [f"{ms:.1f} ({ms / dense_ms:.2f})" for ms in ratios]
+            rows.append([name, level, f"{dense_ms:.1f}", *cells, f"{a / dense_ms:.2f}", f"{b:.3f}"])
+            print(*rows[-1], sep=" | ", flush=True)
+    return (
+        "### The fixed cost of a step (CPU, batch 1)\n\n"
+        f"{threads} threads, {steps} steps per k, each interleaved with the dense model on the "
+        "same real frames (bikes.mp4), medians over the steps after the first; random weights, "
+        "TopK(k), no drift control, no op counting. Each cell: milliseconds per step (over a "
+        "dense step). Fit: ms = a + b k over k = N/4, N/16, N/64; a / dense is the share of a "
+        "dense step that no policy removes. Target (issue 25): a at most 0.10 of a dense step, "
+        "and time falling with k down to N/64.\n\n" + markdown_table(header, rows)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--part", choices=("roofline", "fixed-cost", "all"), default="all")
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.part in ("roofline", "all"):
+        write_or_print("roofline", roofline_section(args.threads, args.steps), args.write)
+    if args.part in ("fixed-cost", "all"):
+        write_or_print("fixed-cost", fixed_cost_section(args.threads, args.steps), args.write)
+
+
+if __name__ == "__main__":
+    main()
