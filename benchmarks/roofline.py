@@ -1,10 +1,11 @@
 """Where a step's time goes against this machine's roofline, and the fixed cost of a step.
 
 Part "roofline": the machine's measured peak multiply-add rate (a 2048 x 2048 matmul, float32
-and bfloat16) and memory bandwidth (a 256 MB copy); then, for ViT-S/14 at 224 and ViT-B/16 at
-384, tokenwise and exact, k = N/4 and N/16, each part of a step (torch profiler, self CPU time)
-in milliseconds beside the least time this machine needs for it: max(flops / peak, bytes /
-bandwidth) from the step's own op counts and the bytes it must read.
+and bfloat16; the fastest of several runs) and memory bandwidth (a 256 MB copy, likewise);
+then, for ViT-S/14 at 224 and ViT-B/16 at 384, tokenwise and exact, k = N/4 and N/16, each
+part of a step (torch profiler, self CPU time) in milliseconds beside the least time this
+machine needs for it: max(flops / peak, bytes / bandwidth) from the step's own op counts and
+the bytes it must read.
 
 Part "fixed-cost": time per step against k (N down to N/64), interleaved with the dense model
 on the same real frames, fitted as `a + b k` (least squares over the k below N); `a` over a
@@ -72,13 +73,15 @@ def models() -> dict[str, tuple[Callable[[], eventful.ViT], int]]:
     }
 
 
-def median_seconds(call: Callable[[], object], repeats: int) -> float:
+def best_seconds(call: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` calls: a peak is what the machine reaches when nothing else
+    runs, and on a shared machine that is the least time, not the typical one."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def machine_peaks() -> dict[str, float]:
@@ -89,12 +92,12 @@ def machine_peaks() -> dict[str, float]:
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         a @ b
-        repeats = 5 if dtype == torch.float32 else 1  # bfloat16 may be emulated: slow
-        peaks[str(dtype)] = 2 * size**3 / median_seconds(lambda a=a, b=b: a @ b, repeats)
+        repeats = 7 if dtype == torch.float32 else 1  # bfloat16 may be emulated: slow
+        peaks[str(dtype)] = 2 * size**3 / best_seconds(lambda a=a, b=b: a @ b, repeats)
     source = torch.ones(64 * 2**20)  # 256 MB
     target = torch.empty_like(source)
     target.copy_(source)
-    copy_seconds = median_seconds(lambda: target.copy_(source), 7)
+    copy_seconds = best_seconds(lambda: target.copy_(source), 9)
     peaks["bandwidth"] = 2 * source.numel() * FLOAT / copy_seconds
     return peaks
 

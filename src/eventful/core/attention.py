@@ -31,11 +31,18 @@ class Changes:
     that every row has m = the largest count of changes; `valid` marks the changed ones. The
     positions of a row are distinct. A padding position's key and value are the same before and
     after the step, so swapping its old share of a row's attention for its new one changes
-    nothing (up to rounding), and the updates write nothing for it.
+    nothing (up to rounding), and the updates write nothing for it. `complete`: no row holds
+    padding (every position of `index` changed), so writes need no mask.
     """
 
     index: Tensor
     valid: Tensor
+    complete: bool = False
+
+    @property
+    def padding_mask(self) -> Tensor | None:
+        """`valid` where some row holds padding; None where none does."""
+        return None if self.complete else self.valid
 
     @staticmethod
     def from_mask(changed: Tensor) -> Changes:
@@ -45,25 +52,35 @@ class Changes:
         # Changed positions first, each part in ascending order (a stable sort).
         order = changed.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
         valid = torch.arange(width, device=changed.device) < counts.unsqueeze(1)
-        return Changes(order[:, :width], valid)
+        return Changes(order[:, :width], valid, complete=changed.shape[0] == 1)
 
     @staticmethod
     def of_one_group(index: Tensor) -> Changes:
         """The positions `index` (s,) of a single group, all changed."""
         valid = torch.ones(1, index.numel(), dtype=torch.bool, device=index.device)
-        return Changes(index.unsqueeze(0), valid)
+        return Changes(index.unsqueeze(0), valid, complete=True)
 
 
 def at_positions(x: Tensor, index: Tensor) -> Tensor:
     """x (G, H, L, ...) at each group's positions index (G, m) along L: (G, H, m, ...)."""
+    if x.shape[0] == 1:  # one group: a plain index_select, no expanded index
+        return x.index_select(2, index[0])
     groups, heads = x.shape[:2]
     shape = (groups, heads, index.shape[1], *x.shape[3:])
     by_position = index.view(groups, 1, -1, *([1] * (x.dim() - 3))).expand(shape)
     return x.gather(2, by_position)
 
 
-def _write_positions(x: Tensor, index: Tensor, values: Tensor, valid: Tensor) -> None:
-    """x (G, H, L, ...) at index (G, m) takes `values` (G, H, m, ...) where `valid` (G, m)."""
+def _write_positions(x: Tensor, index: Tensor, values: Tensor, valid: Tensor | None) -> None:
+    """x (G, H, L, ...) at index (G, m) takes `values` (G, H, m, ...) where `valid` (G, m);
+    everywhere when `valid` is None (`Changes.padding_mask`)."""
+    if valid is None and x.shape[0] == 1:
+        x.index_copy_(2, index[0], values.to(x.dtype))
+        return
+    if valid is None:
+        expanded = index.view(*index.shape[:1], 1, -1, *([1] * (x.dim() - 3))).expand(values.shape)
+        x.scatter_(2, expanded, values.to(x.dtype))
+        return
     by_head = valid.view(valid.shape[0], 1, valid.shape[1], *([1] * (x.dim() - 3)))
     kept = torch.where(by_head, values.to(x.dtype), at_positions(x, index))
     shape = kept.shape
@@ -85,7 +102,7 @@ def update_query_key_groups(
     bias, if any, for exactly the rows and columns rewritten); padding positions are left as
     they were. Cost: 2 s L dh per head and group.
     """
-    index, valid = changes.index, changes.valid
+    index, valid = changes.index, changes.padding_mask
     rows = torch.matmul(at_positions(q, index), k.transpose(-1, -2))  # (G, H, m, L)
     if bias_for is not None:
         rows += bias_for(index, None)
@@ -245,8 +262,8 @@ def _recompute_logsumexp_rows(
     if bias_for is not None:
         logits += bias_for(rows.index, None)
     logsumexp = torch.logsumexp(logits, dim=-1)
-    _write_positions(shift, rows.index, logsumexp, rows.valid)
-    _write_positions(denominator, rows.index, torch.ones_like(logsumexp), rows.valid)
+    _write_positions(shift, rows.index, logsumexp, rows.padding_mask)
+    _write_positions(denominator, rows.index, torch.ones_like(logsumexp), rows.padding_mask)
 
 
 def _recompute_lost_rows(denominator: Tensor, recompute: Callable[[Changes], None]) -> Tensor:
@@ -439,9 +456,10 @@ def recompute_attention_groups(
     """
     bias = None if bias_for is None else bias_for(rows.index, None)
     output, logsumexp = attention_with_logsumexp(at_positions(q, rows.index), k, v, bias)
-    _write_positions(numerator, rows.index, output, rows.valid)
-    _write_positions(denominator, rows.index, torch.ones_like(logsumexp), rows.valid)
-    _write_positions(shift, rows.index, logsumexp, rows.valid)
+    mask = rows.padding_mask
+    _write_positions(numerator, rows.index, output, mask)
+    _write_positions(denominator, rows.index, torch.ones_like(logsumexp), mask)
+    _write_positions(shift, rows.index, logsumexp, mask)
 
 
 def recompute_attention_rows(

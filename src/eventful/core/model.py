@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 import time
 import weakref
@@ -52,6 +53,17 @@ def step_lock(model: EventfulModule) -> threading.RLock:
         if lock is None:
             lock = _STEP_LOCKS[encoder] = threading.RLock()
     return lock
+
+
+def locked_step(forward: Callable) -> Callable:
+    """`forward` of a converted model, holding the model's `step_lock` while it runs."""
+
+    @functools.wraps(forward)
+    def locked(model: EventfulModule, *args: object, **kwargs: object) -> object:
+        with step_lock(model):
+            return forward(model, *args, **kwargs)
+
+    return locked
 
 
 def check_frame_tensor(frames: object, weight: Tensor) -> None:
@@ -225,6 +237,7 @@ class EventfulViT(EventfulModule):
             block.kv_pool = factor
 
     @torch.no_grad()
+    @locked_step
     def forward(
         self,
         frames: Tensor,
@@ -243,18 +256,6 @@ class EventfulViT(EventfulModule):
         Should the step itself fail midway, every stream is reset (its next step runs densely),
         so no half-updated cache is ever used.
         """
-        with step_lock(self):
-            return self._forward(frames, state, trace, check_finite, refresh, escalation)
-
-    def _forward(
-        self,
-        frames: Tensor,
-        state: StreamState,
-        trace: StepTrace | None,
-        check_finite: bool,
-        refresh: Sequence[int],
-        escalation: Escalation | None,
-    ) -> Tensor | tuple[Tensor, tuple[Tensor, ...]]:
         num_tokens = self.check_input(frames, state, check_finite, escalation)
         input_size = (frames.shape[-2], frames.shape[-1])
         state.ensure_writable()

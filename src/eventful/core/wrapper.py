@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from eventful.core.escalation import Escalation
 from eventful.core.local_head import HeadStep, LocalStack
-from eventful.core.model import EventfulModule, EventfulViT, step_lock
+from eventful.core.model import EventfulModule, EventfulViT, locked_step
 from eventful.core.ops import HEAD_LAYERS, StepTrace, layer_macs
 from eventful.core.policies import Policy
 from eventful.core.state import StreamState
@@ -109,6 +109,7 @@ class EventfulWrapper(EventfulModule):
     def policy(self, policy: Policy) -> None:
         self.encoder.policy = policy
 
+    @locked_step
     def forward(
         self,
         frames: Tensor,
@@ -119,18 +120,6 @@ class EventfulWrapper(EventfulModule):
         escalation: Escalation | None = None,
     ) -> Any:
         """One time step; the arguments are those of `EventfulViT.forward`."""
-        with step_lock(self):
-            return self._forward(frames, state, trace, check_finite, refresh, escalation)
-
-    def _forward(
-        self,
-        frames: Tensor,
-        state: StreamState,
-        trace: StepTrace | None,
-        check_finite: bool,
-        refresh: Sequence[int],
-        escalation: Escalation | None,
-    ) -> Any:
         call = self.call
         arguments = {
             "state": state,
