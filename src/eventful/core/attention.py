@@ -31,8 +31,8 @@ class Changes:
     that every row has m = the largest count of changes; `valid` marks the changed ones. The
     positions of a row are distinct. A padding position's key and value are the same before and
     after the step, so swapping its old share of a row's attention for its new one changes
-    nothing (up to rounding), and the updates write nothing for it. `complete`: no row holds
-    padding (every position of `index` changed), so writes need no mask.
+    nothing (up to rounding), and the updates write nothing for it. `complete`, set for a
+    single group: its one row holds no padding, so writes need no mask.
     """
 
     index: Tensor
@@ -41,7 +41,7 @@ class Changes:
 
     @property
     def padding_mask(self) -> Tensor | None:
-        """`valid` where some row holds padding; None where none does."""
+        """`valid`, or None for a `complete` single group."""
         return None if self.complete else self.valid
 
     @staticmethod
@@ -73,13 +73,9 @@ def at_positions(x: Tensor, index: Tensor) -> Tensor:
 
 def _write_positions(x: Tensor, index: Tensor, values: Tensor, valid: Tensor | None) -> None:
     """x (G, H, L, ...) at index (G, m) takes `values` (G, H, m, ...) where `valid` (G, m);
-    everywhere when `valid` is None (`Changes.padding_mask`)."""
-    if valid is None and x.shape[0] == 1:
-        x.index_copy_(2, index[0], values.to(x.dtype))
-        return
+    `valid` None (`Changes.padding_mask` of one group): everywhere, by a plain index_copy_."""
     if valid is None:
-        expanded = index.view(*index.shape[:1], 1, -1, *([1] * (x.dim() - 3))).expand(values.shape)
-        x.scatter_(2, expanded, values.to(x.dtype))
+        x[0].index_copy_(1, index[0], values[0].to(x.dtype))
         return
     by_head = valid.view(valid.shape[0], 1, valid.shape[1], *([1] * (x.dim() - 3)))
     kept = torch.where(by_head, values.to(x.dtype), at_positions(x, index))
