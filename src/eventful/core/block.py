@@ -296,6 +296,8 @@ class EventfulBlock(nn.Module):
         if selection.everything or len(fresh_streams) == batch:
             counts = torch.full((total,), length, device=device)
             return _Plan(counts, [_Update(None, None)])
+        if groups == 1 and not fresh_streams and len(set(selection.counts)) == 1:
+            return self._plan_equal_counts(selection)
         flat = selection.flat
         slots = (flat // selection.num_tokens) * (groups * length)
         slots += layout.slot[flat % selection.num_tokens]
@@ -329,6 +331,24 @@ class EventfulBlock(nn.Module):
                 changes = Changes.from_mask(changed if chosen is None else changed[chosen])
             updates.append(_Update(chosen, changes, every_row=bool(kind)))
         return _Plan(counts, updates)
+
+    def _plan_equal_counts(self, selection: Selection) -> _Plan:
+        """`_plan` for global attention when every stream selected the same number of tokens
+        (a top-k policy) and none is fresh: one update of every group, its changes read
+        straight from the selection, no mask."""
+        batch, count = selection.batch_size, selection.counts[0]
+        device = selection.flat.device
+        counts = torch.full((batch,), count, device=device)
+        if count == 0:
+            return _Plan(counts, [])
+        large = 3 * count >= selection.num_tokens
+        if self.level == "exact" and large:
+            return _Plan(counts, [_Update(None, None)])
+        per_stream = selection.per_stream
+        index = per_stream[0].unsqueeze(0) if batch == 1 else torch.stack(per_stream)
+        valid = torch.ones(index.shape, dtype=torch.bool, device=device)
+        changes = Changes(index, valid, complete=batch == 1)
+        return _Plan(counts, [_Update(None, changes, every_row=self.level == "full" and large)])
 
     def _keys_values_before(
         self, qkv: Tensor, layout: GroupLayout, plan: _Plan

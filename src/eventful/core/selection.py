@@ -43,6 +43,8 @@ class Selection:
     def from_indices(index: Tensor, num_tokens: int) -> Selection:
         """Equal counts per stream: `index` is (B, K) token indices."""
         batch = index.shape[0]
+        if batch == 1:  # the flat indices are the token indices
+            return Selection((index[0],), index.reshape(-1), num_tokens)
         offsets = torch.arange(batch, device=index.device).unsqueeze(1) * num_tokens
         flat = (index + offsets).reshape(-1)
         return Selection(tuple(index.unbind(0)), flat, num_tokens)
