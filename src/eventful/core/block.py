@@ -296,7 +296,7 @@ class EventfulBlock(nn.Module):
         if selection.everything or len(fresh_streams) == batch:
             counts = torch.full((total,), length, device=device)
             return _Plan(counts, [_Update(None, None)])
-        if groups == 1 and not fresh_streams and len(set(selection.counts)) == 1:
+        if not self.partitioned and not fresh_streams and len(set(selection.counts)) == 1:
             return self._plan_equal_counts(selection)
         flat = selection.flat
         slots = (flat // selection.num_tokens) * (groups * length)
@@ -333,9 +333,10 @@ class EventfulBlock(nn.Module):
         return _Plan(counts, updates)
 
     def _plan_equal_counts(self, selection: Selection) -> _Plan:
-        """`_plan` for global attention when every stream selected the same number of tokens
-        (a top-k policy) and none is fresh: one update of every group, its changes read
-        straight from the selection, no mask."""
+        """`_plan` for attention over the whole sequence (one group per stream, its positions
+        the tokens) when every stream selected the same number of tokens (a top-k policy) and
+        none is fresh: one update of every group, its changes read straight from the
+        selection, no mask."""
         batch, count = selection.batch_size, selection.counts[0]
         device = selection.flat.device
         counts = torch.full((batch,), count, device=device)
