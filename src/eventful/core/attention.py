@@ -31,18 +31,17 @@ class Changes:
     that every row has m = the largest count of changes; `valid` marks the changed ones. The
     positions of a row are distinct. A padding position's key and value are the same before and
     after the step, so swapping its old share of a row's attention for its new one changes
-    nothing (up to rounding), and the updates write nothing for it. `complete`, set for a
-    single group: its one row holds no padding, so writes need no mask.
+    nothing (up to rounding), and the updates write nothing for it. A single group's one row
+    is as long as its count of changes: it holds no padding.
     """
 
     index: Tensor
     valid: Tensor
-    complete: bool = False
 
     @property
     def padding_mask(self) -> Tensor | None:
-        """`valid`, or None for a `complete` single group."""
-        return None if self.complete else self.valid
+        """`valid`, or None for a single group (no padding), whose writes need no mask."""
+        return None if self.index.shape[0] == 1 else self.valid
 
     @staticmethod
     def from_mask(changed: Tensor) -> Changes:
@@ -52,13 +51,13 @@ class Changes:
         # Changed positions first, each part in ascending order (a stable sort).
         order = changed.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
         valid = torch.arange(width, device=changed.device) < counts.unsqueeze(1)
-        return Changes(order[:, :width], valid, complete=changed.shape[0] == 1)
+        return Changes(order[:, :width], valid)
 
     @staticmethod
     def of_one_group(index: Tensor) -> Changes:
         """The positions `index` (s,) of a single group, all changed."""
         valid = torch.ones(1, index.numel(), dtype=torch.bool, device=index.device)
-        return Changes(index.unsqueeze(0), valid, complete=True)
+        return Changes(index.unsqueeze(0), valid)
 
 
 def at_positions(x: Tensor, index: Tensor) -> Tensor:

@@ -348,7 +348,7 @@ class EventfulBlock(nn.Module):
         per_stream = selection.per_stream
         index = per_stream[0].unsqueeze(0) if batch == 1 else torch.stack(per_stream)
         valid = torch.ones(index.shape, dtype=torch.bool, device=device)
-        changes = Changes(index, valid, complete=batch == 1)
+        changes = Changes(index, valid)
         return _Plan(counts, [_Update(None, changes, every_row=self.level == "full" and large)])
 
     def _keys_values_before(
