@@ -272,32 +272,39 @@ def _recompute_lost_rows(denominator: Tensor, recompute: Callable[[Changes], Non
     return counts
 
 
-def _swap_row_contributions(
+def _swap_key_contributions(
     numerator: Tensor,
     denominator: Tensor,
     shift: Tensor,
-    new_output: Tensor,
-    new_logsumexp: Tensor,
-    old_output: Tensor,
-    old_logsumexp: Tensor,
+    q: Tensor,
+    new_keys: Tensor,
+    new_values: Tensor,
+    old_keys: Tensor,
+    old_values: Tensor,
+    columns_bias: Tensor | None = None,
 ) -> None:
     """Running softmax sums of every row: remove the old keys' share, add the new keys'.
 
-    A key set's share of row i is exp(lse_i - m_i) in the denominator (..., H, N) (lse: the
-    row's log-sum-exp over those keys) and that times its attention output in the numerator
-    (..., H, N, dh). The shift m_i is first raised to cover the new share, so no exponent
-    overflows.
+    Row i's share of key j is exp(l_ij - m_i) in the denominator (..., H, L) and that times v_j
+    in the numerator (..., H, L, dh). The shift m_i is first raised to the row's largest new
+    logit, so that no exponent overflows (an old key's share was already in the sums under a
+    shift at most as high). Old and new keys go through one matmul for their logits and one for
+    their values, the old keys' weights negated: plain batched matmuls, which for a few keys
+    cost less here than a fused attention call per key set (BENCHMARKS.md, "roofline").
     """
-    raised = torch.maximum(shift, new_logsumexp)
-    rescale = torch.exp(shift - raised)
-    denominator.mul_(rescale)
+    count = new_keys.shape[-2]
+    keys = torch.cat((new_keys, old_keys), dim=-2)
+    logits = torch.matmul(q, keys.transpose(-1, -2))  # (..., H, L, 2 m)
+    if columns_bias is not None:
+        logits += torch.cat((columns_bias, columns_bias), dim=-1)
+    raised = torch.maximum(shift, logits[..., :count].amax(dim=-1))
+    weights = logits.sub_(raised.unsqueeze(-1)).exp_()
+    weights[..., count:].neg_()
+    rescale = shift.sub_(raised).exp_()
+    denominator.mul_(rescale).add_(weights.sum(dim=-1))
+    values = torch.cat((new_values, old_values), dim=-2)
+    numerator.mul_(rescale.unsqueeze(-1)).add_(torch.matmul(weights, values))
     shift.copy_(raised)
-    new_weight = torch.exp(new_logsumexp - raised)
-    old_weight = torch.exp(old_logsumexp - raised)
-    denominator.add_(new_weight).sub_(old_weight)
-    numerator.mul_(rescale.unsqueeze(-1))
-    numerator.addcmul_(new_weight.unsqueeze(-1), new_output)
-    numerator.addcmul_(old_weight.unsqueeze(-1), old_output, value=-1)
 
 
 def attention_with_logsumexp(
@@ -492,9 +499,8 @@ def update_exact_groups(
 
     The positions `changes` changed: `old_keys`, `old_values` (G, H, m, dh) are their keys and
     values before the change, q, k, v (G, H, L, dh) hold the new ones. Every row swaps the old
-    contribution of those keys for the new one (each computed as fused attention over the m
-    keys, rescaled by its log-sum-exp), after raising its shift to the new log-sum-exp so that
-    no exponent overflows; the changed queries' rows are recomputed over all keys; rows whose
+    contribution of those keys for the new one, after raising its shift to its largest new
+    logit so that no exponent overflows (`_swap_key_contributions`); the changed queries' rows are recomputed over all keys; rows whose
     denominator fell below `UNDERFLOW` are recomputed too. Cost: 6 s L dh per head and group.
     Returns per group (G,) the underflowed rows recomputed.
 
@@ -505,12 +511,9 @@ def update_exact_groups(
     """
     index = changes.index
     columns_bias = None if bias_for is None else bias_for(None, index)
-    new_output, new_logsumexp = attention_with_logsumexp(
-        q, at_positions(k, index), at_positions(v, index), columns_bias
-    )
-    old_output, old_logsumexp = attention_with_logsumexp(q, old_keys, old_values, columns_bias)
     sums = (numerator, denominator, shift)
-    _swap_row_contributions(*sums, new_output, new_logsumexp, old_output, old_logsumexp)
+    new_keys, new_values = at_positions(k, index), at_positions(v, index)
+    _swap_key_contributions(*sums, q, new_keys, new_values, old_keys, old_values, columns_bias)
     recompute_attention_groups(*sums, q, k, v, changes, bias_for)
     return _recompute_lost_rows(
         denominator, lambda rows: recompute_attention_groups(*sums, q, k, v, rows, bias_for)
