@@ -500,8 +500,9 @@ def update_exact_groups(
     The positions `changes` changed: `old_keys`, `old_values` (G, H, m, dh) are their keys and
     values before the change, q, k, v (G, H, L, dh) hold the new ones. Every row swaps the old
     contribution of those keys for the new one, after raising its shift to its largest new
-    logit so that no exponent overflows (`_swap_key_contributions`); the changed queries' rows are recomputed over all keys; rows whose
-    denominator fell below `UNDERFLOW` are recomputed too. Cost: 6 s L dh per head and group.
+    logit so that no exponent overflows (`_swap_key_contributions`); the changed queries' rows
+    are recomputed over all keys; rows whose denominator fell below `UNDERFLOW` are recomputed
+    too. Cost: 6 s L dh per head and group.
     Returns per group (G,) the underflowed rows recomputed.
 
     With a bias (`bias_for`), the changed keys' columns take the bias of every row for those
