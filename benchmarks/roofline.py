@@ -28,6 +28,7 @@ from speed import Timings, real_frames
 from torch.profiler import ProfilerActivity, profile
 
 import eventful
+from eventful.core import kernels, packed_linear
 from eventful.core.packed_linear import PackedLinear
 
 LEVELS = ("tokenwise", "exact")
@@ -285,11 +286,88 @@ def fixed_cost_section(threads: int, steps: int) -> str:
     )
 
 
+def read_bandwidth() -> float:
+    """Bytes per second of reading 256 MB once (a sum): what a weight-bound layer streams."""
+    source = torch.ones(64 * 2**20)
+    source.sum()
+    return source.numel() * FLOAT / best_seconds(source.sum, 9)
+
+
+def onednn_rows(x: torch.Tensor, layers: list[PackedLinear]) -> None:
+    for layer in layers:
+        torch.ops.mkldnn._linear_pointwise(x, layer._packed_weight(), layer.bias, "none", [], "")
+
+
+def kernel_rows(kernel, x: torch.Tensor, layers: list[PackedLinear], panels) -> None:
+    for layer, panel in zip(layers, panels, strict=True):
+        kernel.linear(x, panel, layer.bias, layer.out_features)
+
+
+def small_rows_section(threads: int, repeats: int) -> str:
+    """The linear layers of ViT-S and ViT-B on 1 to 128 rows: oneDNN's prepacked linear against
+    the engine's small-rows kernel, each beside its least time. Enough copies of each layer
+    that their weights do not fit in the caches, as in a step, which reads every block's."""
+    peaks, read = machine_peaks(), read_bandwidth()
+    shapes = ((384, 1152), (384, 384), (384, 1536), (1536, 384), (768, 2304), (768, 3072))
+    shapes += ((3072, 768),)
+    row_counts = (1, 4, 16, 32, 64, 128)
+    header = [
+        "layer (in -> out)",
+        *(f"{rows} rows: oneDNN / ours (least) us" for rows in row_counts),
+    ]
+    table = []
+    kernel = kernels.small_rows_linear()
+    for features, outputs in shapes:
+        copies = max(2, (256 * 2**20) // (features * outputs * FLOAT))
+        layers = [PackedLinear(features, outputs) for _ in range(copies)]
+        with torch.inference_mode():
+            panels = [kernel.pack(layer.weight) if kernel else None for layer in layers]
+        cells = []
+        for rows in row_counts:
+            x = torch.randn(rows, features)
+            timings = {"onednn": [], "ours": []}
+            with torch.inference_mode():
+                onednn_rows(x, layers)  # packs each layer's weight once
+                calls = {
+                    "onednn": (onednn_rows, (x, layers)),
+                    "ours": (kernel_rows, (kernel, x, layers, panels)),
+                }
+                for index in range(repeats):
+                    names = ("onednn", "ours") if index % 2 == 0 else ("ours", "onednn")
+                    for name in names if kernel else ("onednn",):
+                        start = time.perf_counter()
+                        call, arguments = calls[name]
+                        call(*arguments)
+                        timings[name].append((time.perf_counter() - start) / copies * 1e6)
+            least = (
+                max(
+                    2 * rows * features * outputs / peaks[str(torch.float32)],
+                    features * outputs * FLOAT / read,
+                )
+                * 1e6
+            )
+            ours = f"{statistics.median(timings['ours']):.0f}" if kernel else "not built"
+            cells.append(f"{statistics.median(timings['onednn']):.0f} / {ours} ({least:.0f})")
+        table.append([f"{features} -> {outputs}", *cells])
+        print(*table[-1], sep=" | ", flush=True)
+    return (
+        "### Linear layers on few rows: oneDNN against the engine's small-rows kernel\n\n"
+        f"{threads} threads; microseconds per call, the median of {repeats} interleaved rounds "
+        "over enough copies of each layer (fresh weights) to fill 256 MB, so that weights come "
+        "from memory as in a step; in brackets the least time: max(2 x multiply-adds / float32 "
+        f"peak, weight bytes / read bandwidth), with the peak "
+        f"{peaks[str(torch.float32)] / 1e9:.0f} GFLOP/s and reading at {read / 1e9:.1f} GB/s. "
+        "The engine runs its kernel (`eventful.core.kernels`) up to "
+        f"{packed_linear.SMALL_ROWS} rows and oneDNN above.\n\n" + markdown_table(header, table)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--part", choices=("roofline", "fixed-cost", "all"), default="all")
+    parts = ("roofline", "fixed-cost", "small-rows-linear", "all")
+    parser.add_argument("--part", choices=parts, default="all")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -297,6 +375,9 @@ def main() -> None:
         write_or_print("roofline", roofline_section(args.threads, args.steps), args.write)
     if args.part in ("fixed-cost", "all"):
         write_or_print("fixed-cost", fixed_cost_section(args.threads, args.steps), args.write)
+    if args.part in ("small-rows-linear", "all"):
+        section = small_rows_section(args.threads, args.steps)
+        write_or_print("small-rows-linear", section, args.write)
 
 
 if __name__ == "__main__":

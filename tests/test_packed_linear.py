@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from eventful.core import packed_linear
+from eventful.core import kernels, packed_linear
 from eventful.core.fingerprint import forget_weight_caches
 from eventful.core.packed_linear import PackedLinear
 
@@ -43,13 +43,20 @@ def test_its_parameters_and_state_dict_are_those_of_the_linear():
     assert all(torch.equal(packed.state_dict()[k], v) for k, v in linear.state_dict().items())
 
 
+def packed_copy_of(packed: PackedLinear, rows: int):
+    """The packed weight a call on `rows` rows uses: the small-rows kernel's or oneDNN's."""
+    small = rows <= packed_linear.SMALL_ROWS and kernels.small_rows_linear() is not None
+    return packed._panels if small else packed._packed
+
+
 @needs_prepacked
-def test_a_weight_changed_in_place_assigned_or_loaded_is_used_at_the_next_call():
+@pytest.mark.parametrize("rows", [7, 2 * packed_linear.SMALL_ROWS])  # both packed copies
+def test_a_weight_changed_in_place_assigned_or_loaded_is_used_at_the_next_call(rows):
     linear, packed = linear_and_packed()
-    x = torch.randn(7, 48)
+    x = torch.randn(rows, 48)
     with torch.no_grad():
         packed(x)
-        assert packed._packed is not None
+        assert packed_copy_of(packed, rows) is not None
         packed.weight.mul_(2.0)  # in place
         linear.weight.mul_(2.0)
         torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
@@ -65,17 +72,18 @@ def test_a_weight_changed_in_place_assigned_or_loaded_is_used_at_the_next_call()
         weights(x)
         weights.weight.zero_()
         forget_weight_caches(weights)
-        torch.testing.assert_close(weights(x), linear.bias.expand(7, 96))
+        torch.testing.assert_close(weights(x), linear.bias.expand(rows, 96))
 
 
 @needs_prepacked
-def test_copies_and_pickles_of_a_used_packed_linear_repack():
+@pytest.mark.parametrize("rows", [3, 2 * packed_linear.SMALL_ROWS])
+def test_copies_and_pickles_of_a_used_packed_linear_repack(rows):
     _, packed = linear_and_packed(nn.GELU())
-    x = torch.randn(3, 48)
+    x = torch.randn(rows, 48)
     with torch.no_grad():
         want = packed(x)
         twin = copy.deepcopy(packed)
-        assert twin._packed is None
+        assert twin._packed is None and twin._panels is None
         assert torch.equal(twin(x), want)
         saved = io.BytesIO()
         torch.save(packed, saved)
@@ -96,3 +104,44 @@ def test_other_dtypes_run_the_plain_linear():
     x = torch.randn(4, 48, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(packed.double()(x), linear.double()(x))
+
+
+needs_small_rows_kernel = pytest.mark.skipif(
+    kernels.small_rows_linear() is None, reason="no C++ compiler to build the small-rows kernel"
+)
+
+
+@needs_small_rows_kernel
+@pytest.mark.parametrize(("features", "outputs"), [(48, 96), (37, 5), (384, 1152), (1536, 384)])
+def test_the_small_rows_kernel_equals_the_linear_layer_and_each_row_stands_alone(features, outputs):
+    """Odd sizes leave a part of a panel and of a register block unused; every row count from 1
+    to SMALL_ROWS takes a different mix of blocks, and a row's result never depends on them."""
+    torch.manual_seed(1)
+    linear = nn.Linear(features, outputs)
+    packed = PackedLinear.from_linear(linear, nn.GELU())
+    x = torch.randn(packed_linear.SMALL_ROWS, features)
+    with torch.inference_mode():
+        every = packed(x)
+        assert packed._panels is not None
+        torch.testing.assert_close(every, nn.functional.gelu(linear(x)), atol=1e-5, rtol=1e-5)
+        for rows in range(1, packed_linear.SMALL_ROWS + 1):
+            assert torch.equal(packed(x[:rows]), every[:rows])
+
+
+@needs_small_rows_kernel
+def test_the_small_rows_kernel_refuses_what_it_was_not_packed_for():
+    module = kernels.small_rows_linear()
+    panels = module.pack(torch.randn(96, 48))
+    with pytest.raises(RuntimeError, match="panels of pack\\(\\) for 40 input features"):
+        module.linear(torch.randn(3, 40), panels, None, 96)
+    with pytest.raises(RuntimeError, match="float32"):
+        module.pack(torch.randn(96, 48, dtype=torch.float64))
+
+
+def test_without_the_kernel_small_rows_run_onednn_or_the_plain_linear(monkeypatch):
+    monkeypatch.setenv(kernels.DISABLE, "0")
+    linear, packed = linear_and_packed(nn.GELU())
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), nn.functional.gelu(linear(x)), atol=1e-5, rtol=1e-5)
+    assert packed._panels is None

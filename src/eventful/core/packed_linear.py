@@ -8,6 +8,11 @@ beside the weight, made on the first call and again whenever the weight changes 
 that path does not apply (not the CPU, not float32, oneDNN missing, a step that records
 gradients, a step being compiled by `torch.compile`, which packs weights its own way) it is
 exactly `nn.Linear` followed by its activation.
+
+On at most `SMALL_ROWS` rows, where oneDNN is several times slower than reading the weight from
+memory, the layer runs the engine's own kernel (`eventful.core.kernels`) on a second copy of the
+weight laid out for it, made the same way, and the activation after it; where that kernel cannot
+be built, oneDNN runs every call.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eventful.core import kernels
 from eventful.core.fingerprint import tensor_key
 
 
@@ -31,6 +37,11 @@ def _prepacked_linear_available() -> bool:
 
 
 PREPACKED = _prepacked_linear_available()
+
+# Up to this many rows the small-rows kernel runs: measured 2-3x faster than oneDNN's prepacked
+# linear at 1 row, 1.1-1.6x at 32 and about as fast at 128, for every linear layer of ViT-S and
+# ViT-B (BENCHMARKS.md, "small-rows-linear").
+SMALL_ROWS = 128
 
 
 def _fused_activation(activation: nn.Module | None) -> tuple[str, list, str] | None:
@@ -63,6 +74,7 @@ class PackedLinear(nn.Linear):
         self.activation = nn.Identity() if activation is None else activation
         self._post_op = _fused_activation(activation)
         self._packed: tuple[tuple, Tensor] | None = None
+        self._panels: tuple[tuple, Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation: nn.Module | None = None) -> PackedLinear:
@@ -83,18 +95,25 @@ class PackedLinear(nn.Linear):
         return packed
 
     def clear_weight_caches(self) -> None:
-        """Forget the packed weight (`forget_weight_caches`)."""
+        """Forget the packed weights (`forget_weight_caches`)."""
         self._packed = None
+        self._panels = None
 
     def __getstate__(self) -> dict:
-        # The packed weight is an opaque oneDNN tensor: copies and pickles repack it.
-        return {**self.__dict__, "_packed": None}
+        # The packed weights follow the weight: copies and pickles repack them.
+        return {**self.__dict__, "_packed": None, "_panels": None}
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._uses_prepacked(x):
             return self.activation(F.linear(x, self.weight, self.bias))
-        attr, scalars, algorithm = self._post_op
         rows = x.reshape(-1, self.in_features)
+        small_rows = kernels.small_rows_linear() if rows.shape[0] <= SMALL_ROWS else None
+        if small_rows is not None:
+            out = small_rows.linear(
+                rows, self._panel_weight(small_rows), self.bias, self.out_features
+            )
+            return self.activation(out).view(*x.shape[:-1], self.out_features)
+        attr, scalars, algorithm = self._post_op
         out = torch.ops.mkldnn._linear_pointwise(
             rows, self._packed_weight(), self.bias, attr, scalars, algorithm
         )
@@ -118,3 +137,10 @@ class PackedLinear(nn.Linear):
                 packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
             self._packed = (key, packed)
         return self._packed[1]
+
+    def _panel_weight(self, small_rows) -> Tensor:
+        key = tensor_key(self.weight)
+        if self._panels is None or self._panels[0] != key:
+            with torch.no_grad():
+                self._panels = (key, small_rows.pack(self.weight.detach()))
+        return self._panels[1]

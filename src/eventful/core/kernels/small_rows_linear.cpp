@@ -1,0 +1,108 @@
+// A linear layer on few rows (an eventful step's selected tokens), float32, CPU.
+//
+// At a few rows a linear layer is bound by reading its weight from memory, and the general
+// matrix libraries are several times slower than that here (BENCHMARKS.md, "roofline"). This
+// kernel reads the weight once per call from a layout made for it: panels of PANEL output
+// columns, each panel (in_features, PANEL) contiguous, so that every loaded vector of weights
+// serves up to ROWS rows from registers. Each output element is one sequential sum over the
+// input features in the same order whatever the number of rows: a row's result does not depend
+// on the rows beside it. Threads share the panels.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace {
+
+typedef float Vector __attribute__((vector_size(32)));  // 8 floats; the compiler picks the ISA
+constexpr int64_t PANEL = 16;                           // output columns per panel: 2 vectors
+constexpr int ROWS = 6;                                 // rows per pass: 12 accumulators
+
+// weight (out, in) -> panels (ceil(out / PANEL), in, PANEL), the missing columns zero.
+torch::Tensor pack(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32,
+              "pack expects a float32 (out, in) weight, got ", weight.sizes(), " ",
+              weight.scalar_type());
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const int64_t panels = (out + PANEL - 1) / PANEL;
+  auto padded = torch::zeros({panels * PANEL, in}, weight.options());
+  padded.narrow(0, 0, out).copy_(weight);
+  return padded.view({panels, PANEL, in}).transpose(1, 2).contiguous();
+}
+
+// R rows of x (R, in) times one panel (in, PANEL), into columns [first, first + width) of y.
+template <int R>
+void rows_by_panel(const float* x, int64_t in, const float* panel, const float* bias, float* y,
+                   int64_t out, int64_t first, int64_t width) {
+  Vector low[R], high[R];
+  for (int r = 0; r < R; ++r) {
+    low[r] = Vector{};
+    high[r] = Vector{};
+  }
+  for (int64_t i = 0; i < in; ++i) {
+    Vector w_low, w_high;
+    std::memcpy(&w_low, panel + i * PANEL, sizeof(Vector));
+    std::memcpy(&w_high, panel + i * PANEL + 8, sizeof(Vector));
+    for (int r = 0; r < R; ++r) {
+      const float value = x[r * in + i];
+      low[r] += value * w_low;
+      high[r] += value * w_high;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float sums[PANEL];
+    std::memcpy(sums, &low[r], sizeof(Vector));
+    std::memcpy(sums + 8, &high[r], sizeof(Vector));
+    for (int64_t c = 0; c < width; ++c) {
+      y[r * out + first + c] = bias == nullptr ? sums[c] : sums[c] + bias[first + c];
+    }
+  }
+}
+
+// x (rows, in) float32 -> x W^T + bias (rows, out), W given as `pack`'s panels.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
+                     const c10::optional<torch::Tensor>& bias, int64_t out) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear expects float32 rows");
+  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x.size(1) && panels.size(2) == PANEL &&
+                  panels.size(0) * PANEL >= out && panels.is_contiguous(),
+              "linear expects the panels of pack() for ", x.size(1), " input features");
+  const auto rows_tensor = x.contiguous();
+  const int64_t rows = rows_tensor.size(0), in = rows_tensor.size(1);
+  auto y = torch::empty({rows, out}, rows_tensor.options());
+  const float* xs = rows_tensor.data_ptr<float>();
+  const float* ps = panels.data_ptr<float>();
+  torch::Tensor bias_tensor;
+  const float* bs = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bias_tensor = bias->contiguous();
+    TORCH_CHECK(bias_tensor.numel() == out, "linear expects a bias of ", out, " values");
+    bs = bias_tensor.data_ptr<float>();
+  }
+  float* ys = y.data_ptr<float>();
+  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const float* panel = ps + p * in * PANEL;
+      const int64_t first = p * PANEL, width = std::min(PANEL, out - first);
+      int64_t r = 0;
+      for (; r + ROWS <= rows; r += ROWS) {
+        rows_by_panel<ROWS>(xs + r * in, in, panel, bs, ys + r * out, out, first, width);
+      }
+      for (; r + 2 <= rows; r += 2) {
+        rows_by_panel<2>(xs + r * in, in, panel, bs, ys + r * out, out, first, width);
+      }
+      for (; r < rows; ++r) {
+        rows_by_panel<1>(xs + r * in, in, panel, bs, ys + r * out, out, first, width);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("pack", &pack, "weight (out, in) -> panels for linear");
+  module.def("linear", &linear, "rows (M, in), panels, bias, out -> (M, out)");
+}
