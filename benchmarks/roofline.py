@@ -36,11 +36,20 @@ FLOAT = 4  # bytes
 
 # Parts of a step, by the operator names the profiler reports; the rest is "other operators".
 PARTS = {
-    "linear layers": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear"),
+    "linear layers": (
+        "mkldnn::_linear_pointwise",
+        "eventful::small_rows_linear",
+        "aten::addmm",
+        "aten::mm",
+        "aten::linear",
+    ),
     "attention": (
         "aten::_scaled_dot_product_flash_attention_for_cpu",
         "aten::bmm",
         "aten::exp",
+        "aten::exp_",
+        "aten::amax",
+        "aten::neg_",
         "aten::addcmul_",
         "aten::mul_",
         "aten::maximum",

@@ -42,8 +42,8 @@ def test_the_packed_weights_are_used_and_follow_the_plain_linear_layers(level):
             assert_equal_up_to_rounding(packed(frame), plain(frame))
     layers = packed_layers(model)
     assert layers  # every block's qkv, proj, fc1 and fc2
-    if packed_linear.PREPACKED:
-        assert all(layer._packed is not None for layer in layers)
+    if packed_linear.PREPACKED:  # oneDNN's packed copy, or the small-rows kernel's
+        assert all(layer._packed is not None or layer._panels is not None for layer in layers)
 
 
 @pytest.mark.parametrize("level", LEVELS)

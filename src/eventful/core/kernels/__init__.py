@@ -1,9 +1,10 @@
 """CPU kernels of our own, built on this machine the first time they are needed.
 
-`small_rows_linear()` returns the compiled module of `small_rows_linear.cpp` (a linear layer on
-the few rows an eventful step selects), or None where it cannot be built: no C++ compiler, or
-`EVENTFUL_CPU_KERNELS=0` in the environment. Callers then use PyTorch's own kernels, with the
-same results up to rounding.
+`small_rows_linear()` builds `small_rows_linear.cpp` (a linear layer on the few rows an eventful
+step selects) and returns its two operators, `pack` and `linear`
+(`torch.ops.eventful.small_rows_pack` and `small_rows_linear`, which profilers list by those
+names), or None where it cannot be built: no C++ compiler, or `EVENTFUL_CPU_KERNELS=0` in the
+environment. Callers then use PyTorch's own kernels, with the same results up to rounding.
 
 The build (about a minute, once) goes through `torch.utils.cpp_extension`, for this CPU's
 instruction set (`-march=native`), and is cached under `TORCH_EXTENSIONS_DIR` (default
@@ -21,22 +22,29 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+
+import torch
 
 SOURCE = Path(__file__).with_name("small_rows_linear.cpp")
 DISABLE = "EVENTFUL_CPU_KERNELS"
 
 _lock = threading.Lock()
-_loaded: dict[str, ModuleType | None] = {}
+_loaded: dict[str, SimpleNamespace | None] = {}
 
 
-def small_rows_linear() -> ModuleType | None:
+def small_rows_linear() -> SimpleNamespace | None:
     """The small-rows linear kernel (`pack`, `linear`), built on first use; None if unavailable."""
     if os.environ.get(DISABLE, "1") == "0":
         return None
     with _lock:
         if "small_rows_linear" not in _loaded:
-            _loaded["small_rows_linear"] = _build("small_rows_linear", SOURCE)
+            built = _build("small_rows_linear", SOURCE)
+            operators = None
+            if built is not None:
+                ops = torch.ops.eventful
+                operators = SimpleNamespace(pack=ops.small_rows_pack, linear=ops.small_rows_linear)
+            _loaded["small_rows_linear"] = operators
         return _loaded["small_rows_linear"]
 
 

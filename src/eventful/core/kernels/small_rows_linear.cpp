@@ -102,7 +102,15 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("pack", &pack, "weight (out, in) -> panels for linear");
-  module.def("linear", &linear, "rows (M, in), panels, bias, out -> (M, out)");
+// Operators of the dispatcher (torch.ops.eventful.*), so that profilers and tools see them.
+TORCH_LIBRARY(eventful, library) {
+  library.def("small_rows_pack(Tensor weight) -> Tensor");
+  library.def("small_rows_linear(Tensor x, Tensor panels, Tensor? bias, int out) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(eventful, CPU, library) {
+  library.impl("small_rows_pack", &pack);
+  library.impl("small_rows_linear", &linear);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {}
