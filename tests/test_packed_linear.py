@@ -145,3 +145,21 @@ def test_without_the_kernel_small_rows_run_onednn_or_the_plain_linear(monkeypatc
     with torch.no_grad():
         torch.testing.assert_close(packed(x), nn.functional.gelu(linear(x)), atol=1e-5, rtol=1e-5)
     assert packed._panels is None
+
+
+def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_the_linear_to_pytorch(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*_args, **_kwargs):
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(RuntimeWarning, match="could not build its CPU kernel small_rows_linear"):
+        assert kernels.small_rows_linear() is None
+    assert kernels.small_rows_linear() is None  # remembered: no second attempt, no warning
+    linear, packed = linear_and_packed()
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
+    assert packed._panels is None

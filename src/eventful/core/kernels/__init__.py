@@ -37,6 +37,8 @@ def small_rows_linear() -> SimpleNamespace | None:
     """The small-rows linear kernel (`pack`, `linear`), built on first use; None if unavailable."""
     if os.environ.get(DISABLE, "1") == "0":
         return None
+    if "small_rows_linear" in _loaded:  # every call after the first: no lock
+        return _loaded["small_rows_linear"]
     with _lock:
         if "small_rows_linear" not in _loaded:
             built = _build("small_rows_linear", SOURCE)
