@@ -286,18 +286,19 @@ def _swap_key_contributions(
     """Running softmax sums of every row: remove the old keys' share, add the new keys'.
 
     Row i's share of key j is exp(l_ij - m_i) in the denominator (..., H, L) and that times v_j
-    in the numerator (..., H, L, dh). The shift m_i is first raised to the row's largest new
-    logit, so that no exponent overflows (an old key's share was already in the sums under a
-    shift at most as high). Old and new keys go through one matmul for their logits and one for
-    their values, the old keys' weights negated: plain batched matmuls, which for a few keys
-    cost less here than a fused attention call per key set (BENCHMARKS.md, "roofline").
+    in the numerator (..., H, L, dh). The shift m_i is first raised to the log-sum-exp of the
+    row's new logits, so that no exponent overflows (an old key's share was already in the sums
+    under a shift at most as high) and the denominator keeps the scale that `UNDERFLOW` is
+    measured against (about 1 after a recompute). Old and new keys go through one matmul for
+    their logits and one for their values, the old keys' weights negated: plain batched
+    matmuls, which for a few keys cost less here than a fused attention call per key set.
     """
     count = new_keys.shape[-2]
     keys = torch.cat((new_keys, old_keys), dim=-2)
     logits = torch.matmul(q, keys.transpose(-1, -2))  # (..., H, L, 2 m)
     if columns_bias is not None:
         logits += torch.cat((columns_bias, columns_bias), dim=-1)
-    raised = torch.maximum(shift, logits[..., :count].amax(dim=-1))
+    raised = torch.maximum(shift, torch.logsumexp(logits[..., :count], dim=-1))
     weights = logits.sub_(raised.unsqueeze(-1)).exp_()
     weights[..., count:].neg_()
     rescale = shift.sub_(raised).exp_()
@@ -499,11 +500,11 @@ def update_exact_groups(
 
     The positions `changes` changed: `old_keys`, `old_values` (G, H, m, dh) are their keys and
     values before the change, q, k, v (G, H, L, dh) hold the new ones. Every row swaps the old
-    contribution of those keys for the new one, after raising its shift to its largest new
-    logit so that no exponent overflows (`_swap_key_contributions`); the changed queries' rows
-    are recomputed over all keys; rows whose denominator fell below `UNDERFLOW` are recomputed
-    too. Cost: 6 s L dh per head and group.
-    Returns per group (G,) the underflowed rows recomputed.
+    contribution of those keys for the new one, after raising its shift to the log-sum-exp of
+    its new logits so that no exponent overflows (`_swap_key_contributions`); the changed
+    queries' rows are recomputed over all keys; rows whose denominator fell below `UNDERFLOW`
+    are recomputed too. Cost: 6 s L dh per head and group. Returns per group (G,) the
+    underflowed rows recomputed.
 
     With a bias (`bias_for`), the changed keys' columns take the bias of every row for those
     columns, once for the old and the new contributions (it depends on the query and the
