@@ -9,7 +9,14 @@ os.environ.setdefault("EVENTFUL_CACHE", str(Path(tempfile.gettempdir()) / "event
 import pytest
 import torch
 
+from eventful.core import kernels
 from eventful.synthetic import moving_squares
+
+
+def pytest_configure(config):
+    """Build (or load) the engine's CPU kernels before any test runs: a first build says so on
+    stderr, which would land in the output of whichever command-line test came first."""
+    kernels.small_rows_linear()
 
 
 @pytest.fixture

@@ -147,17 +147,26 @@ def test_without_the_kernel_small_rows_run_onednn_or_the_plain_linear(monkeypatc
     assert packed._panels is None
 
 
-def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_the_linear_to_pytorch(monkeypatch):
+def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_the_linear_to_pytorch(
+    monkeypatch, tmp_path
+):
     from torch.utils import cpp_extension
 
+    attempts = []
+
     def no_compiler(*_args, **_kwargs):
+        attempts.append(1)
         raise OSError("no C++ compiler found")
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # not the real cache
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     with pytest.warns(RuntimeWarning, match="could not build its CPU kernel small_rows_linear"):
         assert kernels.small_rows_linear() is None
     assert kernels.small_rows_linear() is None  # remembered: no second attempt, no warning
+    monkeypatch.setattr(kernels, "_loaded", {})  # as a new process would start
+    assert kernels.small_rows_linear() is None and len(attempts) == 1
+    assert "no C++ compiler found" in next(tmp_path.rglob("failed-*.txt")).read_text()
     linear, packed = linear_and_packed()
     x = torch.randn(4, 48)
     with torch.no_grad():

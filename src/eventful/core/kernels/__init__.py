@@ -10,7 +10,8 @@ The build (about a minute, once) goes through `torch.utils.cpp_extension`, for t
 instruction set (`-march=native`), and is cached under `TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`) under a name that includes the CPU's model and features, so that a
 cache shared between machines never hands one CPU the other's build. A build prints one line to
-stderr when it starts; a failed build warns once.
+stderr when it starts; a failed build warns once and is remembered in the cache (a file beside
+the build), so that later processes fall back without trying again.
 """
 
 from __future__ import annotations
@@ -62,11 +63,16 @@ def _cpu_signature() -> str:
 
 
 def _build(name: str, source: Path) -> ModuleType | None:
-    try:
-        from torch.utils import cpp_extension
+    from torch.utils import cpp_extension
 
-        full_name = f"eventful_{name}_{_cpu_signature()}"
-        built = Path(cpp_extension._get_build_directory(full_name, verbose=False))
+    full_name = f"eventful_{name}_{_cpu_signature()}"
+    built = Path(cpp_extension._get_build_directory(full_name, verbose=False))
+    # A failed build of this source is remembered beside it, so that later processes (each
+    # command, each worker) fall back at once instead of warning again; delete it to retry.
+    failed = built / f"failed-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}.txt"
+    if failed.exists():
+        return None
+    try:
         if not (built / f"{full_name}.so").exists():
             print(
                 f"eventful: building its CPU kernel {name} for this machine, once "
@@ -82,10 +88,16 @@ def _build(name: str, source: Path) -> ModuleType | None:
             verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, a failed build: PyTorch's kernels do
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+        try:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{type(error).__name__}: {reason}\n")
+        except OSError:
+            pass  # nowhere to remember it: the next process tries again
         warnings.warn(
             f"eventful could not build its CPU kernel {name} ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[-1] if str(error).strip() else error!r}); "
-            f"using PyTorch's kernels instead (set {DISABLE}=0 to skip the attempt)",
+            f"{reason}); using PyTorch's kernels instead (remembered in {failed}; delete it to "
+            f"try again, or set {DISABLE}=0 to skip the attempt)",
             RuntimeWarning,
             stacklevel=3,
         )
