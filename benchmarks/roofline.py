@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from report import markdown_table, write_or_print
 from speed import Timings, real_frames
-from torch.profiler import ProfilerActivity, profile
+from user_sizes import operator_profile
 
 import eventful
 from eventful.core import kernels, packed_linear
@@ -130,21 +130,6 @@ def cpu_flags() -> str:
     return ", ".join(found) or "none of " + ", ".join(wanted)
 
 
-def profile_parts(stream, frames: list[torch.Tensor]) -> dict[str, float]:
-    """Milliseconds per step of each part (`PARTS`), self CPU time, over frames after two."""
-    for frame in frames[:2]:
-        stream(frame)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as run:
-        for frame in frames[2:]:
-            stream(frame)
-    steps = len(frames) - 2
-    spent = dict.fromkeys([*PARTS, "other operators"], 0.0)
-    for event in run.key_averages():
-        part = next((name for name, ops in PARTS.items() if event.key in ops), "other operators")
-        spent[part] += event.self_cpu_time_total / 1000 / steps
-    return spent
-
-
 def least_times(model, stream, num_tokens: int, peaks: dict[str, float]) -> dict[str, float]:
     """Milliseconds each part needs at least on this machine, from the last step's op counts."""
     flops, bandwidth = peaks[str(torch.float32)], peaks["bandwidth"]
@@ -195,7 +180,7 @@ def roofline_section(threads: int, steps: int) -> str:
                 model = eventful.convert(vit, policy=eventful.TopK(k), level=level)
                 stream = model.stream(drift=None, check_finite=False)
                 label = f"{level}, k = N/{divisor}"
-                parts = profile_parts(stream, frames)
+                parts = operator_profile(stream, frames, PARTS, "other operators")
                 wall = Timings()
                 for frame in frames:
                     wall.add(stream, frame)

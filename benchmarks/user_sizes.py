@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import eventful
 from eventful.core.block import LEVELS
+from eventful.core.packed_linear import SMALL_ROWS
 from eventful.models.imgfocus import imgfocus_saliency
 
 FRACTIONS = (1.0, 0.5, 0.25, 0.125)  # 1.0: every token, the engine's fixed cost
@@ -86,8 +87,14 @@ def measure(dense: torch.nn.Module, frames: list[torch.Tensor], stream) -> dict:
     return {"dense_ms": dense_ms, "eventful_ms": eventful_ms, "op_ratio": dense_macs / macs}
 
 
-def operator_profile(call, frames: list[torch.Tensor]) -> dict[str, float]:
-    """Milliseconds per step of each kind of operator (`KINDS`), over the frames after two."""
+def operator_profile(
+    call,
+    frames: list[torch.Tensor],
+    kinds: dict[str, tuple[str, ...]] = KINDS,
+    other: str = "other",
+) -> dict[str, float]:
+    """Milliseconds per step of each kind of operator (`kinds`: names by the operators the
+    profiler reports; the rest is `other`), self CPU time, over the frames after two."""
     with torch.no_grad():
         for frame in frames[:2]:
             call(frame)
@@ -95,9 +102,9 @@ def operator_profile(call, frames: list[torch.Tensor]) -> dict[str, float]:
             for frame in frames[2:]:
                 call(frame)
     steps = len(frames) - 2
-    spent = dict.fromkeys([*KINDS, "other"], 0.0)
+    spent = dict.fromkeys([*kinds, other], 0.0)
     for event in run.key_averages():
-        kind = next((name for name, ops in KINDS.items() if event.key in ops), "other")
+        kind = next((name for name, ops in kinds.items() if event.key in ops), other)
         spent[kind] += event.self_cpu_time_total / 1000 / steps
     return spent
 
@@ -182,7 +189,7 @@ def linear_rows_section(repeats: int) -> str:
         f"in order on k rows against N rows (interleaved, medians of {repeats} rounds). This is "
         "the same library on fewer rows, not a limit of the machine: sections roofline and "
         "small-rows-linear put each layer beside this machine's measured peak and bandwidth, "
-        "and the engine's blocks run their own kernel up to 128 rows.\n\n"
+        f"and the engine's blocks run their own kernel up to {SMALL_ROWS} rows.\n\n"
         + markdown_table(header, rows)
     )
 

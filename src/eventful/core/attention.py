@@ -416,9 +416,10 @@ def full_update_cost(
     return macs + selected * dim + heads * length * selected, adds + 2 * length * dim
 
 
-def exact_update_is_dense(selected: int, tokens: int) -> bool:
-    """Whether the exact level recomputes every row: its incremental update costs 6 s N dh per
-    head, a dense recompute 2 N^2 dh, so from s = N / 3 on the recompute is cheaper."""
+def exact_update_is_dense(selected: int | Tensor, tokens: int) -> bool | Tensor:
+    """Whether the exact level recomputes every row (and the full level every row's
+    log-sum-exp): its incremental update costs 6 s N dh per head, a dense recompute 2 N^2 dh,
+    so from s = N / 3 on the recompute is cheaper. Elementwise for a tensor of counts."""
     return 3 * selected >= tokens
 
 

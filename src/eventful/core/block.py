@@ -33,6 +33,7 @@ from eventful.core.attention import (
     at_positions,
     dense_attention_cost,
     exact_update_cost,
+    exact_update_is_dense,
     full_update_cost,
     query_key_product,
     query_key_update_cost,
@@ -314,7 +315,7 @@ class EventfulBlock(nn.Module):
             # columns it is given: the groups it updates update their padded slots too.
             changed |= layout.padded.repeat(batch, 1) & (counts > 0).unsqueeze(1)
             counts = changed.sum(dim=1)
-        large = (3 * counts >= length) & ~fresh
+        large = exact_update_is_dense(counts, length) & ~fresh
         updated = (counts > 0) & ~fresh
         recomputed, every_row = fresh, None
         if self.level == "exact":
@@ -342,7 +343,7 @@ class EventfulBlock(nn.Module):
         counts = torch.full((batch,), count, device=device)
         if count == 0:
             return _Plan(counts, [])
-        large = 3 * count >= selection.num_tokens
+        large = exact_update_is_dense(count, selection.num_tokens)
         if self.level == "exact" and large:
             return _Plan(counts, [_Update(None, None)])
         per_stream = selection.per_stream

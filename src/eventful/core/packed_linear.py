@@ -17,6 +17,8 @@ be built, oneDNN runs every call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -131,16 +133,21 @@ class PackedLinear(nn.Linear):
         )
 
     def _packed_weight(self) -> Tensor:
-        key = tensor_key(self.weight)
-        if self._packed is None or self._packed[0] != key:
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-            self._packed = (key, packed)
-        return self._packed[1]
+        """The weight in oneDNN's blocked layout."""
+        return self._packed_copy(
+            "_packed", lambda weight: torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        )
 
     def _panel_weight(self, small_rows) -> Tensor:
+        """The weight in the small-rows kernel's panels."""
+        return self._packed_copy("_panels", small_rows.pack)
+
+    def _packed_copy(self, name: str, pack: Callable[[Tensor], Tensor]) -> Tensor:
+        """`pack` of the weight, kept in attribute `name` until the weight changes."""
         key = tensor_key(self.weight)
-        if self._panels is None or self._panels[0] != key:
+        cached = getattr(self, name)
+        if cached is None or cached[0] != key:
             with torch.no_grad():
-                self._panels = (key, small_rows.pack(self.weight.detach()))
-        return self._panels[1]
+                cached = (key, pack(self.weight.detach()))
+            setattr(self, name, cached)
+        return cached[1]
