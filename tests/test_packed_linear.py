@@ -161,9 +161,10 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_the_linear_to_pytor
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # not the real cache
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    with pytest.warns(RuntimeWarning, match="could not build its CPU kernel small_rows_linear"):
+    with pytest.warns(RuntimeWarning, match="could not build its CPU kernels"):
         assert kernels.small_rows_linear() is None
     assert kernels.small_rows_linear() is None  # remembered: no second attempt, no warning
+    assert kernels.swap_key_contributions() is None
     monkeypatch.setattr(kernels, "_loaded", {})  # as a new process would start
     assert kernels.small_rows_linear() is None and len(attempts) == 1
     assert "no C++ compiler found" in next(tmp_path.rglob("failed-*.txt")).read_text()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from eventful.core import kernels
+
 # An attention bias: bias_for(rows, columns) gives the logits' additive term (G, H, r, c) of
 # each group's query rows `rows` (G, r) over its key columns `columns` (G, c), both index
 # tensors into the group's positions (None: all of them).
@@ -292,7 +294,15 @@ def _swap_key_contributions(
     measured against (about 1 after a recompute). Old and new keys go through one matmul for
     their logits and one for their values, the old keys' weights negated: plain batched
     matmuls, which for a few keys cost less here than a fused attention call per key set.
+    On the CPU in float32 one kernel of our own does all of it (`kernels.swap_key_contributions`),
+    row by row.
     """
+    changed = (new_keys, new_values, old_keys, old_values, columns_bias)
+    kernel = _swap_kernel(numerator, denominator, shift, q, *changed)
+    if kernel is not None:
+        changed = [None if t is None else t.contiguous() for t in changed]
+        kernel(numerator, denominator, shift, q, *changed)
+        return
     count = new_keys.shape[-2]
     keys = torch.cat((new_keys, old_keys), dim=-2)
     logits = torch.matmul(q, keys.transpose(-1, -2))  # (..., H, L, 2 m)
@@ -306,6 +316,24 @@ def _swap_key_contributions(
     values = torch.cat((new_values, old_values), dim=-2)
     numerator.mul_(rescale.unsqueeze(-1)).add_(torch.matmul(weights, values))
     shift.copy_(raised)
+
+
+def _swap_kernel(
+    numerator: Tensor, denominator: Tensor, shift: Tensor, *inputs: Tensor | None
+) -> Callable[..., None] | None:
+    """The CPU kernel of `_swap_key_contributions` where it applies (float32 CPU tensors, the
+    sums contiguous, q's rows contiguous, outside autograd and `torch.compile`), else None."""
+    sums = (numerator, denominator, shift)
+    tensors = [*sums, *(t for t in inputs if t is not None)]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    if not all(t.is_contiguous() for t in sums) or inputs[0].stride(-1) != 1:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    return kernels.swap_key_contributions()
 
 
 def attention_with_logsumexp(

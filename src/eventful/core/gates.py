@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from eventful.core import kernels
 from eventful.core.escalation import Escalation
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
@@ -76,23 +77,45 @@ def token_gate(
         selection = Selection.all_tokens(batch, num_tokens, current.device)
         unprocessed = current.new_zeros(batch) if measure else None
         return GateStep(selection, current.reshape(-1, dim), unprocessed)
-    change = current - reference
-    error_norms = torch.linalg.vector_norm(change, ord=policy.norm, dim=-1)
+    error_norms = error_norms_of(current, reference, policy.norm)
     selection = policy.select(error_norms).with_all_tokens_for(fresh_streams)
     unprocessed = escalated = None
     if escalation is not None or measure:
-        l2_norms = error_norms if policy.norm == 2 else torch.linalg.vector_norm(change, dim=-1)
+        l2_norms = error_norms if policy.norm == 2 else error_norms_of(current, reference, 2)
         size = scale.clamp_min(torch.finfo(scale.dtype).tiny) * num_tokens
         if escalation is not None:
             selection, escalated = escalation.extend(selection, l2_norms, size)
-        if measure:
-            unprocessed = l2_norms.masked_fill(selection.mask(), 0).sum(1) / size
+        if measure:  # the selected tokens' norms zeroed by their flat indices: no mask
+            left = l2_norms.reshape(-1).index_fill(0, selection.flat, 0).view(batch, num_tokens)
+            unprocessed = left.sum(1) / size
     rows = gather_rows(current, selection)
     if previous_frame:
         reference.copy_(current)
     else:
         write_rows(reference, selection, rows)
     return GateStep(selection, rows, unprocessed, escalated)
+
+
+def error_norms_of(current: Tensor, reference: Tensor, norm: float) -> Tensor:
+    """Per token (B, N), the `norm` of current - reference (B, N, D). The L2 norm of float32
+    CPU tensors outside autograd takes one pass, with no temporary (`kernels.gate_error_norms`)."""
+    if norm == 2 and _one_pass_applies(current, reference):
+        kernel = kernels.gate_error_norms()
+        if kernel is not None:
+            return kernel(current, reference)
+    return torch.linalg.vector_norm(current - reference, ord=norm, dim=-1)
+
+
+def _one_pass_applies(current: Tensor, reference: Tensor) -> bool:
+    return (
+        current.device.type == "cpu"
+        and current.dtype == reference.dtype == torch.float32
+        and current.is_contiguous()
+        and reference.is_contiguous()
+        and current.shape == reference.shape
+        and not (torch.is_grad_enabled() and (current.requires_grad or reference.requires_grad))
+        and not torch.compiler.is_compiling()
+    )
 
 
 def gather_rows(tokens: Tensor, selection: Selection) -> Tensor:

@@ -1,10 +1,17 @@
 """CPU kernels of our own, built on this machine the first time they are needed.
 
-`small_rows_linear()` builds `small_rows_linear.cpp` (a linear layer on the few rows an eventful
-step selects) and returns its two operators, `pack` and `linear`
-(`torch.ops.eventful.small_rows_pack` and `small_rows_linear`, which profilers list by those
-names), or None where it cannot be built: no C++ compiler, or `EVENTFUL_CPU_KERNELS=0` in the
-environment. Callers then use PyTorch's own kernels, with the same results up to rounding.
+The sources of this folder build into one library of dispatcher operators
+(`torch.ops.eventful.*`, which profilers list by those names):
+
+- `small_rows_linear()`: `small_rows_linear.cpp`, a linear layer on the few rows an eventful step
+  selects, as its two operators `pack` and `linear`;
+- `swap_key_contributions()`: `swap_key_contributions.cpp`, the exact level's update of its
+  running softmax sums for a few changed keys;
+- `gate_error_norms()`: `gate_error_norms.cpp`, a token gate's error norms in one pass.
+
+Each returns None where the library cannot be built: no C++ compiler, or `EVENTFUL_CPU_KERNELS=0`
+in the environment. Callers then use PyTorch's own operators, with the same results up to
+rounding.
 
 The build (about a minute, once) goes through `torch.utils.cpp_extension`, for this CPU's
 instruction set (`-march=native`), and is cached under `TORCH_EXTENSIONS_DIR` (default
@@ -22,33 +29,52 @@ import platform
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import torch
 
-SOURCE = Path(__file__).with_name("small_rows_linear.cpp")
+SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 DISABLE = "EVENTFUL_CPU_KERNELS"
+NAME = "cpu_kernels"
 
 _lock = threading.Lock()
-_loaded: dict[str, SimpleNamespace | None] = {}
+_loaded: dict[str, bool] = {}
 
 
 def small_rows_linear() -> SimpleNamespace | None:
     """The small-rows linear kernel (`pack`, `linear`), built on first use; None if unavailable."""
-    if os.environ.get(DISABLE, "1") == "0":
+    if not _available():
         return None
-    if "small_rows_linear" in _loaded:  # every call after the first: no lock
-        return _loaded["small_rows_linear"]
+    ops = torch.ops.eventful
+    return SimpleNamespace(pack=ops.small_rows_pack, linear=ops.small_rows_linear)
+
+
+def swap_key_contributions() -> Callable[..., None] | None:
+    """The exact level's swap of old for new key contributions, built on first use; None if
+    unavailable. Arguments: numerator (B, L, dh), denominator and shift (B, L), all updated in
+    place; q (B, L, dh); new and old keys and values (B, m, dh); the columns' bias (B, L, m) or
+    None. All contiguous float32."""
+    return torch.ops.eventful.swap_key_contributions if _available() else None
+
+
+def gate_error_norms() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """Per token, the L2 norm of current - reference (B, N, D), contiguous float32, as (B, N),
+    built on first use; None if unavailable."""
+    return torch.ops.eventful.gate_error_norms if _available() else None
+
+
+def _available() -> bool:
+    """Whether the library is built and loaded (building it on the first call)."""
+    if os.environ.get(DISABLE, "1") == "0":
+        return False
+    if NAME in _loaded:  # every call after the first: no lock
+        return _loaded[NAME]
     with _lock:
-        if "small_rows_linear" not in _loaded:
-            built = _build("small_rows_linear", SOURCE)
-            operators = None
-            if built is not None:
-                ops = torch.ops.eventful
-                operators = SimpleNamespace(pack=ops.small_rows_pack, linear=ops.small_rows_linear)
-            _loaded["small_rows_linear"] = operators
-        return _loaded["small_rows_linear"]
+        if NAME not in _loaded:
+            _loaded[NAME] = _build(NAME, SOURCES) is not None
+        return _loaded[NAME]
 
 
 def _cpu_signature() -> str:
@@ -62,27 +88,28 @@ def _cpu_signature() -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
-def _build(name: str, source: Path) -> ModuleType | None:
+def _build(name: str, sources: list[Path]) -> ModuleType | None:
     from torch.utils import cpp_extension
 
     full_name = f"eventful_{name}_{_cpu_signature()}"
     built = Path(cpp_extension._get_build_directory(full_name, verbose=False))
-    # A failed build of this source is remembered beside it, so that later processes (each
+    # A failed build of these sources is remembered beside it, so that later processes (each
     # command, each worker) fall back at once instead of warning again; delete it to retry.
-    failed = built / f"failed-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}.txt"
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()
+    failed = built / f"failed-{digest[:12]}.txt"
     if failed.exists():
         return None
     try:
         if not (built / f"{full_name}.so").exists():
             print(
-                f"eventful: building its CPU kernel {name} for this machine, once "
+                f"eventful: building its CPU kernels for this machine, once "
                 f"(about a minute; cached in {built.parent})",
                 file=sys.stderr,
                 flush=True,
             )
         return cpp_extension.load(
             full_name,
-            [str(source)],
+            [str(source) for source in sources],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -95,7 +122,7 @@ def _build(name: str, source: Path) -> ModuleType | None:
         except OSError:
             pass  # nowhere to remember it: the next process tries again
         warnings.warn(
-            f"eventful could not build its CPU kernel {name} ({type(error).__name__}: "
+            f"eventful could not build its CPU kernels ({type(error).__name__}: "
             f"{reason}); using PyTorch's kernels instead (remembered in {failed}; delete it to "
             f"try again, or set {DISABLE}=0 to skip the attempt)",
             RuntimeWarning,

@@ -103,7 +103,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
 }  // namespace
 
 // Operators of the dispatcher (torch.ops.eventful.*), so that profilers and tools see them.
-TORCH_LIBRARY(eventful, library) {
+TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def("small_rows_pack(Tensor weight) -> Tensor");
   library.def("small_rows_linear(Tensor x, Tensor panels, Tensor? bias, int out) -> Tensor");
 }
@@ -112,5 +112,3 @@ TORCH_LIBRARY_IMPL(eventful, CPU, library) {
   library.impl("small_rows_pack", &pack);
   library.impl("small_rows_linear", &linear);
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {}

@@ -1,0 +1,211 @@
+"""The engine's CPU kernels against the same arithmetic in PyTorch operators, and the rules that
+choose between them: the exact level's swap of old for new key contributions
+(`kernels.swap_key_contributions`) and a gate's error norms (`kernels.gate_error_norms`). The
+small-rows linear kernel is tested with `PackedLinear` (test_packed_linear.py)."""
+
+import pytest
+import torch
+
+from eventful.core import attention, gates, kernels
+from eventful.core.policies import TopK
+
+needs_kernel = pytest.mark.skipif(
+    kernels.swap_key_contributions() is None, reason="the CPU kernels could not be built here"
+)
+needs_norms_kernel = pytest.mark.skipif(
+    kernels.gate_error_norms() is None, reason="the CPU kernels could not be built here"
+)
+
+
+def attention_state(groups, heads, length, dh, count, bias, dtype=torch.float32, seed=0):
+    """Running sums of attention over `length` keys, then `count` of those keys changed:
+    (sums, q, (new keys, new values, old keys, old values, columns bias), (k, v) after)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    q, k, v = normal(groups, heads, length, dh) / 3, normal(groups, heads, length, dh), None
+    v = normal(groups, heads, length, dh)
+    logits = q @ k.transpose(-1, -2)
+    full_bias = normal(groups, heads, length, length) if bias else None
+    if bias:
+        logits = logits + full_bias
+    shift = logits.amax(dim=-1)
+    weights = (logits - shift.unsqueeze(-1)).exp()
+    sums = [weights @ v, weights.sum(dim=-1), shift]
+    positions = torch.randperm(length, generator=generator)[:count]
+    old_keys, old_values = k[:, :, positions], v[:, :, positions]
+    new_keys, new_values = normal(groups, heads, count, dh), normal(groups, heads, count, dh)
+    columns_bias = full_bias[..., positions].contiguous() if bias else None
+    k, v = k.clone(), v.clone()
+    k[:, :, positions], v[:, :, positions] = new_keys, new_values
+    changed = (new_keys, new_values, old_keys, old_values, columns_bias)
+    return sums, q, changed, (k, v)
+
+
+def torch_swap(sums, q, changed):
+    sums = [s.clone() for s in sums]
+    real = kernels.swap_key_contributions
+    try:
+        kernels.swap_key_contributions = lambda: None
+        attention._swap_key_contributions(*sums, q, *changed)
+    finally:
+        kernels.swap_key_contributions = real
+    return sums
+
+
+def kernel_swap(sums, q, changed):
+    sums = [s.clone() for s in sums]
+    kernels.swap_key_contributions()(*sums, q, *changed)
+    return sums
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "groups, heads, length, dh, count",
+    [
+        (1, 6, 257, 64, 16),
+        (1, 12, 65, 64, 1),
+        (3, 2, 50, 20, 5),
+        (2, 4, 33, 7, 11),
+        (1, 1, 9, 8, 9),
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_kernel_equals_the_pytorch_operators(groups, heads, length, dh, count, bias):
+    sums, q, changed, _ = attention_state(groups, heads, length, dh, count, bias)
+    for ours, theirs in zip(
+        kernel_swap(sums, q, changed), torch_swap(sums, q, changed), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_after_the_swap_the_sums_give_the_attention_over_the_new_keys():
+    sums, q, changed, (k, v) = attention_state(1, 3, 40, 16, 6, bias=False)
+    numerator, denominator, _ = kernel_swap(sums, q, changed)
+    expected = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+    torch.testing.assert_close(
+        numerator / denominator.unsqueeze(-1), expected, rtol=1e-4, atol=1e-5
+    )
+
+
+@needs_kernel
+def test_a_row_does_not_depend_on_the_rows_beside_it():
+    sums, q, changed, _ = attention_state(1, 2, 70, 24, 9, bias=False)
+    whole = kernel_swap(sums, q, changed)
+    first = kernel_swap([s[:, :, :37].contiguous() for s in sums], q[:, :, :37], changed)
+    for all_rows, some_rows in zip(whole, first, strict=True):
+        assert torch.equal(all_rows[:, :, :37], some_rows)  # same row: bit for bit
+
+
+@needs_kernel
+def test_q_may_be_a_strided_view_of_the_qkv_rows():
+    sums, q, changed, _ = attention_state(1, 4, 30, 16, 5, bias=False)
+    qkv = torch.randn(1, 30, 3, 4, 16)
+    qkv[:, :, 0] = q.transpose(1, 2)
+    view = qkv[:, :, 0].transpose(1, 2)  # (1, H, L, dh), rows 3 H dh apart
+    assert not view.is_contiguous()
+    for strided, plain in zip(
+        kernel_swap(sums, view, changed), kernel_swap(sums, q, changed), strict=True
+    ):
+        assert torch.equal(strided, plain)
+
+
+@needs_kernel
+def test_the_kernel_refuses_what_it_cannot_read_and_names_it():
+    sums, q, changed, _ = attention_state(1, 2, 10, 8, 3, bias=False)
+    with pytest.raises(RuntimeError, match="numerator as a float32 CPU tensor"):
+        kernels.swap_key_contributions()(sums[0].double(), *sums[1:], q, *changed)
+    with pytest.raises(RuntimeError, match=r"old_keys of shape \[1, 2, 3, 8\]"):
+        kernels.swap_key_contributions()(
+            *sums, q, *changed[:2], changed[2][:, :, :2].contiguous(), *changed[3:]
+        )
+
+
+def test_the_pytorch_operators_run_where_the_kernel_does_not_apply():
+    sums, q, changed, _ = attention_state(1, 2, 12, 8, 3, bias=True, dtype=torch.float64)
+    assert attention._swap_kernel(*sums, q, *changed) is None  # float64
+    float_sums = [s.float() for s in sums]
+    float_changed = [t.float() for t in changed]
+    q32 = q.float().requires_grad_()
+    with torch.enable_grad():
+        assert attention._swap_kernel(*float_sums, q32, *float_changed) is None  # autograd
+    with torch.no_grad():
+        inputs = (*float_sums, q32, *float_changed)
+        assert attention._swap_kernel(*inputs) is kernels.swap_key_contributions()
+        transposed = float_sums[0].transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert attention._swap_kernel(transposed, *float_sums[1:], q32, *float_changed) is None
+    attention._swap_key_contributions(*sums, q, *changed)  # float64: PyTorch's operators
+    assert all(s.dtype == torch.float64 and torch.isfinite(s).all() for s in sums)
+
+
+@needs_norms_kernel
+@pytest.mark.parametrize("shape", [(1, 257, 384), (3, 50, 768), (2, 7, 5), (1, 1, 33)])
+def test_the_error_norms_equal_the_norms_of_the_difference(shape):
+    torch.manual_seed(0)
+    current, reference = torch.randn(shape), torch.randn(shape)
+    norms = kernels.gate_error_norms()(current, reference)
+    want = torch.linalg.vector_norm(current - reference, dim=-1)
+    torch.testing.assert_close(norms, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(norms, kernels.gate_error_norms()(current.clone(), reference.clone()))
+    assert torch.equal(kernels.gate_error_norms()(current, current), torch.zeros(shape[:2]))
+
+
+@needs_norms_kernel
+def test_the_error_norms_of_a_token_do_not_depend_on_the_batch_beside_it():
+    torch.manual_seed(0)
+    current, reference = torch.randn(4, 20, 48), torch.randn(4, 20, 48)
+    batch = kernels.gate_error_norms()(current, reference)
+    one = kernels.gate_error_norms()(current[2:3].contiguous(), reference[2:3].contiguous())
+    assert torch.equal(batch[2:3], one)
+
+
+@needs_norms_kernel
+def test_a_gate_selects_the_same_tokens_with_or_without_the_kernel():
+    torch.manual_seed(0)
+    current = torch.randn(2, 30, 16)
+    results = []
+    for use_kernel in (True, False):
+        torch.manual_seed(1)
+        reference, scale = torch.randn(2, 30, 16), torch.ones(2)
+        real = kernels.gate_error_norms
+        kernels.gate_error_norms = real if use_kernel else (lambda: None)
+        try:
+            step = gates.token_gate(current, reference, scale, TopK(7), [], measure=True)
+        finally:
+            kernels.gate_error_norms = real
+        results.append((step, reference))
+    (ours, our_reference), (theirs, their_reference) = results
+    assert [i.sort().values.tolist() for i in ours.selection.per_stream] == [
+        i.sort().values.tolist() for i in theirs.selection.per_stream
+    ]
+    assert torch.equal(our_reference, their_reference)
+    torch.testing.assert_close(ours.unprocessed, theirs.unprocessed, rtol=1e-5, atol=1e-7)
+
+
+def test_the_error_norms_fall_back_to_pytorch_where_the_kernel_does_not_apply():
+    torch.manual_seed(0)
+    current, reference = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    want = torch.linalg.vector_norm(current - reference, dim=-1)
+    strided = current.transpose(0, 1).contiguous().transpose(0, 1)
+    for args in [
+        (current.double(), reference.double(), 2),  # float64
+        (strided, reference, 2),  # not contiguous
+    ]:
+        assert not gates._one_pass_applies(*args[:2])
+        torch.testing.assert_close(gates.error_norms_of(*args).float(), want)
+    l1 = gates.error_norms_of(current, reference, 1)
+    torch.testing.assert_close(l1, (current - reference).abs().sum(-1))
+    with torch.enable_grad():
+        leaf = current.clone().requires_grad_()
+        assert not gates._one_pass_applies(leaf, reference)
+        gates.error_norms_of(leaf, reference, 2).sum().backward()
+    assert leaf.grad is not None
+
+
+@needs_norms_kernel
+def test_the_error_norms_kernel_refuses_mismatched_shapes_and_names_them():
+    with pytest.raises(RuntimeError, match=r"reference \[1, 4, 8\] to have the shape"):
+        kernels.gate_error_norms()(torch.randn(1, 5, 8), torch.randn(1, 4, 8))
