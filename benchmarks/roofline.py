@@ -44,6 +44,7 @@ PARTS = {
         "aten::linear",
     ),
     "attention": (
+        "eventful::swap_key_contributions",
         "aten::_scaled_dot_product_flash_attention_for_cpu",
         "aten::bmm",
         "aten::exp",
@@ -62,7 +63,12 @@ PARTS = {
         "aten::copy_",
         "aten::cat",
     ),
-    "gates (error, norm, selection)": ("aten::sub", "aten::linalg_vector_norm", "aten::topk"),
+    "gates (error, norm, selection)": (
+        "eventful::gate_error_norms",
+        "aten::sub",
+        "aten::linalg_vector_norm",
+        "aten::topk",
+    ),
     "norms and activations": ("aten::native_layer_norm", "aten::gelu"),
     "patch embedding": ("aten::mkldnn_convolution",),
 }

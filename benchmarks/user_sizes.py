@@ -33,15 +33,31 @@ FRACTIONS = (1.0, 0.5, 0.25, 0.125)  # 1.0: every token, the engine's fixed cost
 
 # Kinds of operator, by the name the profiler gives them; the rest is "other".
 KINDS = {
-    "linear layers": ("aten::addmm", "aten::mm", "aten::linear"),
-    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm", "aten::exp"),
+    "linear layers": (
+        "mkldnn::_linear_pointwise",
+        "eventful::small_rows_linear",
+        "aten::addmm",
+        "aten::mm",
+        "aten::linear",
+    ),
+    "attention": (
+        "eventful::swap_key_contributions",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::bmm",
+        "aten::exp",
+    ),
     "gathers and scatters": (
         "aten::index_select",
         "aten::index_copy_",
         "aten::copy_",
         "aten::index",
     ),
-    "gate errors and selection": ("aten::sub", "aten::linalg_vector_norm", "aten::topk"),
+    "gate errors and selection": (
+        "eventful::gate_error_norms",
+        "aten::sub",
+        "aten::linalg_vector_norm",
+        "aten::topk",
+    ),
     "norms and GELU": ("aten::native_layer_norm", "aten::gelu"),
 }
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import eventful
-from eventful.core.local_head import HeadStep, LocalStack, output_shape
+from eventful.core.local_head import HeadStep, LocalStack, output_shape, pointwise_convolution
 from eventful.models.saliency import SaliencyDecoder, SaliencyModel
 from tests.helpers import assert_equal_up_to_rounding, tiny_vit
 
@@ -93,6 +93,30 @@ def test_a_change_everywhere_runs_the_layers_densely_on_the_new_input():
         assert_equal_up_to_rounding(outputs[1], layers(second))
     # The dense layers, and comparing the input (a subtraction and a square per element).
     assert steps[1].macs == steps[1].dense_macs + 2 * 8 * 8 * 6
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_one_by_one_convolution_with_nothing_to_save_runs_as_a_matrix_product(bias):
+    """The saliency decoder's final 1x1 convolution to one channel: no caches; the original
+    layer on dense steps (bit for bit), a matrix product on the others (up to rounding)."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(nn.Conv2d(6, 1, 1, bias=bias), nn.Sigmoid()).eval()
+    inputs = sparse_changes()
+    outputs, steps = run_steps(LocalStack("head", layers), inputs)
+    with torch.no_grad():
+        assert torch.equal(outputs[0], layers(inputs[0]))
+        for got, frame in zip(outputs[1:], inputs[1:], strict=True):
+            assert got.shape == (2, 1, 9, 9) and got.is_contiguous()
+            assert_equal_up_to_rounding(got, layers(frame))
+    assert all(step.macs == step.dense_macs for step in steps)
+
+
+def test_pointwise_convolution_leaves_other_convolutions_to_the_layer():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7)
+    for conv in (nn.Conv2d(6, 4, 1, stride=2), nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(6, 4, 1)):
+        with torch.no_grad():
+            assert_equal_up_to_rounding(pointwise_convolution(conv, x), conv(x))
 
 
 def test_head_ops_follow_the_hand_derived_formulas():

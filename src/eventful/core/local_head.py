@@ -169,9 +169,9 @@ class LocalStack(nn.Module):
             shapes.append(output_shape(conv, shapes[-1]))
         caches = step.caches.get(self.name)
         shares = step.shares()
+        dense_step = step.dense or (shares is not None and all(share >= 1 for share in shares))
         dense = (
-            step.dense
-            or (shares is not None and all(share >= 1 for share in shares))
+            dense_step
             or caches is None
             or tuple(caches["input0"].shape) != (positions(shapes[0]), shapes[0][1])
             or caches["input0"].dtype != inputs.dtype
@@ -179,13 +179,15 @@ class LocalStack(nn.Module):
             or any(isinstance(layer, nn.BatchNorm2d) and layer.training for layer in self.layers)
         )
         if not any(sparse_pays(conv) for conv, _ in self.stages):
-            # Nothing to save (the decoder's final 1x1 convolution): the layers, no caches.
+            # Nothing to save (the decoder's final 1x1 convolution): the layers, no caches. Off
+            # dense steps a 1x1 convolution runs as a matrix product, which oneDNN's convolution
+            # is many times slower than for few output channels (BENCHMARKS.md, "targets").
             outputs = inputs
             for index, (conv, pointwise) in enumerate(self.stages):
                 macs = dense_convolution_macs(conv, shapes[index])
                 step.macs += macs
                 step.dense_macs += macs
-                outputs = conv(outputs)
+                outputs = conv(outputs) if dense_step else pointwise_convolution(conv, outputs)
                 for layer in pointwise:
                     outputs = layer(outputs)
             return outputs
@@ -300,6 +302,29 @@ class LocalStack(nn.Module):
         self.step.macs += deltas.numel() * kernel_h * kernel_w * out_channels
         self.step.macs += (len(targets) + len(touched)) * out_channels
         return touched[moved], difference[moved]
+
+
+def pointwise_convolution(conv: nn.Module, inputs: Tensor) -> Tensor:
+    """`conv` on inputs (B, C, H, W); a 1x1 convolution with stride 1 and no padding, dilation
+    or groups as one matrix product of its (O, C) weight with each stream's (C, H W) positions
+    (equal to the convolution up to float rounding), any other layer as it is."""
+    one_by_one = (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+    if not one_by_one:
+        return conv(inputs)
+    batch, channels, height, width = inputs.shape
+    weight = conv.weight.view(conv.out_channels, channels)
+    outputs = torch.matmul(weight, inputs.reshape(batch, channels, height * width))
+    if conv.bias is not None:
+        outputs += conv.bias.view(1, -1, 1)
+    return outputs.view(batch, conv.out_channels, height, width)
 
 
 def pointwise_on_rows(layer: nn.Module, rows: Tensor) -> Tensor:
