@@ -257,8 +257,15 @@ void swap_key_contributions(torch::Tensor numerator, torch::Tensor denominator,
       }
       const float* block_q =
           queries + (b / heads) * group_stride + (b % heads) * head_stride + first * row_stride;
+      // The block's query rows are far apart (rows of the qkv buffer): each pair asks for the
+      // next pair's cache lines while it computes.
       int64_t r = 0;
       for (; r + 2 <= rows; r += 2) {
+        for (int64_t next = r + 2; next < std::min(r + 4, rows); ++next) {
+          for (int64_t line = 0; line < dh; line += LINE) {
+            __builtin_prefetch(block_q + next * row_stride + line);
+          }
+        }
         rows_logits<2>(block_q + r * row_stride, row_stride, keys_by_feature, dh, padded,
                        logits + r * padded);
       }
