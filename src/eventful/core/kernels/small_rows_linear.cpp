@@ -19,6 +19,7 @@ namespace {
 typedef float Vector __attribute__((vector_size(32)));  // 8 floats; the compiler picks the ISA
 constexpr int64_t PANEL = 16;                           // output columns per panel: 2 vectors
 constexpr int ROWS = 6;                                 // rows per pass: 12 accumulators
+constexpr int64_t GROUP = 2;  // panels that every pass of rows reads while they are in cache
 
 // weight (out, in) -> panels (ceil(out / PANEL), in, PANEL), the missing columns zero.
 torch::Tensor pack(const torch::Tensor& weight) {
@@ -32,33 +33,54 @@ torch::Tensor pack(const torch::Tensor& weight) {
   return padded.view({panels, PANEL, in}).transpose(1, 2).contiguous();
 }
 
-// R rows of x (R, in) times one panel (in, PANEL), into columns [first, first + width) of y.
-template <int R>
-void rows_by_panel(const float* x, int64_t in, const float* panel, const float* bias, float* y,
-                   int64_t out, int64_t first, int64_t width) {
-  Vector low[R], high[R];
+// R rows of x (R, in) times P consecutive panels (each (in, PANEL)) from panel `first_panel`,
+// into y's columns from first_panel * PANEL (at most `out`). Passes over fewer rows take more
+// panels, so that each keeps enough sums in flight to hide the latency of a multiply-add.
+template <int R, int P>
+void rows_by_panels(const float* x, int64_t in, const float* panels, int64_t first_panel,
+                    const float* bias, float* y, int64_t out) {
+  Vector low[R][P], high[R][P];
   for (int r = 0; r < R; ++r) {
-    low[r] = Vector{};
-    high[r] = Vector{};
+    for (int q = 0; q < P; ++q) {
+      low[r][q] = Vector{};
+      high[r][q] = Vector{};
+    }
   }
+  const float* panel = panels + first_panel * in * PANEL;
   for (int64_t i = 0; i < in; ++i) {
-    Vector w_low, w_high;
-    std::memcpy(&w_low, panel + i * PANEL, sizeof(Vector));
-    std::memcpy(&w_high, panel + i * PANEL + 8, sizeof(Vector));
+    Vector w_low[P], w_high[P];
+    for (int q = 0; q < P; ++q) {
+      std::memcpy(&w_low[q], panel + (q * in + i) * PANEL, sizeof(Vector));
+      std::memcpy(&w_high[q], panel + (q * in + i) * PANEL + 8, sizeof(Vector));
+    }
     for (int r = 0; r < R; ++r) {
       const float value = x[r * in + i];
-      low[r] += value * w_low;
-      high[r] += value * w_high;
+      for (int q = 0; q < P; ++q) {
+        low[r][q] += value * w_low[q];
+        high[r][q] += value * w_high[q];
+      }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    float sums[PANEL];
-    std::memcpy(sums, &low[r], sizeof(Vector));
-    std::memcpy(sums + 8, &high[r], sizeof(Vector));
-    for (int64_t c = 0; c < width; ++c) {
-      y[r * out + first + c] = bias == nullptr ? sums[c] : sums[c] + bias[first + c];
+  for (int q = 0; q < P; ++q) {
+    const int64_t first = (first_panel + q) * PANEL, width = std::min(PANEL, out - first);
+    for (int r = 0; r < R; ++r) {
+      float sums[PANEL];
+      std::memcpy(sums, &low[r][q], sizeof(Vector));
+      std::memcpy(sums + 8, &high[r][q], sizeof(Vector));
+      for (int64_t c = 0; c < width; ++c) {
+        y[r * out + first + c] = bias == nullptr ? sums[c] : sums[c] + bias[first + c];
+      }
     }
   }
+}
+
+// R rows times the panels [begin, end), P at a time while P remain, then one at a time.
+template <int R, int P>
+void rows_by_panel_range(const float* x, int64_t in, const float* panels, int64_t begin,
+                         int64_t end, const float* bias, float* y, int64_t out) {
+  int64_t p = begin;
+  for (; p + P <= end; p += P) rows_by_panels<R, P>(x, in, panels, p, bias, y, out);
+  for (; p < end; ++p) rows_by_panels<R, 1>(x, in, panels, p, bias, y, out);
 }
 
 // x (rows, in) float32 -> x W^T + bias (rows, out), W given as `pack`'s panels.
@@ -81,19 +103,19 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
     bs = bias_tensor.data_ptr<float>();
   }
   float* ys = y.data_ptr<float>();
+  // Panels in groups of GROUP, each group through every pass of rows while it is in cache.
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const float* panel = ps + p * in * PANEL;
-      const int64_t first = p * PANEL, width = std::min(PANEL, out - first);
+    for (int64_t group = begin; group < end; group += GROUP) {
+      const int64_t stop = std::min(group + GROUP, end);
       int64_t r = 0;
       for (; r + ROWS <= rows; r += ROWS) {
-        rows_by_panel<ROWS>(xs + r * in, in, panel, bs, ys + r * out, out, first, width);
+        rows_by_panel_range<ROWS, 1>(xs + r * in, in, ps, group, stop, bs, ys + r * out, out);
       }
-      for (; r + 2 <= rows; r += 2) {
-        rows_by_panel<2>(xs + r * in, in, panel, bs, ys + r * out, out, first, width);
+      for (; r + 2 <= rows; r += 2) {  // 2 rows x 2 panels: 8 sums
+        rows_by_panel_range<2, 2>(xs + r * in, in, ps, group, stop, bs, ys + r * out, out);
       }
-      for (; r < rows; ++r) {
-        rows_by_panel<1>(xs + r * in, in, panel, bs, ys + r * out, out, first, width);
+      if (r < rows) {  // 1 row: bound by reading the panel, however many sums it keeps
+        rows_by_panel_range<1, 1>(xs + r * in, in, ps, group, stop, bs, ys + r * out, out);
       }
     }
   });
