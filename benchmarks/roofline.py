@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from report import markdown_table, write_or_print
 from speed import Timings, real_frames
-from user_sizes import operator_profile
+from user_sizes import ATTENTION_OPERATORS, GATE_OPERATORS, LINEAR_OPERATORS, operator_profile
 
 import eventful
 from eventful.core import kernels, packed_linear
@@ -36,18 +36,9 @@ FLOAT = 4  # bytes
 
 # Parts of a step, by the operator names the profiler reports; the rest is "other operators".
 PARTS = {
-    "linear layers": (
-        "mkldnn::_linear_pointwise",
-        "eventful::small_rows_linear",
-        "aten::addmm",
-        "aten::mm",
-        "aten::linear",
-    ),
+    "linear layers": LINEAR_OPERATORS,
     "attention": (
-        "eventful::swap_key_contributions",
-        "aten::_scaled_dot_product_flash_attention_for_cpu",
-        "aten::bmm",
-        "aten::exp",
+        *ATTENTION_OPERATORS,
         "aten::exp_",
         "aten::amax",
         "aten::neg_",
@@ -63,12 +54,7 @@ PARTS = {
         "aten::copy_",
         "aten::cat",
     ),
-    "gates (error, norm, selection)": (
-        "eventful::gate_error_norms",
-        "aten::sub",
-        "aten::linalg_vector_norm",
-        "aten::topk",
-    ),
+    "gates (error, norm, selection)": GATE_OPERATORS,
     "norms and activations": ("aten::native_layer_norm", "aten::gelu"),
     "patch embedding": ("aten::mkldnn_convolution",),
 }

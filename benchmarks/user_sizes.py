@@ -31,33 +31,39 @@ from eventful.models.imgfocus import imgfocus_saliency
 
 FRACTIONS = (1.0, 0.5, 0.25, 0.125)  # 1.0: every token, the engine's fixed cost
 
-# Kinds of operator, by the name the profiler gives them; the rest is "other".
+# Operators by the name the profiler gives them: the linear layers, attention and a gate's work,
+# which section roofline counts the same way (attention with the PyTorch path's pieces too).
+LINEAR_OPERATORS = (
+    "mkldnn::_linear_pointwise",
+    "eventful::small_rows_linear",
+    "aten::addmm",
+    "aten::mm",
+    "aten::linear",
+)
+ATTENTION_OPERATORS = (
+    "eventful::swap_key_contributions",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::bmm",
+    "aten::exp",
+)
+GATE_OPERATORS = (
+    "eventful::gate_error_norms",
+    "aten::sub",
+    "aten::linalg_vector_norm",
+    "aten::topk",
+)
+
+# Kinds of operator; the rest is "other".
 KINDS = {
-    "linear layers": (
-        "mkldnn::_linear_pointwise",
-        "eventful::small_rows_linear",
-        "aten::addmm",
-        "aten::mm",
-        "aten::linear",
-    ),
-    "attention": (
-        "eventful::swap_key_contributions",
-        "aten::_scaled_dot_product_flash_attention_for_cpu",
-        "aten::bmm",
-        "aten::exp",
-    ),
+    "linear layers": LINEAR_OPERATORS,
+    "attention": ATTENTION_OPERATORS,
     "gathers and scatters": (
         "aten::index_select",
         "aten::index_copy_",
         "aten::copy_",
         "aten::index",
     ),
-    "gate errors and selection": (
-        "eventful::gate_error_norms",
-        "aten::sub",
-        "aten::linalg_vector_norm",
-        "aten::topk",
-    ),
+    "gate errors and selection": GATE_OPERATORS,
     "norms and GELU": ("aten::native_layer_norm", "aten::gelu"),
 }
 

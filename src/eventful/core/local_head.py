@@ -180,8 +180,8 @@ class LocalStack(nn.Module):
         )
         if not any(sparse_pays(conv) for conv, _ in self.stages):
             # Nothing to save (the decoder's final 1x1 convolution): the layers, no caches. Off
-            # dense steps a 1x1 convolution runs as a matrix product, which oneDNN's convolution
-            # is many times slower than for few output channels (BENCHMARKS.md, "targets").
+            # dense steps a 1x1 convolution runs as a matrix product: on the CPU, oneDNN's
+            # convolution to a few output channels is several times slower than one.
             outputs = inputs
             for index, (conv, pointwise) in enumerate(self.stages):
                 macs = dense_convolution_macs(conv, shapes[index])

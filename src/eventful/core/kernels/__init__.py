@@ -53,9 +53,10 @@ def small_rows_linear() -> SimpleNamespace | None:
 
 def swap_key_contributions() -> Callable[..., None] | None:
     """The exact level's swap of old for new key contributions, built on first use; None if
-    unavailable. Arguments: numerator (B, L, dh), denominator and shift (B, L), all updated in
-    place; q (B, L, dh); new and old keys and values (B, m, dh); the columns' bias (B, L, m) or
-    None. All contiguous float32."""
+    unavailable. Arguments, float32: numerator (G, H, L, dh), denominator and shift (G, H, L),
+    contiguous and updated in place; q (G, H, L, dh), any strides but a contiguous last
+    dimension; new and old keys and values (G, H, m, dh) and the columns' bias (G, H, L, m) or
+    None, contiguous."""
     return torch.ops.eventful.swap_key_contributions if _available() else None
 
 
