@@ -52,7 +52,8 @@ inline Vector max(Vector a, Vector b) { return a > b ? a : b; }
 inline float sum_of(Vector v) {
   float lanes[WIDTH];
   std::memcpy(lanes, &v, sizeof(Vector));
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+         ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
 }
 
 inline float max_of(Vector v) {
@@ -197,7 +198,9 @@ void swap_key_contributions(torch::Tensor numerator, torch::Tensor denominator,
               q.sizes());
   check_float32(q, "q", false);
   const int64_t groups = q.size(0), heads = q.size(1), length = q.size(2), dh = q.size(3);
-  const int64_t count = new_keys.dim() == 4 ? new_keys.size(2) : -1;
+  TORCH_CHECK(new_keys.dim() == 4, "swap_key_contributions expects new_keys as (G, H, m, dh), got ",
+              new_keys.sizes());
+  const int64_t count = new_keys.size(2);
   const torch::Tensor* changed[] = {&new_keys, &new_values, &old_keys, &old_values};
   const char* names[] = {"new_keys", "new_values", "old_keys", "old_values"};
   for (int t = 0; t < 4; ++t) {
