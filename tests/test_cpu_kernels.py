@@ -25,7 +25,8 @@ def attention_state(groups, heads, length, dh, count, bias, dtype=torch.float32,
     def normal(*shape):
         return torch.randn(*shape, generator=generator, dtype=dtype)
 
-    q, k, v = normal(groups, heads, length, dh) / 3, normal(groups, heads, length, dh), None
+    q = normal(groups, heads, length, dh) / 3
+    k = normal(groups, heads, length, dh)
     v = normal(groups, heads, length, dh)
     logits = q @ k.transpose(-1, -2)
     full_bias = normal(groups, heads, length, length) if bias else None

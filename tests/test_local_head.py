@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import eventful
-from eventful.core.local_head import HeadStep, LocalStack, output_shape, pointwise_convolution
+from eventful.core.local_head import HeadStep, LocalStack, convolution_as_product, output_shape
 from eventful.models.saliency import SaliencyDecoder, SaliencyModel
 from tests.helpers import assert_equal_up_to_rounding, tiny_vit
 
@@ -111,12 +111,12 @@ def test_a_one_by_one_convolution_with_nothing_to_save_runs_as_a_matrix_product(
     assert all(step.macs == step.dense_macs for step in steps)
 
 
-def test_pointwise_convolution_leaves_other_convolutions_to_the_layer():
+def test_convolution_as_product_leaves_other_convolutions_to_the_layer():
     torch.manual_seed(0)
     x = torch.randn(2, 6, 5, 7)
     for conv in (nn.Conv2d(6, 4, 1, stride=2), nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(6, 4, 1)):
         with torch.no_grad():
-            assert_equal_up_to_rounding(pointwise_convolution(conv, x), conv(x))
+            assert_equal_up_to_rounding(convolution_as_product(conv, x), conv(x))
 
 
 def test_head_ops_follow_the_hand_derived_formulas():

@@ -187,7 +187,7 @@ class LocalStack(nn.Module):
                 macs = dense_convolution_macs(conv, shapes[index])
                 step.macs += macs
                 step.dense_macs += macs
-                outputs = conv(outputs) if dense_step else pointwise_convolution(conv, outputs)
+                outputs = conv(outputs) if dense_step else convolution_as_product(conv, outputs)
                 for layer in pointwise:
                     outputs = layer(outputs)
             return outputs
@@ -304,7 +304,7 @@ class LocalStack(nn.Module):
         return touched[moved], difference[moved]
 
 
-def pointwise_convolution(conv: nn.Module, inputs: Tensor) -> Tensor:
+def convolution_as_product(conv: nn.Module, inputs: Tensor) -> Tensor:
     """`conv` on inputs (B, C, H, W); a 1x1 convolution with stride 1 and no padding, dilation
     or groups as one matrix product of its (O, C) weight with each stream's (C, H W) positions
     (equal to the convolution up to float rounding), any other layer as it is."""

@@ -23,6 +23,7 @@ the build), so that later processes fall back without trying again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -45,8 +46,12 @@ _loaded: dict[str, bool] = {}
 
 def small_rows_linear() -> SimpleNamespace | None:
     """The small-rows linear kernel (`pack`, `linear`), built on first use; None if unavailable."""
-    if not _available():
-        return None
+    return _small_rows_operators() if _available() else None
+
+
+@functools.cache
+def _small_rows_operators() -> SimpleNamespace:
+    # Made once: every linear layer of a step asks for it.
     ops = torch.ops.eventful
     return SimpleNamespace(pack=ops.small_rows_pack, linear=ops.small_rows_linear)
 

@@ -154,16 +154,18 @@ void accumulate_values(float* numerator, float rescale, const float* weights,
 // numerator[0, dh) = numerator * rescale + sum_j weights[j] values[j] - sum_j old[j] olds[j].
 void row_values(float* numerator, float rescale, const float* weights, const float* new_values,
                 const float* old_weights, const float* old_values, int64_t count, int64_t dh) {
-  const float* rows[] = {weights, new_values, old_weights, old_values};
   int64_t c = 0;
   for (; c + 8 * WIDTH <= dh; c += 8 * WIDTH) {
-    accumulate_values<8>(numerator, rescale, rows[0], rows[1], rows[2], rows[3], count, dh, c);
+    accumulate_values<8>(numerator, rescale, weights, new_values, old_weights, old_values, count,
+                         dh, c);
   }
   for (; c + 4 * WIDTH <= dh; c += 4 * WIDTH) {
-    accumulate_values<4>(numerator, rescale, rows[0], rows[1], rows[2], rows[3], count, dh, c);
+    accumulate_values<4>(numerator, rescale, weights, new_values, old_weights, old_values, count,
+                         dh, c);
   }
   for (; c + WIDTH <= dh; c += WIDTH) {
-    accumulate_values<1>(numerator, rescale, rows[0], rows[1], rows[2], rows[3], count, dh, c);
+    accumulate_values<1>(numerator, rescale, weights, new_values, old_weights, old_values, count,
+                         dh, c);
   }
   for (; c < dh; ++c) {
     float a = numerator[c] * rescale;
