@@ -41,6 +41,7 @@ LINEAR_OPERATORS = (
     "aten::linear",
 )
 ATTENTION_OPERATORS = (
+    "eventful::attention_rows",
     "eventful::swap_key_contributions",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::bmm",

@@ -1,10 +1,12 @@
 """The engine's CPU kernels against the same arithmetic in PyTorch operators, and the rules that
 choose between them: the exact level's swap of old for new key contributions
-(`kernels.swap_key_contributions`) and a gate's error norms (`kernels.gate_error_norms`). The
-small-rows linear kernel is tested with `PackedLinear` (test_packed_linear.py)."""
+(`kernels.swap_key_contributions`), a gate's error norms (`kernels.gate_error_norms`) and
+softmax attention of query rows (`kernels.attention_rows`). The small-rows linear kernel is
+tested with `PackedLinear` (test_packed_linear.py)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from eventful.core import attention, gates, kernels
 from eventful.core.policies import TopK
@@ -14,6 +16,9 @@ needs_kernel = pytest.mark.skipif(
 )
 needs_norms_kernel = pytest.mark.skipif(
     kernels.gate_error_norms() is None, reason="the CPU kernels could not be built here"
+)
+needs_attention_kernel = pytest.mark.skipif(
+    kernels.attention_rows() is None, reason="the CPU kernels could not be built here"
 )
 
 
@@ -212,3 +217,107 @@ def test_the_error_norms_fall_back_to_pytorch_where_the_kernel_does_not_apply():
 def test_the_error_norms_kernel_refuses_mismatched_shapes_and_names_them():
     with pytest.raises(RuntimeError, match=r"reference \[1, 4, 8\] to have the shape"):
         kernels.gate_error_norms()(torch.randn(1, 5, 8), torch.randn(1, 4, 8))
+
+
+def attention_inputs(groups, heads, rows, length, dh, seed=0):
+    """q (G, H, rows, dh) and k, v (G, H, L, dh) as strided views of qkv buffers, as a block
+    holds them, with logits of a ViT's range."""
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.randn(groups, rows, 3, heads, dh, generator=generator)
+    keys_values = torch.randn(groups, length, 3, heads, dh, generator=generator)
+    q = queries[:, :, 0].transpose(1, 2) / dh**0.5
+    return q, keys_values[:, :, 1].transpose(1, 2), keys_values[:, :, 2].transpose(1, 2)
+
+
+def float64_attention(q, k, v, bias=None):
+    logits = q.double() @ k.double().transpose(-1, -2)
+    if bias is not None:
+        logits = logits + bias.double()
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    return (logits - logsumexp.unsqueeze(-1)).exp() @ v.double(), logsumexp
+
+
+@needs_attention_kernel
+@pytest.mark.parametrize(
+    "groups, heads, rows, length, dh",
+    [
+        (1, 6, 257, 257, 64),
+        (1, 12, 16, 577, 64),
+        (3, 2, 7, 50, 20),
+        (2, 4, 13, 33, 7),
+        (1, 1, 1, 1, 8),
+        (2, 3, 6, 9, 80),
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_attention_kernel_equals_softmax_attention_in_float64(
+    groups, heads, rows, length, dh, bias
+):
+    q, k, v = attention_inputs(groups, heads, rows, length, dh)
+    added = torch.randn(groups, heads, rows, length) if bias else None
+    output, logsumexp = kernels.attention_rows()(q, k, v, added)
+    want_output, want_logsumexp = float64_attention(q, k, v, added)
+    assert output.shape == (groups, heads, rows, dh) and logsumexp.shape == (groups, heads, rows)
+    torch.testing.assert_close(output.double(), want_output, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(logsumexp.double(), want_logsumexp, rtol=1e-6, atol=2e-6)
+    # The heads side by side are a view: (G, rows, H dh) without a copy.
+    assert output.transpose(1, 2).is_contiguous()
+
+
+@needs_attention_kernel
+def test_an_attention_row_does_not_depend_on_the_rows_beside_it():
+    q, k, v = attention_inputs(2, 3, 20, 40, 24)
+    output, logsumexp = kernels.attention_rows()(q, k, v, None)
+    for first, last in [(7, 8), (0, 5), (12, 20)]:
+        part, part_logsumexp = kernels.attention_rows()(q[:, :, first:last], k, v, None)
+        assert torch.equal(part, output[:, :, first:last])
+        assert torch.equal(part_logsumexp, logsumexp[:, :, first:last])
+    contiguous = [t.contiguous() for t in (q, k, v)]
+    assert torch.equal(kernels.attention_rows()(*contiguous, None)[0], output)
+
+
+@needs_attention_kernel
+def test_a_broadcast_bias_equals_the_same_bias_in_full():
+    q, k, v = attention_inputs(2, 4, 10, 30, 16)
+    bias = torch.randn(1, 4, 10, 30)
+    broadcast = attention.softmax_attention(q, k, v, bias)
+    full = attention.softmax_attention(q, k, v, bias.expand(2, 4, 10, 30).contiguous())
+    assert torch.equal(broadcast, full)
+    torch.testing.assert_close(broadcast, F.scaled_dot_product_attention(q, k, v, bias, scale=1.0))
+
+
+@needs_attention_kernel
+def test_the_attention_kernel_refuses_what_it_cannot_read_and_names_it():
+    q, k, v = attention_inputs(1, 2, 5, 9, 8)
+    with pytest.raises(RuntimeError, match="expects q as a float32 CPU tensor"):
+        kernels.attention_rows()(q.double(), k, v, None)
+    with pytest.raises(RuntimeError, match=r"expects k and v of shape \(1, 2, L, 8\)"):
+        kernels.attention_rows()(q, k, v[:, :, :4], None)
+    with pytest.raises(RuntimeError, match=r"expects the bias of shape \[1, 2, 5, 9\]"):
+        kernels.attention_rows()(q, k, v, torch.zeros(1, 2, 5, 8))
+    with pytest.raises(RuntimeError, match="at least one key"):
+        kernels.attention_rows()(q, k[:, :, :0], v[:, :, :0], None)
+    transposed = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    with pytest.raises(RuntimeError, match="expects k as .* contiguous last dimension"):
+        kernels.attention_rows()(q, transposed, v, None)
+
+
+def test_attention_runs_pytorch_where_the_kernel_does_not_apply():
+    q, k, v = attention_inputs(1, 2, 6, 11, 8)
+    assert attention._attention_rows_kernel(q.double(), k.double(), v.double(), None) is None
+    transposed = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert attention._attention_rows_kernel(q, transposed, v, None) is None
+    with torch.enable_grad():
+        leaf = q.detach().clone().requires_grad_()
+        assert attention._attention_rows_kernel(leaf, k, v, None) is None
+        out = attention.softmax_attention(leaf, k, v)
+        out.sum().backward()
+    assert leaf.grad is not None
+    with torch.no_grad():
+        assert attention._attention_rows_kernel(q, k, v, None) is kernels.attention_rows()
+    for dtype in (torch.float64, torch.float32):
+        args = [t.to(dtype) for t in (q, k, v)]
+        output, logsumexp = attention.attention_with_logsumexp(*args)
+        want, want_logsumexp = float64_attention(*args)
+        torch.testing.assert_close(output.double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logsumexp.double(), want_logsumexp, rtol=1e-5, atol=1e-6)

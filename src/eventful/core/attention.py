@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from eventful.core import kernels
@@ -336,28 +337,79 @@ def _swap_kernel(
     return kernels.swap_key_contributions()
 
 
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Softmax attention (G, H, Nq, dh) of q over k, v (G, H, L, dh); `bias`, if given, is added
+    to the logits (broadcast to (G, H, Nq, L)). The logits take no scale: it is folded into q.
+
+    Float32 CPU tensors outside autograd and `torch.compile` run the engine's kernel
+    (`kernels.attention_rows`), which writes the output with its heads side by side, so that
+    (G, Nq, H dh) is a view; everything else runs PyTorch's fused attention."""
+    kernel = _attention_rows_kernel(q, k, v, bias)
+    if kernel is not None:
+        return kernel(q, k, v, _full_bias(bias, q, k))[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+
+
 def attention_with_logsumexp(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention (..., H, Nq, dh) of q over k, v, and each row's log-sum-exp
     (..., H, Nq); `bias` (..., H, Nq, Nk), if given, is added to the logits.
 
-    On the CPU this is one fused flash-attention call that never materialises the logits.
+    On the CPU this is one call that never materialises the logits: the engine's kernel where
+    `softmax_attention` runs it, else PyTorch's fused flash attention.
     """
+    single = q.dim() == 3
+    if single:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        bias = None if bias is None else bias.unsqueeze(0)
+    output, logsumexp = _attention_with_logsumexp(q, k, v, bias)
+    return (output[0], logsumexp[0]) if single else (output, logsumexp)
+
+
+def _attention_with_logsumexp(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    kernel = _attention_rows_kernel(q, k, v, bias)
+    if kernel is not None:
+        return kernel(q, k, v, _full_bias(bias, q, k))
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
-        single = q.dim() == 3
-        if single:
-            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-            bias = None if bias is None else bias.unsqueeze(0)
         output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=1.0
         )[:2]
-        return (output[0], logsumexp[0]) if single else (output, logsumexp)
+        return output, logsumexp
     logits = torch.matmul(q, k.transpose(-1, -2))
     if bias is not None:
         logits = logits + bias
     logsumexp = torch.logsumexp(logits, dim=-1)
     return torch.matmul(torch.exp(logits - logsumexp.unsqueeze(-1)), v), logsumexp
+
+
+def _attention_rows_kernel(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
+) -> Callable[..., tuple[Tensor, Tensor]] | None:
+    """The CPU kernel of attention where it applies (float32 CPU tensors (G, H, rows, dh) with
+    a contiguous last dimension, a bias of the logits' last size or none, outside autograd and
+    `torch.compile`), else None."""
+    tensors = [q, k, v] if bias is None else [q, k, v, bias]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[-2] == 0:
+        return None
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return None
+    if bias is not None and (bias.shape[-1] != k.shape[-2] or bias.stride(-1) != 1):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    return kernels.attention_rows()
+
+
+def _full_bias(bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
+    """The bias broadcast to (G, H, Nq, L), as views."""
+    return None if bias is None else bias.expand(*q.shape[:-1], k.shape[-2])
 
 
 def dense_attention_cost(

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eventful.core.attention import (
@@ -39,6 +38,7 @@ from eventful.core.attention import (
     query_key_update_cost,
     recompute_exact_groups,
     recompute_full_attention,
+    softmax_attention,
     update_exact_groups,
     update_full_groups,
     update_query_key_groups,
@@ -280,7 +280,7 @@ class EventfulBlock(nn.Module):
         q, k, v = self._grouped_heads(qkv, layout)
         if self.kv_pool > 1:
             k, v = pool_keys_values(k, v, grid, self.kv_pool)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(q, layout), scale=1.0)
+        out = softmax_attention(q, k, v, self._bias(q, layout))
         return self._ungrouped(out, layout, qkv.shape[0])
 
     def _plan(self, selection: Selection, fresh_streams: list[int], layout: GroupLayout):

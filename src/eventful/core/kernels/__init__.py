@@ -7,7 +7,11 @@ The sources of this folder build into one library of dispatcher operators
   selects, as its two operators `pack` and `linear`;
 - `swap_key_contributions()`: `swap_key_contributions.cpp`, the exact level's update of its
   running softmax sums for a few changed keys;
-- `gate_error_norms()`: `gate_error_norms.cpp`, a token gate's error norms in one pass.
+- `gate_error_norms()`: `gate_error_norms.cpp`, a token gate's error norms in one pass;
+- `attention_rows()`: `attention_rows.cpp`, softmax attention of some query rows over every key,
+  with each row's log-sum-exp.
+
+`vectors.h` holds what they share: vectors of 8 floats, their reductions, an exponential.
 
 Each returns None where the library cannot be built: no C++ compiler, or `EVENTFUL_CPU_KERNELS=0`
 in the environment. Callers then use PyTorch's own operators, with the same results up to
@@ -37,6 +41,7 @@ from types import ModuleType, SimpleNamespace
 import torch
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by the sources
 DISABLE = "EVENTFUL_CPU_KERNELS"
 NAME = "cpu_kernels"
 
@@ -71,6 +76,15 @@ def gate_error_norms() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] |
     return torch.ops.eventful.gate_error_norms if _available() else None
 
 
+def attention_rows() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """Softmax attention of query rows over every key and each row's log-sum-exp, built on first
+    use; None if unavailable. Arguments, float32, any strides but a contiguous last dimension:
+    q (G, H, Nq, dh), k and v (G, H, L, dh), bias (G, H, Nq, L) added to the logits, or None.
+    Returns the output (G, H, Nq, dh), laid out as (G, Nq, H, dh), and the log-sum-exp
+    (G, H, Nq)."""
+    return torch.ops.eventful.attention_rows if _available() else None
+
+
 def _available() -> bool:
     """Whether the library is built and loaded (building it on the first call)."""
     if os.environ.get(DISABLE, "1") == "0":
@@ -101,7 +115,8 @@ def _build(name: str, sources: list[Path]) -> ModuleType | None:
     built = Path(cpp_extension._get_build_directory(full_name, verbose=False))
     # A failed build of these sources is remembered beside it, so that later processes (each
     # command, each worker) fall back at once instead of warning again; delete it to retry.
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()
+    texts = [path.read_bytes() for path in [*sources, *HEADERS]]
+    digest = hashlib.sha256(b"".join(texts)).hexdigest()
     failed = built / f"failed-{digest[:12]}.txt"
     if failed.exists():
         return None
@@ -116,7 +131,9 @@ def _build(name: str, sources: list[Path]) -> ModuleType | None:
         return cpp_extension.load(
             full_name,
             [str(source) for source in sources],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            # PyTorch rebuilds when the sources or these flags change, not the headers: their
+            # digest in a flag (unused by the code) makes a changed header rebuild too.
+            extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DEVENTFUL_DIGEST={digest[:16]}"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

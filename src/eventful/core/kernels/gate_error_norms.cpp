@@ -9,19 +9,14 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <cstring>
+
+#include "vectors.h"
 
 namespace {
 
-typedef float Vector __attribute__((vector_size(32)));  // 8 floats; the compiler picks the ISA
-constexpr int64_t WIDTH = 8;
-constexpr int64_t TOKENS_PER_TASK = 32;
+using namespace eventful_vectors;
 
-inline Vector load(const float* from) {
-  Vector value;
-  std::memcpy(&value, from, sizeof(Vector));
-  return value;
-}
+constexpr int64_t TOKENS_PER_TASK = 32;
 
 // The sum of squares of a - b over `dim` values: four vector sums, then the lanes, then the tail.
 float squared_distance(const float* a, const float* b, int64_t dim) {
@@ -41,11 +36,7 @@ float squared_distance(const float* a, const float* b, int64_t dim) {
     const Vector d = load(a + c) - load(b + c);
     s0 += d * d;
   }
-  const Vector total = (s0 + s1) + (s2 + s3);
-  float lanes[WIDTH];
-  std::memcpy(lanes, &total, sizeof(Vector));
-  float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-              ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  float sum = sum_of((s0 + s1) + (s2 + s3));
   for (; c < dim; ++c) {
     const float d = a[c] - b[c];
     sum += d * d;

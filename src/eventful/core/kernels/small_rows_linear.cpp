@@ -14,9 +14,12 @@
 #include <algorithm>
 #include <cstring>
 
+#include "vectors.h"
+
 namespace {
 
-typedef float Vector __attribute__((vector_size(32)));  // 8 floats; the compiler picks the ISA
+using eventful_vectors::Vector;
+
 constexpr int64_t PANEL = 16;                           // output columns per panel: 2 vectors
 constexpr int ROWS = 6;                                 // rows per pass: 12 accumulators
 constexpr int64_t GROUP = 2;  // panels that every pass of rows reads while they are in cache

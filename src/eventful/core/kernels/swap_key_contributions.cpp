@@ -18,117 +18,13 @@
 #include <cstring>
 #include <vector>
 
+#include "vectors.h"
+
 namespace {
 
-typedef float Vector __attribute__((vector_size(32)));  // 8 floats; the compiler picks the ISA
-typedef int32_t Integers __attribute__((vector_size(32)));
-constexpr int64_t WIDTH = 8;        // floats per vector
-constexpr int64_t ROW_BLOCK = 32;   // rows per task of a thread
-constexpr int64_t LINE = 16;        // floats per cache line
+using namespace eventful_vectors;
 
-inline Vector load(const float* from) {
-  Vector value;
-  std::memcpy(&value, from, sizeof(Vector));
-  return value;
-}
-
-inline void store(float* to, Vector value) { std::memcpy(to, &value, sizeof(Vector)); }
-
-// The first cache line boundary at or after `at` (buffers are allocated LINE floats longer).
-inline float* aligned(float* at) {
-  const auto address = reinterpret_cast<std::uintptr_t>(at);
-  const auto line = static_cast<std::uintptr_t>(LINE * sizeof(float));
-  return reinterpret_cast<float*>((address + line - 1) / line * line);
-}
-
-inline Vector splat(float value) {
-  return Vector{value, value, value, value, value, value, value, value};
-}
-
-inline Vector lane_index() { return Vector{0, 1, 2, 3, 4, 5, 6, 7}; }
-
-inline Vector max(Vector a, Vector b) { return a > b ? a : b; }
-
-inline float sum_of(Vector v) {
-  float lanes[WIDTH];
-  std::memcpy(lanes, &v, sizeof(Vector));
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-         ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-}
-
-inline float max_of(Vector v) {
-  float lanes[WIDTH];
-  std::memcpy(lanes, &v, sizeof(Vector));
-  return std::max(std::max(std::max(lanes[0], lanes[4]), std::max(lanes[1], lanes[5])),
-                  std::max(std::max(lanes[2], lanes[6]), std::max(lanes[3], lanes[7])));
-}
-
-// e^x of 8 floats. x = n ln 2 + r with n the nearest integer to x / ln 2 and |r| <= ln 2 / 2;
-// e^r by its Taylor series to degree 7 (relative error below 1e-8 on that interval, so float32
-// rounding dominates); 2^n written into the exponent bits. x is clamped to [-87, 88], where
-// 2^n stays a normal float: e^-87 is about 1.6e-38, which counts as nothing beside any weight
-// that matters here.
-inline Vector vector_exp(Vector x) {
-  const Vector high = splat(88.0f), low = splat(-87.0f);
-  x = x < high ? x : high;
-  x = x > low ? x : low;
-  const Vector round_shift = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const Vector n = (x * splat(1.44269504088896341f) + round_shift) - round_shift;
-  const Vector r = (x - n * splat(0.693145751953125f)) - n * splat(1.42860682030941723e-6f);
-  Vector p = splat(1.0f / 5040.0f);
-  p = p * r + splat(1.0f / 720.0f);
-  p = p * r + splat(1.0f / 120.0f);
-  p = p * r + splat(1.0f / 24.0f);
-  p = p * r + splat(1.0f / 6.0f);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.0f);
-  p = p * r + splat(1.0f);
-  const Integers exponent = (__builtin_convertvector(n, Integers) + 127) << 23;
-  Vector scale;
-  std::memcpy(&scale, &exponent, sizeof(Vector));
-  return p * scale;
-}
-
-// Logits of R rows (each q + r * row_stride) for V vectors of keys from column c, the keys held
-// transposed (dh, padded): logits[r * padded + j] = q_r . key j.
-template <int R, int V>
-void rows_logits_chunk(const float* q, int64_t row_stride, const float* keys_by_feature,
-                       int64_t dh, int64_t padded, int64_t c, float* logits) {
-  Vector a[R][V];
-  for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < V; ++u) a[r][u] = Vector{};
-  }
-  for (int64_t d = 0; d < dh; ++d) {
-    const float* keys = keys_by_feature + d * padded + c;
-    Vector k[V];
-    for (int u = 0; u < V; ++u) k[u] = load(keys + u * WIDTH);
-    for (int r = 0; r < R; ++r) {
-      const Vector value = splat(q[r * row_stride + d]);
-      for (int u = 0; u < V; ++u) a[r][u] += value * k[u];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < V; ++u) store(logits + r * padded + c + u * WIDTH, a[r][u]);
-  }
-}
-
-// Logits of R rows for all keys (padded a multiple of WIDTH): four vectors of keys per pass
-// where there are four, so that two rows keep eight sums in flight, enough to hide the latency
-// of a multiply-add.
-template <int R>
-void rows_logits(const float* q, int64_t row_stride, const float* keys_by_feature, int64_t dh,
-                 int64_t padded, float* logits) {
-  int64_t c = 0;
-  for (; c + 4 * WIDTH <= padded; c += 4 * WIDTH) {
-    rows_logits_chunk<R, 4>(q, row_stride, keys_by_feature, dh, padded, c, logits);
-  }
-  for (; c + 2 * WIDTH <= padded; c += 2 * WIDTH) {
-    rows_logits_chunk<R, 2>(q, row_stride, keys_by_feature, dh, padded, c, logits);
-  }
-  for (; c < padded; c += WIDTH) {
-    rows_logits_chunk<R, 1>(q, row_stride, keys_by_feature, dh, padded, c, logits);
-  }
-}
+constexpr int64_t ROW_BLOCK = 32;  // rows per task of a thread
 
 // V vectors of one row's numerator from column c: rescaled, plus the new keys' weighted values,
 // less the old keys'.
@@ -271,11 +167,11 @@ void swap_key_contributions(torch::Tensor numerator, torch::Tensor denominator,
             __builtin_prefetch(block_q + next * row_stride + line);
           }
         }
-        rows_logits<2>(block_q + r * row_stride, row_stride, keys_by_feature, dh, padded,
+        rows_logits<2, 4>(block_q + r * row_stride, row_stride, keys_by_feature, dh, padded,
                        logits + r * padded);
       }
       if (r < rows) {
-        rows_logits<1>(block_q + r * row_stride, row_stride, keys_by_feature, dh, padded,
+        rows_logits<1, 4>(block_q + r * row_stride, row_stride, keys_by_feature, dh, padded,
                        logits + r * padded);
       }
       for (r = 0; r < rows; ++r) {
@@ -292,13 +188,13 @@ void swap_key_contributions(torch::Tensor numerator, torch::Tensor denominator,
         // nothing.
         Vector largest = splat(-INFINITY);
         for (int64_t c = 0; c < half; c += WIDTH) {
-          const Integers in_use = lane_index() + splat(static_cast<float>(c)) < splat(count);
+          const Integers in_use = lanes_below(c, count);
           largest = max(largest, in_use ? load(row_logits + c) : splat(-INFINITY));
         }
         const float most = max_of(largest);
         Vector total{};
         for (int64_t c = 0; c < half; c += WIDTH) {
-          const Integers in_use = lane_index() + splat(static_cast<float>(c)) < splat(count);
+          const Integers in_use = lanes_below(c, count);
           total += in_use ? vector_exp(load(row_logits + c) - splat(most)) : Vector{};
         }
         const float old_shift = shifts[row];
@@ -307,7 +203,7 @@ void swap_key_contributions(torch::Tensor numerator, torch::Tensor denominator,
         // position of a group) adds exactly the share it removes.
         Vector change{};
         for (int64_t c = 0; c < half; c += WIDTH) {
-          const Integers in_use = lane_index() + splat(static_cast<float>(c)) < splat(count);
+          const Integers in_use = lanes_below(c, count);
           const Vector added = vector_exp(load(row_logits + c) - splat(raised));
           const Vector removed = vector_exp(load(row_logits + half + c) - splat(raised));
           const Vector difference = in_use ? added - removed : Vector{};

@@ -1,0 +1,148 @@
+// Vectors of 8 floats for the kernels of this folder, in GCC's and Clang's vector extensions:
+// the compiler picks the instructions for the CPU it builds for (-march=native), so the same
+// source serves AVX2, AVX-512 (two halves) and Arm's NEON (pairs).
+
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace eventful_vectors {
+
+typedef float Vector __attribute__((vector_size(32)));
+typedef int32_t Integers __attribute__((vector_size(32)));
+constexpr int64_t WIDTH = 8;  // floats per vector
+constexpr int64_t LINE = 16;  // floats per cache line
+
+inline Vector load(const float* from) {
+  Vector value;
+  std::memcpy(&value, from, sizeof(Vector));
+  return value;
+}
+
+inline void store(float* to, Vector value) { std::memcpy(to, &value, sizeof(Vector)); }
+
+inline Vector splat(float value) {
+  return Vector{value, value, value, value, value, value, value, value};
+}
+
+// a * b + c. One fused instruction wherever the CPU has one, so that a sum takes the same
+// roundings in every function that forms it (the compiler fuses `a * b + c` in some places and
+// not in others).
+inline Vector multiply_add(Vector a, Vector b, Vector c) {
+#if defined(__FMA__)
+  __m256 x, y, z;
+  std::memcpy(&x, &a, sizeof(Vector));
+  std::memcpy(&y, &b, sizeof(Vector));
+  std::memcpy(&z, &c, sizeof(Vector));
+  const __m256 result = _mm256_fmadd_ps(x, y, z);
+  Vector value;
+  std::memcpy(&value, &result, sizeof(Vector));
+  return value;
+#else
+  return a * b + c;
+#endif
+}
+
+inline Vector lane_index() { return Vector{0, 1, 2, 3, 4, 5, 6, 7}; }
+
+// Lanes whose column c + lane is below `count`: all ones, else zeros.
+inline Integers lanes_below(int64_t c, int64_t count) {
+  return lane_index() + splat(static_cast<float>(c)) < splat(static_cast<float>(count));
+}
+
+inline Vector max(Vector a, Vector b) { return a > b ? a : b; }
+
+inline float sum_of(Vector v) {
+  float lanes[WIDTH];
+  std::memcpy(lanes, &v, sizeof(Vector));
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+         ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+
+inline float max_of(Vector v) {
+  float lanes[WIDTH];
+  std::memcpy(lanes, &v, sizeof(Vector));
+  return std::max(std::max(std::max(lanes[0], lanes[4]), std::max(lanes[1], lanes[5])),
+                  std::max(std::max(lanes[2], lanes[6]), std::max(lanes[3], lanes[7])));
+}
+
+// The first cache line boundary at or after `at` (buffers are allocated LINE floats longer).
+inline float* aligned(float* at) {
+  const auto address = reinterpret_cast<std::uintptr_t>(at);
+  const auto line = static_cast<std::uintptr_t>(LINE * sizeof(float));
+  return reinterpret_cast<float*>((address + line - 1) / line * line);
+}
+
+// e^x of 8 floats. x = n ln 2 + r with n the nearest integer to x / ln 2 and |r| <= ln 2 / 2;
+// e^r by its Taylor series to degree 7 (relative error below 1e-8 on that interval, so float32
+// rounding dominates); 2^n written into the exponent bits. x is clamped to [-87, 88], where
+// 2^n stays a normal float: e^-87 is about 1.6e-38, which counts as nothing beside any weight
+// that matters here.
+inline Vector vector_exp(Vector x) {
+  const Vector high = splat(88.0f), low = splat(-87.0f);
+  x = x < high ? x : high;
+  x = x > low ? x : low;
+  const Vector round_shift = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const Vector n = (x * splat(1.44269504088896341f) + round_shift) - round_shift;
+  const Vector r = (x - n * splat(0.693145751953125f)) - n * splat(1.42860682030941723e-6f);
+  Vector p = splat(1.0f / 5040.0f);
+  p = p * r + splat(1.0f / 720.0f);
+  p = p * r + splat(1.0f / 120.0f);
+  p = p * r + splat(1.0f / 24.0f);
+  p = p * r + splat(1.0f / 6.0f);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  const Integers exponent = (__builtin_convertvector(n, Integers) + 127) << 23;
+  Vector scale;
+  std::memcpy(&scale, &exponent, sizeof(Vector));
+  return p * scale;
+}
+
+// Logits of R query rows (each q + r * row_stride) for V vectors of keys from column c, the
+// keys held transposed (dh, padded): logits[r * padded + j] = q_r . key j.
+template <int R, int V>
+inline void rows_logits_chunk(const float* q, int64_t row_stride, const float* keys_by_feature,
+                              int64_t dh, int64_t padded, int64_t c, float* logits) {
+  Vector a[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < V; ++u) a[r][u] = Vector{};
+  }
+  for (int64_t d = 0; d < dh; ++d) {
+    const float* keys = keys_by_feature + d * padded + c;
+    Vector k[V];
+    for (int u = 0; u < V; ++u) k[u] = load(keys + u * WIDTH);
+    for (int r = 0; r < R; ++r) {
+      const Vector value = splat(q[r * row_stride + d]);
+      for (int u = 0; u < V; ++u) a[r][u] = multiply_add(value, k[u], a[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < V; ++u) store(logits + r * padded + c + u * WIDTH, a[r][u]);
+  }
+}
+
+// Logits of R rows for all keys (padded a multiple of WIDTH), V vectors of keys per pass while V
+// fit (R x V sums in flight, enough to hide the latency of a multiply-add), then two, then one.
+template <int R, int V>
+inline void rows_logits(const float* q, int64_t row_stride, const float* keys_by_feature,
+                        int64_t dh, int64_t padded, float* logits) {
+  int64_t c = 0;
+  for (; c + V * WIDTH <= padded; c += V * WIDTH) {
+    rows_logits_chunk<R, V>(q, row_stride, keys_by_feature, dh, padded, c, logits);
+  }
+  for (; V > 2 && c + 2 * WIDTH <= padded; c += 2 * WIDTH) {
+    rows_logits_chunk<R, 2>(q, row_stride, keys_by_feature, dh, padded, c, logits);
+  }
+  for (; c < padded; c += WIDTH) {
+    rows_logits_chunk<R, 1>(q, row_stride, keys_by_feature, dh, padded, c, logits);
+  }
+}
+
+}  // namespace eventful_vectors
