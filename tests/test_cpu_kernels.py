@@ -298,7 +298,7 @@ def test_the_attention_kernel_refuses_what_it_cannot_read_and_names_it():
     with pytest.raises(RuntimeError, match="at least one key"):
         kernels.attention_rows()(q, k[:, :, :0], v[:, :, :0], None)
     transposed = k.transpose(-1, -2).contiguous().transpose(-1, -2)
-    with pytest.raises(RuntimeError, match="expects k as .* contiguous last dimension"):
+    with pytest.raises(RuntimeError, match=r"expects k as .* contiguous last dimension"):
         kernels.attention_rows()(q, transposed, v, None)
 
 
