@@ -1,14 +1,15 @@
 """The engine's CPU kernels against the same arithmetic in PyTorch operators, and the rules that
 choose between them: the exact level's swap of old for new key contributions
-(`kernels.swap_key_contributions`), a gate's error norms (`kernels.gate_error_norms`) and
-softmax attention of query rows (`kernels.attention_rows`). The small-rows linear kernel is
-tested with `PackedLinear` (test_packed_linear.py)."""
+(`kernels.swap_key_contributions`), a gate's error norms (`kernels.gate_error_norms`),
+softmax attention of query rows (`kernels.attention_rows`) and a transposing copy
+(`kernels.transposed`). The small-rows linear kernel is tested with `PackedLinear`
+(test_packed_linear.py) and in the heads' sparse stages (test_local_head.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from eventful.core import attention, gates, kernels
+from eventful.core import attention, gates, kernels, local_head
 from eventful.core.policies import TopK
 
 needs_kernel = pytest.mark.skipif(
@@ -321,3 +322,38 @@ def test_attention_runs_pytorch_where_the_kernel_does_not_apply():
         want, want_logsumexp = float64_attention(*args)
         torch.testing.assert_close(output.double(), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(logsumexp.double(), want_logsumexp, rtol=1e-5, atol=1e-6)
+
+
+needs_transpose_kernel = pytest.mark.skipif(
+    kernels.transposed() is None, reason="the CPU kernels could not be built here"
+)
+
+
+@needs_transpose_kernel
+@pytest.mark.parametrize("shape", [(1, 16384, 64), (2, 37, 13), (3, 8, 8), (1, 1, 5), (2, 0, 4)])
+def test_the_transposing_copy_equals_pytorchs(shape):
+    x = torch.randn(shape)
+    out = kernels.transposed()(x)
+    assert out.is_contiguous() and torch.equal(out, x.transpose(1, 2))
+    strided = torch.randn(shape[0], shape[1], shape[2] + 3)[..., 2 : 2 + shape[2]]
+    assert torch.equal(kernels.transposed()(strided), strided.transpose(1, 2))
+
+
+@needs_transpose_kernel
+def test_the_transposing_copy_refuses_what_it_cannot_read_and_names_it():
+    with pytest.raises(RuntimeError, match=r"float32 CPU tensor \(B, R, C\).*Double"):
+        kernels.transposed()(torch.randn(1, 4, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous last dimension"):
+        kernels.transposed()(torch.randn(1, 4, 6).transpose(1, 2))
+
+
+def test_a_heads_caches_take_the_layout_of_pytorchs_copies():
+    x = torch.randn(2, 5, 3, 4)
+    rows = local_head.flat_copy(x)
+    assert torch.equal(rows, x.permute(0, 2, 3, 1).reshape(-1, 5)) and rows.is_contiguous()
+    back = local_head.channels_first_copy(rows, tuple(x.shape))
+    assert torch.equal(back, x) and back.is_contiguous()
+    assert back.data_ptr() != rows.data_ptr()
+    assert local_head._transpose_kernel(x.double()) is None
+    with torch.enable_grad():
+        assert local_head._transpose_kernel(x.clone().requires_grad_()) is None

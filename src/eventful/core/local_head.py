@@ -42,8 +42,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from eventful.core import kernels
 from eventful.core.fingerprint import tensor_key
 from eventful.core.ops import HEAD_LAYERS, layer_macs
+from eventful.core.packed_linear import SMALL_ROWS
 
 # Layers that act on each position alone. BatchNorm2d in training mode uses batch statistics: a
 # stack holding one runs densely while the model trains.
@@ -134,10 +136,12 @@ class LocalStack(nn.Module):
                 self.stages[-1][1].append(layer)
         self.step: HeadStep | None = None
         self._matrices: dict[int, tuple[tuple, Tensor]] = {}  # per stage, see below
+        self._panels: dict[int, tuple[tuple, Tensor]] = {}
 
     def clear_weight_caches(self) -> None:
-        """Forget the kernel matrices (`forget_weight_caches`)."""
+        """Forget the kernel matrices and their panels (`forget_weight_caches`)."""
         self._matrices = {}
+        self._panels = {}
 
     def _kernel_matrix(self, index: int, conv: nn.Module) -> Tensor:
         """The weight of `conv`, the convolution of stage `index`, as (C_in, K * C_out): row c
@@ -152,6 +156,29 @@ class LocalStack(nn.Module):
             kept = (key, matrix.contiguous())
             self._matrices[index] = kept
         return kept[1]
+
+    def _contributions(self, index: int, conv: nn.Module, deltas: Tensor) -> Tensor:
+        """deltas (m, C_in) times the kernel matrix of stage `index`: (m, K * C_out). Up to
+        `SMALL_ROWS` float32 CPU rows outside autograd, the small-rows kernel on the matrix laid
+        out in its panels (kept until the weight changes), which reads it once from memory."""
+        matrix = self._kernel_matrix(index, conv)
+        small_rows = None
+        if (
+            deltas.shape[0] <= SMALL_ROWS
+            and deltas.device.type == "cpu"
+            and deltas.dtype == matrix.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (deltas.requires_grad or matrix.requires_grad))
+            and not torch.compiler.is_compiling()
+        ):
+            small_rows = kernels.small_rows_linear()
+        if small_rows is None:
+            return deltas @ matrix
+        key = tensor_key(conv.weight)
+        kept = self._panels.get(index)
+        if kept is None or kept[0] != key:
+            kept = (key, small_rows.pack(matrix.t()))
+            self._panels[index] = kept
+        return small_rows.linear(deltas, kept[1], None, matrix.shape[1])
 
     def forward(self, inputs: Tensor) -> Tensor:
         step = self.step
@@ -214,8 +241,7 @@ class LocalStack(nn.Module):
             else:
                 change = self._sparse_stage(index, conv, pointwise, caches, change, shapes)
         if outputs is None:  # the last stage ran sparsely: its output is in the cache
-            rows = caches[f"input{len(self.stages)}"]
-            return unflat(rows, shapes[-1]).clone(memory_format=torch.contiguous_format)
+            return channels_first_copy(caches[f"input{len(self.stages)}"], shapes[-1])
         return outputs.contiguous()
 
     def _input_change(
@@ -278,7 +304,7 @@ class LocalStack(nn.Module):
         _, _, height, width = shapes[index]
         _, out_channels, out_height, out_width = shapes[index + 1]
         kernel_h, kernel_w = conv.kernel_size
-        contributions = deltas @ self._kernel_matrix(index, conv)
+        contributions = self._contributions(index, conv, deltas)
         contributions = contributions.view(-1, kernel_h * kernel_w, out_channels)
         stream, rest = changed // (height * width), changed % (height * width)
         rows = reach(conv, 0, rest // width, out_height)
@@ -379,7 +405,31 @@ def rows_of(inputs: Tensor) -> Tensor:
 
 def flat_copy(inputs: Tensor) -> Tensor:
     """`flat` into new, contiguous memory: a cache that shares nothing with `inputs`."""
+    batch, channels, height, width = inputs.shape
+    kernel = _transpose_kernel(inputs)
+    if kernel is not None and inputs.is_contiguous():
+        return kernel(inputs.view(batch, channels, height * width)).view(-1, channels)
     return flat(inputs).clone(memory_format=torch.contiguous_format)
+
+
+def channels_first_copy(rows: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Rows (B * H * W, C) into new memory as a contiguous (B, C, H, W) tensor: an output that
+    shares nothing with the cache it comes from."""
+    batch, channels, height, width = shape
+    kernel = _transpose_kernel(rows)
+    if kernel is not None and rows.is_contiguous():
+        return kernel(rows.view(batch, height * width, channels)).view(shape)
+    return unflat(rows, shape).clone(memory_format=torch.contiguous_format)
+
+
+def _transpose_kernel(x: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """The CPU kernel of a transposing copy where it applies (float32 CPU tensors outside
+    autograd and `torch.compile`): PyTorch's copy of a permuted view is several times slower."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        return None
+    return kernels.transposed()
 
 
 def unflat(rows: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -9,7 +9,9 @@ The sources of this folder build into one library of dispatcher operators
   running softmax sums for a few changed keys;
 - `gate_error_norms()`: `gate_error_norms.cpp`, a token gate's error norms in one pass;
 - `attention_rows()`: `attention_rows.cpp`, softmax attention of some query rows over every key,
-  with each row's log-sum-exp.
+  with each row's log-sum-exp;
+- `transposed()`: `transpose.cpp`, the last two dimensions of a tensor swapped into new memory:
+  a convolutional head's channels-last rows to PyTorch's default layout and back.
 
 `vectors.h` holds what they share: vectors of 8 floats, their reductions, an exponential.
 
@@ -83,6 +85,12 @@ def attention_rows() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
     Returns the output (G, H, Nq, dh), laid out as (G, Nq, H, dh), and the log-sum-exp
     (G, H, Nq)."""
     return torch.ops.eventful.attention_rows if _available() else None
+
+
+def transposed() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """x (B, R, C), float32, any strides but a contiguous last dimension -> (B, C, R), contiguous,
+    built on first use; None if unavailable."""
+    return torch.ops.eventful.transposed if _available() else None
 
 
 def _available() -> bool:

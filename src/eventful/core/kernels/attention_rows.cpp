@@ -19,10 +19,6 @@
 #include <memory>
 #include <vector>
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-
 #include "vectors.h"
 
 namespace {
@@ -40,40 +36,10 @@ struct Strides {
 Strides strides_of(const torch::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 // to[d * padded + j] = from[j * row_stride + d] for j < length, d < dh; zero for length <= j <
-// padded. Blocks of 8 keys by 8 features go through registers where the CPU has AVX.
+// padded.
 void transpose_keys(const float* from, int64_t row_stride, int64_t length, int64_t dh,
                     float* to, int64_t padded) {
-  int64_t j = 0;
-#if defined(__AVX__)
-  for (; j + 8 <= length; j += 8) {
-    int64_t d = 0;
-    for (; d + 8 <= dh; d += 8) {
-      __m256 r[8], t[8], s[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(from + (j + i) * row_stride + d);
-      for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-      }
-      for (int i = 0; i < 8; i += 4) {
-        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-      }
-      for (int i = 0; i < 4; ++i) {
-        _mm256_storeu_ps(to + (d + i) * padded + j, _mm256_permute2f128_ps(s[i], s[i + 4], 0x20));
-        _mm256_storeu_ps(to + (d + i + 4) * padded + j,
-                         _mm256_permute2f128_ps(s[i], s[i + 4], 0x31));
-      }
-    }
-    for (; d < dh; ++d) {
-      for (int i = 0; i < 8; ++i) to[d * padded + j + i] = from[(j + i) * row_stride + d];
-    }
-  }
-#endif
-  for (; j < length; ++j) {
-    for (int64_t d = 0; d < dh; ++d) to[d * padded + j] = from[j * row_stride + d];
-  }
+  transpose(from, row_stride, length, dh, to, padded);
   for (int64_t d = 0; d < dh; ++d) std::fill(to + d * padded + length, to + (d + 1) * padded, 0.0f);
 }
 

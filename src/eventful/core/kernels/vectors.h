@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__FMA__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -142,6 +142,44 @@ inline void rows_logits(const float* q, int64_t row_stride, const float* keys_by
   }
   for (; c < padded; c += WIDTH) {
     rows_logits_chunk<R, 1>(q, row_stride, keys_by_feature, dh, padded, c, logits);
+  }
+}
+
+// to[c * to_stride + r] = from[r * from_stride + c] for r < rows, c < columns. Blocks of 8 rows
+// by 8 columns go through registers where the CPU has AVX.
+inline void transpose(const float* from, int64_t from_stride, int64_t rows, int64_t columns,
+                      float* to, int64_t to_stride) {
+  int64_t r = 0;
+#if defined(__AVX__)
+  for (; r + 8 <= rows; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= columns; c += 8) {
+      __m256 x[8], t[8], s[8];
+      for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(from + (r + i) * from_stride + c);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int i = 0; i < 4; ++i) {
+        const __m256 low = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+        _mm256_storeu_ps(to + (c + i) * to_stride + r, low);
+        _mm256_storeu_ps(to + (c + i + 4) * to_stride + r,
+                         _mm256_permute2f128_ps(s[i], s[i + 4], 0x31));
+      }
+    }
+    for (; c < columns; ++c) {
+      for (int i = 0; i < 8; ++i) to[c * to_stride + r + i] = from[(r + i) * from_stride + c];
+    }
+  }
+#endif
+  for (; r < rows; ++r) {
+    for (int64_t c = 0; c < columns; ++c) to[c * to_stride + r] = from[r * from_stride + c];
   }
 }
 
