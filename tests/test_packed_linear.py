@@ -106,6 +106,15 @@ def test_other_dtypes_run_the_plain_linear():
         assert torch.equal(packed.double()(x), linear.double()(x))
 
 
+def test_from_plain_rows_on_the_layer_is_the_linears_own_call():
+    linear, packed = linear_and_packed(nn.GELU())
+    rows = packed_linear.PLAIN_ROWS
+    with torch.no_grad():
+        x = torch.randn(1, rows, 48)
+        assert not packed._uses_prepacked(x) and packed._uses_prepacked(x[:, : rows - 1])
+        assert torch.equal(packed(x), nn.functional.gelu(linear(x)))
+
+
 needs_small_rows_kernel = pytest.mark.skipif(
     kernels.small_rows_linear() is None, reason="no C++ compiler to build the small-rows kernel"
 )

@@ -12,7 +12,8 @@ exactly `nn.Linear` followed by its activation.
 On at most `SMALL_ROWS` rows, where oneDNN is several times slower than reading the weight from
 memory, the layer runs the engine's own kernel (`eventful.core.kernels`) on a second copy of the
 weight laid out for it, made the same way, and the activation after it; where that kernel cannot
-be built, oneDNN runs every call.
+be built, oneDNN runs every call. From `PLAIN_ROWS` rows on, the layer is `nn.Linear`'s own
+call, which is faster there.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ PREPACKED = _prepacked_linear_available()
 # linear at 1 row, 1.1-1.6x at 32 and about as fast at 128, for every linear layer of ViT-S and
 # ViT-B (BENCHMARKS.md, "small-rows-linear").
 SMALL_ROWS = 128
+
+# From this many rows on, PyTorch's own linear (MKL on x86) runs: at 577 rows (ViT-B/16 at 384)
+# oneDNN's prepacked linear measured 0.98-1.14x its time on the layers of ViT-S and ViT-B, at
+# 197 and 257 rows 0.84-1.04x (interleaved, 2 threads, AMD EPYC).
+PLAIN_ROWS = 512
 
 
 def _fused_activation(activation: nn.Module | None) -> tuple[str, list, str] | None:
@@ -128,7 +134,7 @@ class PackedLinear(nn.Linear):
             and x.device.type == "cpu"
             and x.dtype == torch.float32 == self.weight.dtype
             and not (torch.is_grad_enabled() and self.weight.requires_grad)
-            and x.numel() > 0
+            and 0 < x.numel() < PLAIN_ROWS * self.in_features
             and not torch.compiler.is_compiling()
         )
 
