@@ -172,10 +172,10 @@ def test_exact_updates_with_the_bias_equal_a_dense_recompute():
         torch.empty(heads, length),
     )
     recompute_attention_rows(*sums, q, k, v, torch.arange(length), bias_of(q))
-    index = torch.tensor([1, 6, 10])  # 3 of 12 tokens: below the dense switch (N / 3 = 4)
+    index = torch.tensor([1, 10])  # 2 of 12 tokens: below the recompute (N / 5)
     old_keys, old_values = k[:, index].clone(), v[:, index].clone()
     for part in (q, k, v):
-        part[:, index] += torch.randn(heads, 3, head_dim)
+        part[:, index] += torch.randn(heads, 2, head_dim)
     update_exact_attention(*sums, q, k, v, old_keys, old_values, index, bias_of(q))
     logits = q @ k.transpose(1, 2) + bias(q, (rows, cols))
     expected = logits.softmax(-1) @ v

@@ -241,7 +241,7 @@ def update_full_attention(
         return 0
     one_group = [t.unsqueeze(0) for t in (product, reference_by_key, denominator, shift)]
     one_group += [t.unsqueeze(0) for t in (q, k, v, old_keys, old_values)]
-    every_row = exact_update_is_dense(index.numel(), q.shape[1])
+    every_row = full_update_is_dense(index.numel(), q.shape[1])
     lost = update_full_groups(*one_group, Changes.of_one_group(index), bias_for, every_row)
     return int(lost[0])
 
@@ -486,7 +486,7 @@ def full_update_cost(
         return 0, 0
     side = 0 if bias_sides is None else sum(bias_sides)
     bias_adds_per_logit = 0 if bias_sides is None else 2 * heads
-    if exact_update_is_dense(selected, length):
+    if full_update_is_dense(selected, length):
         macs = length * length * dim + 2 * length * selected * dim + length * side * dim
         adds = bias_adds_per_logit * length * length
     else:
@@ -497,9 +497,20 @@ def full_update_cost(
 
 
 def exact_update_is_dense(selected: int | Tensor, tokens: int) -> bool | Tensor:
-    """Whether the exact level recomputes every row (and the full level every row's
-    log-sum-exp): its incremental update costs 6 s N dh per head, a dense recompute 2 N^2 dh,
-    so from s = N / 3 on the recompute is cheaper. Elementwise for a tensor of counts."""
+    """Whether the exact level recomputes every row: from s = N / 5 changed positions on.
+
+    Its incremental update costs 6 s N dh per head, a recompute 2 N^2 dh, which would put the
+    switch at N / 3. But a recompute is one attention call close to this machine's multiply-add
+    peak (`kernels.attention_rows`), while the update's swap and bookkeeping are further from
+    theirs: measured interleaved (CPU, 2 threads), the recompute is as fast from about N / 6.5
+    (ViT-S/14 at 224) and N / 5.5 (ViT-B/16 at 384) on. Elementwise for a tensor of counts."""
+    return 5 * selected >= tokens
+
+
+def full_update_is_dense(selected: int | Tensor, tokens: int) -> bool | Tensor:
+    """Whether the full level recomputes every row's log-sum-exp from all logits: keeping it as
+    running sums costs 4 s N dh per head, recomputing it N^2 dh on top of the columns' logits,
+    so from s = N / 3 on. Elementwise for a tensor of counts."""
     return 3 * selected >= tokens
 
 
@@ -616,7 +627,7 @@ def update_exact_attention(
     bias_for: BiasFor | None = None,
 ) -> int:
     """`update_exact_groups` for one group: sums and q, k, v (H, N, ...), the changed tokens
-    `index` (s,), old keys and values (H, s, dh). From s = N / 3 on, every row is recomputed
+    `index` (s,), old keys and values (H, s, dh). From s = N / 5 on, every row is recomputed
     instead, which costs less. Returns how many underflowed rows were recomputed."""
     tokens = q.shape[1]
     if index.numel() == 0:

@@ -34,6 +34,7 @@ from eventful.core.attention import (
     exact_update_cost,
     exact_update_is_dense,
     full_update_cost,
+    full_update_is_dense,
     query_key_product,
     query_key_update_cost,
     recompute_exact_groups,
@@ -287,9 +288,10 @@ class EventfulBlock(nn.Module):
         """Which groups of the batch this step recomputes and which it updates, and how.
 
         A group is recomputed over every row when its stream is fresh or every token is
-        selected, and at the exact level also when a third or more of its positions changed
-        (then a recompute costs less); at the full level such a group is updated with every
-        row's log-sum-exp recomputed. Groups without a change are left alone.
+        selected, and at the exact level also when a fifth or more of its positions changed
+        (then a recompute takes less time); at the full level a group with a third or more
+        changed is updated with every row's log-sum-exp recomputed. Groups without a change are
+        left alone.
         """
         batch, groups, length = selection.batch_size, layout.groups, layout.length
         total = batch * groups
@@ -315,7 +317,7 @@ class EventfulBlock(nn.Module):
             # columns it is given: the groups it updates update their padded slots too.
             changed |= layout.padded.repeat(batch, 1) & (counts > 0).unsqueeze(1)
             counts = changed.sum(dim=1)
-        large = exact_update_is_dense(counts, length) & ~fresh
+        large = self._recompute_pays(counts, length) & ~fresh
         updated = (counts > 0) & ~fresh
         recomputed, every_row = fresh, None
         if self.level == "exact":
@@ -343,7 +345,7 @@ class EventfulBlock(nn.Module):
         counts = torch.full((batch,), count, device=device)
         if count == 0:
             return _Plan(counts, [])
-        large = exact_update_is_dense(count, selection.num_tokens)
+        large = self._recompute_pays(count, selection.num_tokens)
         if self.level == "exact" and large:
             return _Plan(counts, [_Update(None, None)])
         per_stream = selection.per_stream
@@ -351,6 +353,13 @@ class EventfulBlock(nn.Module):
         valid = torch.ones(index.shape, dtype=torch.bool, device=device)
         changes = Changes(index, valid)
         return _Plan(counts, [_Update(None, changes, every_row=self.level == "full" and large)])
+
+    def _recompute_pays(self, counts: int | Tensor, length: int) -> bool | Tensor:
+        """Whether `counts` changed positions of a group are enough for the exact level to
+        recompute every row, and for the full level every row's log-sum-exp."""
+        if self.level == "exact":
+            return exact_update_is_dense(counts, length)
+        return full_update_is_dense(counts, length)
 
     def _keys_values_before(
         self, qkv: Tensor, layout: GroupLayout, plan: _Plan

@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from eventful.core.attention import dense_attention_cost, exact_update_is_dense
+from eventful.core.attention import (
+    dense_attention_cost,
+    exact_update_is_dense,
+    full_update_is_dense,
+)
 from eventful.core.gates import GateStep
 from eventful.core.kv_pooling import pooled_attention_macs
 from eventful.core.selection import Selection
@@ -239,7 +243,7 @@ def eventful_block_macs(
         # row's log-sum-exp, kept as running sums like the exact level's (old logits n s d,
         # changed and underflowed rows over all keys) or, from s = n / 3 on, recomputed from
         # all logits (n n d); then two accumulations into the attention-value product.
-        if exact_update_is_dense(s_qkv, n):
+        if full_update_is_dense(s_qkv, n):
             attention = n * n * d + 2 * n * s_qkv * d
         else:
             attention = 2 * n * s_qkv * d + (s_qkv + recomputed_rows) * n * d + 2 * n * s_qkv * d
