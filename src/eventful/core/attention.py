@@ -508,9 +508,9 @@ def exact_update_is_dense(selected: int | Tensor, tokens: int) -> bool | Tensor:
 
 
 def full_update_is_dense(selected: int | Tensor, tokens: int) -> bool | Tensor:
-    """Whether the full level recomputes every row's log-sum-exp from all logits: keeping it as
-    running sums costs 4 s N dh per head, recomputing it N^2 dh on top of the columns' logits,
-    so from s = N / 3 on. Elementwise for a tensor of counts."""
+    """Whether the full level recomputes every row's log-sum-exp from all logits: its running
+    sums cost 3 s N dh per head (the changed keys' old and new logits, the changed rows), a
+    recompute N^2 dh, so from s = N / 3 on. Elementwise for a tensor of counts."""
     return 3 * selected >= tokens
 
 
