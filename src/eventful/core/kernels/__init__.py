@@ -19,7 +19,7 @@ Each returns None where the library cannot be built: no C++ compiler, or `EVENTF
 in the environment. Callers then use PyTorch's own operators, with the same results up to
 rounding.
 
-The build (about a minute, once) goes through `torch.utils.cpp_extension`, for this CPU's
+The build (one to two minutes, once) goes through `torch.utils.cpp_extension`, for this CPU's
 instruction set (`-march=native`), and is cached under `TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`) under a name that includes the CPU's model and features, so that a
 cache shared between machines never hands one CPU the other's build. A build prints one line to
@@ -132,7 +132,7 @@ def _build(name: str, sources: list[Path]) -> ModuleType | None:
         if not (built / f"{full_name}.so").exists():
             print(
                 f"eventful: building its CPU kernels for this machine, once "
-                f"(about a minute; cached in {built.parent})",
+                f"(one to two minutes; cached in {built.parent})",
                 file=sys.stderr,
                 flush=True,
             )
