@@ -43,44 +43,20 @@ void transpose_keys(const float* from, int64_t row_stride, int64_t length, int64
   for (int64_t d = 0; d < dh; ++d) std::fill(to + d * padded + length, to + (d + 1) * padded, 0.0f);
 }
 
-// V vectors of output features from column c for R rows: the rows' weights (R, padded) times the
-// values (length, dh; rows `value_stride` apart), each row divided by its weights' sum.
-template <int R, int V>
-inline void weighted_values_chunk(const float* weights, int64_t padded, int64_t length,
-                                  const float* values, int64_t value_stride, const float* inverse,
-                                  float* out, int64_t out_stride, int64_t c) {
-  Vector a[R][V];
-  for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < V; ++u) a[r][u] = Vector{};
-  }
-  for (int64_t j = 0; j < length; ++j) {
-    const float* row = values + j * value_stride + c;
-    Vector v[V];
-    for (int u = 0; u < V; ++u) v[u] = load(row + u * WIDTH);
-    for (int r = 0; r < R; ++r) {
-      const Vector w = splat(weights[r * padded + j]);
-      for (int u = 0; u < V; ++u) a[r][u] = multiply_add(w, v[u], a[r][u]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < V; ++u) {
-      store(out + r * out_stride + c + u * WIDTH, a[r][u] * splat(inverse[r]));
-    }
-  }
-}
-
+// The output features of R rows: their weights (R, padded) times the values (length, dh; rows
+// `value_stride` apart), each row divided by its weights' sum (times `inverse`).
 template <int R>
 void weighted_values(const float* weights, int64_t padded, int64_t length, const float* values,
                      int64_t value_stride, int64_t dh, const float* inverse, float* out,
                      int64_t out_stride) {
   int64_t c = 0;
   for (; c + 2 * WIDTH <= dh; c += 2 * WIDTH) {
-    weighted_values_chunk<R, 2>(weights, padded, length, values, value_stride, inverse, out,
-                                out_stride, c);
+    rows_times_columns<R, 2>(weights, padded, values, value_stride, length, c, out, out_stride,
+                             inverse);
   }
   for (; c + WIDTH <= dh; c += WIDTH) {
-    weighted_values_chunk<R, 1>(weights, padded, length, values, value_stride, inverse, out,
-                                out_stride, c);
+    rows_times_columns<R, 1>(weights, padded, values, value_stride, length, c, out, out_stride,
+                             inverse);
   }
   for (; c < dh; ++c) {  // features past the last whole vector
     for (int r = 0; r < R; ++r) {

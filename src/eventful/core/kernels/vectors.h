@@ -105,43 +105,49 @@ inline Vector vector_exp(Vector x) {
   return p * scale;
 }
 
-// Logits of R query rows (each q + r * row_stride) for V vectors of keys from column c, the
-// keys held transposed (dh, padded): logits[r * padded + j] = q_r . key j.
+// R rows of a (each a + r * a_stride) times V vectors of b's columns from column c (b's rows
+// b_stride apart), over `depth` terms: out[r * out_stride + c + lane] = scale_r * sum_i
+// a[r * a_stride + i] b[i * b_stride + c + lane], scale_r = scale[r] where `scale` is given, else
+// 1 (a product by 1 is exact). Each loaded vector of b serves the R rows from registers; every
+// sum runs over i in order.
 template <int R, int V>
-inline void rows_logits_chunk(const float* q, int64_t row_stride, const float* keys_by_feature,
-                              int64_t dh, int64_t padded, int64_t c, float* logits) {
-  Vector a[R][V];
+inline void rows_times_columns(const float* a, int64_t a_stride, const float* b, int64_t b_stride,
+                               int64_t depth, int64_t c, float* out, int64_t out_stride,
+                               const float* scale = nullptr) {
+  Vector sums[R][V];
   for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < V; ++u) a[r][u] = Vector{};
+    for (int u = 0; u < V; ++u) sums[r][u] = Vector{};
   }
-  for (int64_t d = 0; d < dh; ++d) {
-    const float* keys = keys_by_feature + d * padded + c;
-    Vector k[V];
-    for (int u = 0; u < V; ++u) k[u] = load(keys + u * WIDTH);
+  for (int64_t i = 0; i < depth; ++i) {
+    const float* row = b + i * b_stride + c;
+    Vector columns[V];
+    for (int u = 0; u < V; ++u) columns[u] = load(row + u * WIDTH);
     for (int r = 0; r < R; ++r) {
-      const Vector value = splat(q[r * row_stride + d]);
-      for (int u = 0; u < V; ++u) a[r][u] = multiply_add(value, k[u], a[r][u]);
+      const Vector value = splat(a[r * a_stride + i]);
+      for (int u = 0; u < V; ++u) sums[r][u] = multiply_add(value, columns[u], sums[r][u]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < V; ++u) store(logits + r * padded + c + u * WIDTH, a[r][u]);
+    const Vector factor = splat(scale == nullptr ? 1.0f : scale[r]);
+    for (int u = 0; u < V; ++u) store(out + r * out_stride + c + u * WIDTH, sums[r][u] * factor);
   }
 }
 
-// Logits of R rows for all keys (padded a multiple of WIDTH), V vectors of keys per pass while V
+// Logits of R query rows (each q + r * row_stride) for all keys, held transposed (dh, padded, a
+// multiple of WIDTH): logits[r * padded + j] = q_r . key j. V vectors of keys per pass while V
 // fit (R x V sums in flight, enough to hide the latency of a multiply-add), then two, then one.
 template <int R, int V>
 inline void rows_logits(const float* q, int64_t row_stride, const float* keys_by_feature,
                         int64_t dh, int64_t padded, float* logits) {
   int64_t c = 0;
   for (; c + V * WIDTH <= padded; c += V * WIDTH) {
-    rows_logits_chunk<R, V>(q, row_stride, keys_by_feature, dh, padded, c, logits);
+    rows_times_columns<R, V>(q, row_stride, keys_by_feature, padded, dh, c, logits, padded);
   }
   for (; V > 2 && c + 2 * WIDTH <= padded; c += 2 * WIDTH) {
-    rows_logits_chunk<R, 2>(q, row_stride, keys_by_feature, dh, padded, c, logits);
+    rows_times_columns<R, 2>(q, row_stride, keys_by_feature, padded, dh, c, logits, padded);
   }
   for (; c < padded; c += WIDTH) {
-    rows_logits_chunk<R, 1>(q, row_stride, keys_by_feature, dh, padded, c, logits);
+    rows_times_columns<R, 1>(q, row_stride, keys_by_feature, padded, dh, c, logits, padded);
   }
 }
 
