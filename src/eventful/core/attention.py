@@ -325,14 +325,9 @@ def _swap_kernel(
     """The CPU kernel of `_swap_key_contributions` where it applies (float32 CPU tensors, the
     sums contiguous, q's rows contiguous, outside autograd and `torch.compile`), else None."""
     sums = (numerator, denominator, shift)
-    tensors = [*sums, *(t for t in inputs if t is not None)]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    if not kernels.can_take(*sums, *(t for t in inputs if t is not None)):
         return None
     if not all(t.is_contiguous() for t in sums) or inputs[0].stride(-1) != 1:
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    if torch.compiler.is_compiling():
         return None
     return kernels.swap_key_contributions()
 
@@ -391,18 +386,13 @@ def _attention_rows_kernel(
     """The CPU kernel of attention where it applies (float32 CPU tensors (G, H, rows, dh) with
     a contiguous last dimension, a bias of the logits' last size or none, outside autograd and
     `torch.compile`), else None."""
-    tensors = [q, k, v] if bias is None else [q, k, v, bias]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    if not kernels.can_take(q, k, v, *([] if bias is None else [bias])):
         return None
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[-2] == 0:
         return None
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         return None
     if bias is not None and (bias.shape[-1] != k.shape[-2] or bias.stride(-1) != 1):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    if torch.compiler.is_compiling():
         return None
     return kernels.attention_rows()
 

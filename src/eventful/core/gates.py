@@ -108,13 +108,10 @@ def error_norms_of(current: Tensor, reference: Tensor, norm: float) -> Tensor:
 
 def _one_pass_applies(current: Tensor, reference: Tensor) -> bool:
     return (
-        current.device.type == "cpu"
-        and current.dtype == reference.dtype == torch.float32
+        kernels.can_take(current, reference)
         and current.is_contiguous()
         and reference.is_contiguous()
         and current.shape == reference.shape
-        and not (torch.is_grad_enabled() and (current.requires_grad or reference.requires_grad))
-        and not torch.compiler.is_compiling()
     )
 
 

@@ -163,13 +163,7 @@ class LocalStack(nn.Module):
         out in its panels (kept until the weight changes), which reads it once from memory."""
         matrix = self._kernel_matrix(index, conv)
         small_rows = None
-        if (
-            deltas.shape[0] <= SMALL_ROWS
-            and deltas.device.type == "cpu"
-            and deltas.dtype == matrix.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (deltas.requires_grad or matrix.requires_grad))
-            and not torch.compiler.is_compiling()
-        ):
+        if deltas.shape[0] <= SMALL_ROWS and kernels.can_take(deltas, matrix):
             small_rows = kernels.small_rows_linear()
         if small_rows is None:
             return deltas @ matrix
@@ -423,13 +417,9 @@ def channels_first_copy(rows: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 
 def _transpose_kernel(x: Tensor) -> Callable[[Tensor], Tensor] | None:
-    """The CPU kernel of a transposing copy where it applies (float32 CPU tensors outside
-    autograd and `torch.compile`): PyTorch's copy of a permuted view is several times slower."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
-    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
-        return None
-    return kernels.transposed()
+    """The CPU kernel of a transposing copy where it applies (`kernels.can_take`): PyTorch's copy
+    of a permuted view is several times slower."""
+    return kernels.transposed() if kernels.can_take(x) else None
 
 
 def unflat(rows: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -93,6 +93,17 @@ def transposed() -> Callable[[torch.Tensor], torch.Tensor] | None:
     return torch.ops.eventful.transposed if _available() else None
 
 
+def can_take(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may take these tensors: float32 on the CPU, none recording gradients
+    (the kernels have no backward), outside `torch.compile` (which traces PyTorch's own
+    operators). Each caller checks the layout its kernel reads."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not torch.compiler.is_compiling()
+
+
 def _available() -> bool:
     """Whether the library is built and loaded (building it on the first call)."""
     if os.environ.get(DISABLE, "1") == "0":
