@@ -34,8 +34,8 @@ def temporal_macs(vivit: ViViT, steps: int) -> int:
 
 
 class EventfulViViT:
-    """`vivit` whose spatial model is eventful (`policy`, `level`, `cache_dtype` as in
-    `eventful.convert`) across the time steps of each clip. After each call, `ops` holds the
+    """`vivit` whose spatial model is eventful (`policy`, `level`, `cache_dtype`, `precision` as
+    in `eventful.convert`) across the time steps of each clip. After each call, `ops` holds the
     multiply-accumulates per clip (spatial blocks, temporal blocks and classifier) and
     `dense_ops` those of the dense model."""
 
@@ -45,11 +45,18 @@ class EventfulViViT:
         policy: Policy,
         level: str | Sequence[str] = "exact",
         cache_dtype: torch.dtype | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.vivit = vivit.eval()
-        self.spatial = EventfulViT(describe_vit(vivit.spatial), policy, level, cache_dtype)
+        self.spatial = EventfulViT(
+            describe_vit(vivit.spatial), policy, level, cache_dtype, precision=precision
+        )
         self.ops: list[int] = []
         self.dense_ops: list[int] = []
+
+    @property
+    def precision(self) -> str:
+        return self.spatial.precision
 
     @torch.no_grad()
     def __call__(self, clips: Tensor) -> Tensor:

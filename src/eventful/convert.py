@@ -15,6 +15,7 @@ from eventful.core.description import EncoderDescription
 from eventful.core.local_head import convert_heads
 from eventful.core.model import EventfulModule, EventfulViT
 from eventful.core.policies import Policy
+from eventful.core.precision import resolve_precision
 from eventful.core.wrapper import EncoderCall, EventfulWrapper
 from eventful.models import hf, hf_vitdet
 from eventful.models.vit import ViT, describe_vit
@@ -49,6 +50,7 @@ def convert(
     policy: Policy,
     level: str | Sequence[str] = "exact",
     cache_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
 ) -> EventfulModule:
     """A new eventful module computing what `model` computes; `model` is left unchanged.
 
@@ -58,13 +60,23 @@ def convert(
     level: "tokenwise", "qk", "full" or "exact" (the default: exact attention, no N x N cache;
     see BENCHMARKS.md) for every block, or a sequence with one per block.
     cache_dtype: e.g. torch.float16 to halve the N x N attention caches of "qk" and "full".
+    precision: the arithmetic of the encoder's linear layers, "fp32" (the default), "bf16",
+    "int8" or "auto" (`eventful.core.precision`: "bf16" where the model's device multiplies
+    bfloat16 natively, else "fp32"); the converted model's `precision` says what was chosen.
+    "bf16" is refused where it would run emulated. Caches stay float32 at every precision.
     A factorised `ViViT` gives an `EventfulViViT`, called on clips, whose spatial model is
     eventful across the time steps of each clip.
     The copy's weights are ordinary tensors in every grad mode, also when converted under
     `torch.inference_mode` (whose tensors could not be loaded into or trained outside it).
     """
+    chosen = resolve_precision(precision, _device_of(model))
     with torch.inference_mode(False):
-        return _convert(model, policy, level, cache_dtype)
+        return _convert(model, policy, level, cache_dtype, chosen)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def _convert(
@@ -72,18 +84,19 @@ def _convert(
     policy: Policy,
     level: str | Sequence[str],
     cache_dtype: torch.dtype | None,
+    precision: str,
 ) -> EventfulModule:
     if isinstance(model, ViT):
-        return EventfulViT(describe_vit(model), policy, level, cache_dtype)
+        return EventfulViT(describe_vit(model), policy, level, cache_dtype, precision=precision)
     if isinstance(model, ViViT):
         from eventful.clip_classifier import EventfulViViT
 
-        return EventfulViViT(model, policy, level, cache_dtype)
+        return EventfulViViT(model, policy, level, cache_dtype, precision)
     refuse_joint_video(model)
     if is_encoder(model):
-        return EventfulWrapper(_encoder_call(model, policy, level, cache_dtype), "")
+        return EventfulWrapper(_encoder_call(model, policy, level, cache_dtype, precision), "")
     wrapped, path = replace_encoder(
-        model, lambda encoder: _encoder_call(encoder, policy, level, cache_dtype)
+        model, lambda encoder: _encoder_call(encoder, policy, level, cache_dtype, precision)
     )
     _, dense_layers = convert_heads(wrapped, path)
     if dense_layers:
@@ -159,9 +172,12 @@ def _encoder_call(
     policy: Policy,
     level: str | Sequence[str],
     cache_dtype: torch.dtype | None,
+    precision: str,
 ) -> EncoderCall:
     adapter = adapt_encoder(encoder)
-    eventful_encoder = EventfulViT(adapter.description, policy, level, cache_dtype, adapter.taps)
+    eventful_encoder = EventfulViT(
+        adapter.description, policy, level, cache_dtype, adapter.taps, precision
+    )
     return EncoderCall(eventful_encoder, adapter.format_output, adapter.check_arguments)
 
 

@@ -57,9 +57,10 @@ from eventful.core.selection import Selection
 LEVELS = ("tokenwise", "qk", "full", "exact")
 
 
-def _scaled_linear(linear: nn.Linear, scale: Tensor) -> PackedLinear:
-    """A copy of `linear` whose outputs are multiplied by `scale` (out_features,)."""
-    scaled = PackedLinear.from_linear(linear)
+def _scaled_linear(linear: nn.Linear, scale: Tensor, precision: str) -> PackedLinear:
+    """A copy of `linear` at `precision` whose outputs are multiplied by `scale`
+    (out_features,)."""
+    scaled = PackedLinear.from_linear(linear, precision=precision)
     with torch.no_grad():
         scaled.weight.mul_(scale.unsqueeze(1))
         if scaled.bias is not None:
@@ -77,7 +78,8 @@ class EventfulBlock(nn.Module):
 
     Construction folds the attention scale into the q rows of the qkv projection and each
     layer scale into the projection before it, so the eventful block does no extra work for
-    them. The described modules are copied, not modified.
+    them. The described modules are copied, not modified. `precision` is that of the linear
+    layers (`eventful.core.precision`), which round their weights after the folding.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class EventfulBlock(nn.Module):
         block: BlockDescription,
         level: str,
         cache_dtype: torch.dtype | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         if level not in LEVELS:
@@ -105,11 +108,12 @@ class EventfulBlock(nn.Module):
         query_scale = torch.ones(3 * dim)
         query_scale[:dim] = block.attention.scale
         self.norm1 = copy.deepcopy(block.norm1)
-        self.qkv = _scaled_linear(block.qkv, query_scale)
-        self.proj = _scaled_linear(block.proj, _ones_if_none(block.layer_scale1, dim))
+        self.qkv = _scaled_linear(block.qkv, query_scale, precision)
+        self.proj = _scaled_linear(block.proj, _ones_if_none(block.layer_scale1, dim), precision)
         self.norm2 = copy.deepcopy(block.norm2)
-        self.fc1 = PackedLinear.from_linear(block.fc1, copy.deepcopy(block.activation))
-        self.fc2 = _scaled_linear(block.fc2, _ones_if_none(block.layer_scale2, dim))
+        activation = copy.deepcopy(block.activation)
+        self.fc1 = PackedLinear.from_linear(block.fc1, activation, precision)
+        self.fc2 = _scaled_linear(block.fc2, _ones_if_none(block.layer_scale2, dim), precision)
         attention = block.attention
         self.window = attention.window
         # The bias takes q before the scale, which the qkv projection now applies.

@@ -46,6 +46,7 @@ from eventful.core import kernels
 from eventful.core.fingerprint import tensor_key
 from eventful.core.ops import HEAD_LAYERS, layer_macs
 from eventful.core.packed_linear import SMALL_ROWS
+from eventful.core.precision import autocast_dtype
 
 # Layers that act on each position alone. BatchNorm2d in training mode uses batch statistics: a
 # stack holding one runs densely while the model trains.
@@ -175,6 +176,13 @@ class LocalStack(nn.Module):
         return small_rows.linear(deltas, kept[1], None, matrix.shape[1])
 
     def forward(self, inputs: Tensor) -> Tensor:
+        if autocast_dtype(inputs) is None:
+            return self._forward(inputs)
+        # Under torch.autocast: float32, as the caches are, whatever the layers before gave.
+        with torch.autocast(inputs.device.type, enabled=False):
+            return self._forward(inputs.float())
+
+    def _forward(self, inputs: Tensor) -> Tensor:
         step = self.step
         if step is None:
             raise RuntimeError(

@@ -20,7 +20,9 @@ from eventful.core.escalation import Escalation
 from eventful.core.fingerprint import forget_weight_caches
 from eventful.core.kv_pooling import check_factor, check_pooling
 from eventful.core.ops import StepTrace
+from eventful.core.packed_linear import LAYER_PRECISIONS, compute_dtype
 from eventful.core.policies import Policy
+from eventful.core.precision import autocast_dtype
 from eventful.core.reduction import Restricted, TokenReduction
 from eventful.core.state import StreamState
 
@@ -110,6 +112,11 @@ class EventfulModule(nn.Module):
     def levels(self) -> list[str]:
         return [block.level for block in self.encoder.blocks]
 
+    @property
+    def precision(self) -> str:
+        """The arithmetic of the encoder's linear layers: "fp32", "bf16" or "int8"."""
+        return self.encoder._precision
+
     def new_state(self, batch_size: int = 1) -> StreamState:
         """Empty caches for `batch_size` independent streams; the first step fills them."""
         return StreamState(batch_size)
@@ -149,6 +156,10 @@ class EventfulViT(EventfulModule):
     does (a baseline, `eventful.core.gates`). `kv_pooling`, settable at any time: a factor
     by which the patches' keys and values are averaged over the grid in attention (a baseline,
     `eventful.core.kv_pooling`; tokenwise level and global attention only; 1: none).
+    `precision`: "fp32", "bf16" or "int8", that of the blocks' linear layers
+    (`eventful.core.precision`). Under `torch.autocast`, a step runs its float32 linear layers
+    in the autocast dtype and everything else as outside it, so that its caches keep their
+    dtype.
     """
 
     def __init__(
@@ -158,9 +169,16 @@ class EventfulViT(EventfulModule):
         level: str | Sequence[str] = "exact",
         cache_dtype: torch.dtype | None = None,
         taps: Sequence[int] = (),
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         description.validate()
+        if precision not in LAYER_PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {LAYER_PRECISIONS} (resolve 'auto' first: "
+                f"eventful.core.precision.resolve_precision), got {precision!r}"
+            )
+        self._precision = precision
         depth = len(description.blocks)
         outside = [stage for stage in taps if not 0 <= stage <= depth]
         if outside:
@@ -180,7 +198,7 @@ class EventfulViT(EventfulModule):
         )
         self.embedding = copy.deepcopy(description.embedding)
         self.blocks = nn.ModuleList(
-            EventfulBlock(block, name, cache_dtype)
+            EventfulBlock(block, name, cache_dtype, precision)
             for block, name in zip(description.blocks, levels, strict=True)
         )
         self.norm = copy.deepcopy(description.norm)
@@ -246,6 +264,21 @@ class EventfulViT(EventfulModule):
         check_finite: bool = True,
         refresh: Sequence[int] = (),
         escalation: Escalation | None = None,
+    ) -> Tensor:
+        low = autocast_dtype(frames)
+        if low is None:
+            return self._step(frames, state, trace, check_finite, refresh, escalation)
+        with torch.autocast(frames.device.type, enabled=False), compute_dtype(low):
+            return self._step(frames, state, trace, check_finite, refresh, escalation)
+
+    def _step(
+        self,
+        frames: Tensor,
+        state: StreamState,
+        trace: StepTrace | None,
+        check_finite: bool,
+        refresh: Sequence[int],
+        escalation: Escalation | None,
     ) -> Tensor:
         """One time step of every stream in `state`; `trace`, if given, records selections.
 

@@ -18,7 +18,9 @@ call, which is faster there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 
 from eventful.core import kernels
 from eventful.core.fingerprint import tensor_key
+from eventful.core.precision import quantized
 
 
 def _prepacked_linear_available() -> bool:
@@ -67,6 +70,13 @@ class PackedLinear(nn.Linear):
     Parameters and state-dict keys are those of `nn.Linear`. x (..., in_features) ->
     (..., out_features). `activation` must be a GELU or the identity when it is fused; any other
     module runs after the linear layer.
+
+    `precision` (`eventful.core.precision`): "fp32", "bf16" or "int8". The parameters stay
+    the float32 weights they were given; the layer multiplies by their rounding to the
+    precision (`precision.quantized`), kept beside them and remade whenever the weight changes,
+    on every path alike. Input and output keep the input's dtype. Inside
+    `compute_dtype(dtype)` (how a converted model runs under `torch.autocast`), a float32 layer
+    multiplies in `dtype` instead.
     """
 
     def __init__(
@@ -77,16 +87,23 @@ class PackedLinear(nn.Linear):
         activation: nn.Module | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
+        if precision not in LAYER_PRECISIONS:
+            raise ValueError(f"precision must be one of {LAYER_PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.activation = nn.Identity() if activation is None else activation
         self._post_op = _fused_activation(activation)
         self._packed: tuple[tuple, Tensor] | None = None
         self._panels: tuple[tuple, Tensor] | None = None
+        self._rounded: tuple[tuple, Tensor] | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, activation: nn.Module | None = None) -> PackedLinear:
-        """A copy of `linear` (and of `activation`)."""
+    def from_linear(
+        cls, linear: nn.Linear, activation: nn.Module | None = None, precision: str = "fp32"
+    ) -> PackedLinear:
+        """A copy of `linear` (and of `activation`) at `precision`."""
         weight = linear.weight
         packed = cls(
             linear.in_features,
@@ -95,6 +112,7 @@ class PackedLinear(nn.Linear):
             activation,
             device=weight.device,
             dtype=weight.dtype,
+            precision=precision,
         )
         with torch.no_grad():
             packed.weight.copy_(weight)
@@ -102,30 +120,61 @@ class PackedLinear(nn.Linear):
                 packed.bias.copy_(linear.bias)
         return packed
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, precision={self.precision}"
+
     def clear_weight_caches(self) -> None:
         """Forget the packed weights (`forget_weight_caches`)."""
         self._packed = None
         self._panels = None
+        self._rounded = None
 
     def __getstate__(self) -> dict:
         # The packed weights follow the weight: copies and pickles repack them.
-        return {**self.__dict__, "_packed": None, "_panels": None}
+        return {**self.__dict__, "_packed": None, "_panels": None, "_rounded": None}
+
+    def __setstate__(self, state: dict) -> None:
+        # Layers pickled before precisions existed are float32 ones.
+        state.setdefault("precision", "fp32")
+        state.setdefault("_rounded", None)
+        super().__setstate__(state)
 
     def forward(self, x: Tensor) -> Tensor:
+        low = self._low_precision_dtype(x)
+        if low is not None:
+            return self._low_precision_forward(x, low)
         if not self._uses_prepacked(x):
-            return self.activation(F.linear(x, self.weight, self.bias))
+            return self.activation(F.linear(x, self._float_weight(x), self.bias))
         rows = x.reshape(-1, self.in_features)
         small_rows = kernels.small_rows_linear() if rows.shape[0] <= SMALL_ROWS else None
         if small_rows is not None:
-            out = small_rows.linear(
-                rows, self._panel_weight(small_rows), self.bias, self.out_features
-            )
+            panels, scale = self._panel_weight(small_rows)
+            out = small_rows.linear(rows, panels, self.bias, self.out_features, scale)
             return self.activation(out).view(*x.shape[:-1], self.out_features)
         attr, scalars, algorithm = self._post_op
         out = torch.ops.mkldnn._linear_pointwise(
             rows, self._packed_weight(), self.bias, attr, scalars, algorithm
         )
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _low_precision_dtype(self, x: Tensor) -> torch.dtype | None:
+        """The dtype this call multiplies in where it is not x's: bfloat16 at precision "bf16",
+        the `compute_dtype` for a float32 layer, else None."""
+        if self.precision == "bf16":
+            wanted = torch.bfloat16
+        elif self.precision == "fp32":
+            wanted = getattr(_compute, "dtype", None)
+        else:
+            return None
+        return None if wanted is None or wanted == x.dtype else wanted
+
+    def _low_precision_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """x times the weight in `dtype`, back in x's dtype; the bias and the activation there."""
+        weight = self._cached("_rounded", lambda w: w.to(dtype), dtype)
+        out = F.linear(x.to(dtype), weight).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return self.activation(out)
 
     def _uses_prepacked(self, x: Tensor) -> bool:
         return (
@@ -138,22 +187,60 @@ class PackedLinear(nn.Linear):
             and not torch.compiler.is_compiling()
         )
 
-    def _packed_weight(self) -> Tensor:
-        """The weight in oneDNN's blocked layout."""
-        return self._packed_copy(
-            "_packed", lambda weight: torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    def _float_weight(self, x: Tensor) -> Tensor:
+        """The weight the float paths multiply by: the parameter itself at "fp32" (so that
+        gradients reach it), else its rounding to the precision."""
+        if self.precision == "fp32":
+            return self.weight
+        return self._cached("_rounded", lambda w: quantized(w, self.precision)[0], x.dtype).to(
+            x.dtype
         )
 
-    def _panel_weight(self, small_rows) -> Tensor:
-        """The weight in the small-rows kernel's panels."""
-        return self._packed_copy("_panels", small_rows.pack)
+    def _packed_weight(self) -> Tensor:
+        """The weight in oneDNN's blocked layout."""
+        return self._cached(
+            "_packed",
+            lambda w: torch.ops.mkldnn._reorder_linear_weight(
+                quantized(w, self.precision)[0], None
+            ),
+        )
 
-    def _packed_copy(self, name: str, pack: Callable[[Tensor], Tensor]) -> Tensor:
-        """`pack` of the weight, kept in attribute `name` until the weight changes."""
-        key = tensor_key(self.weight)
+    def _panel_weight(self, small_rows) -> tuple[Tensor, Tensor | None]:
+        """The weight in the small-rows kernel's panels, and its scale (int8 panels)."""
+
+        def pack(weight: Tensor) -> tuple[Tensor, Tensor | None]:
+            if self.precision != "int8":
+                return small_rows.pack(weight), None
+            rounded, scale = quantized(weight, "int8")
+            return small_rows.pack(rounded, scale), scale
+
+        return self._cached("_panels", pack)
+
+    def _cached(self, name: str, make: Callable[[Tensor], object], *extra: object):
+        """`make` of the weight, kept in attribute `name` until the weight (or `extra`, part of
+        the key) changes."""
+        key = (tensor_key(self.weight), *extra)
         cached = getattr(self, name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, pack(self.weight.detach()))
+                cached = (key, make(self.weight.detach()))
             setattr(self, name, cached)
         return cached[1]
+
+
+# The precisions of one layer ("auto" is resolved before any layer is made).
+LAYER_PRECISIONS = ("fp32", "bf16", "int8")
+
+_compute = threading.local()
+
+
+@contextlib.contextmanager
+def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Within it, on this thread, float32 `PackedLinear` layers multiply in `dtype` (None: in
+    their input's dtype)."""
+    previous = getattr(_compute, "dtype", None)
+    _compute.dtype = dtype
+    try:
+        yield
+    finally:
+        _compute.dtype = previous

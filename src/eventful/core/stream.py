@@ -226,6 +226,7 @@ class Stream:
             "levels": list(self.model.levels),
             "dtype": str(next(encoder.parameters()).dtype),
             "cache_dtype": str(encoder.blocks[0].cache_dtype),
+            "precision": self.model.precision,
             "policy": type(encoder.policy).__name__,
         }
 
@@ -243,6 +244,13 @@ class Stream:
                     f"the snapshot was taken with {what} in {taken.get(key)}; this stream's "
                     f"model has {here[key]}: convert it at the snapshot's precision"
                 )
+        taken_precision = taken.get("precision", "fp32")  # snapshots from before precisions
+        if taken_precision != here["precision"]:
+            raise ValueError(
+                f"the snapshot was taken with linear layers at precision {taken_precision!r}; "
+                f"this stream's model runs {here['precision']!r}: convert it with "
+                f"precision={taken_precision!r}"
+            )
         if taken.get("policy") != here["policy"]:
             raise ValueError(
                 f"the snapshot was taken under a {taken.get('policy')} policy, this stream's "

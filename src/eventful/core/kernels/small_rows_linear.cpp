@@ -1,4 +1,4 @@
-// A linear layer on few rows (an eventful step's selected tokens), float32, CPU.
+// A linear layer on few rows (an eventful step's selected tokens), float32 arithmetic, CPU.
 //
 // At a few rows a linear layer is bound by reading its weight from memory, and the general
 // matrix libraries are several times slower than that here (BENCHMARKS.md, "roofline"). This
@@ -7,11 +7,17 @@
 // serves up to ROWS rows from registers. Each output element is one sequential sum over the
 // input features in the same order whatever the number of rows: a row's result does not depend
 // on the rows beside it. Threads share the panels.
+//
+// The panels hold float32 weights, or int8 ones with a scale per output column (precision
+// "int8": a quarter of the bytes to read). Int8 weights are widened to float32 as they are
+// loaded, so the sums are float32 sums of the same products, and the column's scale multiplies
+// each sum once at the end: no instruction beyond AVX2 is needed.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "vectors.h"
@@ -24,24 +30,57 @@ constexpr int64_t PANEL = 16;                           // output columns per pa
 constexpr int ROWS = 6;                                 // rows per pass: 12 accumulators
 constexpr int64_t GROUP = 2;  // panels that every pass of rows reads while they are in cache
 
-// weight (out, in) -> panels (ceil(out / PANEL), in, PANEL), the missing columns zero.
-torch::Tensor pack(const torch::Tensor& weight) {
+// weight (out, in) -> panels (ceil(out / PANEL), in, PANEL), the missing columns zero. With a
+// scale (out,), the panels are int8: each weight divided by its column's scale, rounded to the
+// nearest integer and clamped to [-127, 127].
+torch::Tensor pack(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32,
               "pack expects a float32 (out, in) weight, got ", weight.sizes(), " ",
               weight.scalar_type());
   const int64_t out = weight.size(0), in = weight.size(1);
   const int64_t panels = (out + PANEL - 1) / PANEL;
   auto padded = torch::zeros({panels * PANEL, in}, weight.options());
-  padded.narrow(0, 0, out).copy_(weight);
+  if (scale.has_value() && scale->defined()) {
+    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == out &&
+                    scale->scalar_type() == torch::kFloat32,
+                "pack expects a float32 scale of ", out, " values, got ", scale->sizes(), " ",
+                scale->scalar_type());
+    padded.narrow(0, 0, out)
+        .copy_(torch::clamp(torch::round(weight / scale->unsqueeze(1)), -127, 127));
+    padded = padded.to(torch::kInt8);
+  } else {
+    padded.narrow(0, 0, out).copy_(weight);
+  }
   return padded.view({panels, PANEL, in}).transpose(1, 2).contiguous();
 }
 
+// The 8 weights at `at` as floats.
+inline Vector load_weights(const float* at) { return eventful_vectors::load(at); }
+
+inline Vector load_weights(const int8_t* at) {
+#if defined(__AVX2__)
+  // Sign-extended to 32-bit integers, then converted: two instructions (GCC's generic vector
+  // conversion of 8 bytes measured 2-5x slower than float32 weights).
+  const __m256 widened = _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at))));
+  Vector value;
+  std::memcpy(&value, &widened, sizeof(Vector));
+  return value;
+#else
+  typedef int8_t Bytes __attribute__((vector_size(8)));
+  Bytes bytes;
+  std::memcpy(&bytes, at, sizeof(Bytes));
+  return __builtin_convertvector(bytes, Vector);
+#endif
+}
+
 // R rows of x (R, in) times P consecutive panels (each (in, PANEL)) from panel `first_panel`,
-// into y's columns from first_panel * PANEL (at most `out`). Passes over fewer rows take more
-// panels, so that each keeps enough sums in flight to hide the latency of a multiply-add.
-template <int R, int P>
-void rows_by_panels(const float* x, int64_t in, const float* panels, int64_t first_panel,
-                    const float* bias, float* y, int64_t out) {
+// into y's columns from first_panel * PANEL (at most `out`), each column's sum times its
+// `scale` where one is given. Passes over fewer rows take more panels, so that each keeps enough
+// sums in flight to hide the latency of a multiply-add.
+template <int R, int P, typename W>
+void rows_by_panels(const float* x, int64_t in, const W* panels, int64_t first_panel,
+                    const float* scale, const float* bias, float* y, int64_t out) {
   Vector low[R][P], high[R][P];
   for (int r = 0; r < R; ++r) {
     for (int q = 0; q < P; ++q) {
@@ -49,12 +88,12 @@ void rows_by_panels(const float* x, int64_t in, const float* panels, int64_t fir
       high[r][q] = Vector{};
     }
   }
-  const float* panel = panels + first_panel * in * PANEL;
+  const W* panel = panels + first_panel * in * PANEL;
   for (int64_t i = 0; i < in; ++i) {
     Vector w_low[P], w_high[P];
     for (int q = 0; q < P; ++q) {
-      std::memcpy(&w_low[q], panel + (q * in + i) * PANEL, sizeof(Vector));
-      std::memcpy(&w_high[q], panel + (q * in + i) * PANEL + 8, sizeof(Vector));
+      w_low[q] = load_weights(panel + (q * in + i) * PANEL);
+      w_high[q] = load_weights(panel + (q * in + i) * PANEL + 8);
     }
     for (int r = 0; r < R; ++r) {
       const float value = x[r * in + i];
@@ -71,33 +110,88 @@ void rows_by_panels(const float* x, int64_t in, const float* panels, int64_t fir
       std::memcpy(sums, &low[r][q], sizeof(Vector));
       std::memcpy(sums + 8, &high[r][q], sizeof(Vector));
       for (int64_t c = 0; c < width; ++c) {
-        y[r * out + first + c] = bias == nullptr ? sums[c] : sums[c] + bias[first + c];
+        const float sum = scale == nullptr ? sums[c] : sums[c] * scale[first + c];
+        y[r * out + first + c] = bias == nullptr ? sum : sum + bias[first + c];
       }
     }
   }
 }
 
 // R rows times the panels [begin, end), P at a time while P remain, then one at a time.
-template <int R, int P>
-void rows_by_panel_range(const float* x, int64_t in, const float* panels, int64_t begin,
-                         int64_t end, const float* bias, float* y, int64_t out) {
+template <int R, int P, typename W>
+void rows_by_panel_range(const float* x, int64_t in, const W* panels, int64_t begin,
+                         int64_t end, const float* scale, const float* bias, float* y,
+                         int64_t out) {
   int64_t p = begin;
-  for (; p + P <= end; p += P) rows_by_panels<R, P>(x, in, panels, p, bias, y, out);
-  for (; p < end; ++p) rows_by_panels<R, 1>(x, in, panels, p, bias, y, out);
+  for (; p + P <= end; p += P) rows_by_panels<R, P>(x, in, panels, p, scale, bias, y, out);
+  for (; p < end; ++p) rows_by_panels<R, 1>(x, in, panels, p, scale, bias, y, out);
 }
 
-// x (rows, in) float32 -> x W^T + bias (rows, out), W given as `pack`'s panels.
+// y (rows, out) = x (rows, in) times the panels, threads sharing the panels: groups of GROUP,
+// each group through every pass of rows while it is in cache.
+template <typename W>
+void rows_by_all_panels(const float* xs, int64_t rows, int64_t in, const W* ps, int64_t panels,
+                        const float* scale, const float* bs, float* ys, int64_t out) {
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; group += GROUP) {
+      const int64_t stop = std::min(group + GROUP, end);
+      int64_t r = 0;
+      for (; r + ROWS <= rows; r += ROWS) {
+        rows_by_panel_range<ROWS, 1>(xs + r * in, in, ps, group, stop, scale, bs, ys + r * out,
+                                     out);
+      }
+      // The rest in one pass, so that each weight is loaded (and widened) once per group:
+      // at least 8 sums in flight where there are two rows or more.
+      const float* rest_x = xs + r * in;
+      float* rest_y = ys + r * out;
+      switch (rows - r) {
+        case 5:
+          rows_by_panel_range<5, 1>(rest_x, in, ps, group, stop, scale, bs, rest_y, out);
+          break;
+        case 4:
+          rows_by_panel_range<4, 1>(rest_x, in, ps, group, stop, scale, bs, rest_y, out);
+          break;
+        case 3:
+          rows_by_panel_range<3, 2>(rest_x, in, ps, group, stop, scale, bs, rest_y, out);
+          break;
+        case 2:
+          rows_by_panel_range<2, 2>(rest_x, in, ps, group, stop, scale, bs, rest_y, out);
+          break;
+        case 1:  // bound by reading the panel, however many sums it keeps
+          rows_by_panel_range<1, 1>(rest_x, in, ps, group, stop, scale, bs, rest_y, out);
+          break;
+        default: break;
+      }
+    }
+  });
+}
+
+// x (rows, in) float32 -> x W^T + bias (rows, out), W given as `pack`'s panels: float32, or
+// int8 with the scale (out,) they were packed with.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
-                     const c10::optional<torch::Tensor>& bias, int64_t out) {
+                     const c10::optional<torch::Tensor>& bias, int64_t out,
+                     const c10::optional<torch::Tensor>& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear expects float32 rows");
   TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x.size(1) && panels.size(2) == PANEL &&
                   panels.size(0) * PANEL >= out && panels.is_contiguous(),
               "linear expects the panels of pack() for ", x.size(1), " input features");
+  const bool int8 = panels.scalar_type() == torch::kInt8;
+  TORCH_CHECK(int8 || panels.scalar_type() == torch::kFloat32,
+              "linear expects float32 or int8 panels, got ", panels.scalar_type());
+  const bool scaled = scale.has_value() && scale->defined();
+  TORCH_CHECK(int8 == scaled, "linear expects a scale with int8 panels and only with them");
+  torch::Tensor scale_tensor;
+  const float* ss = nullptr;
+  if (scaled) {
+    scale_tensor = scale->contiguous();
+    TORCH_CHECK(scale_tensor.scalar_type() == torch::kFloat32 && scale_tensor.numel() == out,
+                "linear expects a float32 scale of ", out, " values");
+    ss = scale_tensor.data_ptr<float>();
+  }
   const auto rows_tensor = x.contiguous();
   const int64_t rows = rows_tensor.size(0), in = rows_tensor.size(1);
   auto y = torch::empty({rows, out}, rows_tensor.options());
   const float* xs = rows_tensor.data_ptr<float>();
-  const float* ps = panels.data_ptr<float>();
   torch::Tensor bias_tensor;
   const float* bs = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -106,22 +200,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
     bs = bias_tensor.data_ptr<float>();
   }
   float* ys = y.data_ptr<float>();
-  // Panels in groups of GROUP, each group through every pass of rows while it is in cache.
-  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t group = begin; group < end; group += GROUP) {
-      const int64_t stop = std::min(group + GROUP, end);
-      int64_t r = 0;
-      for (; r + ROWS <= rows; r += ROWS) {
-        rows_by_panel_range<ROWS, 1>(xs + r * in, in, ps, group, stop, bs, ys + r * out, out);
-      }
-      for (; r + 2 <= rows; r += 2) {  // 2 rows x 2 panels: 8 sums
-        rows_by_panel_range<2, 2>(xs + r * in, in, ps, group, stop, bs, ys + r * out, out);
-      }
-      if (r < rows) {  // 1 row: bound by reading the panel, however many sums it keeps
-        rows_by_panel_range<1, 1>(xs + r * in, in, ps, group, stop, bs, ys + r * out, out);
-      }
-    }
-  });
+  if (int8) {
+    rows_by_all_panels(xs, rows, in, panels.data_ptr<int8_t>(), panels.size(0), ss, bs, ys, out);
+  } else {
+    rows_by_all_panels(xs, rows, in, panels.data_ptr<float>(), panels.size(0), ss, bs, ys, out);
+  }
   return y;
 }
 
@@ -129,8 +212,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
 
 // Operators of the dispatcher (torch.ops.eventful.*), so that profilers and tools see them.
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
-  library.def("small_rows_pack(Tensor weight) -> Tensor");
-  library.def("small_rows_linear(Tensor x, Tensor panels, Tensor? bias, int out) -> Tensor");
+  library.def("small_rows_pack(Tensor weight, Tensor? scale=None) -> Tensor");
+  library.def(
+      "small_rows_linear(Tensor x, Tensor panels, Tensor? bias, int out, Tensor? scale=None) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
