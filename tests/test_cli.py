@@ -332,6 +332,57 @@ def test_run_without_compare_reports_null_dense_timing_and_fidelity(clip, tmp_pa
     assert report["notes"] == []
 
 
+def test_a_float32_run_reports_its_precision_and_no_second_dense_model(compared_report):
+    assert compared_report["precision"] == "fp32"
+    assert compared_report["dense_same_precision"] is None
+    assert all(f["dense_same_precision_ms"] is None for f in compared_report["per_frame"])
+
+
+def test_an_int8_run_compares_with_float32_dense_and_reports_dense_at_int8(clip, tmp_path):
+    report_path = tmp_path / "run.json"
+    outcome = invoke(
+        "run", clip, "--size", 112, "--max-frames", 3, "--compare", "--precision", "int8",
+        "--json", report_path,
+    )  # fmt: skip
+    assert outcome.code == 0, outcome.err
+    report = json.loads(report_path.read_text())
+    assert report["precision"] == "int8"
+    same = report["dense_same_precision"]
+    assert same["precision"] == "int8" and same["ms_per_frame"] > 0
+    assert 0.99 < same["feature_cosine_min"] <= same["feature_cosine_mean"] < 1.0
+    assert report["fidelity"]["feature_cosine_mean"] < 1.0  # against float32 dense
+    assert all(f["dense_same_precision_cosine"] is not None for f in report["per_frame"])
+    assert "precision int8" in outcome.out and "dense at int8" in outcome.out
+
+
+def test_auto_precision_reports_what_it_picked(clip, tmp_path, monkeypatch):
+    from eventful.core import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    report_path = tmp_path / "run.json"
+    outcome = invoke(
+        "run", clip, "--size", 56, "--max-frames", 2, "--precision", "auto", "--json", report_path
+    )
+    assert outcome.code == 0, outcome.err
+    assert json.loads(report_path.read_text())["precision"] == "bf16"
+    assert "precision bf16" in outcome.out
+
+
+def test_bf16_without_native_bfloat16_is_a_one_line_error(clip, monkeypatch):
+    from eventful.core import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    outcome = invoke("run", clip, "--precision", "bf16")
+    assert_one_line_error(outcome, 1, "precision 'bf16' needs native bfloat16 matmuls")
+
+
+def test_precision_with_iared2_is_a_one_line_error(clip, tmp_path):
+    weights = tmp_path / "interpreters.pt"
+    weights.write_bytes(b"")
+    outcome = invoke("run", clip, "--method", "iared2", "--weights", weights, "--precision", "int8")
+    assert_one_line_error(outcome, 1, "--precision applies to --method eventful only")
+
+
 def test_topk_policy_at_tokenwise_level_updates_k_tokens_per_frame_after_the_first(clip, tmp_path):
     report_path = tmp_path / "run.json"
     outcome = invoke(

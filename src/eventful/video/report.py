@@ -29,6 +29,10 @@ def run_report(result: RunResult) -> dict:
     the events (drift-control refreshes, resolution resets) at that frame.
     estimated_cosine: the engine's own estimate of the feature cosine to the dense model,
     per frame and as mean and minimum over the frames that have one (null where none has).
+    precision: that of the encoder's linear layers. The fidelity reference is the float32 dense
+    model at every precision; dense_same_precision (with --compare at a precision other than
+    fp32, else null): the dense model at the run's precision, its time and its feature cosine to
+    the float32 dense model, which says what the precision alone costs.
     """
     frames = result.frames
     compare = result.compare
@@ -45,6 +49,7 @@ def run_report(result: RunResult) -> dict:
         "policy": frames[0].policy if frames else repr(result.policy),
         "budget_schedule": [[frame, repr(policy)] for frame, policy in result.schedule],
         "level": result.level,
+        "precision": result.precision,
         "device": result.device,
         "notes": result.notes,
         "drift": None if drift is None else dataclasses.asdict(drift),
@@ -58,6 +63,7 @@ def run_report(result: RunResult) -> dict:
             "head_gops_per_frame": _mean([f.head_dense_macs / 1e9 for f in frames]),
             "ms_per_frame": result.median_ms(dense=True) if compare else None,
         },
+        "dense_same_precision": _same_precision(result),
         "eventful": {
             "gops_per_frame": _mean([f.macs / 1e9 for f in frames]),
             "head_gops_per_frame": _mean([f.head_macs / 1e9 for f in frames]),
@@ -84,6 +90,8 @@ def run_report(result: RunResult) -> dict:
                 "estimated_cosine": f.estimated_cosine,
                 "ms": f.ms,
                 "dense_ms": f.dense_ms,
+                "dense_same_precision_ms": f.same_precision_ms,
+                "dense_same_precision_cosine": f.same_precision_cosine,
                 "policy": f.policy,
                 "budget_gops": f.budget_gops,
                 "budget_ms": f.budget_ms,
@@ -94,6 +102,18 @@ def run_report(result: RunResult) -> dict:
             }
             for f in frames
         ],
+    }
+
+
+def _same_precision(result: RunResult) -> dict | None:
+    cosines = [f.same_precision_cosine for f in result.frames if f.same_precision_cosine]
+    if not cosines:
+        return None
+    return {
+        "precision": result.precision,
+        "ms_per_frame": result.median_ms(part="same_precision"),
+        "feature_cosine_mean": _mean(cosines),
+        "feature_cosine_min": min(cosines),
     }
 
 
@@ -158,6 +178,18 @@ def summary(report: dict) -> Summary:
         ),
         ("tokens updated", "100%", f"{eventful['updated_fraction']:.1%}", ""),
     ]
+    same = report.get("dense_same_precision")
+    if same is not None:
+        rows.insert(
+            3,  # after the model's time
+            (
+                f"  dense at {same['precision']}",
+                number(same["ms_per_frame"], 1),
+                number(eventful["ms_per_frame"], 1),
+                ratio(same["ms_per_frame"], eventful["ms_per_frame"], "faster", "slower")
+                + f"; dense {same['precision']} cosine {same['feature_cosine_mean']:.4f}",
+            ),
+        )
     if not dense["head_gops_per_frame"]:
         rows.pop(1)  # a bare encoder: no head
     if fidelity["feature_cosine_mean"] is not None:
@@ -184,7 +216,7 @@ def summary(report: dict) -> Summary:
         f"{report['model']} on {report['video']}: {report['frames']} frames "
         f"({report['frames_failed']} failed), {report['input_size'][0]}x"
         f"{report['input_size'][1]}, {report['tokens']} tokens, {report['policy']}, "
-        f"level {report['level']}"
+        f"level {report['level']}, precision {report.get('precision', 'fp32')}"
     )
     events = ", ".join(f"{count} {kind}" for kind, count in report["events"].items())
     notes = [*report["notes"], *([f"refreshes and resets: {events}"] if events else [])]

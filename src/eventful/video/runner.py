@@ -17,6 +17,7 @@ from eventful.core.budget import LatencyBudget, OpsBudget, scheduled_policy
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent
 from eventful.core.ops import OpCount
 from eventful.core.policies import Policy
+from eventful.core.precision import resolve_precision
 from eventful.evaluation import feature_cosine, output_tokens, saliency_mae
 from eventful.methods.iared2 import IARed2Model, KeepRule
 from eventful.methods.iared2_train import keep_share
@@ -45,6 +46,10 @@ class FrameResult:
     estimated_cosine: float | None = None  # the engine's own estimate of feature_cosine
     head_macs: int = 0  # the part of macs the head ran
     head_dense_macs: int = 0  # the part of dense_macs the dense head runs
+    # The dense model at the run's precision (the engine's dense step), with --compare at a
+    # precision other than fp32: its time and its feature cosine to the float32 dense model.
+    same_precision_ms: float | None = None
+    same_precision_cosine: float | None = None
     decode_ms: float = 0.0  # decoding the frame from the video
     preprocess_ms: float = 0.0  # resizing and normalising it into the model's input
 
@@ -74,10 +79,12 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     drift: DriftControl | None = None
     schedule: list[tuple[int, Policy]] = field(default_factory=list)
+    precision: str = "fp32"
 
     def median_ms(self, dense: bool = False, part: str | None = None) -> float | None:
         """Median wall time per frame over the frames after the first: of the eventful model,
-        of the dense model (`dense`), or of a `part` of the pipeline ("decode", "preprocess")."""
+        of the dense model (`dense`), or of a `part` of the pipeline ("decode", "preprocess",
+        "same_precision": the dense model at the run's precision)."""
         if part is not None:
             times = [getattr(f, f"{part}_ms") for f in self.frames[1:]]
         else:
@@ -98,6 +105,7 @@ def run_video(
     drift: DriftControl | None = DEFAULT_DRIFT,
     schedule: Sequence[tuple[int, Policy]] = (),
     iared2: IARed2Model | None = None,
+    precision: str = "fp32",
 ) -> RunResult:
     """Stream `video` through the eventful copy of `model.dense`, one frame per step.
 
@@ -108,17 +116,29 @@ def run_video(
     (frame, policy) pairs put a policy in force from a frame on (`scheduled_policy`: a budget
     controller of the same kind changes its budget). With `iared2` (an `IARed2Model` of
     `model.dense` with trained interpreters) the frames run through it instead, each on its
-    own, and `policy` is its `KeepRule`; level, drift and schedule do not apply. Raises
-    `VideoError` when the video cannot be read, ValueError for bad settings.
+    own, and `policy` is its `KeepRule`; level, drift and schedule do not apply. `precision`:
+    of the encoder's linear layers (`eventful.convert`); the fidelity reference stays the
+    float32 dense model, and with `compare` at another precision the dense model at that
+    precision (the engine's dense step) is timed and compared too. Raises `VideoError` when
+    the video cannot be read, ValueError for bad settings.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    precision = resolve_precision(precision, device)
+    if iared2 is not None and precision != "fp32":
+        raise ValueError("precision applies to the eventful method only, not IA-RED^2")
     reader = VideoReader(video, max_frames)
     dense = model.dense.to(device)
     size = model.input_size
     notes = []
+    same_precision = None
     if iared2 is None:
-        converted = eventful.convert(dense, policy=policy, level=level).to(device)
+        converted = eventful.convert(dense, policy=policy, level=level, precision=precision)
+        converted = converted.to(device)
+        if compare and precision != "fp32":
+            same_precision = DenseSteps(
+                eventful.convert(dense, policy=policy, level=level, precision=precision).to(device)
+            )
         estimate = model.fidelity_estimate(converted.levels)
         stream = converted.stream(batch_size=1, check_finite=False, drift=drift, estimate=estimate)
         tokens = converted.encoder.embedding.num_tokens(size, size)
@@ -157,6 +177,7 @@ def run_video(
         drift=drift if iared2 is None else None,
         schedule=list(schedule),
         notes=notes,
+        precision=precision,
     )
     frame_size = None
     for index, (rgb, decode_ms) in enumerate(_decoded(reader)):
@@ -201,6 +222,12 @@ def run_video(
                 output_tokens(output), output_tokens(reference), model.num_prefix_tokens
             )
             frame.feature_cosine = cosine.item()
+            if same_precision is not None:
+                with part("dense"):
+                    at_precision, frame.same_precision_ms = _timed(same_precision, batch, device)
+                frame.same_precision_cosine = feature_cosine(
+                    output_tokens(at_precision), output_tokens(reference), model.num_prefix_tokens
+                ).item()
             if isinstance(output, SaliencyOutput):
                 area = model.frame_area(*rgb.shape[:2])
                 frame.saliency_mae = saliency_mae(output.saliency, reference.saliency, area).item()
@@ -237,6 +264,17 @@ def _timed(call: Callable, batch: Tensor, device: str):
     if device == "cuda":
         torch.cuda.synchronize()
     return value, (time.perf_counter() - start) * 1000
+
+
+class DenseSteps:
+    """A converted model's dense steps: a stream reset before every frame."""
+
+    def __init__(self, converted) -> None:
+        self.stream = converted.stream(batch_size=1, check_finite=False, drift=None)
+
+    def __call__(self, frames: Tensor) -> object:
+        self.stream.reset()
+        return self.stream(frames)
 
 
 class DroppingStream:
