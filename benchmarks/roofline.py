@@ -30,6 +30,7 @@ from user_sizes import ATTENTION_OPERATORS, GATE_OPERATORS, LINEAR_OPERATORS, op
 import eventful
 from eventful.core import kernels, packed_linear
 from eventful.core.packed_linear import PackedLinear
+from eventful.core.precision import quantized
 
 LEVELS = ("tokenwise", "exact")
 FLOAT = 4  # bytes
@@ -285,21 +286,22 @@ def onednn_rows(x: torch.Tensor, layers: list[PackedLinear]) -> None:
 
 
 def kernel_rows(kernel, x: torch.Tensor, layers: list[PackedLinear], panels) -> None:
-    for layer, panel in zip(layers, panels, strict=True):
-        kernel.linear(x, panel, layer.bias, layer.out_features)
+    for layer, (panel, scale) in zip(layers, panels, strict=True):
+        kernel.linear(x, panel, layer.bias, layer.out_features, scale)
 
 
 def small_rows_section(threads: int, repeats: int) -> str:
     """The linear layers of ViT-S and ViT-B on 1 to 128 rows: oneDNN's prepacked linear against
-    the engine's small-rows kernel, each beside its least time. Enough copies of each layer
-    that their weights do not fit in the caches, as in a step, which reads every block's."""
+    the engine's small-rows kernel with float32 and with int8 weights (`precision="int8"`),
+    beside the least time of each. Enough copies of each layer that their weights do not fit
+    in the caches, as in a step, which reads every block's."""
     peaks, read = machine_peaks(), read_bandwidth()
     shapes = ((384, 1152), (384, 384), (384, 1536), (1536, 384), (768, 2304), (768, 3072))
     shapes += ((3072, 768),)
     row_counts = (1, 4, 16, 32, 64, 128)
     header = [
         "layer (in -> out)",
-        *(f"{rows} rows: oneDNN / ours (least) us" for rows in row_counts),
+        *(f"{rows} rows: oneDNN / ours / ours int8 (least / int8) us" for rows in row_counts),
     ]
     table = []
     kernel = kernels.small_rows_linear()
@@ -307,41 +309,50 @@ def small_rows_section(threads: int, repeats: int) -> str:
         copies = max(2, (256 * 2**20) // (features * outputs * FLOAT))
         layers = [PackedLinear(features, outputs) for _ in range(copies)]
         with torch.inference_mode():
-            panels = [kernel.pack(layer.weight) if kernel else None for layer in layers]
+            panels = [(kernel.pack(layer.weight), None) for layer in layers] if kernel else []
+            int8_panels = []
+            for layer in layers if kernel else []:
+                rounded, scale = quantized(layer.weight, "int8")
+                int8_panels.append((kernel.pack(rounded, scale), scale))
         cells = []
         for rows in row_counts:
             x = torch.randn(rows, features)
-            timings = {"onednn": [], "ours": []}
+            timings = {"onednn": [], "ours": [], "int8": []}
             with torch.inference_mode():
                 onednn_rows(x, layers)  # packs each layer's weight once
                 calls = {
                     "onednn": (onednn_rows, (x, layers)),
                     "ours": (kernel_rows, (kernel, x, layers, panels)),
+                    "int8": (kernel_rows, (kernel, x, layers, int8_panels)),
                 }
                 for index in range(repeats):
-                    names = ("onednn", "ours") if index % 2 == 0 else ("ours", "onednn")
+                    names = list(calls) if index % 2 == 0 else list(calls)[::-1]
                     for name in names if kernel else ("onednn",):
                         start = time.perf_counter()
                         call, arguments = calls[name]
                         call(*arguments)
                         timings[name].append((time.perf_counter() - start) / copies * 1e6)
-            least = (
-                max(
-                    2 * rows * features * outputs / peaks[str(torch.float32)],
-                    features * outputs * FLOAT / read,
-                )
-                * 1e6
+            compute = 2 * rows * features * outputs / peaks[str(torch.float32)]
+            least = max(compute, features * outputs * FLOAT / read) * 1e6
+            least_int8 = max(compute, features * outputs / read) * 1e6
+            ours = "not built"
+            if kernel:
+                medians = [statistics.median(timings[name]) for name in ("ours", "int8")]
+                ours = " / ".join(f"{value:.0f}" for value in medians)
+            cells.append(
+                f"{statistics.median(timings['onednn']):.0f} / {ours} "
+                f"({least:.0f} / {least_int8:.0f})"
             )
-            ours = f"{statistics.median(timings['ours']):.0f}" if kernel else "not built"
-            cells.append(f"{statistics.median(timings['onednn']):.0f} / {ours} ({least:.0f})")
         table.append([f"{features} -> {outputs}", *cells])
         print(*table[-1], sep=" | ", flush=True)
     return (
         "### Linear layers on few rows: oneDNN against the engine's small-rows kernel\n\n"
         f"{threads} threads; microseconds per call, the median of {repeats} interleaved rounds "
         "over enough copies of each layer (fresh weights) to fill 256 MB, so that weights come "
-        "from memory as in a step; in brackets the least time: max(2 x multiply-adds / float32 "
-        f"peak, weight bytes / read bandwidth), with the peak "
+        "from memory as in a step. Ours: the kernel with float32 weights, then with int8 "
+        "weights (`precision='int8'`: a quarter of the bytes, widened to float32 as loaded). "
+        "In brackets the least time: max(2 x multiply-adds / float32 "
+        f"peak, weight bytes / read bandwidth), for float32 and int8 weights, with the peak "
         f"{peaks[str(torch.float32)] / 1e9:.0f} GFLOP/s and reading at {read / 1e9:.1f} GB/s. "
         "The engine runs its kernel (`eventful.core.kernels`) up to "
         f"{packed_linear.SMALL_ROWS} rows and oneDNN above.\n\n" + markdown_table(header, table)

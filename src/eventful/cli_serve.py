@@ -54,6 +54,7 @@ def serve_command(args: argparse.Namespace) -> int:
     for name in ("cameras", "workers", "frames"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    precision = resolve_precision(args.precision)  # refused here, not in every worker
     zoo = load_model(args.model, args.size)
     videos = []
     for clip in args.clips.split(","):
@@ -61,7 +62,6 @@ def serve_command(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise ValueError(f"--clips: {clip} is neither a video file nor a registry clip")
         videos.append([zoo.preprocess(rgb) for rgb in decode_frames(path, args.frames)])
-    precision = resolve_precision(args.precision)  # refused here, not in every worker
     spec = ModelSpec(args.model, zoo.input_size, TopFraction(args.fraction), precision=precision)
     started = not ray.is_initialized()  # a cluster already running is used, and left running
     if started:
