@@ -383,6 +383,26 @@ def test_precision_with_iared2_is_a_one_line_error(clip, tmp_path):
     assert_one_line_error(outcome, 1, "--precision applies to --method eventful only")
 
 
+def test_a_cosine_policy_keeps_the_estimate_at_its_target_on_every_frame(clip, tmp_path):
+    report_path = tmp_path / "run.json"
+    outcome = invoke(
+        "run", clip, "--max-frames", 4, "--policy", "cosine:0.99", "--no-drift-control",
+        "--json", report_path,
+    )  # fmt: skip
+    assert outcome.code == 0, outcome.err
+    report = json.loads(report_path.read_text())
+    assert report["policy"] == "Fidelity(0.99)"
+    frames = report["per_frame"][1:]  # the first is dense
+    assert all(frame["estimated_cosine"] >= 0.99 - 1e-9 for frame in frames)
+    assert all(0 < frame["updated_fraction"] < 1 for frame in frames)
+
+
+def test_a_cosine_policy_for_a_model_without_an_estimate_is_a_one_line_error(clip):
+    outcome = invoke("run", clip, "--model", "vit-s16", "--size", 64, "--policy", "cosine:0.98")
+    assert_one_line_error(outcome, 1, "needs a fidelity estimate")
+    assert "calibrate_fidelity_estimate" in outcome.err
+
+
 def test_topk_policy_at_tokenwise_level_updates_k_tokens_per_frame_after_the_first(clip, tmp_path):
     report_path = tmp_path / "run.json"
     outcome = invoke(

@@ -4,6 +4,7 @@ from eventful.convert import convert
 from eventful.core.budget import LatencyBudget, OpsBudget
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent
 from eventful.core.error_bound import ErrorBound
+from eventful.core.fidelity_policy import Fidelity
 from eventful.core.model import EventfulViT
 from eventful.core.ops import OpCount
 from eventful.core.policies import Policy, Threshold, TopFraction, TopK
@@ -19,6 +20,7 @@ __all__ = [
     "DriftEvent",
     "ErrorBound",
     "EventfulViT",
+    "Fidelity",
     "LatencyBudget",
     "MaxAge",
     "OpCount",

@@ -109,7 +109,9 @@ def add_run_options(parser: argparse.ArgumentParser, demo: bool) -> None:
         metavar="P",
         default="fraction:0.25",
         help="topk:K, fraction:F, threshold:T, ops:G (a budget of G GMACs per frame, head "
-        "included) or latency:MS (a budget of MS milliseconds per frame)",
+        "included), latency:MS (a budget of MS milliseconds per frame) or cosine:C (per frame, "
+        "the fewest tokens that keep the estimated cosine to dense at C or above; needs the "
+        "model's fidelity estimate)",
     )
     parser.add_argument(
         "--budget-schedule",

@@ -78,11 +78,15 @@ def token_gate(
         unprocessed = current.new_zeros(batch) if measure else None
         return GateStep(selection, current.reshape(-1, dim), unprocessed)
     error_norms = error_norms_of(current, reference, policy.norm)
-    selection = policy.select(error_norms).with_all_tokens_for(fresh_streams)
+    if policy.needs_gate_size:
+        selection = policy.select_within_size(error_norms, gate_size(scale, num_tokens))
+    else:
+        selection = policy.select(error_norms)
+    selection = selection.with_all_tokens_for(fresh_streams)
     unprocessed = escalated = None
     if escalation is not None or measure:
         l2_norms = error_norms if policy.norm == 2 else error_norms_of(current, reference, 2)
-        size = scale.clamp_min(torch.finfo(scale.dtype).tiny) * num_tokens
+        size = gate_size(scale, num_tokens)
         if escalation is not None:
             selection, escalated = escalation.extend(selection, l2_norms, size)
         if measure:  # the selected tokens' norms zeroed by their flat indices: no mask
@@ -94,6 +98,11 @@ def token_gate(
     else:
         write_rows(reference, selection, rows)
     return GateStep(selection, rows, unprocessed, escalated)
+
+
+def gate_size(scale: Tensor, num_tokens: int) -> Tensor:
+    """Per stream (B,), the unit of a gate's unprocessed share: N times its scale."""
+    return scale.clamp_min(torch.finfo(scale.dtype).tiny) * num_tokens
 
 
 def error_norms_of(current: Tensor, reference: Tensor, norm: float) -> Tensor:

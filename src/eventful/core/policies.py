@@ -50,11 +50,13 @@ class Policy:
     """Base class. `norm` is the order of the per-token vector norm of the gate error.
 
     `needs_wall_time`: `observe` reads the step's wall time, so a `Stream` on CUDA waits for the
-    device at the end of each step to measure it.
+    device at the end of each step to measure it. `needs_gate_size`: the gates call
+    `select_within_size` with their size instead of `select` (`Fidelity`).
     """
 
     norm: float = 2
     needs_wall_time: bool = False
+    needs_gate_size: bool = False
 
     def validate(self, num_tokens: int, blocks: nn.ModuleList | None = None) -> None:
         """Raise ValueError if the policy cannot run on inputs of `num_tokens` tokens.
@@ -65,6 +67,11 @@ class Policy:
 
     def select(self, error_norms: Tensor) -> Selection:
         raise NotImplementedError
+
+    def select_within_size(self, error_norms: Tensor, size: Tensor) -> Selection:
+        """`select`, told each stream's gate size (B,): N times the gate's scale, the unit of
+        its unprocessed share (`eventful.core.gates`)."""
+        return self.select(error_norms)
 
     def tokens_per_stream(self, num_tokens: int) -> int | None:
         """The tokens each stream selects at every gate for inputs of `num_tokens` tokens, when
@@ -228,8 +235,10 @@ def _largest(error_norms: Tensor, count: int) -> Tensor:
 
 def parse_policy(text: str) -> Policy:
     """A policy from its command-line form: `topk:K`, `fraction:F`, `threshold:T`, `ops:G`
-    (OpsBudget, G = 1e9 multiply-accumulates per frame) or `latency:MS` (LatencyBudget)."""
+    (OpsBudget, G = 1e9 multiply-accumulates per frame), `latency:MS` (LatencyBudget) or
+    `cosine:C` (Fidelity(C), which a stream binds to the model's fidelity estimate)."""
     from eventful.core.budget import LatencyBudget, OpsBudget  # budget builds on this module
+    from eventful.core.fidelity_policy import Fidelity  # as does the fidelity policy
 
     kind, _, value = text.partition(":")
     makers = {
@@ -238,11 +247,13 @@ def parse_policy(text: str) -> Policy:
         "threshold": (Threshold, float),
         "ops": (OpsBudget, float),
         "latency": (LatencyBudget, float),
+        "cosine": (Fidelity, float),
     }
     if kind not in makers or not value:
         raise ValueError(
-            f"malformed policy {text!r}; expected topk:K, fraction:F, threshold:T, ops:G or "
-            "latency:MS (for example topk:64, fraction:0.25, threshold:0.5, ops:1.5, latency:40)"
+            f"malformed policy {text!r}; expected topk:K, fraction:F, threshold:T, ops:G, "
+            "latency:MS or cosine:C (for example topk:64, fraction:0.25, threshold:0.5, ops:1.5, "
+            "latency:40, cosine:0.98)"
         )
     make, number = makers[kind]
     try:

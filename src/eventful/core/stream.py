@@ -11,6 +11,7 @@ from torch import Tensor
 
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent, DriftMonitor
 from eventful.core.estimate import FidelityEstimate
+from eventful.core.fidelity_policy import Fidelity
 from eventful.core.fingerprint import cached_fingerprint
 from eventful.core.model import EventfulModule, check_frame_tensor, step_lock
 from eventful.core.ops import OpCount, StepTrace, count_step
@@ -39,7 +40,8 @@ class Stream:
     `drift` (a `DriftControl`; `DEFAULT_DRIFT` unless given, None for none) refreshes streams
     whose caches may have drifted and lets gates escalate. With `estimate` (a
     `FidelityEstimate` calibrated for this model), `estimated_cosine` holds after each step, per
-    stream, the estimated cosine similarity of its output to the dense model's.
+    stream, the estimated cosine similarity of its output to the dense model's; a `Fidelity`
+    policy of the model that has no estimate of its own is given this one.
     `check_finite=False` skips the NaN/Inf check of the frames, which on CUDA waits for the
     device once per step. `compile=True` runs the step through `torch.compile` (static shapes;
     the first calls compile, for some seconds).
@@ -62,6 +64,9 @@ class Stream:
             if not isinstance(estimate, FidelityEstimate):
                 raise TypeError(f"estimate must be a FidelityEstimate or None, got {estimate!r}")
             estimate.check(model.encoder, model.levels)
+            policy = model.encoder.policy
+            if isinstance(policy, Fidelity) and policy.estimate is None:
+                model.encoder.policy = policy.bound_to(estimate)
         self.model = model
         self._step = torch.compile(model, dynamic=False) if compile else model
         self.state = StreamState(batch_size)

@@ -15,6 +15,7 @@ from torch import Tensor
 import eventful
 from eventful.core.budget import LatencyBudget, OpsBudget, scheduled_policy
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent
+from eventful.core.fidelity_policy import CALIBRATE, Fidelity
 from eventful.core.ops import OpCount
 from eventful.core.policies import Policy
 from eventful.core.precision import resolve_precision
@@ -140,10 +141,19 @@ def run_video(
                 eventful.convert(dense, policy=policy, level=level, precision=precision).to(device)
             )
         estimate = model.fidelity_estimate(converted.levels)
+        entries = [policy, *(scheduled for _, scheduled in schedule)]
+        unbound = [e for e in entries if isinstance(e, Fidelity) and e.estimate is None]
+        if unbound and estimate is None:
+            raise ValueError(
+                f"--policy cosine: needs a fidelity estimate, and {model.name} ships none for "
+                f"level {level}: {CALIBRATE}"
+            )
         stream = converted.stream(batch_size=1, check_finite=False, drift=drift, estimate=estimate)
+        # Fidelity policies read the model's estimate (the stream bound it to the first one).
+        schedule = [(frame, _with_estimate(entry, estimate)) for frame, entry in schedule]
         tokens = converted.encoder.embedding.num_tokens(size, size)
         blocks = converted.encoder.blocks
-        for entry in [policy, *(scheduled for _, scheduled in schedule)]:
+        for entry in [converted.policy, *(scheduled for _, scheduled in schedule)]:
             entry.validate(tokens, blocks)
         if estimate is None:
             notes.append(f"no fidelity estimate is calibrated for {model.name} at level {level}")
@@ -240,6 +250,13 @@ def run_video(
     if reader.stopped_early:
         result.notes.append(reader.stopped_early)
     return result
+
+
+def _with_estimate(policy: Policy, estimate) -> Policy:
+    """`policy`, reading `estimate` if it is a `Fidelity` policy without one."""
+    if isinstance(policy, Fidelity) and policy.estimate is None and estimate is not None:
+        return policy.bound_to(estimate)
+    return policy
 
 
 def _decoded(reader: VideoReader) -> Iterator[tuple[np.ndarray, float]]:
