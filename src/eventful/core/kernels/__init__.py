@@ -13,7 +13,8 @@ The sources of this folder build into one library of dispatcher operators
 - `transposed()`: `transpose.cpp`, the last two dimensions of a tensor swapped into new memory:
   a convolutional head's channels-last rows to PyTorch's default layout and back.
 
-`vectors.h` holds what they share: vectors of 8 floats, their reductions, an exponential.
+`vectors.h` holds what they share: vectors of 16 floats where the build has AVX-512, else 8,
+their reductions, an exponential.
 
 Each returns None where the library cannot be built: no C++ compiler, or `EVENTFUL_CPU_KERNELS=0`
 in the environment. Callers then use PyTorch's own operators, with the same results up to

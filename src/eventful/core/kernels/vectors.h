@@ -1,6 +1,9 @@
-// Vectors of 8 floats for the kernels of this folder, in GCC's and Clang's vector extensions:
-// the compiler picks the instructions for the CPU it builds for (-march=native), so the same
-// source serves AVX2, AVX-512 (two halves) and Arm's NEON (pairs).
+// Vectors of floats for the kernels of this folder, in GCC's and Clang's vector extensions:
+// 16 floats where the CPU the library is built for has AVX-512 (one register), else 8 (AVX2's
+// registers; Arm's NEON takes them as pairs). The compiler picks the instructions for the CPU it
+// builds for (-march=native). Kernels are written for any WIDTH: sums run in a fixed order for a
+// given build, so a row's result never depends on the rows beside it, but builds of different
+// widths round differently.
 
 #pragma once
 
@@ -14,10 +17,15 @@
 
 namespace eventful_vectors {
 
-typedef float Vector __attribute__((vector_size(32)));
-typedef int32_t Integers __attribute__((vector_size(32)));
-constexpr int64_t WIDTH = 8;  // floats per vector
+#if defined(__AVX512F__)
+constexpr int64_t WIDTH = 16;  // floats per vector
+#else
+constexpr int64_t WIDTH = 8;
+#endif
 constexpr int64_t LINE = 16;  // floats per cache line
+
+typedef float Vector __attribute__((vector_size(WIDTH * sizeof(float))));
+typedef int32_t Integers __attribute__((vector_size(WIDTH * sizeof(int32_t))));
 
 inline Vector load(const float* from) {
   Vector value;
@@ -27,20 +35,33 @@ inline Vector load(const float* from) {
 
 inline void store(float* to, Vector value) { std::memcpy(to, &value, sizeof(Vector)); }
 
-inline Vector splat(float value) {
-  return Vector{value, value, value, value, value, value, value, value};
+// Written out lane by lane: a loop over the lanes compiles to one masked move per lane.
+inline Vector splat(float v) {
+#if defined(__AVX512F__)
+  return Vector{v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v};
+#else
+  return Vector{v, v, v, v, v, v, v, v};
+#endif
 }
 
 // a * b + c. One fused instruction wherever the CPU has one, so that a sum takes the same
 // roundings in every function that forms it (the compiler fuses `a * b + c` in some places and
 // not in others).
 inline Vector multiply_add(Vector a, Vector b, Vector c) {
-#if defined(__FMA__)
+#if defined(__AVX512F__)
+  __m512 x, y, z;
+  std::memcpy(&x, &a, sizeof(Vector));
+  std::memcpy(&y, &b, sizeof(Vector));
+  std::memcpy(&z, &c, sizeof(Vector));
+  const __m512 result = _mm512_fmadd_ps(x, y, z);
+#elif defined(__FMA__)
   __m256 x, y, z;
   std::memcpy(&x, &a, sizeof(Vector));
   std::memcpy(&y, &b, sizeof(Vector));
   std::memcpy(&z, &c, sizeof(Vector));
   const __m256 result = _mm256_fmadd_ps(x, y, z);
+#endif
+#if defined(__AVX512F__) || defined(__FMA__)
   Vector value;
   std::memcpy(&value, &result, sizeof(Vector));
   return value;
@@ -49,7 +70,13 @@ inline Vector multiply_add(Vector a, Vector b, Vector c) {
 #endif
 }
 
-inline Vector lane_index() { return Vector{0, 1, 2, 3, 4, 5, 6, 7}; }
+inline Vector lane_index() {
+#if defined(__AVX512F__)
+  return Vector{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#else
+  return Vector{0, 1, 2, 3, 4, 5, 6, 7};
+#endif
+}
 
 // Lanes whose column c + lane is below `count`: all ones, else zeros.
 inline Integers lanes_below(int64_t c, int64_t count) {
@@ -58,18 +85,54 @@ inline Integers lanes_below(int64_t c, int64_t count) {
 
 inline Vector max(Vector a, Vector b) { return a > b ? a : b; }
 
+#if defined(__AVX__)
+// The lanes of v folded in halves by `fold` (lane i with lane i + WIDTH / 2, and so on down to
+// one lane): the same order for every vector, in a few shuffles.
+template <typename Fold256, typename Fold128>
+inline float folded(Vector v, Fold256 fold256, Fold128 fold128) {
+#if defined(__AVX512F__)
+  __m512 all;
+  std::memcpy(&all, &v, sizeof(Vector));
+  const __m256 eight = fold256(_mm512_castps512_ps256(all),
+                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(all), 1)));
+#else
+  __m256 eight;
+  std::memcpy(&eight, &v, sizeof(Vector));
+#endif
+  const __m128 four = fold128(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+  const __m128 two = fold128(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(fold128(two, _mm_shuffle_ps(two, two, 1)));
+}
+#endif
+
+// The sum of the lanes, folded in halves.
 inline float sum_of(Vector v) {
+#if defined(__AVX__)
+  return folded(v, _mm256_add_ps, _mm_add_ps);
+#else
   float lanes[WIDTH];
   std::memcpy(lanes, &v, sizeof(Vector));
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-         ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  for (int64_t half = WIDTH / 2; half > 0; half /= 2) {
+    for (int64_t lane = 0; lane < half; ++lane) lanes[lane] += lanes[lane + half];
+  }
+  return lanes[0];
+#endif
 }
 
+// The largest lane, folded in halves.
 inline float max_of(Vector v) {
+#if defined(__AVX__)
+  return folded(v, _mm256_max_ps, _mm_max_ps);
+#else
   float lanes[WIDTH];
   std::memcpy(lanes, &v, sizeof(Vector));
-  return std::max(std::max(std::max(lanes[0], lanes[4]), std::max(lanes[1], lanes[5])),
-                  std::max(std::max(lanes[2], lanes[6]), std::max(lanes[3], lanes[7])));
+  for (int64_t half = WIDTH / 2; half > 0; half /= 2) {
+    for (int64_t lane = 0; lane < half; ++lane) {
+      lanes[lane] = std::max(lanes[lane], lanes[lane + half]);
+    }
+  }
+  return lanes[0];
+#endif
 }
 
 // The first cache line boundary at or after `at` (buffers are allocated LINE floats longer).
@@ -79,7 +142,7 @@ inline float* aligned(float* at) {
   return reinterpret_cast<float*>((address + line - 1) / line * line);
 }
 
-// e^x of 8 floats. x = n ln 2 + r with n the nearest integer to x / ln 2 and |r| <= ln 2 / 2;
+// e^x of each lane. x = n ln 2 + r with n the nearest integer to x / ln 2 and |r| <= ln 2 / 2;
 // e^r by its Taylor series to degree 7 (relative error below 1e-8 on that interval, so float32
 // rounding dominates); 2^n written into the exponent bits. x is clamped to [-87, 88], where
 // 2^n stays a normal float: e^-87 is about 1.6e-38, which counts as nothing beside any weight
