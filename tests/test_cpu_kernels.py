@@ -1,8 +1,9 @@
 """The engine's CPU kernels against the same arithmetic in PyTorch operators, and the rules that
 choose between them: the exact level's swap of old for new key contributions
 (`kernels.swap_key_contributions`), a gate's error norms (`kernels.gate_error_norms`),
-softmax attention of query rows (`kernels.attention_rows`) and a transposing copy
-(`kernels.transposed`). The small-rows linear kernel is tested with `PackedLinear`
+softmax attention of query rows (`kernels.attention_rows`), a transposing copy
+(`kernels.transposed`) and the exact level's whole step over each stream's sequence
+(`kernels.exact_attention_update`). The small-rows linear kernel is tested with `PackedLinear`
 (test_packed_linear.py) and in the heads' sparse stages (test_local_head.py)."""
 
 from pathlib import Path
@@ -11,8 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import eventful
 from eventful.core import attention, gates, kernels, local_head
 from eventful.core.policies import TopK
+from eventful.synthetic import moving_squares
+from tests.helpers import assert_equal_up_to_rounding
 
 needs_kernel = pytest.mark.skipif(
     kernels.swap_key_contributions() is None, reason="the CPU kernels could not be built here"
@@ -373,3 +377,129 @@ def test_a_heads_caches_take_the_layout_of_pytorchs_copies():
     assert local_head._transpose_kernel(x.double()) is None
     with torch.enable_grad():
         assert local_head._transpose_kernel(x.clone().requires_grad_()) is None
+
+
+needs_exact_step_kernel = pytest.mark.skipif(
+    kernels.exact_attention_update() is None, reason="the CPU kernels could not be built here"
+)
+
+
+def exact_streams(policy, use_kernel, frames):
+    """Outputs and final state of an exact-level ViT's two streams over `frames`, the whole
+    step's attention in one kernel call or in PyTorch's operators; and the kernel's calls."""
+    calls = []
+    real = kernels.exact_attention_update
+
+    def counted():
+        kernel = real()
+        return lambda *args: calls.append(1) or kernel(*args)
+
+    kernels.exact_attention_update = counted if use_kernel else (lambda: None)
+    try:
+        torch.manual_seed(0)
+        vit = eventful.ViT(image_size=48, patch_size=8, dim=48, depth=2, heads=3).eval()
+        stream = eventful.convert(vit, policy=policy, level="exact").stream(2, drift=None)
+        with torch.inference_mode():
+            outputs = [stream(frame) for frame in frames]
+    finally:
+        kernels.exact_attention_update = real
+    return outputs, stream, len(calls)
+
+
+@needs_exact_step_kernel
+@pytest.mark.parametrize(
+    "policy, exactly",
+    [(eventful.TopK(3), True), (eventful.TopK(20), True), (eventful.Threshold(0.3), False)],
+    ids=["few changes", "every row recomputed", "ragged counts"],
+)
+def test_the_exact_step_kernel_equals_pytorchs_operators(policy, exactly):
+    """Bit for bit where the streams change as many tokens each; with ragged counts, PyTorch's
+    operators pad every stream's changes to the largest count with unchanged tokens, whose
+    shares cancel only up to rounding, while the kernel updates each stream with its own."""
+    frames = moving_squares(10, size=48, batch=2, seed=4)
+    ours, our_stream, calls = exact_streams(policy, True, frames)
+    theirs, their_stream, no_calls = exact_streams(policy, False, frames)
+    assert calls == 2 * len(frames) and no_calls == 0  # two blocks, every step
+    same = torch.equal if exactly else lambda a, b: assert_equal_up_to_rounding(a, b) or True
+    assert all(same(a, b) for a, b in zip(ours, theirs, strict=True))
+    for ours_block, theirs_block in zip(our_stream.state.blocks, their_stream.state.blocks):
+        for name, tensor in ours_block.items():
+            assert same(tensor, theirs_block[name]), name
+    assert our_stream.ops.total == their_stream.ops.total
+
+
+def qkv_of(q, k, v):
+    """The qkv rows (1, N, 3 D) of one stream's q, k, v (H, N, dh)."""
+    return torch.cat([x.transpose(0, 1).flatten(1) for x in (q, k, v)], dim=1).unsqueeze(0)
+
+
+@needs_exact_step_kernel
+def test_the_exact_step_kernel_recomputes_rows_that_underflowed():
+    # The rows of exact_attention's dominant-key test: key 0 dominates every row, then drops.
+    q, k = torch.ones(1, 6, 2), torch.zeros(1, 6, 2)
+    k[0, 0] = 40.0
+    v = torch.arange(12.0).reshape(1, 6, 2)
+    sums = [torch.zeros(1, 6, 2), torch.zeros(1, 6), torch.zeros(1, 6)]
+    attention.recompute_attention_rows(*sums, q, k, v, torch.arange(6))
+    ours = [s.unsqueeze(0).clone() for s in sums]
+    qkv = qkv_of(q, k, v)
+    old_keys, old_values = k[:, :1].clone(), v[:, :1].clone()
+    k[0, 0] = -40.0
+    rows = qkv_of(q, k, v)[0, :1].contiguous()
+    output, lost = kernels.exact_attention_update()(
+        qkv, rows, torch.tensor([0]), *ours, 1, attention.exact_dense_from(6), attention.UNDERFLOW
+    )
+    index = torch.tensor([0])
+    recomputed = attention.update_exact_attention(*sums, q, k, v, old_keys, old_values, index)
+    assert lost.tolist() == [recomputed] == [5]  # rows 1..5; row 0 is a changed query
+    assert torch.equal(qkv, qkv_of(q, k, v))
+    for got, want in zip(ours, sums, strict=True):
+        assert torch.equal(got[0], want)
+    assert torch.equal(output[0], (sums[0] / sums[1].unsqueeze(-1)).transpose(0, 1).flatten(1))
+    dense = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+    torch.testing.assert_close(output[0], dense.transpose(0, 1).flatten(1))
+
+
+@needs_exact_step_kernel
+def test_the_exact_step_kernel_refuses_bad_input_and_names_it_leaving_the_state_as_it_was():
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 10, 3 * 8, generator=generator)
+    sums = [torch.randn(2, 2, 10, 4), torch.rand(2, 2, 10) + 1, torch.randn(2, 2, 10)]
+    rows = torch.randn(3, 3 * 8, generator=generator)
+    before = [t.clone() for t in (qkv, *sums)]
+    kernel = kernels.exact_attention_update()
+
+    def call(rows=rows, index=torch.tensor([1, 12, 15]), heads=2, qkv=qkv, sums=sums):
+        return kernel(qkv, rows, index, *sums, heads, 2, 1e-3)
+
+    cases = [
+        ({"index": torch.tensor([1, 20, 15])}, r"stream by stream, got 20"),
+        ({"index": torch.tensor([12, 1, 15])}, r"stream by stream, got 1 after stream 1"),
+        ({"index": torch.tensor([1, 1, 15])}, r"distinct token indices, got 1 twice"),
+        ({"index": torch.tensor([1, -3, 15])}, r"got -3"),
+        ({"index": torch.tensor([1, 12])}, r"rows of shape \[2, 24\], got \[3, 24\]"),
+        ({"index": torch.tensor([1.0, 12.0, 15.0])}, r"index as a 1-D int64"),
+        ({"rows": rows.double()}, r"rows as a contiguous float32"),
+        ({"heads": 3}, r"heads to divide the model width 8, got 3"),
+        ({"sums": [sums[0][:, :, :9].clone(), *sums[1:]]}, r"numerator of shape \[2, 2, 10, 4\]"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call(**arguments)
+        for tensor, was in zip((qkv, *sums), before, strict=True):
+            assert torch.equal(tensor, was)
+    output, lost = call()  # the same state takes a valid step
+    assert output.shape == (2, 10, 8) and lost.shape == (2,)
+
+
+def test_the_exact_step_runs_pytorchs_operators_where_its_kernel_does_not_apply():
+    qkv = torch.randn(1, 10, 24)
+    sums = [torch.randn(1, 2, 10, 4), torch.ones(1, 2, 10), torch.zeros(1, 2, 10)]
+    rows, index = torch.randn(1, 24), torch.tensor([3])
+    double = [t.double() for t in (qkv, rows, *sums)]
+    assert attention.update_exact_sequences(*double[:2], index, *double[2:], heads=2) is None
+    strided = qkv.transpose(1, 2).contiguous().transpose(1, 2)
+    assert attention.update_exact_sequences(strided, rows, index, *sums, heads=2) is None
+    with torch.enable_grad():
+        graded = rows.clone().requires_grad_()
+        assert attention.update_exact_sequences(qkv, graded, index, *sums, heads=2) is None

@@ -494,7 +494,13 @@ def exact_update_is_dense(selected: int | Tensor, tokens: int) -> bool | Tensor:
     peak (`kernels.attention_rows`), while the update's swap and bookkeeping are further from
     theirs: measured interleaved (CPU, 2 threads), the recompute is as fast from about N / 6.5
     (ViT-S/14 at 224) and N / 5.5 (ViT-B/16 at 384) on. Elementwise for a tensor of counts."""
-    return 5 * selected >= tokens
+    return selected >= exact_dense_from(tokens)
+
+
+def exact_dense_from(tokens: int) -> int:
+    """The fewest changed positions of a group of `tokens` from which the exact level recomputes
+    every row: N / 5, rounded up (`exact_update_is_dense`)."""
+    return (tokens + 4) // 5
 
 
 def full_update_is_dense(selected: int | Tensor, tokens: int) -> bool | Tensor:
@@ -602,6 +608,35 @@ def update_exact_groups(
     return _recompute_lost_rows(
         denominator, lambda rows: recompute_attention_groups(*sums, q, k, v, rows, bias_for)
     )
+
+
+def update_exact_sequences(
+    qkv: Tensor,
+    rows: Tensor,
+    flat: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    heads: int,
+) -> tuple[Tensor, Tensor] | None:
+    """One step of the exact level over attention of each stream's whole sequence (no bias), in
+    one call of the CPU kernel (`kernels.exact_attention_update`): the selected tokens' new qkv
+    rows (M, 3 D), at flat indices (M,) into the buffer qkv (B, N, 3 D) stream by stream, are
+    written into it; each stream with changes updates its running sums as `update_exact_groups`
+    does, or from `exact_dense_from` changes on recomputes every row. Returns the attention
+    output (B, N, D) and per stream (B,) the underflowed rows recomputed; None where the kernel
+    does not apply (not float32 tensors on the CPU, not contiguous, autograd, `torch.compile`),
+    and then nothing is written."""
+    sums = (numerator, denominator, shift)
+    if not kernels.can_take(qkv, rows, *sums) or flat.dtype != torch.long:
+        return None
+    if not all(t.is_contiguous() for t in (qkv, rows, *sums)):
+        return None
+    kernel = kernels.exact_attention_update()
+    if kernel is None:
+        return None
+    dense_from = exact_dense_from(qkv.shape[1])
+    return kernel(qkv, rows, flat, *sums, heads, dense_from, UNDERFLOW)
 
 
 def update_exact_attention(

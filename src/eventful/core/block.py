@@ -41,6 +41,7 @@ from eventful.core.attention import (
     recompute_full_attention,
     softmax_attention,
     update_exact_groups,
+    update_exact_sequences,
     update_full_groups,
     update_query_key_groups,
 )
@@ -214,9 +215,14 @@ class EventfulBlock(nn.Module):
         qkv_rows = self.qkv(self.norm1(qkv_gate.rows))
         layout = self.layout(grid, num_tokens, x.device)
         recomputed, attention_costs = [0] * batch, None
+        sequences = self._update_exact_sequences(state, qkv_rows, qkv_gate.selection)
         if self.level == "tokenwise":
             write_rows(state["qkv"], qkv_gate.selection, qkv_rows)
             attended = self._attend_every_row(state["qkv"], layout, grid)
+        elif sequences is not None:
+            attended, lost = sequences
+            if measure:
+                recomputed = lost.tolist()
         else:
             plan = self._plan(qkv_gate.selection, fresh_streams, layout)
             old_keys_values = [None] * len(plan.updates)  # the qk level needs none
@@ -239,6 +245,19 @@ class EventfulBlock(nn.Module):
             gates = {"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}
             trace.record_block(gates, recomputed, attention_costs)
         return y + state["mlp"]
+
+    def _update_exact_sequences(
+        self, state: dict[str, Tensor], qkv_rows: Tensor, selection: Selection
+    ) -> tuple[Tensor, Tensor] | None:
+        """The exact level's step over attention of each stream's whole sequence without a bias,
+        in one call of the CPU kernel (`update_exact_sequences`): the attention output and the
+        underflowed rows recomputed per stream; None where it does not apply."""
+        if self.level != "exact" or self.partitioned or self.bias is not None:
+            return None
+        sums = [state[name] for name in CACHES["exact"]]
+        return update_exact_sequences(
+            state["qkv"], qkv_rows, selection.flat, *sums, heads=self.heads
+        )
 
     def _split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Views q, k, v (B, H, N, dh) of the qkv rows (B, N, 3 D)."""

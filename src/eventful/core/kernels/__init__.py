@@ -11,10 +11,13 @@ The sources of this folder build into one library of dispatcher operators
 - `attention_rows()`: `attention_rows.cpp`, softmax attention of some query rows over every key,
   with each row's log-sum-exp;
 - `transposed()`: `transpose.cpp`, the last two dimensions of a tensor swapped into new memory:
-  a convolutional head's channels-last rows to PyTorch's default layout and back.
+  a convolutional head's channels-last rows to PyTorch's default layout and back;
+- `exact_attention_update()`: `exact_update.cpp`, one step of the exact level's attention over
+  each stream's whole sequence in one call.
 
 `vectors.h` holds what they share: vectors of 16 floats where the build has AVX-512, else 8,
-their reductions, an exponential.
+their reductions, an exponential; `row_attention.h` and `key_swap.h` the rows' attention and the
+swap, which two kernels each call.
 
 Each returns None where the library cannot be built: no C++ compiler, or `EVENTFUL_CPU_KERNELS=0`
 in the environment. Callers then use PyTorch's own operators, with the same results up to
@@ -92,6 +95,17 @@ def transposed() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """x (B, R, C), float32, any strides but a contiguous last dimension -> (B, C, R), contiguous,
     built on first use; None if unavailable."""
     return torch.ops.eventful.transposed if _available() else None
+
+
+def exact_attention_update() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """One step of the exact level's attention over each stream's whole sequence (no bias),
+    built on first use; None if unavailable. Arguments: the qkv buffer (B, N, 3 D), the
+    selected tokens' new qkv rows (M, 3 D) and their flat indices (M,) stream by stream (int64),
+    the running sums: numerator (B, H, N, dh), denominator and shift (B, H, N), all float32 and
+    contiguous, updated in place; the heads; the fewest changed tokens from which a stream
+    recomputes every row; the denominator below which a row is recomputed. Returns the attention
+    output (B, N, D) and per stream (B,) the underflowed rows recomputed."""
+    return torch.ops.eventful.exact_attention_update if _available() else None
 
 
 def can_take(*tensors: torch.Tensor) -> bool:

@@ -1,0 +1,166 @@
+// The exact level's running softmax sums of a block of query rows of one head: each row swaps
+// the old share of a few changed keys for their new share (swap_key_contributions.cpp,
+// exact_update.cpp).
+//
+// Row i keeps U_i = sum_j exp(l_ij - m_i) v_j (its numerator, dh values), Z_i = sum_j
+// exp(l_ij - m_i) (its denominator) and the shift m_i. Each row reads its query once, forms its
+// 2 m logits from the changed keys (held transposed, so that a loaded vector of keys serves one
+// multiply-add per feature), raises its shift to the log-sum-exp of its new logits, and adds the
+// weighted values to its numerator, while the row's sums are in cache. Rows are independent.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "vectors.h"
+
+namespace eventful_swap {
+
+using namespace eventful_vectors;
+
+// V vectors of one row's numerator from column c: rescaled, plus the new keys' weighted values,
+// less the old keys'.
+template <int V>
+inline void accumulate_values(float* numerator, float rescale, const float* weights,
+                              const float* new_values, const float* old_weights,
+                              const float* old_values, int64_t count, int64_t dh, int64_t c) {
+  Vector a[V];
+  for (int u = 0; u < V; ++u) a[u] = load(numerator + c + u * WIDTH) * splat(rescale);
+  for (int64_t j = 0; j < count; ++j) {
+    const Vector w = splat(weights[j]);
+    const float* row = new_values + j * dh + c;
+    for (int u = 0; u < V; ++u) a[u] += w * load(row + u * WIDTH);
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const Vector w = splat(old_weights[j]);
+    const float* row = old_values + j * dh + c;
+    for (int u = 0; u < V; ++u) a[u] -= w * load(row + u * WIDTH);
+  }
+  for (int u = 0; u < V; ++u) store(numerator + c + u * WIDTH, a[u]);
+}
+
+// numerator[0, dh) = numerator * rescale + sum_j weights[j] values[j] - sum_j old[j] olds[j].
+inline void row_values(float* numerator, float rescale, const float* weights,
+                       const float* new_values, const float* old_weights,
+                       const float* old_values, int64_t count, int64_t dh) {
+  int64_t c = 0;
+  for (; c + 8 * WIDTH <= dh; c += 8 * WIDTH) {
+    accumulate_values<8>(numerator, rescale, weights, new_values, old_weights, old_values, count,
+                         dh, c);
+  }
+  for (; c + 4 * WIDTH <= dh; c += 4 * WIDTH) {
+    accumulate_values<4>(numerator, rescale, weights, new_values, old_weights, old_values, count,
+                         dh, c);
+  }
+  for (; c + WIDTH <= dh; c += WIDTH) {
+    accumulate_values<1>(numerator, rescale, weights, new_values, old_weights, old_values, count,
+                         dh, c);
+  }
+  for (; c < dh; ++c) {
+    float a = numerator[c] * rescale;
+    for (int64_t j = 0; j < count; ++j) a += weights[j] * new_values[j * dh + c];
+    for (int64_t j = 0; j < count; ++j) a -= old_weights[j] * old_values[j * dh + c];
+    numerator[c] = a;
+  }
+}
+
+// The changed keys of one head: m = count keys, new ones and old ones, each (m, dh) contiguous,
+// with their values.
+struct ChangedKeys {
+  const float* new_keys;
+  const float* new_values;
+  const float* old_keys;
+  const float* old_values;
+  int64_t count;
+  int64_t dh;
+  // Columns of the transposed keys: the new ones in [0, m), the old ones in [half, half + m),
+  // half = m rounded up to whole vectors.
+  int64_t half() const { return (count + WIDTH - 1) / WIDTH * WIDTH; }
+  int64_t padded() const { return 2 * half(); }
+};
+
+// keys_by_feature (dh, padded): the changed keys transposed, zeros in the unused columns.
+inline void lay_out_changed_keys(const ChangedKeys& keys, float* keys_by_feature) {
+  const int64_t dh = keys.dh, half = keys.half(), padded = keys.padded();
+  std::fill(keys_by_feature, keys_by_feature + dh * padded, 0.0f);
+  for (int64_t j = 0; j < keys.count; ++j) {
+    for (int64_t d = 0; d < dh; ++d) {
+      keys_by_feature[d * padded + j] = keys.new_keys[j * dh + d];
+      keys_by_feature[d * padded + half + j] = keys.old_keys[j * dh + d];
+    }
+  }
+}
+
+// `rows` consecutive query rows (from `queries`, rows `row_stride` apart) swap the changed keys'
+// share of their sums (from `numerators` (rows, dh), `denominators`, `shifts`). A row with
+// skip[r] set is left as it is (it is recomputed anyway). `bias` (rows, m): the changed columns'
+// bias of each row, or null. `logits` holds rows x padded floats, `weights` padded, both on
+// cache lines.
+inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
+                      const float* queries, int64_t row_stride, int64_t rows, const float* bias,
+                      const uint8_t* skip, float* numerators, float* denominators,
+                      float* shifts, float* logits, float* weights) {
+  const int64_t count = keys.count, dh = keys.dh, half = keys.half(), padded = keys.padded();
+  // The rows are far apart (rows of the qkv buffer): each pair asks for the next pair's cache
+  // lines while it computes.
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    for (int64_t next = r + 2; next < std::min(r + 4, rows); ++next) {
+      for (int64_t line = 0; line < dh; line += LINE) {
+        __builtin_prefetch(queries + next * row_stride + line);
+      }
+    }
+    rows_logits<2, 4>(queries + r * row_stride, row_stride, keys_by_feature, dh, padded,
+                      logits + r * padded);
+  }
+  if (r < rows) {
+    rows_logits<1, 4>(queries + r * row_stride, row_stride, keys_by_feature, dh, padded,
+                      logits + r * padded);
+  }
+  for (r = 0; r < rows; ++r) {
+    if (skip != nullptr && skip[r]) continue;
+    float* row_logits = logits + r * padded;
+    if (bias != nullptr) {
+      const float* row_bias = bias + r * count;
+      for (int64_t j = 0; j < count; ++j) {
+        row_logits[j] += row_bias[j];
+        row_logits[half + j] += row_bias[j];
+      }
+    }
+    // The new logits' log-sum-exp, then the raised shift; lanes at or past m count for nothing.
+    Vector largest = splat(-INFINITY);
+    for (int64_t c = 0; c < half; c += WIDTH) {
+      const Integers in_use = lanes_below(c, count);
+      largest = max(largest, in_use ? load(row_logits + c) : splat(-INFINITY));
+    }
+    const float most = max_of(largest);
+    Vector total{};
+    for (int64_t c = 0; c < half; c += WIDTH) {
+      const Integers in_use = lanes_below(c, count);
+      total += in_use ? vector_exp(load(row_logits + c) - splat(most)) : Vector{};
+    }
+    const float old_shift = shifts[r];
+    const float raised = std::max(old_shift, most + std::log(sum_of(total)));
+    // Every weight is exp(l - raised), so that a key whose logit did not change (a padding
+    // position of a group) adds exactly the share it removes.
+    Vector change{};
+    for (int64_t c = 0; c < half; c += WIDTH) {
+      const Integers in_use = lanes_below(c, count);
+      const Vector added = vector_exp(load(row_logits + c) - splat(raised));
+      const Vector removed = vector_exp(load(row_logits + half + c) - splat(raised));
+      const Vector difference = in_use ? added - removed : Vector{};
+      change += difference;
+      store(weights + c, added);
+      store(weights + half + c, removed);
+    }
+    const float rescale = std::exp(old_shift - raised);
+    denominators[r] = denominators[r] * rescale + sum_of(change);
+    row_values(numerators + r * dh, rescale, weights, keys.new_values, weights + half,
+               keys.old_values, count, dh);
+    shifts[r] = raised;
+  }
+}
+
+}  // namespace eventful_swap

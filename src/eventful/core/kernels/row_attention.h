@@ -1,0 +1,127 @@
+// Softmax attention of a few query rows over every key of one head, for the kernels that attend
+// rows (attention_rows.cpp, exact_update.cpp). The keys are laid out transposed (dh, padded)
+// once per head, so that a loaded vector of keys serves up to ROWS query rows from registers;
+// a block of rows forms its logits in cache, turns them into weights with the rows' maxima and
+// sums, and multiplies them by the values, ROWS rows per loaded vector of values. Every block
+// forms each row's sums in the same order, so that a row's result does not depend on the rows
+// beside it.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "vectors.h"
+
+namespace eventful_attention {
+
+using namespace eventful_vectors;
+
+constexpr int ROWS = 6;  // query rows per block: 12 sums in flight
+
+// to[d * padded + j] = from[j * row_stride + d] for j < length, d < dh; zero for length <= j <
+// padded.
+inline void transpose_keys(const float* from, int64_t row_stride, int64_t length, int64_t dh,
+                    float* to, int64_t padded) {
+  transpose(from, row_stride, length, dh, to, padded);
+  for (int64_t d = 0; d < dh; ++d) std::fill(to + d * padded + length, to + (d + 1) * padded, 0.0f);
+}
+
+// The output features of R rows: their weights (R, padded) times the values (length, dh; rows
+// `value_stride` apart), each row divided by its weights' sum (times `inverse`).
+template <int R>
+inline void weighted_values(const float* weights, int64_t padded, int64_t length, const float* values,
+                     int64_t value_stride, int64_t dh, const float* inverse, float* out,
+                     int64_t out_stride) {
+  int64_t c = 0;
+  for (; c + 2 * WIDTH <= dh; c += 2 * WIDTH) {
+    rows_times_columns<R, 2>(weights, padded, values, value_stride, length, c, out, out_stride,
+                             inverse);
+  }
+  for (; c + WIDTH <= dh; c += WIDTH) {
+    rows_times_columns<R, 1>(weights, padded, values, value_stride, length, c, out, out_stride,
+                             inverse);
+  }
+  for (; c < dh; ++c) {  // features past the last whole vector
+    for (int r = 0; r < R; ++r) {
+      float a = 0.0f;
+      for (int64_t j = 0; j < length; ++j) {
+        a += weights[r * padded + j] * values[j * value_stride + c];
+      }
+      out[r * out_stride + c] = a * inverse[r];
+    }
+  }
+}
+
+// One row's logits (padded, the first `length` in use, `bias` added if given) -> its weights
+// exp(l - max), zero past `length`; returns the log-sum-exp and sets *inverse to 1 / sum.
+inline float softmax_row(float* logits, const float* bias, int64_t length, int64_t padded,
+                  float* inverse) {
+  if (bias != nullptr) {
+    for (int64_t j = 0; j < length; ++j) logits[j] += bias[j];
+  }
+  // Whole vectors of keys, then the last one, whose lanes at or past `length` count for nothing.
+  const int64_t whole = length / WIDTH * WIDTH;
+  Vector largest = splat(-INFINITY);
+  for (int64_t c = 0; c < whole; c += WIDTH) largest = max(largest, load(logits + c));
+  if (whole < padded) {
+    largest = max(largest, lanes_below(whole, length) ? load(logits + whole) : splat(-INFINITY));
+  }
+  const float most = max_of(largest);
+  Vector total{};
+  for (int64_t c = 0; c < whole; c += WIDTH) {
+    const Vector weights = vector_exp(load(logits + c) - splat(most));
+    store(logits + c, weights);
+    total += weights;
+  }
+  if (whole < padded) {
+    const Vector weights =
+        lanes_below(whole, length) ? vector_exp(load(logits + whole) - splat(most)) : Vector{};
+    store(logits + whole, weights);
+    total += weights;
+  }
+  const float sum = sum_of(total);
+  *inverse = 1.0f / sum;
+  return most + std::log(sum);
+}
+
+struct Head {
+  const float* queries;  // the block's first query row
+  int64_t query_stride;
+  const float* keys_by_feature;  // (dh, padded)
+  const float* values;
+  int64_t value_stride;
+  const float* bias;  // the block's first row of bias, or null
+  int64_t bias_stride;
+  float* out;  // the block's first output row
+  int64_t out_stride;
+  float* logsumexp;  // the block's first row's
+};
+
+template <int R>
+inline void attend_block(const Head& head, int64_t length, int64_t padded, int64_t dh, float* logits) {
+  rows_logits<R, (R >= 4 ? 2 : 4)>(head.queries, head.query_stride, head.keys_by_feature, dh,
+                                    padded, logits);
+  float inverse[R];
+  for (int r = 0; r < R; ++r) {
+    const float* bias = head.bias == nullptr ? nullptr : head.bias + r * head.bias_stride;
+    head.logsumexp[r] = softmax_row(logits + r * padded, bias, length, padded, &inverse[r]);
+  }
+  weighted_values<R>(logits, padded, length, head.values, head.value_stride, dh, inverse,
+                     head.out, head.out_stride);
+}
+
+inline void attend_rows(const Head& head, int rows, int64_t length, int64_t padded, int64_t dh,
+                 float* logits) {
+  switch (rows) {
+    case 6: return attend_block<6>(head, length, padded, dh, logits);
+    case 5: return attend_block<5>(head, length, padded, dh, logits);
+    case 4: return attend_block<4>(head, length, padded, dh, logits);
+    case 3: return attend_block<3>(head, length, padded, dh, logits);
+    case 2: return attend_block<2>(head, length, padded, dh, logits);
+    default: return attend_block<1>(head, length, padded, dh, logits);
+  }
+}
+
+}  // namespace eventful_attention
