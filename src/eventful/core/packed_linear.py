@@ -44,10 +44,21 @@ def _prepacked_linear_available() -> bool:
 
 PREPACKED = _prepacked_linear_available()
 
+# Whether oneDNN multiplies bfloat16 on this CPU (AVX-512 with BW, VL and DQ, or AVX-NE-CONVERT);
+# elsewhere the bfloat16 layers above `BF16_SMALL_ROWS` rows run PyTorch's own linear.
+PREPACKED_BF16 = PREPACKED and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 # Up to this many rows the small-rows kernel runs: measured 2-3x faster than oneDNN's prepacked
 # linear at 1 row, 1.1-1.6x at 32 and about as fast at 128, for every linear layer of ViT-S and
 # ViT-B (BENCHMARKS.md, "small-rows-linear").
 SMALL_ROWS = 128
+
+# At precision "bf16" (and a float32 layer under `compute_dtype(torch.bfloat16)`), up to this
+# many rows the small-rows kernel multiplies bfloat16 pairs, and above oneDNN's prepacked
+# bfloat16 linear (AMX or AVX512-BF16): interleaved over ViT-S's 48 layers (Intel Xeon with
+# AMX, 2 threads), ours took 0.62x oneDNN's time at 4 rows, 0.84x at 12, 1.03x at 16, 1.29x at
+# 24.
+BF16_SMALL_ROWS = 16
 
 # From this many rows on, PyTorch's own linear (MKL on x86) runs: at 577 rows (ViT-B/16 at 384)
 # oneDNN's prepacked linear measured 0.98-1.14x its time on the layers of ViT-S and ViT-B, at
@@ -169,21 +180,57 @@ class PackedLinear(nn.Linear):
         return None if wanted is None or wanted == x.dtype else wanted
 
     def _low_precision_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """x times the weight in `dtype`, back in x's dtype; the bias and the activation there."""
+        """x times the weight in `dtype`, back in x's dtype; the bias and the activation there.
+        Float32 rows on the CPU multiply in bfloat16 on the small-rows kernel or oneDNN's
+        prepacked linear (`_bfloat16_forward`)."""
+        if dtype == torch.bfloat16 and self._uses_prepacked(x, plain_rows=False):
+            return self._bfloat16_forward(x)
         weight = self._cached("_rounded", lambda w: w.to(dtype), dtype)
         out = F.linear(x.to(dtype), weight).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return self.activation(out)
 
-    def _uses_prepacked(self, x: Tensor) -> bool:
+    def _bfloat16_forward(self, x: Tensor) -> Tensor:
+        """Float32 rows x (..., in) on the CPU times the weight rounded to bfloat16, the sums in
+        float32: up to `BF16_SMALL_ROWS` rows on the small-rows kernel, else oneDNN's prepacked
+        bfloat16 linear, whose output is bfloat16; then the bias and the activation in float32.
+        """
+        rows = x.reshape(-1, self.in_features)
+        kernel = kernels.small_rows_linear() if rows.shape[0] <= BF16_SMALL_ROWS else None
+        if kernel is not None:
+            panels = self._cached("_panels", lambda w: kernel.pack(w, None, True), torch.bfloat16)
+            out = kernel.linear(rows, panels, self.bias, self.out_features, None)
+        elif not PREPACKED_BF16:
+            weight = self._cached("_rounded", lambda w: w.bfloat16(), torch.bfloat16)
+            out = F.linear(rows.bfloat16(), weight).float()
+            if self.bias is not None:
+                out.add_(self.bias)
+        else:
+            packed = self._cached(
+                "_packed",
+                lambda w: torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None),
+                torch.bfloat16,
+            )
+            out = torch.ops.mkldnn._linear_pointwise(
+                rows.bfloat16(), packed, None, "none", [], ""
+            ).float()
+            if self.bias is not None:
+                out.add_(self.bias)
+        return self.activation(out).view(*x.shape[:-1], self.out_features)
+
+    def _uses_prepacked(self, x: Tensor, plain_rows: bool = True) -> bool:
+        """Whether x goes to the packed weights: float32 rows on the CPU, no gradient to record,
+        not compiling; `plain_rows`: fewer than `PLAIN_ROWS` rows (from there on float32 runs
+        PyTorch's own linear)."""
+        rows_limit = PLAIN_ROWS if plain_rows else float("inf")
         return (
             PREPACKED
             and self._post_op is not None
             and x.device.type == "cpu"
             and x.dtype == torch.float32 == self.weight.dtype
             and not (torch.is_grad_enabled() and self.weight.requires_grad)
-            and 0 < x.numel() < PLAIN_ROWS * self.in_features
+            and 0 < x.numel() < rows_limit * self.in_features
             and not torch.compiler.is_compiling()
         )
 

@@ -12,6 +12,13 @@
 // "int8": a quarter of the bytes to read). Int8 weights are widened to float32 as they are
 // loaded, so the sums are float32 sums of the same products, and the column's scale multiplies
 // each sum once at the end: no instruction beyond AVX2 is needed.
+//
+// Or they hold bfloat16 weights in pairs of input features (precision "bf16": half the bytes),
+// and the rows are rounded to bfloat16 pairs as PyTorch rounds them: where the CPU has
+// AVX512-BF16, one instruction multiplies a pair of rows' features by a pair of weights and adds
+// both products to a float32 sum (twice the multiply-adds of float32 per instruction);
+// elsewhere the pairs are widened to float32. The sums stay float32 (PyTorch's bfloat16 matmul
+// rounds its output to bfloat16).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -19,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "vectors.h"
 
@@ -39,15 +47,29 @@ constexpr int64_t GROUP = 2;  // panels that every pass of rows reads while they
 
 // weight (out, in) -> panels (ceil(out / PANEL), in, PANEL), the missing columns zero. With a
 // scale (out,), the panels are int8: each weight divided by its column's scale, rounded to the
-// nearest integer and clamped to [-127, 127].
-torch::Tensor pack(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale) {
+// nearest integer and clamped to [-127, 127]. With `bfloat16`, the panels are (ceil(out /
+// PANEL), ceil(in / 2), PANEL, 2): each weight rounded to bfloat16, the features of a pair side
+// by side, a missing last feature zero.
+torch::Tensor pack(const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
+                   bool bfloat16) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32,
               "pack expects a float32 (out, in) weight, got ", weight.sizes(), " ",
               weight.scalar_type());
+  const bool scaled = scale.has_value() && scale->defined();
+  TORCH_CHECK(!(scaled && bfloat16), "pack expects a scale (int8 panels) or bfloat16, not both");
   const int64_t out = weight.size(0), in = weight.size(1);
   const int64_t panels = (out + PANEL - 1) / PANEL;
+  if (bfloat16) {
+    const int64_t pairs = (in + 1) / 2;
+    auto padded = torch::zeros({panels * PANEL, 2 * pairs}, weight.options());
+    padded.narrow(0, 0, out).narrow(1, 0, in).copy_(weight);
+    return padded.to(torch::kBFloat16)
+        .view({panels, PANEL, pairs, 2})
+        .permute({0, 2, 1, 3})
+        .contiguous();
+  }
   auto padded = torch::zeros({panels * PANEL, in}, weight.options());
-  if (scale.has_value() && scale->defined()) {
+  if (scaled) {
     TORCH_CHECK(scale->dim() == 1 && scale->size(0) == out &&
                     scale->scalar_type() == torch::kFloat32,
                 "pack expects a float32 scale of ", out, " values, got ", scale->sizes(), " ",
@@ -134,9 +156,132 @@ void rows_by_panels(const float* x, int64_t in, const W* panels, int64_t first_p
   }
 }
 
+// A float32 value rounded to bfloat16 (to nearest, ties to even; NaN stays NaN), as PyTorch
+// rounds it: the upper 16 bits of its float32 pattern.
+inline uint32_t bfloat16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;  // NaN
+  return (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+}
+
+// x (rows, in) float32 -> (rows, ceil(in / 2)) bfloat16 pairs, the first feature of a pair in
+// the low 16 bits (the order of the panels' pairs), a missing last feature zero.
+void bfloat16_pairs(const float* x, int64_t rows, int64_t in, uint32_t* pairs) {
+  const int64_t count = (in + 1) / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t t = 0; t < count; ++t) {
+      const uint32_t first = bfloat16_bits(x[r * in + 2 * t]);
+      const uint32_t second = 2 * t + 1 < in ? bfloat16_bits(x[r * in + 2 * t + 1]) : 0u;
+      pairs[r * count + t] = first | (second << 16);
+    }
+  }
+}
+
+#if !defined(__AVX512BF16__)
+// The features of WIDTH bfloat16 pairs as float32: the first ones, then the second ones.
+inline Vector first_of_pairs(eventful_vectors::Integers pairs) {
+  const eventful_vectors::Integers bits = pairs << 16;
+  Vector value;
+  std::memcpy(&value, &bits, sizeof(Vector));
+  return value;
+}
+
+inline Vector second_of_pairs(eventful_vectors::Integers pairs) {
+  const eventful_vectors::Integers bits = pairs & static_cast<int32_t>(0xffff0000u);
+  Vector value;
+  std::memcpy(&value, &bits, sizeof(Vector));
+  return value;
+}
+#endif
+
+// `rows_by_panels` with bfloat16 pairs: x (R, pairs) pairs of features, each panel (pairs,
+// PANEL) pairs of weights.
+template <int R, int P>
+void rows_by_panels(const uint32_t* x, int64_t pairs, const uint32_t* panels,
+                    int64_t first_panel, const float* scale, const float* bias, float* y,
+                    int64_t out) {
+  const uint32_t* panel = panels + first_panel * pairs * PANEL;
+  constexpr int64_t ahead = PREFETCH_BYTES / (PANEL * sizeof(uint32_t));  // in pairs
+#if defined(__AVX512BF16__)
+  __m512 low[R][P], high[R][P];
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < P; ++q) {
+      low[r][q] = _mm512_setzero_ps();
+      high[r][q] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t t = 0; t < pairs; ++t) {
+    __m512bh w_low[P], w_high[P];
+    for (int q = 0; q < P; ++q) {
+      const uint32_t* at = panel + (q * pairs + t) * PANEL;
+      __builtin_prefetch(at + ahead * PANEL);
+      __builtin_prefetch(at + ahead * PANEL + WIDTH);
+      std::memcpy(&w_low[q], at, sizeof(__m512bh));
+      std::memcpy(&w_high[q], at + WIDTH, sizeof(__m512bh));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i both = _mm512_set1_epi32(static_cast<int>(x[r * pairs + t]));
+      __m512bh value;
+      std::memcpy(&value, &both, sizeof(value));
+      for (int q = 0; q < P; ++q) {
+        low[r][q] = _mm512_dpbf16_ps(low[r][q], value, w_low[q]);
+        high[r][q] = _mm512_dpbf16_ps(high[r][q], value, w_high[q]);
+      }
+    }
+  }
+#else
+  Vector low[R][P], high[R][P];
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < P; ++q) {
+      low[r][q] = Vector{};
+      high[r][q] = Vector{};
+    }
+  }
+  for (int64_t t = 0; t < pairs; ++t) {
+    eventful_vectors::Integers w_low[P], w_high[P];
+    for (int q = 0; q < P; ++q) {
+      const uint32_t* at = panel + (q * pairs + t) * PANEL;
+      __builtin_prefetch(at + ahead * PANEL);
+      __builtin_prefetch(at + ahead * PANEL + WIDTH);
+      std::memcpy(&w_low[q], at, sizeof(w_low[q]));
+      std::memcpy(&w_high[q], at + WIDTH, sizeof(w_high[q]));
+    }
+    for (int r = 0; r < R; ++r) {
+      const uint32_t both = x[r * pairs + t];
+      float first, second;
+      const uint32_t first_bits = both << 16, second_bits = both & 0xffff0000u;
+      std::memcpy(&first, &first_bits, sizeof(first));
+      std::memcpy(&second, &second_bits, sizeof(second));
+      for (int q = 0; q < P; ++q) {
+        low[r][q] = eventful_vectors::multiply_add(eventful_vectors::splat(first),
+                                                   first_of_pairs(w_low[q]), low[r][q]);
+        low[r][q] = eventful_vectors::multiply_add(eventful_vectors::splat(second),
+                                                   second_of_pairs(w_low[q]), low[r][q]);
+        high[r][q] = eventful_vectors::multiply_add(eventful_vectors::splat(first),
+                                                    first_of_pairs(w_high[q]), high[r][q]);
+        high[r][q] = eventful_vectors::multiply_add(eventful_vectors::splat(second),
+                                                    second_of_pairs(w_high[q]), high[r][q]);
+      }
+    }
+  }
+#endif
+  for (int q = 0; q < P; ++q) {
+    const int64_t first = (first_panel + q) * PANEL, width = std::min(PANEL, out - first);
+    for (int r = 0; r < R; ++r) {
+      float sums[PANEL];
+      std::memcpy(sums, &low[r][q], sizeof(Vector));
+      std::memcpy(sums + WIDTH, &high[r][q], sizeof(Vector));
+      for (int64_t c = 0; c < width; ++c) {
+        y[r * out + first + c] = bias == nullptr ? sums[c] : sums[c] + bias[first + c];
+      }
+    }
+  }
+}
+
 // R rows times the panels [begin, end), P at a time while P remain, then one at a time.
-template <int R, int P, typename W>
-void rows_by_panel_range(const float* x, int64_t in, const W* panels, int64_t begin,
+template <int R, int P, typename X, typename W>
+void rows_by_panel_range(const X* x, int64_t in, const W* panels, int64_t begin,
                          int64_t end, const float* scale, const float* bias, float* y,
                          int64_t out) {
   int64_t p = begin;
@@ -147,8 +292,8 @@ void rows_by_panel_range(const float* x, int64_t in, const W* panels, int64_t be
 // `rows` (at most R) rows times the panels [begin, end) in one pass: at least 8 sums in flight
 // where there are two rows or more; one row is bound by reading the panel, however many sums it
 // keeps.
-template <int R, typename W>
-void rest_rows(int rows, const float* x, int64_t in, const W* panels, int64_t begin,
+template <int R, typename X, typename W>
+void rest_rows(int rows, const X* x, int64_t in, const W* panels, int64_t begin,
                int64_t end, const float* scale, const float* bias, float* y, int64_t out) {
   if constexpr (R > 0) {
     if (rows == R) {
@@ -162,8 +307,8 @@ void rest_rows(int rows, const float* x, int64_t in, const W* panels, int64_t be
 
 // y (rows, out) = x (rows, in) times the panels, threads sharing the panels: groups of GROUP,
 // each group through every pass of rows while it is in cache.
-template <typename W>
-void rows_by_all_panels(const float* xs, int64_t rows, int64_t in, const W* ps, int64_t panels,
+template <typename X, typename W>
+void rows_by_all_panels(const X* xs, int64_t rows, int64_t in, const W* ps, int64_t panels,
                         const float* scale, const float* bs, float* ys, int64_t out) {
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; group += GROUP) {
@@ -180,18 +325,22 @@ void rows_by_all_panels(const float* xs, int64_t rows, int64_t in, const W* ps, 
   });
 }
 
-// x (rows, in) float32 -> x W^T + bias (rows, out), W given as `pack`'s panels: float32, or
-// int8 with the scale (out,) they were packed with.
+// x (rows, in) float32 -> x W^T + bias (rows, out), W given as `pack`'s panels: float32, int8
+// with the scale (out,) they were packed with, or bfloat16 pairs.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
                      const c10::optional<torch::Tensor>& bias, int64_t out,
                      const c10::optional<torch::Tensor>& scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear expects float32 rows");
-  TORCH_CHECK(panels.dim() == 3 && panels.size(1) == x.size(1) && panels.size(2) == PANEL &&
-                  panels.size(0) * PANEL >= out && panels.is_contiguous(),
-              "linear expects the panels of pack() for ", x.size(1), " input features");
+  const int64_t in = x.size(1);
+  const bool bfloat16 = panels.scalar_type() == torch::kBFloat16;
   const bool int8 = panels.scalar_type() == torch::kInt8;
-  TORCH_CHECK(int8 || panels.scalar_type() == torch::kFloat32,
-              "linear expects float32 or int8 panels, got ", panels.scalar_type());
+  TORCH_CHECK(int8 || bfloat16 || panels.scalar_type() == torch::kFloat32,
+              "linear expects float32, int8 or bfloat16 panels, got ", panels.scalar_type());
+  const int64_t depth = bfloat16 ? (in + 1) / 2 : in;  // features, or pairs of features
+  const bool laid_out = bfloat16 ? panels.dim() == 4 && panels.size(3) == 2 : panels.dim() == 3;
+  TORCH_CHECK(laid_out && panels.size(1) == depth && panels.size(2) == PANEL &&
+                  panels.size(0) * PANEL >= out && panels.is_contiguous(),
+              "linear expects the panels of pack() for ", in, " input features");
   const bool scaled = scale.has_value() && scale->defined();
   TORCH_CHECK(int8 == scaled, "linear expects a scale with int8 panels and only with them");
   torch::Tensor scale_tensor;
@@ -203,7 +352,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
     ss = scale_tensor.data_ptr<float>();
   }
   const auto rows_tensor = x.contiguous();
-  const int64_t rows = rows_tensor.size(0), in = rows_tensor.size(1);
+  const int64_t rows = rows_tensor.size(0);
   auto y = torch::empty({rows, out}, rows_tensor.options());
   const float* xs = rows_tensor.data_ptr<float>();
   torch::Tensor bias_tensor;
@@ -214,10 +363,16 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
     bs = bias_tensor.data_ptr<float>();
   }
   float* ys = y.data_ptr<float>();
-  if (int8) {
-    rows_by_all_panels(xs, rows, in, panels.data_ptr<int8_t>(), panels.size(0), ss, bs, ys, out);
+  const int64_t count = panels.size(0);
+  if (bfloat16) {
+    std::vector<uint32_t> pairs(rows * depth);
+    bfloat16_pairs(xs, rows, in, pairs.data());
+    const auto* weights = reinterpret_cast<const uint32_t*>(panels.data_ptr<at::BFloat16>());
+    rows_by_all_panels(pairs.data(), rows, depth, weights, count, ss, bs, ys, out);
+  } else if (int8) {
+    rows_by_all_panels(xs, rows, in, panels.data_ptr<int8_t>(), count, ss, bs, ys, out);
   } else {
-    rows_by_all_panels(xs, rows, in, panels.data_ptr<float>(), panels.size(0), ss, bs, ys, out);
+    rows_by_all_panels(xs, rows, in, panels.data_ptr<float>(), count, ss, bs, ys, out);
   }
   return y;
 }
@@ -226,7 +381,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
 
 // Operators of the dispatcher (torch.ops.eventful.*), so that profilers and tools see them.
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
-  library.def("small_rows_pack(Tensor weight, Tensor? scale=None) -> Tensor");
+  library.def("small_rows_pack(Tensor weight, Tensor? scale=None, bool bfloat16=False) -> Tensor");
   library.def(
       "small_rows_linear(Tensor x, Tensor panels, Tensor? bias, int out, Tensor? scale=None) "
       "-> Tensor");
