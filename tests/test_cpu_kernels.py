@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import eventful
 from eventful.core import attention, gates, kernels, local_head
 from eventful.core.policies import TopK
+from eventful.core.selection import Selection
 from eventful.synthetic import moving_squares
 from tests.helpers import assert_equal_up_to_rounding
 
@@ -422,7 +423,8 @@ def test_the_exact_step_kernel_equals_pytorchs_operators(policy, exactly):
     assert calls == 2 * len(frames) and no_calls == 0  # two blocks, every step
     same = torch.equal if exactly else lambda a, b: assert_equal_up_to_rounding(a, b) or True
     assert all(same(a, b) for a, b in zip(ours, theirs, strict=True))
-    for ours_block, theirs_block in zip(our_stream.state.blocks, their_stream.state.blocks):
+    blocks = zip(our_stream.state.blocks, their_stream.state.blocks, strict=True)
+    for ours_block, theirs_block in blocks:
         for name, tensor in ours_block.items():
             assert same(tensor, theirs_block[name]), name
     assert our_stream.ops.total == their_stream.ops.total
@@ -469,7 +471,9 @@ def test_the_exact_step_kernel_refuses_bad_input_and_names_it_leaving_the_state_
     before = [t.clone() for t in (qkv, *sums)]
     kernel = kernels.exact_attention_update()
 
-    def call(rows=rows, index=torch.tensor([1, 12, 15]), heads=2, qkv=qkv, sums=sums):
+    valid_index = torch.tensor([1, 12, 15])
+
+    def call(rows=rows, index=valid_index, heads=2, qkv=qkv, sums=sums):
         return kernel(qkv, rows, index, *sums, heads, 2, 1e-3)
 
     cases = [
@@ -503,3 +507,73 @@ def test_the_exact_step_runs_pytorchs_operators_where_its_kernel_does_not_apply(
     with torch.enable_grad():
         graded = rows.clone().requires_grad_()
         assert attention.update_exact_sequences(qkv, graded, index, *sums, heads=2) is None
+
+
+needs_rows_kernels = pytest.mark.skipif(
+    kernels.commit_rows() is None, reason="the CPU kernels could not be built here"
+)
+
+
+@needs_rows_kernels
+def test_a_gates_rows_and_a_token_buffers_update_equal_pytorchs_operators_bit_for_bit():
+    generator = torch.Generator().manual_seed(0)
+    current, reference, buffer = (torch.randn(2, 9, 20, generator=generator) for _ in range(3))
+    flat = torch.tensor([0, 4, 8, 10, 17])
+    selection = Selection.from_lists([flat[:3], flat[3:] - 9], 9)
+    with torch.inference_mode():
+        theirs_reference = reference.clone()
+        theirs = gates.gather_rows(current, selection)
+        gates.write_rows(theirs_reference, selection, theirs)
+        ours = kernels.commit_rows()(current, reference, flat)
+        assert torch.equal(ours, theirs) and torch.equal(reference, theirs_reference)
+        rows, x = torch.randn(5, 20, generator=generator), torch.randn(2, 9, 20)
+        theirs_buffer = buffer.clone()
+        gates.write_rows(theirs_buffer, selection, rows)
+        ours = kernels.add_rows()(x, buffer, flat, rows)
+        assert torch.equal(ours, x + theirs_buffer) and torch.equal(buffer, theirs_buffer)
+
+
+@needs_rows_kernels
+def test_the_rows_kernels_refuse_bad_input_and_name_it_leaving_the_state_as_it_was():
+    current, reference, buffer = torch.randn(1, 6, 8), torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    before = [t.clone() for t in (reference, buffer)]
+    cases = [
+        (lambda: kernels.commit_rows()(current, reference, torch.tensor([2, 6])), r"got 6"),
+        (lambda: kernels.commit_rows()(current, reference, torch.tensor([-1])), r"got -1"),
+        (
+            lambda: kernels.commit_rows()(current, reference[:, :5].clone(), torch.tensor([1])),
+            r"reference \[1, 5, 8\] to have the shape of the gate input \[1, 6, 8\]",
+        ),
+        (
+            lambda: kernels.commit_rows()(current.double(), reference, torch.tensor([1])),
+            r"current as a contiguous float32",
+        ),
+        (
+            lambda: kernels.add_rows()(current, buffer, torch.tensor([1, 2]), torch.randn(3, 8)),
+            r"rows as a contiguous float32 CPU tensor of shape \[2, 8\], got Float of shape "
+            r"\[3, 8\]",
+        ),
+        (
+            lambda: kernels.add_rows()(current, buffer, torch.tensor([9]), torch.randn(1, 8)),
+            r"flat token indices in \[0, 6\), got 9",
+        ),
+        (
+            lambda: kernels.add_rows()(current, buffer, torch.tensor([1.0]), torch.randn(1, 8)),
+            r"index as a contiguous 1-D int64",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+        assert torch.equal(reference, before[0]) and torch.equal(buffer, before[1])
+
+
+def test_a_gate_and_a_buffer_run_pytorchs_operators_where_the_rows_kernels_do_not_apply():
+    current, reference, buffer = (torch.randn(1, 6, 8, dtype=torch.float64) for _ in range(3))
+    selection = Selection.from_indices(torch.tensor([[1, 4]]), 6)
+    rows = gates.commit_rows(current, reference, selection)
+    assert torch.equal(rows, current[0, [1, 4]]) and torch.equal(reference[0, [1, 4]], rows)
+    new = torch.randn(2, 8, dtype=torch.float64)
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    y = gates.add_rows(x, buffer, selection, new)
+    assert torch.equal(buffer[0, [1, 4]], new) and torch.equal(y, x + buffer)

@@ -47,7 +47,7 @@ from eventful.core.attention import (
 )
 from eventful.core.description import BlockDescription
 from eventful.core.escalation import Escalation
-from eventful.core.gates import GateStep, token_gate, write_rows
+from eventful.core.gates import GateStep, add_rows, token_gate, write_rows
 from eventful.core.kv_pooling import pool_keys_values
 from eventful.core.ops import StepTrace
 from eventful.core.packed_linear import PackedLinear
@@ -235,16 +235,14 @@ class EventfulBlock(nn.Module):
             recomputed = recomputed.view(batch, layout.groups).sum(dim=1).tolist()
 
         proj_gate = gate("proj", attended)
-        write_rows(state["proj"], proj_gate.selection, self.proj(proj_gate.rows))
-        y = x + state["proj"]
+        y = add_rows(x, state["proj"], proj_gate.selection, self.proj(proj_gate.rows))
 
         mlp_gate = gate("mlp", y)
         hidden = self.fc1(self.norm2(mlp_gate.rows))  # with the activation
-        write_rows(state["mlp"], mlp_gate.selection, self.fc2(hidden))
         if trace is not None:
             gates = {"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}
             trace.record_block(gates, recomputed, attention_costs)
-        return y + state["mlp"]
+        return add_rows(y, state["mlp"], mlp_gate.selection, self.fc2(hidden))
 
     def _update_exact_sequences(
         self, state: dict[str, Tensor], qkv_rows: Tensor, selection: Selection

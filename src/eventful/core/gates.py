@@ -92,11 +92,11 @@ def token_gate(
         if measure:  # the selected tokens' norms zeroed by their flat indices: no mask
             left = l2_norms.reshape(-1).index_fill(0, selection.flat, 0).view(batch, num_tokens)
             unprocessed = left.sum(1) / size
-    rows = gather_rows(current, selection)
     if previous_frame:
+        rows = gather_rows(current, selection)
         reference.copy_(current)
     else:
-        write_rows(reference, selection, rows)
+        rows = commit_rows(current, reference, selection)
     return GateStep(selection, rows, unprocessed, escalated)
 
 
@@ -136,6 +136,35 @@ def write_rows(buffer: Tensor, selection: Selection, rows: Tensor) -> None:
         buffer.copy_(rows.view_as(buffer))
     else:
         buffer.view(-1, buffer.shape[-1]).index_copy_(0, selection.flat, rows)
+
+
+def commit_rows(current: Tensor, reference: Tensor, selection: Selection) -> Tensor:
+    """The selected rows (M, D) of current (B, N, D), which the reference (B, N, D) takes: one
+    pass for float32 CPU tensors outside autograd (`kernels.commit_rows`)."""
+    if not selection.everything and _one_pass_applies(current, reference):
+        kernel = kernels.commit_rows()
+        if kernel is not None:
+            return kernel(current, reference, selection.flat)
+    rows = gather_rows(current, selection)
+    write_rows(reference, selection, rows)
+    return rows
+
+
+def add_rows(x: Tensor, buffer: Tensor, selection: Selection, rows: Tensor) -> Tensor:
+    """Token buffer update and residual: buffer (B, N, D) takes rows (M, D) at the selected
+    tokens, and x + buffer is returned. One pass for float32 CPU tensors outside autograd
+    (`kernels.add_rows`)."""
+    if (
+        not selection.everything
+        and _one_pass_applies(x, buffer)
+        and kernels.can_take(rows)
+        and rows.is_contiguous()
+    ):
+        kernel = kernels.add_rows()
+        if kernel is not None:
+            return kernel(x, buffer, selection.flat, rows)
+    write_rows(buffer, selection, rows)
+    return x + buffer
 
 
 def unprocessed_change(current: Tensor, reference: Tensor) -> Tensor:

@@ -66,10 +66,13 @@ BF16_SMALL_ROWS = 16
 PLAIN_ROWS = 512
 
 
+_NO_ACTIVATION = ("none", [], "")
+
+
 def _fused_activation(activation: nn.Module | None) -> tuple[str, list, str] | None:
     """oneDNN's post-op for `activation`: GELU (exact or tanh) and the identity fuse."""
     if activation is None or isinstance(activation, nn.Identity):
-        return ("none", [], "")
+        return _NO_ACTIVATION
     if type(activation) is nn.GELU:
         return ("gelu", [], activation.approximate)
     return None
@@ -161,7 +164,7 @@ class PackedLinear(nn.Linear):
         if small_rows is not None:
             panels, scale = self._panel_weight(small_rows)
             out = small_rows.linear(rows, panels, self.bias, self.out_features, scale)
-            return self.activation(out).view(*x.shape[:-1], self.out_features)
+            return self._activated(out).view(*x.shape[:-1], self.out_features)
         attr, scalars, algorithm = self._post_op
         out = torch.ops.mkldnn._linear_pointwise(
             rows, self._packed_weight(), self.bias, attr, scalars, algorithm
@@ -217,7 +220,11 @@ class PackedLinear(nn.Linear):
             ).float()
             if self.bias is not None:
                 out.add_(self.bias)
-        return self.activation(out).view(*x.shape[:-1], self.out_features)
+        return self._activated(out).view(*x.shape[:-1], self.out_features)
+
+    def _activated(self, out: Tensor) -> Tensor:
+        """The activation of `out`; the identity without a module call."""
+        return out if self._post_op == _NO_ACTIVATION else self.activation(out)
 
     def _uses_prepacked(self, x: Tensor, plain_rows: bool = True) -> bool:
         """Whether x goes to the packed weights: float32 rows on the CPU, no gradient to record,

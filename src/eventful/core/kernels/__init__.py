@@ -13,15 +13,18 @@ The sources of this folder build into one library of dispatcher operators
 - `transposed()`: `transpose.cpp`, the last two dimensions of a tensor swapped into new memory:
   a convolutional head's channels-last rows to PyTorch's default layout and back;
 - `exact_attention_update()`: `exact_update.cpp`, one step of the exact level's attention over
-  each stream's whole sequence in one call.
+  each stream's whole sequence in one call;
+- `commit_rows()` and `add_rows()`: `token_rows.cpp`, a gate's selected rows gathered as its
+  reference takes them, and a token buffer's new rows written as it is added to the residual
+  stream, each in one pass.
 
 `vectors.h` holds what they share: vectors of 16 floats where the build has AVX-512, else 8,
 their reductions, an exponential; `row_attention.h` and `key_swap.h` the rows' attention and the
 swap, which two kernels each call.
 
 Each returns None where the library cannot be built: no C++ compiler, or `EVENTFUL_CPU_KERNELS=0`
-in the environment. Callers then use PyTorch's own operators, with the same results up to
-rounding.
+in the environment when the kernels are first asked for. Callers then use PyTorch's own
+operators, with the same results up to rounding.
 
 The build (one to two minutes, once) goes through `torch.utils.cpp_extension`, for this CPU's
 instruction set (`-march=native`), and is cached under `TORCH_EXTENSIONS_DIR` (default
@@ -108,6 +111,20 @@ def exact_attention_update() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]
     return torch.ops.eventful.exact_attention_update if _available() else None
 
 
+def commit_rows() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """current (B, N, D), reference (B, N, D), index (M,) flat token indices (int64) -> the rows
+    (M, D) of current there, which the reference takes; float32, contiguous. Built on first
+    use; None if unavailable."""
+    return torch.ops.eventful.commit_rows if _available() else None
+
+
+def add_rows() -> Callable[..., torch.Tensor] | None:
+    """x (B, N, D), buffer (B, N, D), index (M,) flat token indices (int64), rows (M, D) -> x +
+    buffer after the buffer takes the rows there; float32, contiguous. Built on first use; None
+    if unavailable."""
+    return torch.ops.eventful.add_rows if _available() else None
+
+
 def can_take(*tensors: torch.Tensor) -> bool:
     """Whether the kernels may take these tensors: float32 on the CPU, none recording gradients
     (the kernels have no backward), outside `torch.compile` (which traces PyTorch's own
@@ -120,14 +137,14 @@ def can_take(*tensors: torch.Tensor) -> bool:
 
 
 def _available() -> bool:
-    """Whether the library is built and loaded (building it on the first call)."""
-    if os.environ.get(DISABLE, "1") == "0":
-        return False
+    """Whether the library is built and loaded (building it on the first call, unless
+    `EVENTFUL_CPU_KERNELS=0`, which is read then)."""
     if NAME in _loaded:  # every call after the first: no lock
         return _loaded[NAME]
     with _lock:
         if NAME not in _loaded:
-            _loaded[NAME] = _build(NAME, SOURCES) is not None
+            disabled = os.environ.get(DISABLE, "1") == "0"
+            _loaded[NAME] = not disabled and _build(NAME, SOURCES) is not None
         return _loaded[NAME]
 
 
