@@ -292,3 +292,47 @@ def test_a_channel_of_zeros_gets_scale_one_and_stays_zero():
     rounded, scale = precision.quantized(weight, "int8")
     assert scale[2] == 1 and torch.equal(rounded[2], torch.zeros(8))
     assert ((rounded - weight).abs() <= scale.unsqueeze(1) / 2 + 1e-7).all()
+
+
+def bfloat16_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x times the weight, both rounded to bfloat16, summed in float64, plus the bias."""
+    return (x.bfloat16().double() @ weight.bfloat16().double().t() + bias.double()).float()
+
+
+def test_the_bf16_small_rows_kernel_reads_bfloat16_pairs_and_each_row_stands_alone():
+    module = kernels.small_rows_linear()
+    if module is None:
+        pytest.skip("no C++ compiler to build the small-rows kernel")
+    torch.manual_seed(3)
+    weight, bias = torch.randn(37, 53), torch.randn(37)  # odd sizes: a pair and a panel part-used
+    panels = module.pack(weight, None, True)
+    assert panels.dtype == torch.bfloat16 and panels.shape[1:] == (27, panels.shape[2], 2)
+    x = torch.randn(packed_linear.BF16_SMALL_ROWS, 53)
+    every = module.linear(x, panels, bias, 37, None)
+    # float32 sums of the bfloat16 products: far closer than bfloat16's own rounding (4e-3)
+    torch.testing.assert_close(every, bfloat16_reference(x, weight, bias), atol=2e-5, rtol=2e-5)
+    for rows in range(1, packed_linear.BF16_SMALL_ROWS + 1):
+        assert torch.equal(module.linear(x[:rows], panels, bias, 37, None), every[:rows])
+    with pytest.raises(RuntimeError, match="a scale .int8 panels. or bfloat16, not both"):
+        module.pack(weight, torch.ones(37), True)
+    with pytest.raises(RuntimeError, match="the panels of pack.. for 52 input features"):
+        module.linear(x[:, :52].contiguous(), panels, bias, 37, None)
+
+
+@pytest.mark.parametrize(
+    "rows", [1, packed_linear.BF16_SMALL_ROWS, packed_linear.BF16_SMALL_ROWS + 1, 600]
+)
+def test_a_bf16_layer_multiplies_bfloat16_rounded_rows_and_weights_on_every_path(rows, native_bf16):
+    torch.manual_seed(4)
+    linear = nn.Linear(48, 40)
+    layer = PackedLinear.from_linear(linear, nn.GELU(), precision="bf16")
+    x = torch.randn(rows, 48)
+    with torch.inference_mode():
+        got = layer(x)
+        want = F.gelu(bfloat16_reference(x, linear.weight, linear.bias))
+        # oneDNN and PyTorch round their bfloat16 output (above the small-rows kernel's rows)
+        tolerance = 2e-5 if rows <= packed_linear.BF16_SMALL_ROWS else 1e-2
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+        assert got.dtype == torch.float32
+        assert torch.equal(layer(x.clone()), got)  # same shapes: bit for bit
+    assert torch.equal(layer.weight, linear.weight)
