@@ -336,3 +336,32 @@ def test_a_bf16_layer_multiplies_bfloat16_rounded_rows_and_weights_on_every_path
         assert got.dtype == torch.float32
         assert torch.equal(layer(x.clone()), got)  # same shapes: bit for bit
     assert torch.equal(layer.weight, linear.weight)
+
+
+def test_at_bf16_attention_over_every_row_runs_in_bfloat16_and_returns_float32(native_bf16):
+    from eventful.core import attention
+
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 20, 8, generator=generator) for _ in range(3))
+    low = [t.bfloat16() for t in (q, k, v)]
+    out = attention.softmax_attention(q, k, v, dtype=torch.bfloat16)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, F.scaled_dot_product_attention(*low, scale=1.0).float())
+    out, logsumexp = attention.attention_with_logsumexp(q, k, v, dtype=torch.bfloat16)
+    assert out.dtype == logsumexp.dtype == torch.float32
+    want = torch.logsumexp(low[0].double() @ low[1].double().transpose(-1, -2), dim=-1)
+    torch.testing.assert_close(logsumexp.double(), want, atol=1e-3, rtol=1e-3)
+    for chosen, dtype in (("bf16", torch.bfloat16), ("int8", None), ("fp32", None)):
+        converted = eventful.convert(tiny_vit(), policy=eventful.TopK(4), precision=chosen)
+        assert all(block.attention_dtype == dtype for block in converted.blocks)
+
+
+def test_at_bf16_a_recompute_of_every_row_keeps_float32_caches(native_bf16):
+    converted = eventful.convert(
+        tiny_vit(), policy=eventful.TopK(60), level="exact", precision="bf16"
+    )
+    stream = converted.stream(drift=None)
+    with torch.inference_mode():
+        for frame in moving_squares(3, size=64, batch=1, seed=6):
+            stream(frame)
+    assert all(t.dtype == torch.float32 for t in all_caches(stream))

@@ -332,13 +332,22 @@ def _swap_kernel(
     return kernels.swap_key_contributions()
 
 
-def softmax_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+def softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
     """Softmax attention (G, H, Nq, dh) of q over k, v (G, H, L, dh); `bias`, if given, is added
     to the logits (broadcast to (G, H, Nq, L)). The logits take no scale: it is folded into q.
 
     Float32 CPU tensors outside autograd and `torch.compile` run the engine's kernel
     (`kernels.attention_rows`), which writes the output with its heads side by side, so that
-    (G, Nq, H dh) is a view; everything else runs PyTorch's fused attention."""
+    (G, Nq, H dh) is a view; everything else runs PyTorch's fused attention. With `dtype`
+    (bfloat16, the attention of a model converted at precision "bf16"), the inputs are rounded
+    to it and PyTorch's fused attention runs in it (AMX or AVX512-BF16 where the CPU has them);
+    the output returns in q's dtype."""
+    if dtype is not None and dtype != q.dtype:
+        mask = None if bias is None else bias.to(dtype)
+        low = [t.to(dtype) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*low, attn_mask=mask, scale=1.0).to(q.dtype)
     kernel = _attention_rows_kernel(q, k, v, bias)
     if kernel is not None:
         return kernel(q, k, v, _full_bias(bias, q, k))[0]
@@ -346,19 +355,28 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = Non
 
 
 def attention_with_logsumexp(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention (..., H, Nq, dh) of q over k, v, and each row's log-sum-exp
     (..., H, Nq); `bias` (..., H, Nq, Nk), if given, is added to the logits.
 
     On the CPU this is one call that never materialises the logits: the engine's kernel where
-    `softmax_attention` runs it, else PyTorch's fused flash attention.
+    `softmax_attention` runs it, else PyTorch's fused flash attention. With `dtype` (bfloat16),
+    the inputs are rounded to it and the products run in it, as `softmax_attention` does; the
+    output returns in q's dtype and the log-sum-exp in float32 (or q's dtype if wider).
     """
     single = q.dim() == 3
     if single:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
         bias = None if bias is None else bias.unsqueeze(0)
-    output, logsumexp = _attention_with_logsumexp(q, k, v, bias)
+    if dtype is not None and dtype != q.dtype:
+        low = [t.to(dtype) for t in (q, k, v)]
+        output, logsumexp = _attention_with_logsumexp(
+            *low, None if bias is None else bias.to(dtype)
+        )
+        output, logsumexp = output.to(q.dtype), logsumexp.to(q.dtype)
+    else:
+        output, logsumexp = _attention_with_logsumexp(q, k, v, bias)
     return (output[0], logsumexp[0]) if single else (output, logsumexp)
 
 
@@ -368,7 +386,7 @@ def _attention_with_logsumexp(
     kernel = _attention_rows_kernel(q, k, v, bias)
     if kernel is not None:
         return kernel(q, k, v, _full_bias(bias, q, k))
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16):
         output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=1.0
         )[:2]
@@ -518,10 +536,13 @@ def recompute_exact_groups(
     k: Tensor,
     v: Tensor,
     bias: Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Every row of the exact level's running sums (..., H, L, ...) recomputed: U_i is the
-    attention output, Z_i is 1 and m_i the row's log-sum-exp; `bias` is added to the logits."""
-    output, logsumexp = attention_with_logsumexp(q, k, v, bias)
+    attention output, Z_i is 1 and m_i the row's log-sum-exp; `bias` is added to the logits;
+    `dtype`: the attention's products run in it (`attention_with_logsumexp`), the sums keep
+    theirs."""
+    output, logsumexp = attention_with_logsumexp(q, k, v, bias, dtype)
     numerator.copy_(output)
     denominator.fill_(1.0)
     shift.copy_(logsumexp)
