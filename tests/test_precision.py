@@ -313,9 +313,9 @@ def test_the_bf16_small_rows_kernel_reads_bfloat16_pairs_and_each_row_stands_alo
     torch.testing.assert_close(every, bfloat16_reference(x, weight, bias), atol=2e-5, rtol=2e-5)
     for rows in range(1, packed_linear.BF16_SMALL_ROWS + 1):
         assert torch.equal(module.linear(x[:rows], panels, bias, 37, None), every[:rows])
-    with pytest.raises(RuntimeError, match="a scale .int8 panels. or bfloat16, not both"):
+    with pytest.raises(RuntimeError, match=r"a scale \(int8 panels\) or bfloat16, not both"):
         module.pack(weight, torch.ones(37), True)
-    with pytest.raises(RuntimeError, match="the panels of pack.. for 52 input features"):
+    with pytest.raises(RuntimeError, match=r"the panels of pack\(\) for 52 input features"):
         module.linear(x[:, :52].contiguous(), panels, bias, 37, None)
 
 
