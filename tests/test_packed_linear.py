@@ -145,6 +145,23 @@ def test_the_small_rows_kernel_refuses_what_it_was_not_packed_for():
         module.linear(torch.randn(3, 40), panels, None, 96)
     with pytest.raises(RuntimeError, match="float32"):
         module.pack(torch.randn(96, 48, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="activation 'none' or 'gelu', got 'relu'"):
+        module.linear(torch.randn(3, 48), panels, None, 96, None, "relu")
+
+
+@needs_small_rows_kernel
+def test_the_kernels_gelu_follows_the_exact_gelu_far_into_both_tails():
+    module = kernels.small_rows_linear()
+    panels = module.pack(torch.eye(64))
+    x = torch.linspace(-30, 30, 128 * 64).view(128, 64)
+    got = module.linear(x, panels, None, 64, None, "gelu").double()
+    # The exact GELU from erfc, in float64: PyTorch's forms 1 + erf, which cancels in the tail.
+    want = x.double() * torch.special.erfc(-x.double() / 2**0.5) / 2
+    torch.testing.assert_close(got, want, atol=4e-7, rtol=1e-6)
+    # Float32 PyTorch returns 0 below -5; the kernel keeps the value's digits down to -13, where
+    # the value nears float32's least normal number.
+    tail = (x < -5) & (x > -13)
+    torch.testing.assert_close(got[tail], want[tail], atol=0, rtol=1e-5)
 
 
 def test_without_the_kernel_small_rows_run_onednn_or_the_plain_linear(monkeypatch):

@@ -67,6 +67,7 @@ PLAIN_ROWS = 512
 
 
 _NO_ACTIVATION = ("none", [], "")
+_EXACT_GELU = ("gelu", [], "none")
 
 
 def _fused_activation(activation: nn.Module | None) -> tuple[str, list, str] | None:
@@ -163,8 +164,9 @@ class PackedLinear(nn.Linear):
         small_rows = kernels.small_rows_linear() if rows.shape[0] <= SMALL_ROWS else None
         if small_rows is not None:
             panels, scale = self._panel_weight(small_rows)
-            out = small_rows.linear(rows, panels, self.bias, self.out_features, scale)
-            return self._activated(out).view(*x.shape[:-1], self.out_features)
+            return self._small_rows(small_rows, rows, panels, scale).view(
+                *x.shape[:-1], self.out_features
+            )
         attr, scalars, algorithm = self._post_op
         out = torch.ops.mkldnn._linear_pointwise(
             rows, self._packed_weight(), self.bias, attr, scalars, algorithm
@@ -203,8 +205,10 @@ class PackedLinear(nn.Linear):
         kernel = kernels.small_rows_linear() if rows.shape[0] <= BF16_SMALL_ROWS else None
         if kernel is not None:
             panels = self._cached("_panels", lambda w: kernel.pack(w, None, True), torch.bfloat16)
-            out = kernel.linear(rows, panels, self.bias, self.out_features, None)
-        elif not PREPACKED_BF16:
+            return self._small_rows(kernel, rows, panels, None).view(
+                *x.shape[:-1], self.out_features
+            )
+        if not PREPACKED_BF16:
             weight = self._cached("_rounded", lambda w: w.bfloat16(), torch.bfloat16)
             out = F.linear(rows.bfloat16(), weight).float()
             if self.bias is not None:
@@ -221,6 +225,14 @@ class PackedLinear(nn.Linear):
             if self.bias is not None:
                 out.add_(self.bias)
         return self._activated(out).view(*x.shape[:-1], self.out_features)
+
+    def _small_rows(self, kernel, rows: Tensor, panels: Tensor, scale: Tensor | None) -> Tensor:
+        """The small-rows kernel on rows (M, in) and the activation: an exact GELU inside the
+        kernel (as the rows leave it, vectors.h `vector_gelu`), any other after it."""
+        if self._post_op == _EXACT_GELU:
+            return kernel.linear(rows, panels, self.bias, self.out_features, scale, "gelu")
+        out = kernel.linear(rows, panels, self.bias, self.out_features, scale)
+        return self._activated(out)
 
     def _activated(self, out: Tensor) -> Tensor:
         """The activation of `out`; the identity without a module call."""

@@ -306,10 +306,11 @@ void rest_rows(int rows, const X* x, int64_t in, const W* panels, int64_t begin,
 }
 
 // y (rows, out) = x (rows, in) times the panels, threads sharing the panels: groups of GROUP,
-// each group through every pass of rows while it is in cache.
+// each group through every pass of rows while it is in cache, then with `gelu` its outputs
+// through the GELU while they are.
 template <typename X, typename W>
 void rows_by_all_panels(const X* xs, int64_t rows, int64_t in, const W* ps, int64_t panels,
-                        const float* scale, const float* bs, float* ys, int64_t out) {
+                        const float* scale, const float* bs, float* ys, int64_t out, bool gelu) {
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; group += GROUP) {
       const int64_t stop = std::min(group + GROUP, end);
@@ -321,16 +322,24 @@ void rows_by_all_panels(const X* xs, int64_t rows, int64_t in, const W* ps, int6
       // The rest in one pass, so that each weight is loaded (and widened) once per group.
       rest_rows<ROWS - 1>(static_cast<int>(rows - r), xs + r * in, in, ps, group, stop, scale,
                           bs, ys + r * out, out);
+      if (gelu) {
+        const int64_t first = group * PANEL, last = std::min(stop * PANEL, out);
+        for (r = 0; r < rows; ++r) eventful_vectors::gelu_in_place(ys + r * out + first, last - first);
+      }
     }
   });
 }
 
 // x (rows, in) float32 -> x W^T + bias (rows, out), W given as `pack`'s panels: float32, int8
-// with the scale (out,) they were packed with, or bfloat16 pairs.
+// with the scale (out,) they were packed with, or bfloat16 pairs; then `activation`: "none", or
+// "gelu", GELU with the exact error function (vectors.h).
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
                      const c10::optional<torch::Tensor>& bias, int64_t out,
-                     const c10::optional<torch::Tensor>& scale) {
+                     const c10::optional<torch::Tensor>& scale, c10::string_view activation) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear expects float32 rows");
+  TORCH_CHECK(activation == "none" || activation == "gelu",
+              "linear expects the activation 'none' or 'gelu', got '", activation, "'");
+  const bool gelu = activation == "gelu";
   const int64_t in = x.size(1);
   const bool bfloat16 = panels.scalar_type() == torch::kBFloat16;
   const bool int8 = panels.scalar_type() == torch::kInt8;
@@ -368,11 +377,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
     std::vector<uint32_t> pairs(rows * depth);
     bfloat16_pairs(xs, rows, in, pairs.data());
     const auto* weights = reinterpret_cast<const uint32_t*>(panels.data_ptr<at::BFloat16>());
-    rows_by_all_panels(pairs.data(), rows, depth, weights, count, ss, bs, ys, out);
+    rows_by_all_panels(pairs.data(), rows, depth, weights, count, ss, bs, ys, out, gelu);
   } else if (int8) {
-    rows_by_all_panels(xs, rows, in, panels.data_ptr<int8_t>(), count, ss, bs, ys, out);
+    rows_by_all_panels(xs, rows, in, panels.data_ptr<int8_t>(), count, ss, bs, ys, out, gelu);
   } else {
-    rows_by_all_panels(xs, rows, in, panels.data_ptr<float>(), count, ss, bs, ys, out);
+    rows_by_all_panels(xs, rows, in, panels.data_ptr<float>(), count, ss, bs, ys, out, gelu);
   }
   return y;
 }
@@ -383,8 +392,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def("small_rows_pack(Tensor weight, Tensor? scale=None, bool bfloat16=False) -> Tensor");
   library.def(
-      "small_rows_linear(Tensor x, Tensor panels, Tensor? bias, int out, Tensor? scale=None) "
-      "-> Tensor");
+      "small_rows_linear(Tensor x, Tensor panels, Tensor? bias, int out, Tensor? scale=None, "
+      "str activation='none') -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
