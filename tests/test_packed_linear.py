@@ -159,9 +159,10 @@ def test_the_kernels_gelu_follows_the_exact_gelu_far_into_both_tails():
     want = x.double() * torch.special.erfc(-x.double() / 2**0.5) / 2
     torch.testing.assert_close(got, want, atol=4e-7, rtol=1e-6)
     # Float32 PyTorch returns 0 below -5; the kernel keeps the value's digits down to -13, where
-    # the value nears float32's least normal number.
+    # the value nears float32's least normal number (and the exponent's argument, -x^2 / 2 near
+    # -85, is itself rounded to about 1e-5 of the result).
     tail = (x < -5) & (x > -13)
-    torch.testing.assert_close(got[tail], want[tail], atol=0, rtol=1e-5)
+    torch.testing.assert_close(got[tail], want[tail], atol=0, rtol=3e-5)
 
 
 def test_without_the_kernel_small_rows_run_onednn_or_the_plain_linear(monkeypatch):
