@@ -1,8 +1,8 @@
 """Where a step's time goes against this machine's roofline, and the fixed cost of a step.
 
 Part "roofline": the machine's measured peak multiply-add rate (a 2048 x 2048 matmul, float32
-by torch.mm or the engine's packed linear layer, whichever is faster, and bfloat16; the fastest
-of several runs) and memory bandwidth (a 256 MB copy, likewise);
+by torch.mm or the engine's packed linear layer, whichever is faster, bfloat16, and int8 by
+torch._int_mm; the fastest of several runs) and memory bandwidth (a 256 MB copy, likewise);
 then, for ViT-S/14 at 224 and ViT-B/16 at 384, tokenwise and exact, k = N/4 and N/16, each
 part of a step (torch profiler, self CPU time) in milliseconds beside the least time this
 machine needs for it: max(flops / peak, bytes / bandwidth) from the step's own op counts and
@@ -10,7 +10,8 @@ the bytes it must read.
 
 Part "fixed-cost": time per step against k (N down to N/64), interleaved with the dense model
 on the same real frames, fitted as `a + b k` (least squares over the k below N); `a` over a
-dense step is the share no policy can remove.
+dense step is the share no policy can remove. Where the CPU multiplies bfloat16 natively, also
+at precision bf16 against the dense model cast to bfloat16.
 
     python benchmarks/roofline.py --threads 2 --write
 """
@@ -18,6 +19,7 @@ dense step is the share no policy can remove.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from user_sizes import ATTENTION_OPERATORS, GATE_OPERATORS, LINEAR_OPERATORS, op
 import eventful
 from eventful.core import kernels, packed_linear
 from eventful.core.packed_linear import PackedLinear
-from eventful.core.precision import quantized
+from eventful.core.precision import native_bf16, quantized
 
 LEVELS = ("tokenwise", "exact")
 FLOAT = 4  # bytes
@@ -105,6 +107,12 @@ def machine_peaks() -> dict[str, float]:
                 linear(a)
                 seconds = min(seconds, best_seconds(lambda a=a, f=linear: f(a), repeats))
         peaks[str(dtype)] = 2 * size**3 / seconds
+    a, b = (torch.randint(-127, 128, (size, size), dtype=torch.int8) for _ in range(2))
+    try:  # int8 products summed in int32 (VNNI or AMX where the CPU has them)
+        torch._int_mm(a, b)
+        peaks[str(torch.int8)] = 2 * size**3 / best_seconds(lambda: torch._int_mm(a, b), 7)
+    except (RuntimeError, AttributeError):  # no int8 matmul on this CPU or torch
+        peaks[str(torch.int8)] = float("nan")
     source = torch.ones(64 * 2**20)  # 256 MB
     target = torch.empty_like(source)
     target.copy_(source)
@@ -157,6 +165,7 @@ def roofline_section(threads: int, steps: int) -> str:
     machine_rows = [
         ["float32 matmul, 2048 x 2048", f"{peaks[str(torch.float32)] / 1e9:.1f} GFLOP/s"],
         ["bfloat16 matmul, 2048 x 2048", f"{peaks[str(torch.bfloat16)] / 1e9:.1f} GFLOP/s"],
+        ["int8 matmul (torch._int_mm), 2048 x 2048", f"{peaks[str(torch.int8)] / 1e9:.1f} GOP/s"],
         ["copy, 256 MB (read + write)", f"{peaks['bandwidth'] / 1e9:.1f} GB/s"],
         ["CPU features", cpu_flags()],
     ]
@@ -235,41 +244,56 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 def fixed_cost_section(threads: int, steps: int) -> str:
     divisors = (1, 4, 16, 64)
-    header = ["model", "level", "dense ms", *(f"k = N/{d}" for d in divisors), "a / dense", "b ms"]
+    precisions = ["fp32", *(["bf16"] if native_bf16() else [])]
+    header = ["model", "level", "precision", "dense ms", *(f"k = N/{d}" for d in divisors)]
+    header += ["a / dense", "b ms"]
     rows = []
     for name, (build, size) in models().items():
         vit = build()
         num_tokens = vit.embedding.num_tokens(size, size)
         frames = real_frames(size, steps, 1)
-        for level in LEVELS:
-            dense, ratios, points = Timings(), [], []
-            for divisor in divisors:
-                k = max(1, round(num_tokens / divisor))
-                stream = eventful.convert(vit, policy=eventful.TopK(k), level=level).stream(
-                    drift=None, check_finite=False, count_ops=False
-                )
-                timed = Timings()
-                for index, frame in enumerate(frames):
-                    pair = [(dense, vit), (timed, stream)]
-                    for timings, call in pair if index % 2 == 0 else reversed(pair):
-                        timings.add(call, frame)
-                ms = timed.summary()[0]
-                ratios.append(ms)
-                if divisor > 1:
-                    points.append((k, ms))
-            dense_ms = dense.summary()[0]
-            a, b = fit(points)
-            cells = [f"{ms:.1f} ({ms / dense_ms:.2f})" for ms in ratios]
-            rows.append([name, level, f"{dense_ms:.1f}", *cells, f"{a / dense_ms:.2f}", f"{b:.3f}"])
-            print(*rows[-1], sep=" | ", flush=True)
+        for precision in precisions:
+            # The dense model at the same precision: what a user would otherwise run.
+            dense_model = vit if precision == "fp32" else copy.deepcopy(vit).to(torch.bfloat16)
+            cast = torch.float32 if precision == "fp32" else torch.bfloat16
+
+            def run_dense(frame, dense_model=dense_model, cast=cast):
+                return dense_model(frame.to(cast))
+
+            for level in LEVELS:
+                dense, ratios, points = Timings(), [], []
+                for divisor in divisors:
+                    k = max(1, round(num_tokens / divisor))
+                    model = eventful.convert(
+                        vit, policy=eventful.TopK(k), level=level, precision=precision
+                    )
+                    stream = model.stream(drift=None, check_finite=False, count_ops=False)
+                    timed = Timings()
+                    for index, frame in enumerate(frames):
+                        pair = [(dense, run_dense), (timed, stream)]
+                        for timings, call in pair if index % 2 == 0 else reversed(pair):
+                            timings.add(call, frame)
+                    ms = timed.summary()[0]
+                    ratios.append(ms)
+                    if divisor > 1:
+                        points.append((k, ms))
+                dense_ms = dense.summary()[0]
+                a, b = fit(points)
+                cells = [f"{ms:.1f} ({ms / dense_ms:.2f})" for ms in ratios]
+                fitted = [f"{a / dense_ms:.2f}", f"{b:.3f}"]
+                rows.append([name, level, precision, f"{dense_ms:.1f}", *cells, *fitted])
+                print(*rows[-1], sep=" | ", flush=True)
     return (
         "### The fixed cost of a step (CPU, batch 1)\n\n"
-        f"{threads} threads, {steps} steps per k, each interleaved with the dense model on the "
-        "same real frames (bikes.mp4), medians over the steps after the first; random weights, "
-        "TopK(k), no drift control, no op counting. Each cell: milliseconds per step (over a "
-        "dense step). Fit: ms = a + b k over k = N/4, N/16, N/64; a / dense is the share of a "
-        "dense step that no policy removes. Target (issue 25): a at most 0.10 of a dense step, "
-        "and time falling with k down to N/64.\n\n" + markdown_table(header, rows)
+        f"{threads} threads, {steps} steps per k, each interleaved with the dense model at the "
+        "same precision on the same real frames (bikes.mp4), medians over the steps after the "
+        "first; random weights, TopK(k), no drift control, no op counting. Precision bf16 (where "
+        "the CPU multiplies bfloat16 natively): the engine converted with `precision='bf16'`, "
+        "against the dense model cast to bfloat16 (`model.to(torch.bfloat16)`). Each cell: "
+        "milliseconds per step (over a dense step). Fit: ms = a + b k over k = N/4, N/16, N/64; "
+        "a / dense is the share of a dense step that no policy removes. Target (issue 25): a at "
+        "most 0.10 of a dense step, and time falling with k down to N/64.\n\n"
+        + markdown_table(header, rows)
     )
 
 
