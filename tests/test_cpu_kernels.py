@@ -577,3 +577,37 @@ def test_a_gate_and_a_buffer_run_pytorchs_operators_where_the_rows_kernels_do_no
     x = torch.randn(1, 6, 8, dtype=torch.float64)
     y = gates.add_rows(x, buffer, selection, new)
     assert torch.equal(buffer[0, [1, 4]], new) and torch.equal(y, x + buffer)
+
+
+@needs_rows_kernels
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_gates_rows_through_its_layer_norm_equal_pytorchs_up_to_rounding(affine):
+    generator = torch.Generator().manual_seed(1)
+    current, reference = torch.randn(2, 9, 37, generator=generator), torch.zeros(2, 9, 37)
+    norm = torch.nn.LayerNorm(37, eps=1e-6, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(generator=generator)
+            norm.bias.normal_(generator=generator)
+    selection = Selection.from_lists([torch.tensor([0, 5]), torch.tensor([3, 4, 8])], 9)
+    with torch.inference_mode():
+        assert gates._fused_layer_norm(norm, current) is not None
+        rows = gates.commit_rows(current, reference, selection, norm)
+        want = norm(gates.gather_rows(current, selection))
+        assert gates._fused_layer_norm(torch.nn.LayerNorm(36), current) is None  # not the features
+        assert gates._fused_layer_norm(torch.nn.Identity(), current) is None
+    torch.testing.assert_close(rows, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(reference.view(-1, 37)[selection.flat], current.view(-1, 37)[selection.flat])
+    if affine:  # parameters that record gradients: the norm runs on its own
+        assert gates._fused_layer_norm(norm, current) is None
+
+
+@needs_rows_kernels
+def test_the_rows_kernels_layer_norm_refuses_what_it_cannot_use_and_names_it():
+    current, reference, index = torch.randn(1, 6, 8), torch.randn(1, 6, 8), torch.tensor([1])
+    with pytest.raises(RuntimeError, match=r"norm's weight as 8 contiguous float32"):
+        kernels.commit_rows()(current, reference, index, torch.ones(7), None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"eps >= 0 \(0: no normalisation\), got -1"):
+        kernels.commit_rows()(current, reference, index, None, None, -1.0)
+    with pytest.raises(RuntimeError, match=r"weight or bias only with eps > 0"):
+        kernels.commit_rows()(current, reference, index, torch.ones(8), None, 0.0)

@@ -204,7 +204,7 @@ class EventfulBlock(nn.Module):
         batch, num_tokens, _ = x.shape
         measure = trace is not None
 
-        def gate(name: str, current: Tensor) -> GateStep:
+        def gate(name: str, current: Tensor, norm: nn.Module | None = None) -> GateStep:
             return token_gate(
                 current,
                 state[f"{name}_reference"],
@@ -214,10 +214,11 @@ class EventfulBlock(nn.Module):
                 escalation,
                 measure,
                 self.previous_frame_gates,
+                norm,
             )
 
-        qkv_gate = gate("qkv", x)
-        qkv_rows = self.qkv(self.norm1(qkv_gate.rows))
+        qkv_gate = gate("qkv", x, self.norm1)
+        qkv_rows = self.qkv(qkv_gate.rows)
         layout = self.layout(grid, num_tokens, x.device)
         recomputed, attention_costs = [0] * batch, None
         sequences = self._update_exact_sequences(state, qkv_rows, qkv_gate.selection)
@@ -242,8 +243,8 @@ class EventfulBlock(nn.Module):
         proj_gate = gate("proj", attended)
         y = add_rows(x, state["proj"], proj_gate.selection, self.proj(proj_gate.rows))
 
-        mlp_gate = gate("mlp", y)
-        hidden = self.fc1(self.norm2(mlp_gate.rows))  # with the activation
+        mlp_gate = gate("mlp", y, self.norm2)
+        hidden = self.fc1(mlp_gate.rows)  # with the activation
         if trace is not None:
             gates = {"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}
             trace.record_block(gates, recomputed, attention_costs)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from eventful.core import kernels
 from eventful.core.escalation import Escalation
@@ -33,7 +33,8 @@ from eventful.core.selection import Selection
 class GateStep:
     """What one gate did in one step.
 
-    selection: the tokens selected; rows: their rows (M, D) of the gate input; unprocessed:
+    selection: the tokens selected; rows: their rows (M, D) of the gate input (through the
+    gate's `norm`, where it has one); unprocessed:
     per stream (B,), the unprocessed share after the selection (None unless measured);
     escalated: per stream, the tokens escalation added beyond the policy's (None if none).
     """
@@ -53,6 +54,7 @@ def token_gate(
     escalation: Escalation | None = None,
     measure: bool = False,
     previous_frame: bool = False,
+    norm: nn.Module | None = None,
 ) -> GateStep:
     """Select the tokens of `current` that changed most since their reference.
 
@@ -61,7 +63,8 @@ def token_gate(
     have no valid reference and select every token. `escalation` adds tokens beyond the
     policy's while a stream's unprocessed share exceeds its bound; `measure` reports the share.
     `previous_frame`: measure change since the previous step (STGT) instead of since each
-    token's reference.
+    token's reference. `norm`: a module the selected rows go through (a block's norm before the
+    layer the gate feeds), in the same pass as their gathering where it is a `nn.LayerNorm`.
     """
     batch, num_tokens, dim = current.shape
     if len(fresh_streams) == batch:  # every stream: no gather
@@ -76,7 +79,8 @@ def token_gate(
         reference.copy_(current)
         selection = Selection.all_tokens(batch, num_tokens, current.device)
         unprocessed = current.new_zeros(batch) if measure else None
-        return GateStep(selection, current.reshape(-1, dim), unprocessed)
+        rows = current.reshape(-1, dim)
+        return GateStep(selection, rows if norm is None else norm(rows), unprocessed)
     error_norms = error_norms_of(current, reference, policy.norm)
     if policy.needs_gate_size:
         selection = policy.select_within_size(error_norms, gate_size(scale, num_tokens))
@@ -95,8 +99,9 @@ def token_gate(
     if previous_frame:
         rows = gather_rows(current, selection)
         reference.copy_(current)
+        rows = rows if norm is None else norm(rows)
     else:
-        rows = commit_rows(current, reference, selection)
+        rows = commit_rows(current, reference, selection, norm)
     return GateStep(selection, rows, unprocessed, escalated)
 
 
@@ -138,16 +143,37 @@ def write_rows(buffer: Tensor, selection: Selection, rows: Tensor) -> None:
         buffer.view(-1, buffer.shape[-1]).index_copy_(0, selection.flat, rows)
 
 
-def commit_rows(current: Tensor, reference: Tensor, selection: Selection) -> Tensor:
-    """The selected rows (M, D) of current (B, N, D), which the reference (B, N, D) takes: one
-    pass for float32 CPU tensors outside autograd (`kernels.commit_rows`)."""
+def commit_rows(
+    current: Tensor, reference: Tensor, selection: Selection, norm: nn.Module | None = None
+) -> Tensor:
+    """The selected rows (M, D) of current (B, N, D), which the reference (B, N, D) takes, and
+    then through `norm` if given. One pass for float32 CPU tensors outside autograd
+    (`kernels.commit_rows`), the norm in it where it is a `nn.LayerNorm` over the features."""
     if not selection.everything and _one_pass_applies(current, reference):
         kernel = kernels.commit_rows()
         if kernel is not None:
-            return kernel(current, reference, selection.flat)
+            fused = _fused_layer_norm(norm, current)
+            if fused is not None:
+                return kernel(current, reference, selection.flat, *fused)
+            rows = kernel(current, reference, selection.flat)
+            return rows if norm is None else norm(rows)
     rows = gather_rows(current, selection)
     write_rows(reference, selection, rows)
-    return rows
+    return rows if norm is None else norm(rows)
+
+
+def _fused_layer_norm(
+    norm: nn.Module | None, current: Tensor
+) -> tuple[Tensor | None, Tensor | None, float] | None:
+    """The weight, bias and eps of `norm` for `kernels.commit_rows`: a `nn.LayerNorm` over the
+    features of current, with float32 parameters or none, outside autograd; else None."""
+    if type(norm) is not nn.LayerNorm or norm.normalized_shape != (current.shape[-1],):
+        return None
+    weight, bias = norm.weight, norm.bias
+    parameters = [t for t in (weight, bias) if t is not None]
+    if not kernels.can_take(*parameters) or not all(t.is_contiguous() for t in parameters):
+        return None
+    return weight, bias, float(norm.eps)
 
 
 def add_rows(x: Tensor, buffer: Tensor, selection: Selection, rows: Tensor) -> Tensor:
