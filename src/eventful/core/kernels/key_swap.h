@@ -75,20 +75,19 @@ struct ChangedKeys {
   const float* old_values;
   int64_t count;
   int64_t dh;
-  // Columns of the transposed keys: the new ones in [0, m), the old ones in [half, half + m),
-  // half = m rounded up to whole vectors.
-  int64_t half() const { return (count + WIDTH - 1) / WIDTH * WIDTH; }
-  int64_t padded() const { return 2 * half(); }
+  // Columns of the transposed keys: the new ones in [0, m), the old ones in [m, 2 m), the rest
+  // up to whole vectors zero.
+  int64_t padded() const { return (2 * count + WIDTH - 1) / WIDTH * WIDTH; }
 };
 
 // keys_by_feature (dh, padded): the changed keys transposed, zeros in the unused columns.
 inline void lay_out_changed_keys(const ChangedKeys& keys, float* keys_by_feature) {
-  const int64_t dh = keys.dh, half = keys.half(), padded = keys.padded();
+  const int64_t dh = keys.dh, count = keys.count, padded = keys.padded();
   std::fill(keys_by_feature, keys_by_feature + dh * padded, 0.0f);
-  for (int64_t j = 0; j < keys.count; ++j) {
+  for (int64_t j = 0; j < count; ++j) {
     for (int64_t d = 0; d < dh; ++d) {
       keys_by_feature[d * padded + j] = keys.new_keys[j * dh + d];
-      keys_by_feature[d * padded + half + j] = keys.old_keys[j * dh + d];
+      keys_by_feature[d * padded + count + j] = keys.old_keys[j * dh + d];
     }
   }
 }
@@ -102,23 +101,25 @@ inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
                       const float* queries, int64_t row_stride, int64_t rows, const float* bias,
                       const uint8_t* skip, float* numerators, float* denominators,
                       float* shifts, float* logits, float* weights) {
-  const int64_t count = keys.count, dh = keys.dh, half = keys.half(), padded = keys.padded();
-  // The rows are far apart (rows of the qkv buffer): each pair asks for the next pair's cache
-  // lines while it computes.
+  const int64_t count = keys.count, dh = keys.dh, padded = keys.padded();
+  // The rows are far apart (rows of the qkv buffer): each group of four asks for the next
+  // group's cache lines while it computes. Four rows keep at least four sums in flight where the
+  // changed keys fill a single vector.
   int64_t r = 0;
-  for (; r + 2 <= rows; r += 2) {
-    for (int64_t next = r + 2; next < std::min(r + 4, rows); ++next) {
+  for (; r + 4 <= rows; r += 4) {
+    for (int64_t next = r + 4; next < std::min(r + 8, rows); ++next) {
       for (int64_t line = 0; line < dh; line += LINE) {
         __builtin_prefetch(queries + next * row_stride + line);
       }
     }
-    rows_logits<2, 4>(queries + r * row_stride, row_stride, keys_by_feature, dh, padded,
+    rows_logits<4, 2>(queries + r * row_stride, row_stride, keys_by_feature, dh, padded,
                       logits + r * padded);
   }
-  if (r < rows) {
+  for (; r < rows; ++r) {
     rows_logits<1, 4>(queries + r * row_stride, row_stride, keys_by_feature, dh, padded,
                       logits + r * padded);
   }
+  const Vector lanes = lane_index();
   for (r = 0; r < rows; ++r) {
     if (skip != nullptr && skip[r]) continue;
     float* row_logits = logits + r * padded;
@@ -126,38 +127,39 @@ inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
       const float* row_bias = bias + r * count;
       for (int64_t j = 0; j < count; ++j) {
         row_logits[j] += row_bias[j];
-        row_logits[half + j] += row_bias[j];
+        row_logits[count + j] += row_bias[j];
       }
     }
-    // The new logits' log-sum-exp, then the raised shift; lanes at or past m count for nothing.
+    // The new logits' log-sum-exp, then the raised shift; lanes of old keys or past them count
+    // for nothing.
     Vector largest = splat(-INFINITY);
-    for (int64_t c = 0; c < half; c += WIDTH) {
-      const Integers in_use = lanes_below(c, count);
-      largest = max(largest, in_use ? load(row_logits + c) : splat(-INFINITY));
+    for (int64_t c = 0; c < count; c += WIDTH) {
+      const Integers is_new = lanes + splat(static_cast<float>(c)) < splat(count);
+      largest = max(largest, is_new ? load(row_logits + c) : splat(-INFINITY));
     }
     const float most = max_of(largest);
     Vector total{};
-    for (int64_t c = 0; c < half; c += WIDTH) {
-      const Integers in_use = lanes_below(c, count);
-      total += in_use ? vector_exp(load(row_logits + c) - splat(most)) : Vector{};
+    for (int64_t c = 0; c < count; c += WIDTH) {
+      const Integers is_new = lanes + splat(static_cast<float>(c)) < splat(count);
+      total += is_new ? vector_exp(load(row_logits + c) - splat(most)) : Vector{};
     }
     const float old_shift = shifts[r];
     const float raised = std::max(old_shift, most + std::log(sum_of(total)));
     // Every weight is exp(l - raised), so that a key whose logit did not change (a padding
-    // position of a group) adds exactly the share it removes.
+    // position of a group) adds exactly the share it removes: the new keys' weights count
+    // positively in the denominator, the old keys' negatively.
     Vector change{};
-    for (int64_t c = 0; c < half; c += WIDTH) {
-      const Integers in_use = lanes_below(c, count);
-      const Vector added = vector_exp(load(row_logits + c) - splat(raised));
-      const Vector removed = vector_exp(load(row_logits + half + c) - splat(raised));
-      const Vector difference = in_use ? added - removed : Vector{};
-      change += difference;
-      store(weights + c, added);
-      store(weights + half + c, removed);
+    for (int64_t c = 0; c < padded; c += WIDTH) {
+      const Vector column = lanes + splat(static_cast<float>(c));
+      const Integers is_new = column < splat(count);
+      const Integers in_use = column < splat(2 * count);
+      const Vector weight = in_use ? vector_exp(load(row_logits + c) - splat(raised)) : Vector{};
+      change += is_new ? weight : -weight;
+      store(weights + c, weight);
     }
     const float rescale = std::exp(old_shift - raised);
     denominators[r] = denominators[r] * rescale + sum_of(change);
-    row_values(numerators + r * dh, rescale, weights, keys.new_values, weights + half,
+    row_values(numerators + r * dh, rescale, weights, keys.new_values, weights + count,
                keys.old_values, count, dh);
     shifts[r] = raised;
   }

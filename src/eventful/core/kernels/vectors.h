@@ -47,24 +47,13 @@ inline Vector splat(float v) {
 // a * b + c. One fused instruction wherever the CPU has one, so that a sum takes the same
 // roundings in every function that forms it (the compiler fuses `a * b + c` in some places and
 // not in others).
+// (Vector types of one size convert to each other by a cast, which keeps them in registers; a
+// copy through memory made the compiler spill a loop's sums to the stack at every step.)
 inline Vector multiply_add(Vector a, Vector b, Vector c) {
 #if defined(__AVX512F__)
-  __m512 x, y, z;
-  std::memcpy(&x, &a, sizeof(Vector));
-  std::memcpy(&y, &b, sizeof(Vector));
-  std::memcpy(&z, &c, sizeof(Vector));
-  const __m512 result = _mm512_fmadd_ps(x, y, z);
+  return (Vector)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
 #elif defined(__FMA__)
-  __m256 x, y, z;
-  std::memcpy(&x, &a, sizeof(Vector));
-  std::memcpy(&y, &b, sizeof(Vector));
-  std::memcpy(&z, &c, sizeof(Vector));
-  const __m256 result = _mm256_fmadd_ps(x, y, z);
-#endif
-#if defined(__AVX512F__) || defined(__FMA__)
-  Vector value;
-  std::memcpy(&value, &result, sizeof(Vector));
-  return value;
+  return (Vector)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
   return a * b + c;
 #endif
@@ -210,9 +199,10 @@ inline void gelu_in_place(float* values, int64_t count) {
 // b_stride apart), over `depth` terms: out[r * out_stride + c + lane] = scale_r * sum_i
 // a[r * a_stride + i] b[i * b_stride + c + lane], scale_r = scale[r] where `scale` is given, else
 // 1 (a product by 1 is exact). Each loaded vector of b serves the R rows from registers; every
-// sum runs over i in order.
+// sum runs over i in order. Never inlined: inlined into a large kernel, the compiler kept the
+// sums in memory and stored them at every step of the loop (1.3x slower).
 template <int R, int V>
-inline void rows_times_columns(const float* a, int64_t a_stride, const float* b, int64_t b_stride,
+__attribute__((noinline)) void rows_times_columns(const float* a, int64_t a_stride, const float* b, int64_t b_stride,
                                int64_t depth, int64_t c, float* out, int64_t out_stride,
                                const float* scale = nullptr) {
   Vector sums[R][V];
