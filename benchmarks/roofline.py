@@ -50,6 +50,9 @@ PARTS = {
         "aten::maximum",
     ),
     "gathers and scatters": (
+        "eventful::commit_rows",
+        "eventful::add_rows",
+        "aten::add",
         "aten::index_select",
         "aten::index_copy_",
         "aten::gather",
@@ -151,8 +154,11 @@ def least_times(model, stream, num_tokens: int, peaks: dict[str, float]) -> dict
         "linear layers": 1000 * max(2 * ops["linear"] / flops, linear_bytes / bandwidth),
         # The qkv buffer read once per block (B, N, 3 D).
         "attention": 1000 * max(2 * ops["attention"] / flops, depth * 3 * tokens_bytes / bandwidth),
-        # Each gate reads its input and its reference; the buffers take the selected rows.
-        "gathers and scatters": 1000 * FLOAT * selected * dim * 3 / bandwidth,
+        # The gates' references and the buffers take the selected rows; each of a block's two
+        # residual additions reads x and a buffer and writes their sum.
+        "gathers and scatters": 1000
+        * (FLOAT * selected * dim * 3 + depth * 2 * 3 * tokens_bytes)
+        / bandwidth,
         "gates (error, norm, selection)": 1000 * depth * 3 * 2 * tokens_bytes / bandwidth,
         "norms and activations": 1000 * FLOAT * selected * dim * 2 / bandwidth,
         "patch embedding": 1000 * 2 * 3 * num_tokens * dim * patch**2 / flops,
@@ -225,7 +231,12 @@ def roofline_section(threads: int, steps: int) -> str:
         "random weights, no drift control), and in brackets the least time this machine needs "
         "for that part: max(2 x multiply-adds / float32 peak, bytes / bandwidth), the "
         "multiply-adds from the step's op counts, the bytes those the part must read at least "
-        "(all linear weights once; each gate's input and reference; the selected rows). "
+        "(all linear weights once; each gate's input and reference; the selected rows; the "
+        "residual additions' passes over the tokens). Where the engine fuses work into one "
+        "kernel, the kernel's part holds it: the layer norms before the qkv projection and the "
+        "MLP run inside the gathers (`eventful::commit_rows`), the GELU inside the linear "
+        "layers on few rows, and the exact level's whole update inside attention "
+        "(`eventful::exact_attention_update`). "
         '"Other operators" (index arithmetic, selection bookkeeping, views, allocation) need '
         "no time at all on the roofline. The last row adds the profiled parts and gives the "
         "step's median wall time without the profiler; the gap between the two is the "

@@ -43,6 +43,7 @@ LINEAR_OPERATORS = (
 ATTENTION_OPERATORS = (
     "eventful::attention_rows",
     "eventful::swap_key_contributions",
+    "eventful::exact_attention_update",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::bmm",
     "aten::exp",
@@ -59,6 +60,8 @@ KINDS = {
     "linear layers": LINEAR_OPERATORS,
     "attention": ATTENTION_OPERATORS,
     "gathers and scatters": (
+        "eventful::commit_rows",
+        "eventful::add_rows",
         "aten::index_select",
         "aten::index_copy_",
         "aten::copy_",
