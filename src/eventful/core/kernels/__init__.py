@@ -128,11 +128,12 @@ def add_rows() -> Callable[..., torch.Tensor] | None:
 def can_take(*tensors: torch.Tensor) -> bool:
     """Whether the kernels may take these tensors: float32 on the CPU, none recording gradients
     (the kernels have no backward), outside `torch.compile` (which traces PyTorch's own
-    operators). Each caller checks the layout its kernel reads."""
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
+    operators). Each caller checks the layout its kernel reads. (Written as loops: a step asks
+    this some 150 times.)"""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if not t.is_cpu or t.dtype != torch.float32 or (grad and t.requires_grad):
+            return False
     return not torch.compiler.is_compiling()
 
 
