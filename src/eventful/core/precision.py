@@ -1,8 +1,10 @@
 """The arithmetic of a converted model's linear layers: `precision` of `eventful.convert`.
 
 - "fp32": float32 weights and arithmetic (the default).
-- "bf16": bfloat16 weights; each linear layer casts its input rows to bfloat16 and its output
-  back to float32. Asked for by name, it needs hardware that multiplies bfloat16 natively
+- "bf16": bfloat16 weights; each linear layer multiplies its input rows rounded to bfloat16
+  and returns float32 (`PackedLinear`), and attention over every row runs in bfloat16
+  (`EventfulBlock.attention_dtype`). Asked for by name, it needs hardware that multiplies
+  bfloat16 natively
   (AVX512-BF16 or AMX on x86, a CPU reporting `bf16` on Arm, or CUDA); elsewhere bfloat16
   matmuls are emulated and slower than float32, so it is refused.
 - "int8": int8 weights, one scale per output channel (symmetric, the largest weight of a channel
@@ -14,8 +16,8 @@
 
 Whatever the precision, what later steps read stays float32: gate references, token buffers,
 the exact level's running sums. So rounding does not build up over a stream; every step adds
-only the rounding of its own linear layers. The patch embedding, the norms, attention and the
-head's convolutions stay float32.
+only the rounding of its own linear layers (and at "bf16" of attention over every row). The
+patch embedding, the norms and the head's convolutions stay float32.
 """
 
 from __future__ import annotations
