@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -87,21 +88,14 @@ torch::Tensor pack(const torch::Tensor& weight, const c10::optional<torch::Tenso
 inline Vector load_weights(const float* at) { return eventful_vectors::load(at); }
 
 inline Vector load_weights(const int8_t* at) {
-#if defined(__AVX512F__)
-  // Sign-extended to 32-bit integers, then converted: two instructions.
-  const __m512 widened = _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))));
-  Vector value;
-  std::memcpy(&value, &widened, sizeof(Vector));
-  return value;
-#elif defined(__AVX2__)
   // Sign-extended to 32-bit integers, then converted: two instructions (GCC's generic vector
   // conversion of 8 bytes measured 2-5x slower than float32 weights).
-  const __m256 widened = _mm256_cvtepi32_ps(
+#if defined(__AVX512F__)
+  return (Vector)_mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))));
+#elif defined(__AVX2__)
+  return (Vector)_mm256_cvtepi32_ps(
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at))));
-  Vector value;
-  std::memcpy(&value, &widened, sizeof(Vector));
-  return value;
 #else
   typedef int8_t Bytes __attribute__((vector_size(WIDTH)));
   Bytes bytes;
@@ -135,10 +129,12 @@ void rows_by_panels(const float* x, int64_t in, const W* panels, int64_t first_p
       w_high[q] = load_weights(panel + (q * in + i) * PANEL + WIDTH);
     }
     for (int r = 0; r < R; ++r) {
-      const float value = x[r * in + i];
+      // One fused multiply-add per weight whatever R and P (left to the compiler, the sums
+      // rounded differently from one instantiation to another).
+      const Vector value = eventful_vectors::splat(x[r * in + i]);
       for (int q = 0; q < P; ++q) {
-        low[r][q] += value * w_low[q];
-        high[r][q] += value * w_high[q];
+        low[r][q] = eventful_vectors::multiply_add(value, w_low[q], low[r][q]);
+        high[r][q] = eventful_vectors::multiply_add(value, w_high[q], high[r][q]);
       }
     }
   }
@@ -149,8 +145,18 @@ void rows_by_panels(const float* x, int64_t in, const W* panels, int64_t first_p
       std::memcpy(sums, &low[r][q], sizeof(Vector));
       std::memcpy(sums + WIDTH, &high[r][q], sizeof(Vector));
       for (int64_t c = 0; c < width; ++c) {
-        const float sum = scale == nullptr ? sums[c] : sums[c] * scale[first + c];
-        y[r * out + first + c] = bias == nullptr ? sum : sum + bias[first + c];
+        // The scale and the bias in one fused multiply-add where there are both, written out:
+        // left to the compiler, `sum * scale + bias` was fused in some instantiations and not
+        // in others, so a row's result depended on the rows beside it.
+        float sum = sums[c];
+        if (scale != nullptr && bias != nullptr) {
+          sum = std::fma(sum, scale[first + c], bias[first + c]);
+        } else if (scale != nullptr) {
+          sum *= scale[first + c];
+        } else if (bias != nullptr) {
+          sum += bias[first + c];
+        }
+        y[r * out + first + c] = sum;
       }
     }
   }
