@@ -18,7 +18,10 @@ namespace eventful_attention {
 
 using namespace eventful_vectors;
 
-constexpr int ROWS = 6;  // query rows per block: 12 sums in flight
+constexpr int ROWS = 6;  // query rows per block
+// Vectors of columns per pass over a block's rows: ROWS x COLUMNS sums in flight, which with the
+// loaded columns fill most of the vector registers (16 with AVX2, 32 with AVX-512).
+constexpr int COLUMNS = WIDTH == 16 ? 4 : 2;
 
 // to[d * padded + j] = from[j * row_stride + d] for j < length, d < dh; zero for length <= j <
 // padded.
@@ -35,6 +38,10 @@ inline void weighted_values(const float* weights, int64_t padded, int64_t length
                      int64_t value_stride, int64_t dh, const float* inverse, float* out,
                      int64_t out_stride) {
   int64_t c = 0;
+  for (; COLUMNS > 2 && c + COLUMNS * WIDTH <= dh; c += COLUMNS * WIDTH) {
+    rows_times_columns<R, COLUMNS>(weights, padded, values, value_stride, length, c, out,
+                                   out_stride, inverse);
+  }
   for (; c + 2 * WIDTH <= dh; c += 2 * WIDTH) {
     rows_times_columns<R, 2>(weights, padded, values, value_stride, length, c, out, out_stride,
                              inverse);
@@ -101,7 +108,7 @@ struct Head {
 
 template <int R>
 inline void attend_block(const Head& head, int64_t length, int64_t padded, int64_t dh, float* logits) {
-  rows_logits<R, (R >= 4 ? 2 : 4)>(head.queries, head.query_stride, head.keys_by_feature, dh,
+  rows_logits<R, (R >= 4 ? COLUMNS : 4)>(head.queries, head.query_stride, head.keys_by_feature, dh,
                                     padded, logits);
   float inverse[R];
   for (int r = 0; r < R; ++r) {
