@@ -13,7 +13,8 @@
 //    running sums for their new share (key_swap.h); the changed rows, and the rows whose
 //    denominator fell below `underflow` in any head, are recomputed over every key
 //    (row_attention.h). A stream with `dense_from` changes or more recomputes every row;
-// 3. every row's output, numerator over denominator, is written in the tokens' layout.
+// 3. every row's output, numerator over denominator, is written in the tokens' layout as its
+//    sums are finished.
 //
 // Each row's arithmetic is that of the kernels the step otherwise calls (swap_key_contributions,
 // attention_rows), so the caches and the output are the same, bit for bit.
@@ -148,6 +149,19 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
     return (b * s.heads + h) * s.tokens + row;
   };
 
+  // The output in the tokens' layout (B, N, D), each row's numerator over its denominator: the
+  // swap writes its rows', the recompute its rows', and a last pass the rest (streams without
+  // changes), each while the row's sums are in cache.
+  auto out = torch::empty({s.streams, s.tokens, s.dim}, qkv.options());
+  float* outs = out.data_ptr<float>();
+  auto write_output = [&](int64_t b, int64_t h, int64_t row) {
+    const int64_t at = sums_offset(b, h, row);
+    const float* from = numerators + at * dh;
+    float* to = outs + (b * s.tokens + row) * s.dim + h * dh;
+    const float by = denominators[at];
+    for (int64_t d = 0; d < dh; ++d) to[d] = from[d] / by;
+  };
+
   // The swap: every unchanged row of every updated stream, tasks of (stream, head, rows).
   const int64_t swap_blocks = (s.tokens + SWAP_ROW_BLOCK - 1) / SWAP_ROW_BLOCK;
   const int64_t swap_tasks = static_cast<int64_t>(updated.size()) * s.heads * swap_blocks;
@@ -179,6 +193,9 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
                                count_rows, nullptr, changed.data() + b * s.tokens + first,
                                numerators + at * dh, denominators + at, shifts + at, logits,
                                weights);
+      for (int64_t r = 0; r < count_rows; ++r) {
+        if (!changed[b * s.tokens + first + r]) write_output(b, h, first + r);
+      }
     }
   });
 
@@ -275,27 +292,26 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
           std::memcpy(numerators + at * dh, outputs + r * dh, dh * sizeof(float));
           denominators[at] = 1.0f;
           shifts[at] = logsumexp[r];
+          write_output(b, h, rows_of[first + r]);
         }
       }
     }
   });
 
-  // The output in the tokens' layout (B, N, D): numerator over denominator, head by head.
-  auto out = torch::empty({s.streams, s.tokens, s.dim}, qkv.options());
-  float* outs = out.data_ptr<float>();
+  // The rest of the output: the streams that changed nothing.
+  std::vector<int64_t> unchanged;
+  for (int64_t b = 0; b < s.streams; ++b) {
+    if (plans[b].changed.empty()) unchanged.push_back(b);
+  }
   const int64_t output_blocks = (s.tokens + OUTPUT_ROWS_PER_TASK - 1) / OUTPUT_ROWS_PER_TASK;
-  at::parallel_for(0, s.streams * output_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t output_tasks = static_cast<int64_t>(unchanged.size()) * output_blocks;
+  at::parallel_for(0, output_tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / output_blocks, first = (task % output_blocks) * OUTPUT_ROWS_PER_TASK;
+      const int64_t b = unchanged[task / output_blocks];
+      const int64_t first = (task % output_blocks) * OUTPUT_ROWS_PER_TASK;
       const int64_t last = std::min(s.tokens, first + OUTPUT_ROWS_PER_TASK);
       for (int64_t h = 0; h < s.heads; ++h) {
-        for (int64_t i = first; i < last; ++i) {
-          const int64_t at = sums_offset(b, h, i);
-          const float* from = numerators + at * dh;
-          float* to = outs + (b * s.tokens + i) * s.dim + h * dh;
-          const float by = denominators[at];
-          for (int64_t d = 0; d < dh; ++d) to[d] = from[d] / by;
-        }
+        for (int64_t i = first; i < last; ++i) write_output(b, h, i);
       }
     }
   });
