@@ -119,7 +119,6 @@ inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
     rows_logits<1, 4>(queries + r * row_stride, row_stride, keys_by_feature, dh, padded,
                       logits + r * padded);
   }
-  const Vector lanes = lane_index();
   for (r = 0; r < rows; ++r) {
     if (skip != nullptr && skip[r]) continue;
     float* row_logits = logits + r * padded;
@@ -134,14 +133,12 @@ inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
     // for nothing.
     Vector largest = splat(-INFINITY);
     for (int64_t c = 0; c < count; c += WIDTH) {
-      const Integers is_new = lanes + splat(static_cast<float>(c)) < splat(count);
-      largest = max(largest, is_new ? load(row_logits + c) : splat(-INFINITY));
+      largest = max(largest, lanes_below(c, count) ? load(row_logits + c) : splat(-INFINITY));
     }
     const float most = max_of(largest);
     Vector total{};
     for (int64_t c = 0; c < count; c += WIDTH) {
-      const Integers is_new = lanes + splat(static_cast<float>(c)) < splat(count);
-      total += is_new ? vector_exp(load(row_logits + c) - splat(most)) : Vector{};
+      total += lanes_below(c, count) ? vector_exp(load(row_logits + c) - splat(most)) : Vector{};
     }
     const float old_shift = shifts[r];
     const float raised = std::max(old_shift, most + std::log(sum_of(total)));
@@ -150,11 +147,9 @@ inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
     // positively in the denominator, the old keys' negatively.
     Vector change{};
     for (int64_t c = 0; c < padded; c += WIDTH) {
-      const Vector column = lanes + splat(static_cast<float>(c));
-      const Integers is_new = column < splat(count);
-      const Integers in_use = column < splat(2 * count);
-      const Vector weight = in_use ? vector_exp(load(row_logits + c) - splat(raised)) : Vector{};
-      change += is_new ? weight : -weight;
+      const Vector weight =
+          lanes_below(c, 2 * count) ? vector_exp(load(row_logits + c) - splat(raised)) : Vector{};
+      change += lanes_below(c, count) ? weight : -weight;
       store(weights + c, weight);
     }
     const float rescale = std::exp(old_shift - raised);

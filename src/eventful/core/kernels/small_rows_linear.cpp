@@ -104,6 +104,30 @@ inline Vector load_weights(const int8_t* at) {
 #endif
 }
 
+// A row's two vectors of sums of one panel into y's columns from panel * PANEL (at most `out`),
+// times each column's scale and plus its bias where given. The scale and the bias go in one
+// fused multiply-add where there are both, written out: left to the compiler, `sum * scale +
+// bias` was fused in some instantiations and not in others, so a row's result depended on the
+// rows beside it.
+inline void finish_row(Vector low, Vector high, int64_t panel, const float* scale,
+                       const float* bias, float* y, int64_t out) {
+  const int64_t first = panel * PANEL, width = std::min(PANEL, out - first);
+  float sums[PANEL];
+  std::memcpy(sums, &low, sizeof(Vector));
+  std::memcpy(sums + WIDTH, &high, sizeof(Vector));
+  for (int64_t c = 0; c < width; ++c) {
+    float sum = sums[c];
+    if (scale != nullptr && bias != nullptr) {
+      sum = std::fma(sum, scale[first + c], bias[first + c]);
+    } else if (scale != nullptr) {
+      sum *= scale[first + c];
+    } else if (bias != nullptr) {
+      sum += bias[first + c];
+    }
+    y[first + c] = sum;
+  }
+}
+
 // R rows of x (R, in) times P consecutive panels (each (in, PANEL)) from panel `first_panel`,
 // into y's columns from first_panel * PANEL (at most `out`), each column's sum times its
 // `scale` where one is given. Passes over fewer rows take more panels, so that each keeps enough
@@ -139,25 +163,8 @@ void rows_by_panels(const float* x, int64_t in, const W* panels, int64_t first_p
     }
   }
   for (int q = 0; q < P; ++q) {
-    const int64_t first = (first_panel + q) * PANEL, width = std::min(PANEL, out - first);
     for (int r = 0; r < R; ++r) {
-      float sums[PANEL];
-      std::memcpy(sums, &low[r][q], sizeof(Vector));
-      std::memcpy(sums + WIDTH, &high[r][q], sizeof(Vector));
-      for (int64_t c = 0; c < width; ++c) {
-        // The scale and the bias in one fused multiply-add where there are both, written out:
-        // left to the compiler, `sum * scale + bias` was fused in some instantiations and not
-        // in others, so a row's result depended on the rows beside it.
-        float sum = sums[c];
-        if (scale != nullptr && bias != nullptr) {
-          sum = std::fma(sum, scale[first + c], bias[first + c]);
-        } else if (scale != nullptr) {
-          sum *= scale[first + c];
-        } else if (bias != nullptr) {
-          sum += bias[first + c];
-        }
-        y[r * out + first + c] = sum;
-      }
+      finish_row(low[r][q], high[r][q], first_panel + q, scale, bias, y + r * out, out);
     }
   }
 }
@@ -273,14 +280,9 @@ void rows_by_panels(const uint32_t* x, int64_t pairs, const uint32_t* panels,
   }
 #endif
   for (int q = 0; q < P; ++q) {
-    const int64_t first = (first_panel + q) * PANEL, width = std::min(PANEL, out - first);
     for (int r = 0; r < R; ++r) {
-      float sums[PANEL];
-      std::memcpy(sums, &low[r][q], sizeof(Vector));
-      std::memcpy(sums + WIDTH, &high[r][q], sizeof(Vector));
-      for (int64_t c = 0; c < width; ++c) {
-        y[r * out + first + c] = bias == nullptr ? sums[c] : sums[c] + bias[first + c];
-      }
+      finish_row((Vector)low[r][q], (Vector)high[r][q], first_panel + q, nullptr, bias,
+                 y + r * out, out);
     }
   }
 }
