@@ -591,15 +591,15 @@ def test_a_gates_rows_through_its_layer_norm_equal_pytorchs_up_to_rounding(affin
             norm.bias.normal_(generator=generator)
     selection = Selection.from_lists([torch.tensor([0, 5]), torch.tensor([3, 4, 8])], 9)
     with torch.inference_mode():
-        assert gates._fused_layer_norm(norm, current) is not None
+        assert gates.fused_layer_norm(norm, current) is not None
         rows = gates.commit_rows(current, reference, selection, norm)
         want = norm(gates.gather_rows(current, selection))
-        assert gates._fused_layer_norm(torch.nn.LayerNorm(36), current) is None  # not the features
-        assert gates._fused_layer_norm(torch.nn.Identity(), current) is None
+        assert gates.fused_layer_norm(torch.nn.LayerNorm(36), current) is None  # not the features
+        assert gates.fused_layer_norm(torch.nn.Identity(), current) is None
     torch.testing.assert_close(rows, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(reference.view(-1, 37)[selection.flat], current.view(-1, 37)[selection.flat])
     if affine:  # parameters that record gradients: the norm runs on its own
-        assert gates._fused_layer_norm(norm, current) is None
+        assert gates.fused_layer_norm(norm, current) is None
 
 
 @needs_rows_kernels

@@ -26,6 +26,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from eventful.core import kernels
 from eventful.core.attention import (
     BiasFor,
     Changes,
@@ -47,7 +48,15 @@ from eventful.core.attention import (
 )
 from eventful.core.description import BlockDescription
 from eventful.core.escalation import Escalation
-from eventful.core.gates import GateStep, add_rows, token_gate, write_rows
+from eventful.core.gates import (
+    GateStep,
+    add_rows,
+    fused_layer_norm,
+    lean_gate,
+    lean_gates_apply,
+    token_gate,
+    write_rows,
+)
 from eventful.core.kv_pooling import pool_keys_values
 from eventful.core.ops import StepTrace
 from eventful.core.packed_linear import PackedLinear
@@ -56,6 +65,10 @@ from eventful.core.policies import Policy
 from eventful.core.selection import Selection
 
 LEVELS = ("tokenwise", "qk", "full", "exact")
+
+# The lean step (`EventfulBlock._lean_forward`) where it applies; False runs every step through
+# the general one (tests compare the two).
+LEAN_STEPS = True
 
 
 def _scaled_linear(linear: nn.Linear, scale: Tensor, precision: str) -> PackedLinear:
@@ -202,6 +215,9 @@ class EventfulBlock(nn.Module):
         """One step; `grid`, the patch grid (rows, columns), is needed by windows and biases,
         which take the tokens as that grid (no prefix tokens)."""
         batch, num_tokens, _ = x.shape
+        lean = self._lean_step(x, state, policy, fresh_streams, escalation)
+        if lean is not None:
+            return self._lean_forward(x, state, lean, trace, grid)
         measure = trace is not None
 
         def gate(name: str, current: Tensor, norm: nn.Module | None = None) -> GateStep:
@@ -249,6 +265,88 @@ class EventfulBlock(nn.Module):
             gates = {"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}
             trace.record_block(gates, recomputed, attention_costs)
         return add_rows(y, state["mlp"], mlp_gate.selection, self.fc2(hidden))
+
+    def _lean_step(
+        self,
+        x: Tensor,
+        state: dict[str, Tensor],
+        policy: Policy,
+        fresh_streams: list[int],
+        escalation: Escalation | None,
+    ) -> _LeanStep | None:
+        """What this step's lean form (`_lean_forward`) needs, where it applies; else None. It
+        applies to the common case: a policy that takes each stream's k < N tokens of largest
+        L2 error, no fresh stream, no escalation, not the STGT gates, outside autograd,
+        LayerNorms before attention and MLP, at the tokenwise level or at the exact level over
+        each stream's whole sequence without a bias, on tensors the kernels take."""
+        if (
+            not LEAN_STEPS
+            or escalation is not None
+            or fresh_streams
+            or self.previous_frame_gates
+            or torch.is_grad_enabled()
+            or policy.norm != 2
+        ):
+            return None
+        num_tokens = x.shape[1]
+        count = policy.largest_count(num_tokens)
+        if count is None or count >= num_tokens:
+            return None
+        if self.level == "exact":
+            if self.partitioned or self.bias is not None:
+                return None
+            if kernels.exact_attention_update() is None:
+                return None
+            if self.attention_dtype is not None and exact_update_is_dense(count, num_tokens):
+                return None  # every row recomputed, in the attention dtype: `_recompute`
+        elif self.level != "tokenwise":
+            return None
+        norm1, norm2 = fused_layer_norm(self.norm1, x), fused_layer_norm(self.norm2, x)
+        if norm1 is None or norm2 is None or not lean_gates_apply(x, *state.values()):
+            return None
+        return _LeanStep(count, norm1, norm2)
+
+    def _lean_forward(
+        self,
+        x: Tensor,
+        state: dict[str, Tensor],
+        lean: _LeanStep,
+        trace: StepTrace | None,
+        grid: tuple[int, int] | None,
+    ) -> Tensor:
+        """The step of `forward` where `_lean_step` applies, bit for bit, in some fifteen kernel
+        calls: each gate without `token_gate`'s checks and branches (`lean_gate`), the linear
+        layers straight to their kernel (`PackedLinear.rows_forward`), the exact level's
+        attention in one call."""
+        count, measure = lean.count, trace is not None
+
+        def gate(name: str, current: Tensor, norm=None) -> GateStep:
+            reference, scale = state[f"{name}_reference"], state[f"{name}_scale"]
+            return lean_gate(current, reference, scale, count, norm, measure)
+
+        qkv_gate = gate("qkv", x, lean.norm1)
+        qkv_rows = self.qkv.rows_forward(qkv_gate.rows).contiguous()
+        flat = qkv_gate.selection.flat
+        recomputed = [0] * x.shape[0]
+        if self.level == "exact":
+            sums = [state[name] for name in CACHES["exact"]]
+            attended, lost = update_exact_sequences(state["qkv"], qkv_rows, flat, *sums, self.heads)
+            if measure:
+                recomputed = lost.tolist()
+        else:
+            state["qkv"].view(-1, 3 * self.dim).index_copy_(0, flat, qkv_rows)
+            layout = self.layout(grid, x.shape[1], x.device)
+            attended = self._attend_every_row(state["qkv"], layout, grid)
+        add = kernels.add_rows()
+        proj_gate = gate("proj", attended)
+        proj_rows = self.proj.rows_forward(proj_gate.rows).contiguous()
+        y = add(x, state["proj"], proj_gate.selection.flat, proj_rows)
+        mlp_gate = gate("mlp", y, lean.norm2)
+        hidden = self.fc1.rows_forward(mlp_gate.rows)  # with the activation
+        if trace is not None:
+            trace.record_block({"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}, recomputed)
+        mlp_rows = self.fc2.rows_forward(hidden).contiguous()
+        return add(y, state["mlp"], mlp_gate.selection.flat, mlp_rows)
 
     def _update_exact_sequences(
         self, state: dict[str, Tensor], qkv_rows: Tensor, selection: Selection
@@ -501,6 +599,15 @@ CACHES = {
     ),
     "exact": ("attention_numerator", "attention_denominator", "attention_shift"),
 }
+
+
+@dataclass(frozen=True)
+class _LeanStep:
+    """A block's lean step: the tokens per stream, and each LayerNorm's weight, bias and eps."""
+
+    count: int
+    norm1: tuple[Tensor | None, Tensor | None, float]
+    norm2: tuple[Tensor | None, Tensor | None, float]
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,9 @@ class BudgetPolicy(Policy):
             raise RuntimeError(f"{self!r} has not seen its input yet: call validate first")
         return select_largest(error_norms, self.k)
 
+    def largest_count(self, num_tokens: int) -> int | None:
+        return self.k
+
     def _checked(self, value: object) -> float:
         if not _is_real(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(

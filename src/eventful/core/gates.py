@@ -105,6 +105,45 @@ def token_gate(
     return GateStep(selection, rows, unprocessed, escalated)
 
 
+def lean_gate(
+    current: Tensor,
+    reference: Tensor,
+    scale: Tensor,
+    count: int,
+    norm: tuple[Tensor | None, Tensor | None, float] | None = None,
+    measure: bool = False,
+) -> GateStep:
+    """`token_gate` where a policy takes each stream's `count` < N tokens of largest L2 error
+    (`Policy.largest_count`), no stream is fresh, nothing escalates, and the CPU kernels take
+    the tensors (`lean_gates_apply`): the same step, bit for bit, without `token_gate`'s checks
+    and branches. `norm`: the weight, bias and eps of the LayerNorm the rows go through
+    (`fused_layer_norm`), or None."""
+    num_tokens = current.shape[1]
+    error_norms = kernels.gate_error_norms()(current, reference)
+    index = error_norms.topk(count, dim=1, sorted=False).indices
+    selection = Selection.from_indices(index, num_tokens)
+    commit = kernels.commit_rows()
+    if norm is None:
+        rows = commit(current, reference, selection.flat)
+    else:
+        rows = commit(current, reference, selection.flat, *norm)
+    unprocessed = None
+    if measure:  # as `token_gate` measures
+        left = error_norms.reshape(-1).index_fill(0, selection.flat, 0).view_as(error_norms)
+        unprocessed = left.sum(1) / gate_size(scale, num_tokens)
+    return GateStep(selection, rows, unprocessed)
+
+
+def lean_gates_apply(*tensors: Tensor) -> bool:
+    """Whether `lean_gate` and `kernels.add_rows` take these tensors as the general gates
+    would: float32 CPU tensors outside autograd, contiguous, with the kernels built."""
+    return (
+        kernels.gate_error_norms() is not None
+        and kernels.can_take(*tensors)
+        and all(t.is_contiguous() for t in tensors)
+    )
+
+
 def gate_size(scale: Tensor, num_tokens: int) -> Tensor:
     """Per stream (B,), the unit of a gate's unprocessed share: N times its scale."""
     return scale.clamp_min(torch.finfo(scale.dtype).tiny) * num_tokens
@@ -152,7 +191,7 @@ def commit_rows(
     if not selection.everything and _one_pass_applies(current, reference):
         kernel = kernels.commit_rows()
         if kernel is not None:
-            fused = _fused_layer_norm(norm, current)
+            fused = fused_layer_norm(norm, current)
             if fused is not None:
                 return kernel(current, reference, selection.flat, *fused)
             rows = kernel(current, reference, selection.flat)
@@ -162,7 +201,7 @@ def commit_rows(
     return rows if norm is None else norm(rows)
 
 
-def _fused_layer_norm(
+def fused_layer_norm(
     norm: nn.Module | None, current: Tensor
 ) -> tuple[Tensor | None, Tensor | None, float] | None:
     """The weight, bias and eps of `norm` for `kernels.commit_rows`: a `nn.LayerNorm` over the

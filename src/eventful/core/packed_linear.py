@@ -177,6 +177,23 @@ class PackedLinear(nn.Linear):
         )
         return out.view(*x.shape[:-1], self.out_features)
 
+    def rows_forward(self, rows: Tensor) -> Tensor:
+        """`forward` of float32 rows (M, in) on the CPU outside autograd, as a block's lean step
+        has them: where `forward` takes the small-rows kernel, straight to it, without
+        `forward`'s checks."""
+        if (
+            rows.shape[0] <= SMALL_ROWS
+            and PREPACKED
+            and self._post_op is not None
+            and self.weight.dtype == torch.float32
+            and self._low_precision_dtype(rows) is None
+        ):
+            kernel = kernels.small_rows_linear()
+            if kernel is not None:
+                panels, scale = self._panel_weight(kernel)
+                return self._small_rows(kernel, rows, panels, scale)
+        return self(rows)
+
     def _low_precision_dtype(self, x: Tensor) -> torch.dtype | None:
         """The dtype this call multiplies in where it is not x's: bfloat16 at precision "bf16",
         the `compute_dtype` for a float32 layer, else None."""

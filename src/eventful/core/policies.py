@@ -78,6 +78,12 @@ class Policy:
         the policy fixes that count (TopK, TopFraction); None when it varies."""
         return None
 
+    def largest_count(self, num_tokens: int) -> int | None:
+        """k, where this step's `select` takes each stream's k tokens of largest error
+        (`select_largest`) for inputs of `num_tokens` tokens; else None. The blocks then gate
+        without building selections (`EventfulBlock`'s lean step)."""
+        return None
+
     def observe(self, report: StepReport) -> None:
         """Feedback after each step (a `Stream` calls it); stateless policies ignore it."""
 
@@ -128,6 +134,9 @@ class TopK(Policy):
     def tokens_per_stream(self, num_tokens: int) -> int | None:
         return self.k
 
+    def largest_count(self, num_tokens: int) -> int | None:
+        return self.k
+
     def __repr__(self) -> str:
         return f"TopK({self.k})"
 
@@ -162,6 +171,9 @@ class TopFraction(Policy):
         return Selection.from_mask((rank < counts.unsqueeze(1)) & allowed)
 
     def tokens_per_stream(self, num_tokens: int) -> int | None:
+        return self.count(num_tokens)
+
+    def largest_count(self, num_tokens: int) -> int | None:
         return self.count(num_tokens)
 
     def __repr__(self) -> str:

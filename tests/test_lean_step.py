@@ -1,0 +1,119 @@
+"""A block's lean step (`EventfulBlock._lean_forward`) is the general step, bit for bit."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import eventful
+from eventful.core import block as block_module
+from eventful.core import kernels
+from eventful.synthetic import moving_squares
+from tests.helpers import tiny_vit
+
+needs_kernels = pytest.mark.skipif(
+    kernels.exact_attention_update() is None, reason="the CPU kernels could not be built here"
+)
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    """How many blocks took the lean step since the fixture started."""
+    calls = [0]
+    lean_forward = block_module.EventfulBlock._lean_forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return lean_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(block_module.EventfulBlock, "_lean_forward", counted)
+    return calls
+
+
+def run(converted, video, lean, monkeypatch, batch=1, context=torch.inference_mode, **options):
+    """Outputs, op counts and unprocessed shares of a stream over the video."""
+    monkeypatch.setattr(block_module, "LEAN_STEPS", lean)
+    stream = converted.stream(batch_size=batch, **options)
+    outputs, ops, shares = [], [], []
+    with context():
+        for frames in video:
+            outputs.append(stream(frames[:batch]))
+            ops.append(stream.ops)
+            shares.append(None if stream.trace is None else stream.trace.unprocessed_share)
+    return torch.stack(outputs), ops, shares
+
+
+@needs_kernels
+@pytest.mark.parametrize("level", ["tokenwise", "exact"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("policy", [eventful.TopK(7), eventful.TopFraction(0.1)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lean_step_equals_the_general_step(
+    level, precision, policy, batch, monkeypatch, lean_calls
+):
+    # Frames of 48 x 80 for a model made at 64 x 64: a size other than the model's own.
+    vit = tiny_vit()
+    converted = eventful.convert(vit, policy=policy, level=level, precision=precision)
+    squares = moving_squares(8, size=80, batch=3, seed=2)
+    video = squares[..., 16:64, :]
+    general = run(converted, video, False, monkeypatch, batch)
+    assert lean_calls[0] == 0
+    lean = run(converted, video, True, monkeypatch, batch)
+    assert lean_calls[0] == 7 * len(converted.encoder.blocks)  # every step after the first
+    assert torch.equal(lean[0], general[0])
+    assert lean[1] == general[1]  # the op counts, from the same selections
+    for got, want in zip(lean[2], general[2], strict=True):
+        assert torch.equal(got, want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_lean_step_without_a_trace_and_after_copies_and_reloads(context, monkeypatch, lean_calls):
+    vit = tiny_vit()
+    converted = eventful.convert(vit, policy=eventful.TopK(9), level="exact")
+    video = moving_squares(10, size=64, batch=1, seed=3)
+    options = {"count_ops": False, "drift": None}
+    want = run(converted, video, False, monkeypatch, **options)[0]
+
+    monkeypatch.setattr(block_module, "LEAN_STEPS", True)
+    stream = converted.stream(**options)
+    with context():
+        got = [stream(frames) for frames in video[:4]]
+        copied = copy.deepcopy(stream)
+        buffer = io.BytesIO()
+        torch.save(stream.state_dict(), buffer)
+        got += [copied(frames) for frames in video[4:7]]
+        reloaded = converted.stream(**options)
+        buffer.seek(0)
+        reloaded.load_state_dict(torch.load(buffer, weights_only=False))
+    assert lean_calls[0] > 0
+    with context():
+        # The reloaded stream takes over from the state saved after step 4, as the copy did.
+        again = [reloaded(frames) for frames in video[4:7]]
+        got += [copied(frames) for frames in video[7:]]
+    assert torch.equal(torch.stack(got), want)
+    assert torch.equal(torch.stack(again), want[4:7])
+
+
+@needs_kernels
+def test_lean_step_stays_out_where_it_does_not_apply(monkeypatch, lean_calls):
+    vit = tiny_vit()
+    video = moving_squares(4, size=64, batch=1, seed=4)
+    monkeypatch.setattr(block_module, "LEAN_STEPS", True)
+    cases = {
+        "threshold": (eventful.Threshold(0.5), "exact", {}),
+        "every token": (eventful.TopK(65), "exact", {}),
+        "full level": (eventful.TopK(9), "full", {}),
+        "escalation": (
+            eventful.TopK(9),
+            "exact",
+            {"drift": eventful.DriftControl(escalation_bound=0.0)},
+        ),
+    }
+    for name, (policy, level, options) in cases.items():
+        stream = eventful.convert(vit, policy=policy, level=level).stream(**options)
+        with torch.inference_mode():
+            for frames in video:
+                stream(frames)
+        assert lean_calls[0] == 0, name
