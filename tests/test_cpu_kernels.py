@@ -227,6 +227,41 @@ def test_the_error_norms_kernel_refuses_mismatched_shapes_and_names_them():
         kernels.gate_error_norms()(torch.randn(1, 5, 8), torch.randn(1, 4, 8))
 
 
+@needs_norms_kernel
+def test_the_unprocessed_share_equals_pytorchs_operators_up_to_rounding():
+    torch.manual_seed(0)
+    norms = torch.rand(3, 50)
+    scale = torch.tensor([0.5, 2.0, 0.0])  # a zero scale is clamped, as gate_size does
+    # Ragged selections, in no particular order, a stream with none.
+    selection = Selection.from_lists(
+        [torch.tensor([7, 3, 40]), torch.tensor([], dtype=torch.long), torch.arange(49, -1, -2)],
+        50,
+    )
+    left = norms.reshape(-1).index_fill(0, selection.flat, 0).view(3, 50)
+    want = left.sum(1) / gates.gate_size(scale, 50)
+    got = gates.unprocessed_share(norms, selection, scale)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert torch.equal(got, kernels.unprocessed_share()(norms.clone(), selection.flat, scale))
+    # Where the kernel does not apply (float64), PyTorch's operators give the same share (the
+    # zero scale clamped at float64's least normal, whose share float32 cannot hold).
+    fallback = gates.unprocessed_share(norms.double(), selection, scale.double())
+    torch.testing.assert_close(fallback[:2].float(), want[:2])
+
+
+@needs_norms_kernel
+def test_the_unprocessed_share_kernel_refuses_bad_input_and_names_it():
+    norms, scale = torch.rand(2, 5), torch.ones(2)
+    share = kernels.unprocessed_share()
+    with pytest.raises(RuntimeError, match=r"token indices in \[0, 10\), got 10"):
+        share(norms, torch.tensor([10]), scale)
+    with pytest.raises(RuntimeError, match=r"scale as a float32 CPU tensor \(2,\)"):
+        share(norms, torch.tensor([1]), torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"1-D int64"):
+        share(norms, torch.tensor([1], dtype=torch.int32), scale)
+    with pytest.raises(RuntimeError, match=r"error norms as a contiguous float32"):
+        share(norms.t(), torch.tensor([1]), scale)
+
+
 def _cpu_has_fma() -> bool:
     """Whether this CPU reports FMA (Linux's /proc/cpuinfo flags)."""
     try:

@@ -90,12 +90,11 @@ def token_gate(
     unprocessed = escalated = None
     if escalation is not None or measure:
         l2_norms = error_norms if policy.norm == 2 else error_norms_of(current, reference, 2)
-        size = gate_size(scale, num_tokens)
         if escalation is not None:
+            size = gate_size(scale, num_tokens)
             selection, escalated = escalation.extend(selection, l2_norms, size)
-        if measure:  # the selected tokens' norms zeroed by their flat indices: no mask
-            left = l2_norms.reshape(-1).index_fill(0, selection.flat, 0).view(batch, num_tokens)
-            unprocessed = left.sum(1) / size
+        if measure:
+            unprocessed = unprocessed_share(l2_norms, selection, scale)
     if previous_frame:
         rows = gather_rows(current, selection)
         reference.copy_(current)
@@ -127,10 +126,7 @@ def lean_gate(
         rows = commit(current, reference, selection.flat)
     else:
         rows = commit(current, reference, selection.flat, *norm)
-    unprocessed = None
-    if measure:  # as `token_gate` measures
-        left = error_norms.reshape(-1).index_fill(0, selection.flat, 0).view_as(error_norms)
-        unprocessed = left.sum(1) / gate_size(scale, num_tokens)
+    unprocessed = unprocessed_share(error_norms, selection, scale) if measure else None
     return GateStep(selection, rows, unprocessed)
 
 
@@ -142,6 +138,19 @@ def lean_gates_apply(*tensors: Tensor) -> bool:
         and kernels.can_take(*tensors)
         and all(t.is_contiguous() for t in tensors)
     )
+
+
+def unprocessed_share(l2_norms: Tensor, selection: Selection, scale: Tensor) -> Tensor:
+    """Per stream (B,), the L2 error norms (B, N) of the tokens `selection` left out, over the
+    gate's size (`gate_size`). One kernel call for float32 CPU tensors outside autograd
+    (`kernels.unprocessed_share`), which sums in token order."""
+    if kernels.can_take(l2_norms, scale) and l2_norms.is_contiguous():
+        kernel = kernels.unprocessed_share()
+        if kernel is not None:
+            return kernel(l2_norms, selection.flat, scale)
+    # The selected tokens' norms zeroed by their flat indices: no mask.
+    left = l2_norms.reshape(-1).index_fill(0, selection.flat, 0).view_as(l2_norms)
+    return left.sum(1) / gate_size(scale, l2_norms.shape[1])
 
 
 def gate_size(scale: Tensor, num_tokens: int) -> Tensor:

@@ -85,6 +85,14 @@ def gate_error_norms() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] |
     return torch.ops.eventful.gate_error_norms if _available() else None
 
 
+def unprocessed_share() -> Callable[..., torch.Tensor] | None:
+    """A gate's unprocessed share per stream (B,): error norms (B, N) contiguous float32, the
+    selected tokens' flat indices (M,) int64, the gate's scale (B,) float32; the norms of the
+    tokens left out, summed in token order, over max(scale, FLT_MIN) N. Built on first use; None
+    if unavailable."""
+    return torch.ops.eventful.unprocessed_share if _available() else None
+
+
 def attention_rows() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
     """Softmax attention of query rows over every key and each row's log-sum-exp, built on first
     use; None if unavailable. Arguments, float32, any strides but a contiguous last dimension:

@@ -1,4 +1,5 @@
-// A token gate's error norms in one pass: || current - reference || (L2) per token, float32, CPU.
+// A token gate's error norms in one pass: || current - reference || (L2) per token, float32, CPU;
+// and what the gate left unprocessed, from those norms and its selection.
 //
 // In PyTorch operators this is a subtraction that writes a full-size temporary and a norm that
 // reads it back: two passes over memory and two operators' fixed costs at every gate, three
@@ -8,7 +9,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
+#include <cstdint>
+#include <vector>
 
 #include "vectors.h"
 
@@ -68,12 +73,55 @@ torch::Tensor gate_error_norms(const torch::Tensor& current, const torch::Tensor
   return norms;
 }
 
+// A gate's unprocessed share per stream (B,): the error norms (B, N) of the tokens left out of
+// the selection (flat indices b N + i, any order), summed in token order, over the gate's size
+// max(scale, FLT_MIN) N. One call where PyTorch operators take six (a fill of the selected
+// tokens, a sum, the size's clamp and product, a division) on a few hundred values.
+torch::Tensor unprocessed_share(const torch::Tensor& error_norms, const torch::Tensor& index,
+                                const torch::Tensor& scale) {
+  TORCH_CHECK(error_norms.device().is_cpu() && error_norms.scalar_type() == torch::kFloat32 &&
+                  error_norms.is_contiguous() && error_norms.dim() == 2,
+              "unprocessed_share expects error norms as a contiguous float32 CPU tensor (B, N), "
+              "got ", error_norms.scalar_type(), " of shape ", error_norms.sizes());
+  const int64_t streams = error_norms.size(0), tokens = error_norms.size(1);
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == torch::kFloat32 &&
+                  scale.dim() == 1 && scale.size(0) == streams,
+              "unprocessed_share expects the scale as a float32 CPU tensor (", streams,
+              ",), got ", scale.scalar_type(), " of shape ", scale.sizes());
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == torch::kInt64 && index.dim() == 1,
+              "unprocessed_share expects flat token indices as a 1-D int64 CPU tensor, got ",
+              index.scalar_type(), " of shape ", index.sizes());
+  const auto flat_index = index.contiguous();
+  const int64_t* flat = flat_index.data_ptr<int64_t>();
+  std::vector<uint8_t> selected(streams * tokens, 0);
+  for (int64_t j = 0; j < flat_index.size(0); ++j) {
+    TORCH_CHECK(flat[j] >= 0 && flat[j] < streams * tokens, "unprocessed_share expects flat ",
+                "token indices in [0, ", streams * tokens, "), got ", flat[j]);
+    selected[flat[j]] = 1;
+  }
+  const auto scales = scale.contiguous();
+  const float* norms = error_norms.data_ptr<float>();
+  const float* by = scales.data_ptr<float>();
+  auto share = torch::empty({streams}, error_norms.options());
+  float* out = share.data_ptr<float>();
+  for (int64_t b = 0; b < streams; ++b) {
+    float left = 0.0f;
+    for (int64_t i = 0; i < tokens; ++i) {
+      if (!selected[b * tokens + i]) left += norms[b * tokens + i];
+    }
+    out[b] = left / (std::max(by[b], FLT_MIN) * static_cast<float>(tokens));
+  }
+  return share;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def("gate_error_norms(Tensor current, Tensor reference) -> Tensor");
+  library.def("unprocessed_share(Tensor error_norms, Tensor index, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
   library.impl("gate_error_norms", &gate_error_norms);
+  library.impl("unprocessed_share", &unprocessed_share);
 }
