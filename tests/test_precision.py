@@ -338,6 +338,24 @@ def test_a_bf16_layer_multiplies_bfloat16_rounded_rows_and_weights_on_every_path
     assert torch.equal(layer.weight, linear.weight)
 
 
+@pytest.mark.parametrize("rows", [packed_linear.BF16_SMALL_ROWS, 300])
+def test_a_bf16_mlp_keeps_its_hidden_rows_in_bfloat16_with_the_same_values(rows, native_bf16):
+    torch.manual_seed(6)
+    fc1 = PackedLinear.from_linear(nn.Linear(48, 96), nn.GELU(), precision="bf16")
+    fc2 = PackedLinear.from_linear(nn.Linear(96, 40), precision="bf16")
+    x = torch.randn(rows, 48)
+    with torch.inference_mode():
+        got = packed_linear.mlp_forward(fc1, fc2, x)
+        # fc2 rounds its input to bfloat16 as fc1 gave it: the same as through float32, bit for
+        # bit, on every path (oneDNN's above the small-rows kernel's rows, the kernel's below).
+        assert torch.equal(got, fc2(fc1(x)))
+        assert got.dtype == torch.float32
+        if packed_linear.PREPACKED_BF16 and rows > packed_linear.BF16_SMALL_ROWS:
+            assert fc1._runs_prepacked_bfloat16(x) and fc2._takes_prepacked_bfloat16_rows()
+        with torch.enable_grad():  # recording gradients: the layers' own path
+            assert not fc1._runs_prepacked_bfloat16(x.requires_grad_())
+
+
 def test_at_bf16_attention_over_every_row_runs_in_bfloat16_and_returns_float32(native_bf16):
     from eventful.core import attention
 

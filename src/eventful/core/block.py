@@ -59,7 +59,7 @@ from eventful.core.gates import (
 )
 from eventful.core.kv_pooling import pool_keys_values
 from eventful.core.ops import StepTrace
-from eventful.core.packed_linear import PackedLinear
+from eventful.core.packed_linear import PackedLinear, mlp_forward
 from eventful.core.partition import GroupLayout, group_layout, whole_sequence_layout
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
@@ -260,11 +260,11 @@ class EventfulBlock(nn.Module):
         y = add_rows(x, state["proj"], proj_gate.selection, self.proj(proj_gate.rows))
 
         mlp_gate = gate("mlp", y, self.norm2)
-        hidden = self.fc1(mlp_gate.rows)  # with the activation
+        mlp_rows = mlp_forward(self.fc1, self.fc2, mlp_gate.rows)  # fc1 with the activation
         if trace is not None:
             gates = {"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}
             trace.record_block(gates, recomputed, attention_costs)
-        return add_rows(y, state["mlp"], mlp_gate.selection, self.fc2(hidden))
+        return add_rows(y, state["mlp"], mlp_gate.selection, mlp_rows)
 
     def _lean_step(
         self,
@@ -342,11 +342,17 @@ class EventfulBlock(nn.Module):
         proj_rows = self.proj.rows_forward(proj_gate.rows).contiguous()
         y = add(x, state["proj"], proj_gate.selection.flat, proj_rows)
         mlp_gate = gate("mlp", y, lean.norm2)
-        hidden = self.fc1.rows_forward(mlp_gate.rows)  # with the activation
+        mlp_rows = self._mlp_rows(mlp_gate.rows).contiguous()
         if trace is not None:
             trace.record_block({"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}, recomputed)
-        mlp_rows = self.fc2.rows_forward(hidden).contiguous()
         return add(y, state["mlp"], mlp_gate.selection.flat, mlp_rows)
+
+    def _mlp_rows(self, rows: Tensor) -> Tensor:
+        """fc2(fc1(rows)) as the lean step runs them: on the small-rows kernel straight away
+        where it applies, else as `mlp_forward` (bfloat16 between them at precision "bf16")."""
+        if self.fc1._runs_prepacked_bfloat16(rows):
+            return mlp_forward(self.fc1, self.fc2, rows)
+        return self.fc2.rows_forward(self.fc1.rows_forward(rows))  # fc1 with the activation
 
     def _update_exact_sequences(
         self, state: dict[str, Tensor], qkv_rows: Tensor, selection: Selection

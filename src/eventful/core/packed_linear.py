@@ -236,20 +236,46 @@ class PackedLinear(nn.Linear):
             if self.bias is not None:
                 out.add_(self.bias)
         else:
-            # The bias and the activation fused into oneDNN's call, in bfloat16 as a model cast
-            # to bfloat16 has them: 3.4x the call followed by them in float32 at 577 rows.
-            packed = self._cached(
-                "_packed",
-                lambda w: torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None),
-                torch.bfloat16,
-            )
-            bias = None if self.bias is None else self._bfloat16_bias()
-            attr, scalars, algorithm = self._post_op
-            out = torch.ops.mkldnn._linear_pointwise(
-                rows.bfloat16(), packed, bias, attr, scalars, algorithm
-            ).float()
+            out = self._prepacked_bfloat16(rows).float()
             return out.view(*x.shape[:-1], self.out_features)
         return self._activated(out).view(*x.shape[:-1], self.out_features)
+
+    def _prepacked_bfloat16(self, rows: Tensor) -> Tensor:
+        """Rows (M, in), float32 or bfloat16, rounded to bfloat16 and through oneDNN's prepacked
+        bfloat16 linear, the bias and the activation fused into its call, in bfloat16 as a model
+        cast to bfloat16 has them (3.4x the call followed by them in float32 at 577 rows); the
+        output (M, out) in bfloat16."""
+        packed = self._cached(
+            "_packed",
+            lambda w: torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None),
+            torch.bfloat16,
+        )
+        bias = None if self.bias is None else self._bfloat16_bias()
+        attr, scalars, algorithm = self._post_op
+        return torch.ops.mkldnn._linear_pointwise(
+            rows.bfloat16(), packed, bias, attr, scalars, algorithm
+        )
+
+    def _takes_prepacked_bfloat16_rows(self) -> bool:
+        """Whether bfloat16 rows from the prepacked bfloat16 linear of a layer before it, with
+        as many rows (`mlp_forward`), may go straight into this layer's: precision "bf16", a
+        float32 weight outside autograd."""
+        return (
+            self.precision == "bf16"
+            and self._post_op is not None
+            and self.weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and self.weight.requires_grad)
+        )
+
+    def _runs_prepacked_bfloat16(self, rows: Tensor) -> bool:
+        """Whether float32 rows (M, in) go to oneDNN's prepacked bfloat16 linear
+        (`_bfloat16_forward`)."""
+        return (
+            self._low_precision_dtype(rows) == torch.bfloat16
+            and self._uses_prepacked(rows, plain_rows=False)
+            and PREPACKED_BF16
+            and (rows.shape[0] > BF16_SMALL_ROWS or kernels.small_rows_linear() is None)
+        )
 
     def _bfloat16_bias(self) -> Tensor:
         """The bias rounded to bfloat16, kept until the bias changes."""
@@ -325,6 +351,16 @@ class PackedLinear(nn.Linear):
                 cached = (key, make(self.weight.detach()))
             setattr(self, name, cached)
         return cached[1]
+
+
+def mlp_forward(fc1: PackedLinear, fc2: PackedLinear, rows: Tensor) -> Tensor:
+    """fc2(fc1(rows)) for float32 rows (M, in). Where both layers run oneDNN's prepacked bfloat16
+    linear (precision "bf16"), the hidden rows stay in bfloat16 between them, as fc1 gives them
+    and as fc2 would round them: the same values, without casting M x hidden values to float32
+    and back (a model cast to bfloat16 keeps them so too)."""
+    if fc1._runs_prepacked_bfloat16(rows) and fc2._takes_prepacked_bfloat16_rows():
+        return fc2._prepacked_bfloat16(fc1._prepacked_bfloat16(rows)).float()
+    return fc2(fc1(rows))
 
 
 # The precisions of one layer ("auto" is resolved before any layer is made).
