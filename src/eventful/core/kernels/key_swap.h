@@ -21,7 +21,8 @@ namespace eventful_swap {
 using namespace eventful_vectors;
 
 // V vectors of one row's numerator from column c: rescaled, plus the new keys' weighted values,
-// less the old keys'.
+// less the old keys', each product fused into its sum (`multiply_add`), so that the one-row and
+// two-row forms round alike.
 template <int V>
 inline void accumulate_values(float* numerator, float rescale, const float* weights,
                               const float* new_values, const float* old_weights,
@@ -31,14 +32,26 @@ inline void accumulate_values(float* numerator, float rescale, const float* weig
   for (int64_t j = 0; j < count; ++j) {
     const Vector w = splat(weights[j]);
     const float* row = new_values + j * dh + c;
-    for (int u = 0; u < V; ++u) a[u] += w * load(row + u * WIDTH);
+    for (int u = 0; u < V; ++u) a[u] = multiply_add(w, load(row + u * WIDTH), a[u]);
   }
   for (int64_t j = 0; j < count; ++j) {
-    const Vector w = splat(old_weights[j]);
+    const Vector w = splat(-old_weights[j]);
     const float* row = old_values + j * dh + c;
-    for (int u = 0; u < V; ++u) a[u] -= w * load(row + u * WIDTH);
+    for (int u = 0; u < V; ++u) a[u] = multiply_add(w, load(row + u * WIDTH), a[u]);
   }
   for (int u = 0; u < V; ++u) store(numerator + c + u * WIDTH, a[u]);
+}
+
+// The features [c, dh) of `row_values`, one at a time.
+inline void row_values_tail(float* numerator, float rescale, const float* weights,
+                            const float* new_values, const float* old_weights,
+                            const float* old_values, int64_t count, int64_t dh, int64_t c) {
+  for (; c < dh; ++c) {
+    float a = numerator[c] * rescale;
+    for (int64_t j = 0; j < count; ++j) a = std::fma(weights[j], new_values[j * dh + c], a);
+    for (int64_t j = 0; j < count; ++j) a = std::fma(-old_weights[j], old_values[j * dh + c], a);
+    numerator[c] = a;
+  }
 }
 
 // numerator[0, dh) = numerator * rescale + sum_j weights[j] values[j] - sum_j old[j] olds[j].
@@ -58,11 +71,72 @@ inline void row_values(float* numerator, float rescale, const float* weights,
     accumulate_values<1>(numerator, rescale, weights, new_values, old_weights, old_values, count,
                          dh, c);
   }
-  for (; c < dh; ++c) {
-    float a = numerator[c] * rescale;
-    for (int64_t j = 0; j < count; ++j) a += weights[j] * new_values[j * dh + c];
-    for (int64_t j = 0; j < count; ++j) a -= old_weights[j] * old_values[j * dh + c];
-    numerator[c] = a;
+  row_values_tail(numerator, rescale, weights, new_values, old_weights, old_values, count, dh, c);
+}
+
+// Two rows' V vectors from column c at once, each formed as `accumulate_values` forms it: the
+// values loaded once serve both rows, and 2 V sums are in flight (V = 4 where vectors hold 16
+// floats and dh = 64: one row's four sums alone wait on the adder's latency). `weights` of a row:
+// its new keys' in [0, count), its old keys' in [count, 2 count).
+template <int V>
+inline void accumulate_values_2(float* numerator0, float* numerator1, float rescale0,
+                                float rescale1, const float* weights0, const float* weights1,
+                                const float* new_values, const float* old_values, int64_t count,
+                                int64_t dh, int64_t c) {
+  Vector a[V], b[V];
+  for (int u = 0; u < V; ++u) {
+    a[u] = load(numerator0 + c + u * WIDTH) * splat(rescale0);
+    b[u] = load(numerator1 + c + u * WIDTH) * splat(rescale1);
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const Vector w0 = splat(weights0[j]), w1 = splat(weights1[j]);
+    const float* row = new_values + j * dh + c;
+    for (int u = 0; u < V; ++u) {
+      const Vector value = load(row + u * WIDTH);
+      a[u] = multiply_add(w0, value, a[u]);
+      b[u] = multiply_add(w1, value, b[u]);
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const Vector w0 = splat(-weights0[count + j]), w1 = splat(-weights1[count + j]);
+    const float* row = old_values + j * dh + c;
+    for (int u = 0; u < V; ++u) {
+      const Vector value = load(row + u * WIDTH);
+      a[u] = multiply_add(w0, value, a[u]);
+      b[u] = multiply_add(w1, value, b[u]);
+    }
+  }
+  for (int u = 0; u < V; ++u) {
+    store(numerator0 + c + u * WIDTH, a[u]);
+    store(numerator1 + c + u * WIDTH, b[u]);
+  }
+}
+
+// `row_values` of two rows: the same sums, each row's in the same order.
+inline void two_rows_values(float* numerator0, float* numerator1, float rescale0,
+                            float rescale1, const float* weights0, const float* weights1,
+                            const float* new_values, const float* old_values, int64_t count,
+                            int64_t dh) {
+  int64_t c = 0;
+  for (; c + 8 * WIDTH <= dh; c += 8 * WIDTH) {  // eight sums per row already: one row at a time
+    accumulate_values<8>(numerator0, rescale0, weights0, new_values, weights0 + count,
+                         old_values, count, dh, c);
+    accumulate_values<8>(numerator1, rescale1, weights1, new_values, weights1 + count,
+                         old_values, count, dh, c);
+  }
+  for (; c + 4 * WIDTH <= dh; c += 4 * WIDTH) {
+    accumulate_values_2<4>(numerator0, numerator1, rescale0, rescale1, weights0, weights1,
+                           new_values, old_values, count, dh, c);
+  }
+  for (; c + WIDTH <= dh; c += WIDTH) {
+    accumulate_values_2<1>(numerator0, numerator1, rescale0, rescale1, weights0, weights1,
+                           new_values, old_values, count, dh, c);
+  }
+  if (c < dh) {  // features past the last whole vector
+    row_values_tail(numerator0, rescale0, weights0, new_values, weights0 + count, old_values,
+                    count, dh, c);
+    row_values_tail(numerator1, rescale1, weights1, new_values, weights1 + count, old_values,
+                    count, dh, c);
   }
 }
 
@@ -92,15 +166,17 @@ inline void lay_out_changed_keys(const ChangedKeys& keys, float* keys_by_feature
   }
 }
 
+constexpr int64_t SWAP_CHUNK = 32;  // rows whose weights are held before their values
+
 // `rows` consecutive query rows (from `queries`, rows `row_stride` apart) swap the changed keys'
 // share of their sums (from `numerators` (rows, dh), `denominators`, `shifts`). A row with
 // skip[r] set is left as it is (it is recomputed anyway). `bias` (rows, m): the changed columns'
-// bias of each row, or null. `logits` holds rows x padded floats, `weights` padded, both on
-// cache lines.
+// bias of each row, or null. `logits` holds rows x padded floats, on a cache line: each row's
+// logits, then its weights.
 inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
                       const float* queries, int64_t row_stride, int64_t rows, const float* bias,
                       const uint8_t* skip, float* numerators, float* denominators,
-                      float* shifts, float* logits, float* weights) {
+                      float* shifts, float* logits) {
   const int64_t count = keys.count, dh = keys.dh, padded = keys.padded();
   // The rows are far apart (rows of the qkv buffer): each group of four asks for the next
   // group's cache lines while it computes. Four rows keep at least four sums in flight where the
@@ -119,44 +195,66 @@ inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
     rows_logits<1, 4>(queries + r * row_stride, row_stride, keys_by_feature, dh, padded,
                       logits + r * padded);
   }
-  for (r = 0; r < rows; ++r) {
-    if (skip != nullptr && skip[r]) continue;
-    float* row_logits = logits + r * padded;
-    if (bias != nullptr) {
-      const float* row_bias = bias + r * count;
-      for (int64_t j = 0; j < count; ++j) {
-        row_logits[j] += row_bias[j];
-        row_logits[count + j] += row_bias[j];
+  // Each row's weights take the place of its logits; then the rows' values, two rows at a time.
+  float rescales[SWAP_CHUNK];
+  for (int64_t start = 0; start < rows; start += SWAP_CHUNK) {
+    const int64_t end = std::min(rows, start + SWAP_CHUNK);
+    for (r = start; r < end; ++r) {
+      if (skip != nullptr && skip[r]) continue;
+      float* row_logits = logits + r * padded;
+      if (bias != nullptr) {
+        const float* row_bias = bias + r * count;
+        for (int64_t j = 0; j < count; ++j) {
+          row_logits[j] += row_bias[j];
+          row_logits[count + j] += row_bias[j];
+        }
       }
+      // The new logits' log-sum-exp, then the raised shift; lanes of old keys or past them
+      // count for nothing.
+      Vector largest = splat(-INFINITY);
+      for (int64_t c = 0; c < count; c += WIDTH) {
+        largest = max(largest, lanes_below(c, count) ? load(row_logits + c) : splat(-INFINITY));
+      }
+      const float most = max_of(largest);
+      Vector total{};
+      for (int64_t c = 0; c < count; c += WIDTH) {
+        total += lanes_below(c, count) ? vector_exp(load(row_logits + c) - splat(most)) : Vector{};
+      }
+      const float old_shift = shifts[r];
+      const float raised = std::max(old_shift, most + std::log(sum_of(total)));
+      // Every weight is exp(l - raised), so that a key whose logit did not change (a padding
+      // position of a group) adds exactly the share it removes: the new keys' weights count
+      // positively in the denominator, the old keys' negatively.
+      Vector change{};
+      for (int64_t c = 0; c < padded; c += WIDTH) {
+        const Vector weight = lanes_below(c, 2 * count)
+                                  ? vector_exp(load(row_logits + c) - splat(raised))
+                                  : Vector{};
+        change += lanes_below(c, count) ? weight : -weight;
+        store(row_logits + c, weight);
+      }
+      const float rescale = std::exp(old_shift - raised);
+      rescales[r - start] = rescale;
+      denominators[r] = denominators[r] * rescale + sum_of(change);
+      shifts[r] = raised;
     }
-    // The new logits' log-sum-exp, then the raised shift; lanes of old keys or past them count
-    // for nothing.
-    Vector largest = splat(-INFINITY);
-    for (int64_t c = 0; c < count; c += WIDTH) {
-      largest = max(largest, lanes_below(c, count) ? load(row_logits + c) : splat(-INFINITY));
+    int64_t waiting = -1;  // a swapped row without its pair yet
+    for (r = start; r < end; ++r) {
+      if (skip != nullptr && skip[r]) continue;
+      if (waiting < 0) {
+        waiting = r;
+        continue;
+      }
+      two_rows_values(numerators + waiting * dh, numerators + r * dh, rescales[waiting - start],
+                      rescales[r - start], logits + waiting * padded, logits + r * padded,
+                      keys.new_values, keys.old_values, count, dh);
+      waiting = -1;
     }
-    const float most = max_of(largest);
-    Vector total{};
-    for (int64_t c = 0; c < count; c += WIDTH) {
-      total += lanes_below(c, count) ? vector_exp(load(row_logits + c) - splat(most)) : Vector{};
+    if (waiting >= 0) {
+      const float* weights = logits + waiting * padded;
+      row_values(numerators + waiting * dh, rescales[waiting - start], weights, keys.new_values,
+                 weights + count, keys.old_values, count, dh);
     }
-    const float old_shift = shifts[r];
-    const float raised = std::max(old_shift, most + std::log(sum_of(total)));
-    // Every weight is exp(l - raised), so that a key whose logit did not change (a padding
-    // position of a group) adds exactly the share it removes: the new keys' weights count
-    // positively in the denominator, the old keys' negatively.
-    Vector change{};
-    for (int64_t c = 0; c < padded; c += WIDTH) {
-      const Vector weight =
-          lanes_below(c, 2 * count) ? vector_exp(load(row_logits + c) - splat(raised)) : Vector{};
-      change += lanes_below(c, count) ? weight : -weight;
-      store(weights + c, weight);
-    }
-    const float rescale = std::exp(old_shift - raised);
-    denominators[r] = denominators[r] * rescale + sum_of(change);
-    row_values(numerators + r * dh, rescale, weights, keys.new_values, weights + count,
-               keys.old_values, count, dh);
-    shifts[r] = raised;
   }
 }
 
