@@ -31,12 +31,12 @@ def lean_calls(monkeypatch):
     return calls
 
 
-def run(converted, video, lean, monkeypatch, batch=1, context=torch.inference_mode, **options):
+def run(converted, video, lean, monkeypatch, batch=1, **options):
     """Outputs, op counts and unprocessed shares of a stream over the video."""
     monkeypatch.setattr(block_module, "LEAN_STEPS", lean)
     stream = converted.stream(batch_size=batch, **options)
     outputs, ops, shares = [], [], []
-    with context():
+    with torch.inference_mode():
         for frames in video:
             outputs.append(stream(frames[:batch]))
             ops.append(stream.ops)
