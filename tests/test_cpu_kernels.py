@@ -240,7 +240,7 @@ def test_the_unprocessed_share_equals_pytorchs_operators_up_to_rounding():
     left = norms.reshape(-1).index_fill(0, selection.flat, 0).view(3, 50)
     want = left.sum(1) / gates.gate_size(scale, 50)
     got = gates.unprocessed_share(norms, selection, scale)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)  # sums in another order
     assert torch.equal(got, kernels.unprocessed_share()(norms.clone(), selection.flat, scale))
     # Where the kernel does not apply (float64), PyTorch's operators give the same share (the
     # zero scale clamped at float64's least normal, whose share float32 cannot hold).
