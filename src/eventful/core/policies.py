@@ -80,8 +80,8 @@ class Policy:
 
     def largest_count(self, num_tokens: int) -> int | None:
         """k, where this step's `select` takes each stream's k tokens of largest error
-        (`select_largest`) for inputs of `num_tokens` tokens; else None. The blocks then gate
-        without building selections (`EventfulBlock`'s lean step)."""
+        (`select_largest`) for inputs of `num_tokens` tokens; else None. The blocks then may
+        take their lean step (`EventfulBlock._lean_forward`)."""
         return None
 
     def observe(self, report: StepReport) -> None:
