@@ -342,17 +342,10 @@ class EventfulBlock(nn.Module):
         proj_rows = self.proj.rows_forward(proj_gate.rows).contiguous()
         y = add(x, state["proj"], proj_gate.selection.flat, proj_rows)
         mlp_gate = gate("mlp", y, lean.norm2)
-        mlp_rows = self._mlp_rows(mlp_gate.rows).contiguous()
+        mlp_rows = mlp_forward(self.fc1, self.fc2, mlp_gate.rows, lean=True).contiguous()
         if trace is not None:
             trace.record_block({"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}, recomputed)
         return add(y, state["mlp"], mlp_gate.selection.flat, mlp_rows)
-
-    def _mlp_rows(self, rows: Tensor) -> Tensor:
-        """fc2(fc1(rows)) as the lean step runs them: on the small-rows kernel straight away
-        where it applies, else as `mlp_forward` (bfloat16 between them at precision "bf16")."""
-        if self.fc1._runs_prepacked_bfloat16(rows):
-            return mlp_forward(self.fc1, self.fc2, rows)
-        return self.fc2.rows_forward(self.fc1.rows_forward(rows))  # fc1 with the activation
 
     def _update_exact_sequences(
         self, state: dict[str, Tensor], qkv_rows: Tensor, selection: Selection

@@ -353,13 +353,16 @@ class PackedLinear(nn.Linear):
         return cached[1]
 
 
-def mlp_forward(fc1: PackedLinear, fc2: PackedLinear, rows: Tensor) -> Tensor:
+def mlp_forward(fc1: PackedLinear, fc2: PackedLinear, rows: Tensor, lean: bool = False) -> Tensor:
     """fc2(fc1(rows)) for float32 rows (M, in). Where both layers run oneDNN's prepacked bfloat16
     linear (precision "bf16"), the hidden rows stay in bfloat16 between them, as fc1 gives them
     and as fc2 would round them: the same values, without casting M x hidden values to float32
-    and back (a model cast to bfloat16 keeps them so too)."""
+    and back (a model cast to bfloat16 keeps them so too). `lean`: rows as a block's lean step
+    has them, which go through `rows_forward` otherwise."""
     if fc1._runs_prepacked_bfloat16(rows) and fc2._takes_prepacked_bfloat16_rows():
         return fc2._prepacked_bfloat16(fc1._prepacked_bfloat16(rows)).float()
+    if lean:
+        return fc2.rows_forward(fc1.rows_forward(rows))
     return fc2(fc1(rows))
 
 
