@@ -253,11 +253,22 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return mean_m - slope * mean_k, slope
 
 
+def least_step_ms(model, frames, num_tokens: int, peaks: dict[str, float]) -> float:
+    """The least milliseconds this machine needs for a step of `model` (`least_times`, all
+    parts), from a counting stream's second step."""
+    stream = model.stream(drift=None, check_finite=False)
+    with torch.inference_mode():
+        for frame in frames[:2]:
+            stream(frame)
+    return sum(least_times(model, stream, num_tokens, peaks).values())
+
+
 def fixed_cost_section(threads: int, steps: int) -> str:
     divisors = (1, 4, 16, 64)
     precisions = ["fp32", *(["bf16"] if native_bf16() else [])]
     header = ["model", "level", "precision", "dense ms", *(f"k = N/{d}" for d in divisors)]
-    header += ["a / dense", "b ms"]
+    header += ["a / dense", "b ms", "least a / dense"]
+    peaks = machine_peaks()
     rows = []
     for name, (build, size) in models().items():
         vit = build()
@@ -272,7 +283,7 @@ def fixed_cost_section(threads: int, steps: int) -> str:
                 return dense_model(frame.to(cast))
 
             for level in LEVELS:
-                dense, ratios, points = Timings(), [], []
+                dense, ratios, points, least_points = Timings(), [], [], []
                 for divisor in divisors:
                     k = max(1, round(num_tokens / divisor))
                     model = eventful.convert(
@@ -288,10 +299,13 @@ def fixed_cost_section(threads: int, steps: int) -> str:
                     ratios.append(ms)
                     if divisor > 1:
                         points.append((k, ms))
+                        if precision == "fp32":
+                            least_points.append((k, least_step_ms(model, frames, num_tokens, peaks)))
                 dense_ms = dense.summary()[0]
                 a, b = fit(points)
                 cells = [f"{ms:.1f} ({ms / dense_ms:.2f})" for ms in ratios]
-                fitted = [f"{a / dense_ms:.2f}", f"{b:.3f}"]
+                least_a = f"{fit(least_points)[0] / dense_ms:.2f}" if least_points else "-"
+                fitted = [f"{a / dense_ms:.2f}", f"{b:.3f}", least_a]
                 rows.append([name, level, precision, f"{dense_ms:.1f}", *cells, *fitted])
                 print(*rows[-1], sep=" | ", flush=True)
     return (
@@ -302,8 +316,12 @@ def fixed_cost_section(threads: int, steps: int) -> str:
         "the CPU multiplies bfloat16 natively): the engine converted with `precision='bf16'`, "
         "against the dense model cast to bfloat16 (`model.to(torch.bfloat16)`). Each cell: "
         "milliseconds per step (over a dense step). Fit: ms = a + b k over k = N/4, N/16, N/64; "
-        "a / dense is the share of a dense step that no policy removes. Target (issue 25): a at "
-        "most 0.10 of a dense step, and time falling with k down to N/64.\n\n"
+        "a / dense is the share of a dense step that no policy removes. Least a / dense: the "
+        "same fit of the least time this machine needs for the step at each k (section "
+        "roofline: max(multiply-adds / float32 peak, bytes / bandwidth) per part, from the "
+        "step's op counts), over the measured dense step: the fixed cost that no implementation "
+        "removes on this machine (float32 only: the least times are float32's). Target (issue "
+        "25): a at most 0.10 of a dense step, and time falling with k down to N/64.\n\n"
         + markdown_table(header, rows)
     )
 
