@@ -300,7 +300,9 @@ def fixed_cost_section(threads: int, steps: int) -> str:
                     if divisor > 1:
                         points.append((k, ms))
                         if precision == "fp32":
-                            least_points.append((k, least_step_ms(model, frames, num_tokens, peaks)))
+                            least_points.append(
+                                (k, least_step_ms(model, frames, num_tokens, peaks))
+                            )
                 dense_ms = dense.summary()[0]
                 a, b = fit(points)
                 cells = [f"{ms:.1f} ({ms / dense_ms:.2f})" for ms in ratios]

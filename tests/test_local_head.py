@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 import eventful
-from eventful.core.local_head import HeadStep, LocalStack, convolution_as_product, output_shape
+from eventful.core.local_head import (
+    HeadStep,
+    LocalStack,
+    convolution_as_product,
+    output_shape,
+    sorted_distinct,
+)
 from eventful.models.saliency import SaliencyDecoder, SaliencyModel
 from tests.helpers import assert_equal_up_to_rounding, tiny_vit
 
@@ -281,3 +287,12 @@ def test_a_gated_input_that_runs_a_stage_densely_keeps_what_it_left_out_for_late
         assert_equal_up_to_rounding(halfway, layers(passed))
         stack.step = HeadStep(caches, dense=False, grid=lambda: (3, 3), shares=lambda: [1.0])
         assert torch.equal(stack(second), layers(second))  # every token: the original layers
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 3000])
+def test_sorted_distinct_equals_unique(count):
+    generator = torch.Generator().manual_seed(count)
+    indices = torch.randint(0, 500, (count,), generator=generator)
+    distinct = sorted_distinct(indices, 500)
+    assert torch.equal(distinct, indices.unique())
+    assert distinct.dtype == torch.int64

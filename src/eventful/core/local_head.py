@@ -319,18 +319,29 @@ class LocalStack(nn.Module):
         targets = targets.flatten().index_select(0, valid)
         pre = caches[f"pre{index}"]
         pre.index_add_(0, targets, contributions.view(-1, out_channels).index_select(0, valid))
-        touched = targets.unique()
+        touched = sorted_distinct(targets, pre.shape[0])
         outputs = pre.index_select(0, touched)
         for layer in pointwise:
             outputs = pointwise_on_rows(layer, outputs)
         cached = caches[f"input{index + 1}"]
         difference = outputs - cached.index_select(0, touched)
         cached.index_copy_(0, touched, outputs)
-        moved = difference.ne(0).any(1).nonzero().squeeze(1)
+        # The rows with a nonzero (or NaN) difference: abs and amax run several times faster
+        # than ne and any here.
+        moved = difference.abs().amax(1).ne(0).nonzero().squeeze(1)
         # The delta product, the scattered adds, and one subtraction per touched output element.
         self.step.macs += deltas.numel() * kernel_h * kernel_w * out_channels
         self.step.macs += (len(targets) + len(touched)) * out_channels
         return touched.index_select(0, moved), difference.index_select(0, moved)
+
+
+def sorted_distinct(indices: Tensor, size: int) -> Tensor:
+    """The distinct values of `indices` (each in [0, size)) in ascending order, as
+    `indices.unique()` gives them, through a mark per value: at a few thousand indices several
+    times faster than `unique`'s sort."""
+    marks = torch.zeros(size, dtype=torch.bool, device=indices.device)
+    marks[indices] = True
+    return marks.nonzero().squeeze(1)
 
 
 def convolution_as_product(conv: nn.Module, inputs: Tensor) -> Tensor:
