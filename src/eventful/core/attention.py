@@ -537,15 +537,16 @@ def recompute_exact_groups(
     v: Tensor,
     bias: Tensor | None = None,
     dtype: torch.dtype | None = None,
-) -> None:
+) -> Tensor:
     """Every row of the exact level's running sums (..., H, L, ...) recomputed: U_i is the
     attention output, Z_i is 1 and m_i the row's log-sum-exp; `bias` is added to the logits;
     `dtype`: the attention's products run in it (`attention_with_logsumexp`), the sums keep
-    theirs."""
+    theirs. Returns the attention output as computed (the numerator's values, in q's dtype)."""
     output, logsumexp = attention_with_logsumexp(q, k, v, bias, dtype)
     numerator.copy_(output)
     denominator.fill_(1.0)
     shift.copy_(logsumexp)
+    return output
 
 
 def recompute_attention_groups(

@@ -406,11 +406,27 @@ class EventfulBlock(nn.Module):
         """Attention output (B, N, D) of every query over the buffered qkv (B, N, 3 D), within
         each attention group: the tokenwise level. With K/V pooling (global attention), the
         patches' keys and values are averaged over the grid's cells first."""
+        low = None if self.kv_pool > 1 else self._low_precision_heads(qkv, layout)
+        if low is not None:
+            out = softmax_attention(*low).to(qkv.dtype)
+            return self._ungrouped(out, layout, qkv.shape[0])
         q, k, v = self._grouped_heads(qkv, layout)
         if self.kv_pool > 1:
             k, v = pool_keys_values(k, v, grid, self.kv_pool)
         out = softmax_attention(q, k, v, self._bias(q, layout), self.attention_dtype)
         return self._ungrouped(out, layout, qkv.shape[0])
+
+    def _low_precision_heads(
+        self, qkv: Tensor, layout: GroupLayout
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """q, k, v (B * groups, H, L, dh) in the attention dtype from the buffered qkv rounded
+        to it at once, where the attention runs in a lower precision than the buffer and
+        without a bias; else None. The values of q, k and v each rounded from their views, in
+        one contiguous conversion instead of three strided ones."""
+        dtype = self.attention_dtype
+        if dtype is None or qkv.dtype == dtype or self.bias is not None:
+            return None
+        return self._grouped_heads(qkv.to(dtype), layout)
 
     def _plan(self, selection: Selection, fresh_streams: list[int], layout: GroupLayout):
         """Which groups of the batch this step recomputes and which it updates, and how.
@@ -512,10 +528,19 @@ class EventfulBlock(nn.Module):
         q, k, v = self._grouped_heads(state["qkv"], layout)
         names = CACHES[self.level]
         lost = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        low = None  # q, k, v in the attention dtype, for the exact level's recomputes
+        recomputed = None  # their output, where one recompute covers every group
         for update, old in zip(plan.updates, old_keys_values, strict=True):
             heads = [_of_groups(x, update.groups) for x in (q, k, v)]
             caches = [_of_groups(state[name], update.groups) for name in names]
-            if update.changes is None:
+            if update.changes is None and self.level == "exact":
+                low = low or self._low_precision_heads(state["qkv"], layout)
+            if update.changes is None and low is not None:
+                output = recompute_exact_groups(
+                    *caches, *(_of_groups(x, update.groups) for x in low)
+                )
+                recomputed = output if update.groups is None else None
+            elif update.changes is None:
                 self._recompute(caches, heads, self._bias(heads[0], layout))
             else:
                 bias_for = self._bias_for(heads[0], layout)
@@ -532,7 +557,11 @@ class EventfulBlock(nn.Module):
             if update.groups is not None:  # the caches were copies of those groups
                 for name, cache in zip(names, caches, strict=True):
                     state[name].index_copy_(0, update.groups, cache)
-        if self.level == "exact":
+        if self.level == "exact" and recomputed is not None and plan.recomputes_everything:
+            # The numerator itself, converted as it is laid out by PyTorch's fused attention
+            # (the heads side by side): the tokens' rows are then a view, not a transposing copy.
+            out = recomputed.to(q.dtype)
+        elif self.level == "exact":
             out = state["attention_numerator"]
             if not plan.recomputes_everything:  # else every denominator is 1
                 out = out / state["attention_denominator"].unsqueeze(-1)
