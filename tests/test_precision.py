@@ -16,6 +16,7 @@ from torch import nn
 
 import eventful
 from eventful.core import kernels, packed_linear, precision
+from eventful.core.local_head import LocalStack
 from eventful.core.packed_linear import PackedLinear
 from eventful.synthetic import moving_squares
 from tests.helpers import LEVELS, ROUNDING_TOLERANCE, VARIANTS, tiny_vit
@@ -383,3 +384,36 @@ def test_at_bf16_a_recompute_of_every_row_keeps_float32_caches(native_bf16):
         for frame in moving_squares(3, size=64, batch=1, seed=6):
             stream(frame)
     assert all(t.dtype == torch.float32 for t in all_caches(stream))
+
+
+def local_stacks(model) -> list[LocalStack]:
+    return [module for module in model.modules() if isinstance(module, LocalStack)]
+
+
+def test_at_bf16_a_heads_dense_convolutions_multiply_in_bfloat16(native_bf16):
+    dense, _ = MODELS["saliency (local head)"]
+    for chosen in ("fp32", "int8"):
+        other = eventful.convert(dense, policy=eventful.TopK(4), precision=chosen)
+        assert all(stack.compute_dtype is None for stack in local_stacks(other))
+    converted = eventful.convert(dense, policy=eventful.TopK(4), precision="bf16")
+    stacks = local_stacks(converted)
+    assert stacks and all(stack.compute_dtype == torch.bfloat16 for stack in stacks)
+    stack = stacks[0]
+    conv = stack.stages[0][0]
+    inputs = torch.randn(2, conv.in_channels, 5, 7)  # a size other than the model's
+
+    def in_bfloat16():
+        with torch.no_grad():
+            return copy.deepcopy(conv).to(torch.bfloat16)(inputs.bfloat16()).float()
+
+    with torch.inference_mode():
+        got = stack._convolve(0, conv, inputs)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, in_bfloat16())
+    with torch.no_grad():
+        assert not torch.equal(got, conv(inputs))
+        conv.weight.mul_(2)  # the rounded weight follows the layer's
+        assert torch.equal(stack._convolve(0, conv, inputs), in_bfloat16())
+        conv.weight.div_(2)
+    # Under autograd the layer runs as it is, in float32.
+    assert torch.equal(stack._convolve(0, conv, inputs), conv(inputs))

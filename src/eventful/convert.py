@@ -98,7 +98,10 @@ def _convert(
     wrapped, path = replace_encoder(
         model, lambda encoder: _encoder_call(encoder, policy, level, cache_dtype, precision)
     )
-    _, dense_layers = convert_heads(wrapped, path)
+    # At precision bf16 the head's dense convolutions multiply in bfloat16 too, as they do in
+    # the dense model cast to bfloat16 (the sparse updates' products stay float32).
+    head_dtype = torch.bfloat16 if precision == "bf16" else None
+    _, dense_layers = convert_heads(wrapped, path, head_dtype)
     if dense_layers:
         warnings.warn(
             f"eventful.convert: the head layers {', '.join(dense_layers)} of "

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eventful.core import kernels
@@ -120,14 +121,19 @@ class LocalStack(nn.Module):
     """Stands in for a local convolution stack (`is_local_stack`) of a wrapped model's head.
 
     `name` keys its caches in the stream state (`StreamState.heads`). It runs only inside a
-    step of its wrapper, which sets `step`.
+    step of its wrapper, which sets `step`. With `compute_dtype` (bfloat16, for a model
+    converted at precision "bf16"), the convolutions of the stages that run densely multiply in
+    it outside autograd, their outputs returned to float32 for the caches and the layers after.
     """
 
-    def __init__(self, name: str, module: nn.Module) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, compute_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         if not is_local_stack(module):
             raise TypeError(f"{type(module).__name__} {name!r} is not a local convolution stack")
         self.name = name
+        self.compute_dtype = compute_dtype
         self.layers = nn.ModuleList(module if isinstance(module, nn.Sequential) else [module])
         self.stages: list[tuple[nn.Module, list[nn.Module]]] = []
         for layer in self.layers:
@@ -138,11 +144,38 @@ class LocalStack(nn.Module):
         self.step: HeadStep | None = None
         self._matrices: dict[int, tuple[tuple, Tensor]] = {}  # per stage, see below
         self._panels: dict[int, tuple[tuple, Tensor]] = {}
+        self._low_weights: dict[int, tuple[tuple, tuple[Tensor, Tensor | None]]] = {}
 
     def clear_weight_caches(self) -> None:
-        """Forget the kernel matrices and their panels (`forget_weight_caches`)."""
+        """Forget the kernel matrices, their panels and the weights in the compute dtype
+        (`forget_weight_caches`)."""
         self._matrices = {}
         self._panels = {}
+        self._low_weights = {}
+
+    def _convolve(self, index: int, conv: nn.Module, inputs: Tensor) -> Tensor:
+        """`conv`, the convolution of stage `index`, on inputs: in `compute_dtype` where one is
+        set, outside autograd, with its weight and bias rounded to it once (kept until they
+        change, `tensor_key`); the output in the inputs' dtype."""
+        dtype = self.compute_dtype
+        if dtype is None or inputs.dtype == dtype or torch.is_grad_enabled():
+            return conv(inputs)
+        key = (tensor_key(conv.weight), None if conv.bias is None else tensor_key(conv.bias))
+        kept = self._low_weights.get(index)
+        if kept is None or kept[0] != key:
+            with torch.inference_mode(False):  # ordinary tensors, whatever mode this step is in
+                bias = None if conv.bias is None else conv.bias.detach().to(dtype)
+                kept = (key, (conv.weight.detach().to(dtype), bias))
+            self._low_weights[index] = kept
+        weight, bias = kept[1]
+        low = inputs.to(dtype)
+        if isinstance(conv, nn.ConvTranspose2d):
+            out = F.conv_transpose2d(
+                low, weight, bias, conv.stride, conv.padding, conv.output_padding, 1, conv.dilation
+            )
+        else:
+            out = F.conv2d(low, weight, bias, conv.stride, conv.padding, conv.dilation)
+        return out.to(inputs.dtype)
 
     def _kernel_matrix(self, index: int, conv: nn.Module) -> Tensor:
         """The weight of `conv`, the convolution of stage `index`, as (C_in, K * C_out): row c
@@ -280,8 +313,9 @@ class LocalStack(nn.Module):
         inputs: Tensor,
         caches: dict[str, Tensor],
     ) -> Tensor:
-        """Stage `index` on its whole input, as the original layers run; its output."""
-        pre = conv(inputs)
+        """Stage `index` on its whole input, as the original layers run (the convolution in
+        `compute_dtype` where one is set); its output."""
+        pre = self._convolve(index, conv, inputs)
         self.step.macs += dense_convolution_macs(conv, tuple(inputs.shape))
         outputs = pre
         for layer in pointwise:
@@ -470,10 +504,13 @@ def dense_convolution_macs(conv: nn.Module, input_shape: tuple[int, ...]) -> int
     return layer_macs(conv, inputs, outputs)
 
 
-def convert_heads(model: nn.Module, encoder_path: str) -> tuple[list[str], list[str]]:
+def convert_heads(
+    model: nn.Module, encoder_path: str, compute_dtype: torch.dtype | None = None
+) -> tuple[list[str], list[str]]:
     """Replace, in place, every outermost local stack of `model` outside the module at
-    `encoder_path` by a `LocalStack`; returns the stacks' names and the names of the head's
-    other layers with weights, which run densely (a linear layer, attention, ...)."""
+    `encoder_path` by a `LocalStack` (with `compute_dtype`, see there); returns the stacks'
+    names and the names of the head's other layers with weights, which run densely (a linear
+    layer, attention, ...)."""
     stacks: list[str] = []
     dense: list[str] = []
     for name, module in list(model.named_modules()):
@@ -481,7 +518,8 @@ def convert_heads(model: nn.Module, encoder_path: str) -> tuple[list[str], list[
             continue
         if is_local_stack(module):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LocalStack(name, module))
+            stack = LocalStack(name, module, compute_dtype)
+            setattr(model.get_submodule(parent), child, stack)
             stacks.append(name)
         elif isinstance(module, HEAD_LAYERS) or (
             not isinstance(module, POINTWISE) and any(module.parameters(recurse=False))
