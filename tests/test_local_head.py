@@ -10,6 +10,7 @@ import eventful
 from eventful.core.local_head import (
     HeadStep,
     LocalStack,
+    channels_first,
     convolution_as_product,
     output_shape,
     sorted_distinct,
@@ -281,6 +282,7 @@ def test_a_gated_input_that_runs_a_stage_densely_keeps_what_it_left_out_for_late
     stack(first)
     stack.step = HeadStep(caches, dense=False, grid=lambda: (3, 3), shares=lambda: [0.6])
     halfway = stack(second)
+    assert halfway.is_contiguous()  # a stage run densely on its cached (channels-last) input
     passed = first.clone()
     passed.view(1, 6, 9)[..., 4:] = second.view(1, 6, 9)[..., 4:]  # the 5 largest changes
     with torch.no_grad():
@@ -296,3 +298,11 @@ def test_sorted_distinct_equals_unique(count):
     distinct = sorted_distinct(indices, 500)
     assert torch.equal(distinct, indices.unique())
     assert distinct.dtype == torch.int64
+
+
+def test_channels_first_turns_a_channels_last_output_around():
+    outputs = torch.randn(2, 5, 4, 3).contiguous(memory_format=torch.channels_last)
+    turned = channels_first(outputs)
+    assert turned.is_contiguous() and torch.equal(turned, outputs)
+    already = torch.randn(2, 5, 4, 3)
+    assert channels_first(already) is already
