@@ -334,7 +334,7 @@ class EventfulBlock(nn.Module):
             if measure:
                 recomputed = lost.tolist()
         else:
-            state["qkv"].view(-1, 3 * self.dim).index_copy_(0, flat, qkv_rows)
+            write_rows(state["qkv"], qkv_gate.selection, qkv_rows)
             layout = self.layout(grid, x.shape[1], x.device)
             attended = self._attend_every_row(state["qkv"], layout, grid)
         add = kernels.add_rows()
@@ -529,7 +529,7 @@ class EventfulBlock(nn.Module):
         names = CACHES[self.level]
         lost = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         low = None  # q, k, v in the attention dtype, for the exact level's recomputes
-        recomputed = None  # their output, where one recompute covers every group
+        recomputed_output = None  # their output, where one recompute covers every group
         for update, old in zip(plan.updates, old_keys_values, strict=True):
             heads = [_of_groups(x, update.groups) for x in (q, k, v)]
             caches = [_of_groups(state[name], update.groups) for name in names]
@@ -539,7 +539,7 @@ class EventfulBlock(nn.Module):
                 output = recompute_exact_groups(
                     *caches, *(_of_groups(x, update.groups) for x in low)
                 )
-                recomputed = output if update.groups is None else None
+                recomputed_output = output if update.groups is None else None
             elif update.changes is None:
                 self._recompute(caches, heads, self._bias(heads[0], layout))
             else:
@@ -557,10 +557,10 @@ class EventfulBlock(nn.Module):
             if update.groups is not None:  # the caches were copies of those groups
                 for name, cache in zip(names, caches, strict=True):
                     state[name].index_copy_(0, update.groups, cache)
-        if self.level == "exact" and recomputed is not None and plan.recomputes_everything:
+        if self.level == "exact" and recomputed_output is not None and plan.recomputes_everything:
             # The numerator itself, converted as it is laid out by PyTorch's fused attention
             # (the heads side by side): the tokens' rows are then a view, not a transposing copy.
-            out = recomputed.to(q.dtype)
+            out = recomputed_output.to(q.dtype)
         elif self.level == "exact":
             out = state["attention_numerator"]
             if not plan.recomputes_everything:  # else every denominator is 1
