@@ -168,7 +168,7 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
   at::parallel_for(0, swap_tasks, 1, [&](int64_t begin, int64_t end) {
     int64_t held = -1, padded = 0;
     std::vector<float> scratch;
-    float *keys_by_feature = nullptr, *logits = nullptr;
+    float *keys_by_feature = nullptr, *swap_scratch = nullptr;
     eventful_swap::ChangedKeys keys{nullptr, nullptr, nullptr, nullptr, 0, dh};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / swap_blocks, first = (task % swap_blocks) * SWAP_ROW_BLOCK;
@@ -179,9 +179,9 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
         keys = {plan.new_keys.data() + h * m * dh, plan.new_values.data() + h * m * dh,
                 plan.old_keys.data() + h * m * dh, plan.old_values.data() + h * m * dh, m, dh};
         padded = keys.padded();
-        scratch.assign(dh * padded + SWAP_ROW_BLOCK * padded + LINE, 0.0f);
+        scratch.assign(dh * padded + eventful_swap::swap_scratch_floats(padded) + LINE, 0.0f);
         keys_by_feature = aligned(scratch.data());
-        logits = keys_by_feature + dh * padded;
+        swap_scratch = keys_by_feature + dh * padded;
         eventful_swap::lay_out_changed_keys(keys, keys_by_feature);
         held = pair;
       }
@@ -190,7 +190,8 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
       eventful_swap::swap_rows(keys, keys_by_feature,
                                buffer + (b * s.tokens + first) * qkv_row + h * dh, qkv_row,
                                count_rows, nullptr, changed.data() + b * s.tokens + first,
-                               numerators + at * dh, denominators + at, shifts + at, logits);
+                               numerators + at * dh, denominators + at, shifts + at,
+                               swap_scratch);
       for (int64_t r = 0; r < count_rows; ++r) {
         if (!changed[b * s.tokens + first + r]) write_output(b, h, first + r);
       }

@@ -5,8 +5,9 @@
 // Row i keeps U_i = sum_j exp(l_ij - m_i) v_j (its numerator, dh values), Z_i = sum_j
 // exp(l_ij - m_i) (its denominator) and the shift m_i. Each row reads its query once, forms its
 // 2 m logits from the changed keys (held transposed, so that a loaded vector of keys serves one
-// multiply-add per feature), raises its shift to the log-sum-exp of its new logits, and adds the
-// weighted values to its numerator, while the row's sums are in cache. Rows are independent.
+// multiply-add per feature), raises its shift to the log-sum-exp of its new logits (that step
+// across the lanes of WIDTH rows at once), and adds the weighted values to its numerator, while
+// the row's sums are in cache. Rows are independent.
 
 #pragma once
 
@@ -25,17 +26,17 @@ using namespace eventful_vectors;
 // two-row forms round alike.
 template <int V>
 inline void accumulate_values(float* numerator, float rescale, const float* weights,
-                              const float* new_values, const float* old_weights,
+                              int64_t stride, const float* new_values, const float* old_weights,
                               const float* old_values, int64_t count, int64_t dh, int64_t c) {
   Vector a[V];
   for (int u = 0; u < V; ++u) a[u] = load(numerator + c + u * WIDTH) * splat(rescale);
   for (int64_t j = 0; j < count; ++j) {
-    const Vector w = splat(weights[j]);
+    const Vector w = splat(weights[j * stride]);
     const float* row = new_values + j * dh + c;
     for (int u = 0; u < V; ++u) a[u] = multiply_add(w, load(row + u * WIDTH), a[u]);
   }
   for (int64_t j = 0; j < count; ++j) {
-    const Vector w = splat(-old_weights[j]);
+    const Vector w = splat(-old_weights[j * stride]);
     const float* row = old_values + j * dh + c;
     for (int u = 0; u < V; ++u) a[u] = multiply_add(w, load(row + u * WIDTH), a[u]);
   }
@@ -44,52 +45,58 @@ inline void accumulate_values(float* numerator, float rescale, const float* weig
 
 // The features [c, dh) of `row_values`, one at a time.
 inline void row_values_tail(float* numerator, float rescale, const float* weights,
-                            const float* new_values, const float* old_weights,
+                            int64_t stride, const float* new_values, const float* old_weights,
                             const float* old_values, int64_t count, int64_t dh, int64_t c) {
   for (; c < dh; ++c) {
     float a = numerator[c] * rescale;
-    for (int64_t j = 0; j < count; ++j) a = std::fma(weights[j], new_values[j * dh + c], a);
-    for (int64_t j = 0; j < count; ++j) a = std::fma(-old_weights[j], old_values[j * dh + c], a);
+    for (int64_t j = 0; j < count; ++j) {
+      a = std::fma(weights[j * stride], new_values[j * dh + c], a);
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      a = std::fma(-old_weights[j * stride], old_values[j * dh + c], a);
+    }
     numerator[c] = a;
   }
 }
 
-// numerator[0, dh) = numerator * rescale + sum_j weights[j] values[j] - sum_j old[j] olds[j].
-inline void row_values(float* numerator, float rescale, const float* weights,
+// numerator[0, dh) = numerator * rescale + sum_j weights[j] values[j] - sum_j old[j] olds[j],
+// the weights `stride` floats apart.
+inline void row_values(float* numerator, float rescale, const float* weights, int64_t stride,
                        const float* new_values, const float* old_weights,
                        const float* old_values, int64_t count, int64_t dh) {
   int64_t c = 0;
   for (; c + 8 * WIDTH <= dh; c += 8 * WIDTH) {
-    accumulate_values<8>(numerator, rescale, weights, new_values, old_weights, old_values, count,
-                         dh, c);
+    accumulate_values<8>(numerator, rescale, weights, stride, new_values, old_weights, old_values,
+                         count, dh, c);
   }
   for (; c + 4 * WIDTH <= dh; c += 4 * WIDTH) {
-    accumulate_values<4>(numerator, rescale, weights, new_values, old_weights, old_values, count,
-                         dh, c);
+    accumulate_values<4>(numerator, rescale, weights, stride, new_values, old_weights, old_values,
+                         count, dh, c);
   }
   for (; c + WIDTH <= dh; c += WIDTH) {
-    accumulate_values<1>(numerator, rescale, weights, new_values, old_weights, old_values, count,
-                         dh, c);
+    accumulate_values<1>(numerator, rescale, weights, stride, new_values, old_weights, old_values,
+                         count, dh, c);
   }
-  row_values_tail(numerator, rescale, weights, new_values, old_weights, old_values, count, dh, c);
+  row_values_tail(numerator, rescale, weights, stride, new_values, old_weights, old_values, count,
+                  dh, c);
 }
 
 // Two rows' V vectors from column c at once, each formed as `accumulate_values` forms it: the
 // values loaded once serve both rows, and 2 V sums are in flight (V = 4 where vectors hold 16
-// floats and dh = 64: one row's four sums alone wait on the adder's latency). `weights` of a row:
-// its new keys' in [0, count), its old keys' in [count, 2 count).
+// floats and dh = 64: one row's four sums alone wait on the adder's latency). `weights` of a row,
+// `stride` floats apart: its new keys' j in [0, count), its old keys' in [count, 2 count).
 template <int V>
 inline void accumulate_values_2(float* numerator0, float* numerator1, float rescale0,
                                 float rescale1, const float* weights0, const float* weights1,
-                                const float* new_values, const float* old_values, int64_t count,
-                                int64_t dh, int64_t c) {
+                                int64_t stride, const float* new_values, const float* old_values,
+                                int64_t count, int64_t dh, int64_t c) {
   Vector a[V], b[V];
   for (int u = 0; u < V; ++u) {
     a[u] = load(numerator0 + c + u * WIDTH) * splat(rescale0);
     b[u] = load(numerator1 + c + u * WIDTH) * splat(rescale1);
   }
   for (int64_t j = 0; j < count; ++j) {
-    const Vector w0 = splat(weights0[j]), w1 = splat(weights1[j]);
+    const Vector w0 = splat(weights0[j * stride]), w1 = splat(weights1[j * stride]);
     const float* row = new_values + j * dh + c;
     for (int u = 0; u < V; ++u) {
       const Vector value = load(row + u * WIDTH);
@@ -97,8 +104,10 @@ inline void accumulate_values_2(float* numerator0, float* numerator1, float resc
       b[u] = multiply_add(w1, value, b[u]);
     }
   }
+  const float* old_weights0 = weights0 + count * stride;
+  const float* old_weights1 = weights1 + count * stride;
   for (int64_t j = 0; j < count; ++j) {
-    const Vector w0 = splat(-weights0[count + j]), w1 = splat(-weights1[count + j]);
+    const Vector w0 = splat(-old_weights0[j * stride]), w1 = splat(-old_weights1[j * stride]);
     const float* row = old_values + j * dh + c;
     for (int u = 0; u < V; ++u) {
       const Vector value = load(row + u * WIDTH);
@@ -115,27 +124,29 @@ inline void accumulate_values_2(float* numerator0, float* numerator1, float resc
 // `row_values` of two rows: the same sums, each row's in the same order.
 inline void two_rows_values(float* numerator0, float* numerator1, float rescale0,
                             float rescale1, const float* weights0, const float* weights1,
-                            const float* new_values, const float* old_values, int64_t count,
-                            int64_t dh) {
+                            int64_t stride, const float* new_values, const float* old_values,
+                            int64_t count, int64_t dh) {
+  const float* old_weights0 = weights0 + count * stride;
+  const float* old_weights1 = weights1 + count * stride;
   int64_t c = 0;
   for (; c + 8 * WIDTH <= dh; c += 8 * WIDTH) {  // eight sums per row already: one row at a time
-    accumulate_values<8>(numerator0, rescale0, weights0, new_values, weights0 + count,
+    accumulate_values<8>(numerator0, rescale0, weights0, stride, new_values, old_weights0,
                          old_values, count, dh, c);
-    accumulate_values<8>(numerator1, rescale1, weights1, new_values, weights1 + count,
+    accumulate_values<8>(numerator1, rescale1, weights1, stride, new_values, old_weights1,
                          old_values, count, dh, c);
   }
   for (; c + 4 * WIDTH <= dh; c += 4 * WIDTH) {
     accumulate_values_2<4>(numerator0, numerator1, rescale0, rescale1, weights0, weights1,
-                           new_values, old_values, count, dh, c);
+                           stride, new_values, old_values, count, dh, c);
   }
   for (; c + WIDTH <= dh; c += WIDTH) {
     accumulate_values_2<1>(numerator0, numerator1, rescale0, rescale1, weights0, weights1,
-                           new_values, old_values, count, dh, c);
+                           stride, new_values, old_values, count, dh, c);
   }
   if (c < dh) {  // features past the last whole vector
-    row_values_tail(numerator0, rescale0, weights0, new_values, weights0 + count, old_values,
+    row_values_tail(numerator0, rescale0, weights0, stride, new_values, old_weights0, old_values,
                     count, dh, c);
-    row_values_tail(numerator1, rescale1, weights1, new_values, weights1 + count, old_values,
+    row_values_tail(numerator1, rescale1, weights1, stride, new_values, old_weights1, old_values,
                     count, dh, c);
   }
 }
@@ -166,94 +177,104 @@ inline void lay_out_changed_keys(const ChangedKeys& keys, float* keys_by_feature
   }
 }
 
-constexpr int64_t SWAP_CHUNK = 32;  // rows whose weights are held before their values
+// Floats of scratch `swap_rows` needs for the changed keys' `padded` columns: a chunk of WIDTH
+// rows' logits, then the same transposed.
+inline int64_t swap_scratch_floats(int64_t padded) { return 2 * WIDTH * padded; }
 
 // `rows` consecutive query rows (from `queries`, rows `row_stride` apart) swap the changed keys'
 // share of their sums (from `numerators` (rows, dh), `denominators`, `shifts`). A row with
 // skip[r] set is left as it is (it is recomputed anyway). `bias` (rows, m): the changed columns'
-// bias of each row, or null. `logits` holds rows x padded floats, on a cache line: each row's
-// logits, then its weights.
+// bias of each row, or null. `scratch` holds swap_scratch_floats(padded) floats, on a cache line.
+//
+// Chunks of WIDTH rows: the rows' logits, then transposed so that a vector holds one key's
+// logit in every row of the chunk, and each row's shift, weights and denominator are formed in
+// the lanes of a few vectors (per row, these steps are a handful of operations on one vector,
+// each followed by a sum or a maximum across its lanes); then the rows' values, two at a time.
+// A row's arithmetic is the same in every lane, so it does not depend on the rows beside it.
 inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
                       const float* queries, int64_t row_stride, int64_t rows, const float* bias,
                       const uint8_t* skip, float* numerators, float* denominators,
-                      float* shifts, float* logits) {
+                      float* shifts, float* scratch) {
   const int64_t count = keys.count, dh = keys.dh, padded = keys.padded();
-  // The rows are far apart (rows of the qkv buffer): each group of four asks for the next
-  // group's cache lines while it computes. Four rows keep at least four sums in flight where the
-  // changed keys fill a single vector.
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    for (int64_t next = r + 4; next < std::min(r + 8, rows); ++next) {
-      for (int64_t line = 0; line < dh; line += LINE) {
-        __builtin_prefetch(queries + next * row_stride + line);
-      }
-    }
-    rows_logits<4, 2>(queries + r * row_stride, row_stride, keys_by_feature, dh, padded,
-                      logits + r * padded);
-  }
-  for (; r < rows; ++r) {
-    rows_logits<1, 4>(queries + r * row_stride, row_stride, keys_by_feature, dh, padded,
-                      logits + r * padded);
-  }
-  // Each row's weights take the place of its logits; then the rows' values, two rows at a time.
-  float rescales[SWAP_CHUNK];
-  for (int64_t start = 0; start < rows; start += SWAP_CHUNK) {
-    const int64_t end = std::min(rows, start + SWAP_CHUNK);
-    for (r = start; r < end; ++r) {
-      if (skip != nullptr && skip[r]) continue;
-      float* row_logits = logits + r * padded;
-      if (bias != nullptr) {
-        const float* row_bias = bias + r * count;
-        for (int64_t j = 0; j < count; ++j) {
-          row_logits[j] += row_bias[j];
-          row_logits[count + j] += row_bias[j];
+  float* logits = scratch;                   // (WIDTH, padded)
+  float* by_key = scratch + WIDTH * padded;  // (padded, WIDTH): logits, then weights
+  for (int64_t start = 0; start < rows; start += WIDTH) {
+    const int64_t chunk = std::min(WIDTH, rows - start);
+    // The rows are far apart (rows of the qkv buffer): each group of four asks for the next
+    // group's cache lines while it computes. Four rows keep at least four sums in flight where
+    // the changed keys fill a single vector.
+    int64_t r = 0;
+    for (; r + 4 <= chunk; r += 4) {
+      for (int64_t next = start + r + 4; next < std::min(start + r + 8, rows); ++next) {
+        for (int64_t line = 0; line < dh; line += LINE) {
+          __builtin_prefetch(queries + next * row_stride + line);
         }
       }
-      // The new logits' log-sum-exp, then the raised shift; lanes of old keys or past them
-      // count for nothing.
-      Vector largest = splat(-INFINITY);
-      for (int64_t c = 0; c < count; c += WIDTH) {
-        largest = max(largest, lanes_below(c, count) ? load(row_logits + c) : splat(-INFINITY));
-      }
-      const float most = max_of(largest);
-      Vector total{};
-      for (int64_t c = 0; c < count; c += WIDTH) {
-        total += lanes_below(c, count) ? vector_exp(load(row_logits + c) - splat(most)) : Vector{};
-      }
-      const float old_shift = shifts[r];
-      const float raised = std::max(old_shift, most + std::log(sum_of(total)));
-      // Every weight is exp(l - raised), so that a key whose logit did not change (a padding
-      // position of a group) adds exactly the share it removes: the new keys' weights count
-      // positively in the denominator, the old keys' negatively.
-      Vector change{};
-      for (int64_t c = 0; c < padded; c += WIDTH) {
-        const Vector weight = lanes_below(c, 2 * count)
-                                  ? vector_exp(load(row_logits + c) - splat(raised))
-                                  : Vector{};
-        change += lanes_below(c, count) ? weight : -weight;
-        store(row_logits + c, weight);
-      }
-      const float rescale = std::exp(old_shift - raised);
-      rescales[r - start] = rescale;
-      denominators[r] = denominators[r] * rescale + sum_of(change);
-      shifts[r] = raised;
+      rows_logits<4, 2>(queries + (start + r) * row_stride, row_stride, keys_by_feature, dh,
+                        padded, logits + r * padded);
     }
+    for (; r < chunk; ++r) {
+      rows_logits<1, 4>(queries + (start + r) * row_stride, row_stride, keys_by_feature, dh,
+                        padded, logits + r * padded);
+    }
+    if (chunk < WIDTH) std::fill(by_key, by_key + 2 * count * WIDTH, 0.0f);
+    transpose(logits, padded, chunk, 2 * count, by_key, WIDTH);
+    if (bias != nullptr) {
+      for (r = 0; r < chunk; ++r) {
+        const float* row_bias = bias + (start + r) * count;
+        for (int64_t j = 0; j < count; ++j) {
+          by_key[j * WIDTH + r] += row_bias[j];
+          by_key[(count + j) * WIDTH + r] += row_bias[j];
+        }
+      }
+    }
+    // Each row's new logits' log-sum-exp, then its shift raised to it.
+    Vector most = splat(-INFINITY);
+    for (int64_t j = 0; j < count; ++j) most = max(most, load(by_key + j * WIDTH));
+    Vector total{};
+    for (int64_t j = 0; j < count; ++j) total += vector_exp(load(by_key + j * WIDTH) - most);
+    float lanes[WIDTH] = {};
+    std::copy(shifts + start, shifts + start + chunk, lanes);
+    const Vector old_shift = load(lanes);
+    const Vector raised = max(old_shift, most + vector_log(total));
+    // Every weight is exp(l - raised), so that a key whose logit did not change (a padding
+    // position of a group) adds exactly the share it removes: the new keys' weights count
+    // positively in the denominator, the old keys' negatively.
+    Vector change{};
+    for (int64_t j = 0; j < 2 * count; ++j) {
+      const Vector weight = vector_exp(load(by_key + j * WIDTH) - raised);
+      change = j < count ? change + weight : change - weight;
+      store(by_key + j * WIDTH, weight);
+    }
+    const Vector rescale = vector_exp(old_shift - raised);
+    std::copy(denominators + start, denominators + start + chunk, lanes);
+    const Vector denominator = multiply_add(load(lanes), rescale, change);
+    float new_denominators[WIDTH], new_shifts[WIDTH], rescales[WIDTH];
+    store(new_denominators, denominator);
+    store(new_shifts, raised);
+    store(rescales, rescale);
+    for (r = 0; r < chunk; ++r) {
+      if (skip != nullptr && skip[start + r]) continue;
+      denominators[start + r] = new_denominators[r];
+      shifts[start + r] = new_shifts[r];
+    }
+    // The rows' values, two rows at a time; a row's weights are column r of `by_key`.
     int64_t waiting = -1;  // a swapped row without its pair yet
-    for (r = start; r < end; ++r) {
-      if (skip != nullptr && skip[r]) continue;
+    for (r = 0; r < chunk; ++r) {
+      if (skip != nullptr && skip[start + r]) continue;
       if (waiting < 0) {
         waiting = r;
         continue;
       }
-      two_rows_values(numerators + waiting * dh, numerators + r * dh, rescales[waiting - start],
-                      rescales[r - start], logits + waiting * padded, logits + r * padded,
+      two_rows_values(numerators + (start + waiting) * dh, numerators + (start + r) * dh,
+                      rescales[waiting], rescales[r], by_key + waiting, by_key + r, WIDTH,
                       keys.new_values, keys.old_values, count, dh);
       waiting = -1;
     }
     if (waiting >= 0) {
-      const float* weights = logits + waiting * padded;
-      row_values(numerators + waiting * dh, rescales[waiting - start], weights, keys.new_values,
-                 weights + count, keys.old_values, count, dh);
+      const float* weights = by_key + waiting;
+      row_values(numerators + (start + waiting) * dh, rescales[waiting], weights, WIDTH,
+                 keys.new_values, weights + count * WIDTH, keys.old_values, count, dh);
     }
   }
 }

@@ -83,12 +83,12 @@ void swap_key_contributions(torch::Tensor numerator, torch::Tensor denominator,
   const float* olds[] = {old_keys.data_ptr<float>(), old_values.data_ptr<float>()};
 
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    // One buffer for the transposed keys and the logits, each part starting on a cache line so
-    // that no loaded vector straddles two lines.
-    const int64_t keys_size = dh * padded, logits_size = ROW_BLOCK * padded;
-    std::vector<float> buffer(keys_size + logits_size + LINE);
+    // One buffer for the transposed keys and the swap's scratch, each part starting on a cache
+    // line so that no loaded vector straddles two lines.
+    const int64_t keys_size = dh * padded;
+    std::vector<float> buffer(keys_size + swap_scratch_floats(padded) + LINE);
     float* keys_by_feature = aligned(buffer.data());
-    float* logits = keys_by_feature + keys_size;
+    float* swap_scratch = keys_by_feature + keys_size;
     int64_t held = -1;  // the (group, head) whose keys keys_by_feature holds
     ChangedKeys keys{nullptr, nullptr, nullptr, nullptr, count, dh};
     for (int64_t task = begin; task < end; ++task) {
@@ -107,7 +107,7 @@ void swap_key_contributions(torch::Tensor numerator, torch::Tensor denominator,
       const int64_t row = b * length + first;
       swap_rows(keys, keys_by_feature, block_q, row_stride, rows,
                 bias == nullptr ? nullptr : bias + row * count, nullptr, numerators + row * dh,
-                denominators + row, shifts + row, logits);
+                denominators + row, shifts + row, swap_scratch);
     }
   });
 }
