@@ -175,8 +175,19 @@ def update_full_groups(
     and values before the change; q, k, v hold the new ones. A bias enters every logit the
     update computes. Cost: 5 s L dh per head (at most L^2 dh + 2 s L dh). Returns per group
     (G,) the underflowed rows recomputed.
+
+    On the CPU in float32 without a bias, and not `every_row`, one kernel of our own does all
+    of it (`kernels.full_attention_update`); it raises each row's shift as the exact level's
+    swap does, so its shift and denominator differ from these operators' while their
+    log-sum-exp, the product and the reference agree up to rounding.
     """
-    index, valid = changes.index, changes.valid
+    index = changes.index
+    if not every_row and bias_for is None:
+        caches = (product, reference_by_key, denominator, shift)
+        kernel = _full_update_kernel(*caches, q, k, v, old_keys, old_values, index)
+        if kernel is not None:
+            changed = (old_keys, old_values, index, changes.valid)
+            return kernel(*caches, q, k, v, *(t.contiguous() for t in changed), UNDERFLOW)
     queries_by_column = q.transpose(-1, -2)
     lost = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     if every_row:
@@ -208,10 +219,11 @@ def update_full_groups(
     logsumexp = shift + torch.log(denominator)
     new_columns = new_logits.sub_(logsumexp.unsqueeze(-2)).exp_()
     reference_at = at_positions(reference_by_key, index)
-    # A padding position's column keeps its reference: no change to pass on.
-    new_columns = torch.where(valid[:, None, :, None], new_columns, reference_at)
+    padding = changes.padding_mask
+    if padding is not None:  # a padding position's column keeps its reference: no change
+        new_columns = torch.where(padding[:, None, :, None], new_columns, reference_at)
     attention_delta = new_columns - reference_at
-    _write_positions(reference_by_key, index, new_columns, valid)
+    _write_positions(reference_by_key, index, new_columns, padding)
     new_values = at_positions(v, index)
     flat_product = product.view(-1, *product.shape[2:])
     flat_product.baddbmm_(
@@ -219,6 +231,29 @@ def update_full_groups(
     )
     flat_product.baddbmm_(attention_delta.flatten(0, 1).transpose(1, 2), old_values.flatten(0, 1))
     return lost
+
+
+def _full_update_kernel(
+    product: Tensor,
+    reference_by_key: Tensor,
+    denominator: Tensor,
+    shift: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    old_keys: Tensor,
+    old_values: Tensor,
+    index: Tensor,
+) -> Callable[..., Tensor] | None:
+    """The CPU kernel of `update_full_groups` where it applies (float32 CPU tensors, the caches
+    contiguous, the rows of q, k, v contiguous, int64 positions, outside autograd and
+    `torch.compile`), else None."""
+    caches = (product, reference_by_key, denominator, shift)
+    if not kernels.can_take(*caches, q, k, v, old_keys, old_values) or index.dtype != torch.long:
+        return None
+    if not all(t.is_contiguous() for t in caches) or any(t.stride(-1) != 1 for t in (q, k, v)):
+        return None
+    return kernels.full_attention_update()
 
 
 def update_full_attention(

@@ -14,13 +14,15 @@ The sources of this folder build into one library of dispatcher operators
   a convolutional head's channels-last rows to PyTorch's default layout and back;
 - `exact_attention_update()`: `exact_update.cpp`, one step of the exact level's attention over
   each stream's whole sequence in one call;
+- `full_attention_update()`: `full_update.cpp`, one step of the full level's attention update
+  (no bias) in one call;
 - `commit_rows()` and `add_rows()`: `token_rows.cpp`, a gate's selected rows gathered as its
   reference takes them, and a token buffer's new rows written as it is added to the residual
   stream, each in one pass.
 
 `vectors.h` holds what they share: vectors of 16 floats where the build has AVX-512, else 8,
 their reductions, an exponential; `row_attention.h` and `key_swap.h` the rows' attention and the
-swap, which two kernels each call.
+swap, which several kernels call.
 
 Each returns None where the library cannot be built: no C++ compiler, or `EVENTFUL_CPU_KERNELS=0`
 in the environment when the kernels are first asked for. Callers then use PyTorch's own
@@ -117,6 +119,18 @@ def exact_attention_update() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]
     recomputes every row; the denominator below which a row is recomputed. Returns the attention
     output (B, N, D) and per stream (B,) the underflowed rows recomputed."""
     return torch.ops.eventful.exact_attention_update if _available() else None
+
+
+def full_attention_update() -> Callable[..., torch.Tensor] | None:
+    """One step of the full level's attention update without a bias, when not every row's
+    log-sum-exp is recomputed (`attention.update_full_groups`), built on first use; None if
+    unavailable. Arguments, float32 and contiguous unless said: the caches, updated in place:
+    product (G, H, L, dh), reference (G, H, L, L) key-major, denominator and shift (G, H, L);
+    q, k, v (G, H, L, dh) holding the new rows, any strides but a contiguous last dimension;
+    old keys and values (G, H, m, dh); the changed positions index (G, m) int64 and valid (G, m)
+    bool; the denominator below which a row's log-sum-exp is recomputed. Returns per group (G,)
+    the underflowed rows recomputed."""
+    return torch.ops.eventful.full_attention_update if _available() else None
 
 
 def commit_rows() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:

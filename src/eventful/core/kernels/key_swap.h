@@ -177,6 +177,83 @@ inline void lay_out_changed_keys(const ChangedKeys& keys, float* keys_by_feature
   }
 }
 
+// The logits of `chunk` (at most WIDTH) query rows from row `start` of `queries` (rows
+// `row_stride` apart, `rows` in all) for the changed keys, transposed so that a vector holds one
+// key's logit in every row: by_key[j * WIDTH + r] = q_{start + r} . key j (the new keys j < m,
+// the old ones m + j), plus the row's bias for the key's column where `bias` (rows, m) is given;
+// lanes past `chunk` zero. `logits` is scratch of (WIDTH, padded) floats.
+inline void chunk_logits_by_key(const ChangedKeys& keys, const float* keys_by_feature,
+                                const float* queries, int64_t row_stride, int64_t rows,
+                                int64_t start, int64_t chunk, const float* bias, float* logits,
+                                float* by_key) {
+  const int64_t count = keys.count, dh = keys.dh, padded = keys.padded();
+  // The rows are far apart (rows of the qkv buffer): each group of four asks for the next
+  // group's cache lines while it computes. Four rows keep at least four sums in flight where
+  // the changed keys fill a single vector.
+  int64_t r = 0;
+  for (; r + 4 <= chunk; r += 4) {
+    for (int64_t next = start + r + 4; next < std::min(start + r + 8, rows); ++next) {
+      for (int64_t line = 0; line < dh; line += LINE) {
+        __builtin_prefetch(queries + next * row_stride + line);
+      }
+    }
+    rows_logits<4, 2>(queries + (start + r) * row_stride, row_stride, keys_by_feature, dh,
+                      padded, logits + r * padded);
+  }
+  for (; r < chunk; ++r) {
+    rows_logits<1, 4>(queries + (start + r) * row_stride, row_stride, keys_by_feature, dh,
+                      padded, logits + r * padded);
+  }
+  if (chunk < WIDTH) std::fill(by_key, by_key + 2 * count * WIDTH, 0.0f);
+  transpose(logits, padded, chunk, 2 * count, by_key, WIDTH);
+  if (bias != nullptr) {
+    for (r = 0; r < chunk; ++r) {
+      const float* row_bias = bias + (start + r) * count;
+      for (int64_t j = 0; j < count; ++j) {
+        by_key[j * WIDTH + r] += row_bias[j];
+        by_key[(count + j) * WIDTH + r] += row_bias[j];
+      }
+    }
+  }
+}
+
+// The running sums of `chunk` rows (from `denominators`, `shifts`; a row with skip[r] set is
+// left as it is) swap the changed keys' share, the rows in the lanes of a few vectors: each
+// row's shift is raised to the log-sum-exp of its new logits (from `chunk_logits_by_key`), and
+// its denominator takes the new keys' weights exp(l - raised) and gives back the old keys'.
+// by_key's logits become those weights; rescales[r] = exp(old shift - raised) of row r.
+inline void swap_chunk_sums(float* by_key, int64_t count, int64_t chunk, const uint8_t* skip,
+                            float* denominators, float* shifts, float* rescales) {
+  Vector most = splat(-INFINITY);
+  for (int64_t j = 0; j < count; ++j) most = max(most, load(by_key + j * WIDTH));
+  Vector total{};
+  for (int64_t j = 0; j < count; ++j) total += vector_exp(load(by_key + j * WIDTH) - most);
+  float lanes[WIDTH] = {};
+  std::copy(shifts, shifts + chunk, lanes);
+  const Vector old_shift = load(lanes);
+  const Vector raised = max(old_shift, most + vector_log(total));
+  // Every weight is exp(l - raised), so that a key whose logit did not change (a padding
+  // position of a group) adds exactly the share it removes: the new keys' weights count
+  // positively in the denominator, the old keys' negatively.
+  Vector change{};
+  for (int64_t j = 0; j < 2 * count; ++j) {
+    const Vector weight = vector_exp(load(by_key + j * WIDTH) - raised);
+    change = j < count ? change + weight : change - weight;
+    store(by_key + j * WIDTH, weight);
+  }
+  const Vector rescale = vector_exp(old_shift - raised);
+  std::copy(denominators, denominators + chunk, lanes);
+  float new_denominators[WIDTH], new_shifts[WIDTH];
+  store(new_denominators, multiply_add(load(lanes), rescale, change));
+  store(new_shifts, raised);
+  store(rescales, rescale);
+  for (int64_t r = 0; r < chunk; ++r) {
+    if (skip != nullptr && skip[r]) continue;
+    denominators[r] = new_denominators[r];
+    shifts[r] = new_shifts[r];
+  }
+}
+
 // Floats of scratch `swap_rows` needs for the changed keys' `padded` columns: a chunk of WIDTH
 // rows' logits, then the same transposed.
 inline int64_t swap_scratch_floats(int64_t padded) { return 2 * WIDTH * padded; }
@@ -186,11 +263,11 @@ inline int64_t swap_scratch_floats(int64_t padded) { return 2 * WIDTH * padded; 
 // skip[r] set is left as it is (it is recomputed anyway). `bias` (rows, m): the changed columns'
 // bias of each row, or null. `scratch` holds swap_scratch_floats(padded) floats, on a cache line.
 //
-// Chunks of WIDTH rows: the rows' logits, then transposed so that a vector holds one key's
-// logit in every row of the chunk, and each row's shift, weights and denominator are formed in
-// the lanes of a few vectors (per row, these steps are a handful of operations on one vector,
-// each followed by a sum or a maximum across its lanes); then the rows' values, two at a time.
-// A row's arithmetic is the same in every lane, so it does not depend on the rows beside it.
+// Chunks of WIDTH rows: the rows' logits, transposed so that the rows' shifts, weights and
+// denominators are formed in the lanes of a few vectors (per row, these steps are a handful of
+// operations on one vector, each followed by a sum or a maximum across its lanes); then the
+// rows' values, two at a time. A row's arithmetic is the same in every lane, so it does not
+// depend on the rows beside it.
 inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
                       const float* queries, int64_t row_stride, int64_t rows, const float* bias,
                       const uint8_t* skip, float* numerators, float* denominators,
@@ -198,70 +275,18 @@ inline void swap_rows(const ChangedKeys& keys, const float* keys_by_feature,
   const int64_t count = keys.count, dh = keys.dh, padded = keys.padded();
   float* logits = scratch;                   // (WIDTH, padded)
   float* by_key = scratch + WIDTH * padded;  // (padded, WIDTH): logits, then weights
+  float rescales[WIDTH];
   for (int64_t start = 0; start < rows; start += WIDTH) {
     const int64_t chunk = std::min(WIDTH, rows - start);
-    // The rows are far apart (rows of the qkv buffer): each group of four asks for the next
-    // group's cache lines while it computes. Four rows keep at least four sums in flight where
-    // the changed keys fill a single vector.
-    int64_t r = 0;
-    for (; r + 4 <= chunk; r += 4) {
-      for (int64_t next = start + r + 4; next < std::min(start + r + 8, rows); ++next) {
-        for (int64_t line = 0; line < dh; line += LINE) {
-          __builtin_prefetch(queries + next * row_stride + line);
-        }
-      }
-      rows_logits<4, 2>(queries + (start + r) * row_stride, row_stride, keys_by_feature, dh,
-                        padded, logits + r * padded);
-    }
-    for (; r < chunk; ++r) {
-      rows_logits<1, 4>(queries + (start + r) * row_stride, row_stride, keys_by_feature, dh,
-                        padded, logits + r * padded);
-    }
-    if (chunk < WIDTH) std::fill(by_key, by_key + 2 * count * WIDTH, 0.0f);
-    transpose(logits, padded, chunk, 2 * count, by_key, WIDTH);
-    if (bias != nullptr) {
-      for (r = 0; r < chunk; ++r) {
-        const float* row_bias = bias + (start + r) * count;
-        for (int64_t j = 0; j < count; ++j) {
-          by_key[j * WIDTH + r] += row_bias[j];
-          by_key[(count + j) * WIDTH + r] += row_bias[j];
-        }
-      }
-    }
-    // Each row's new logits' log-sum-exp, then its shift raised to it.
-    Vector most = splat(-INFINITY);
-    for (int64_t j = 0; j < count; ++j) most = max(most, load(by_key + j * WIDTH));
-    Vector total{};
-    for (int64_t j = 0; j < count; ++j) total += vector_exp(load(by_key + j * WIDTH) - most);
-    float lanes[WIDTH] = {};
-    std::copy(shifts + start, shifts + start + chunk, lanes);
-    const Vector old_shift = load(lanes);
-    const Vector raised = max(old_shift, most + vector_log(total));
-    // Every weight is exp(l - raised), so that a key whose logit did not change (a padding
-    // position of a group) adds exactly the share it removes: the new keys' weights count
-    // positively in the denominator, the old keys' negatively.
-    Vector change{};
-    for (int64_t j = 0; j < 2 * count; ++j) {
-      const Vector weight = vector_exp(load(by_key + j * WIDTH) - raised);
-      change = j < count ? change + weight : change - weight;
-      store(by_key + j * WIDTH, weight);
-    }
-    const Vector rescale = vector_exp(old_shift - raised);
-    std::copy(denominators + start, denominators + start + chunk, lanes);
-    const Vector denominator = multiply_add(load(lanes), rescale, change);
-    float new_denominators[WIDTH], new_shifts[WIDTH], rescales[WIDTH];
-    store(new_denominators, denominator);
-    store(new_shifts, raised);
-    store(rescales, rescale);
-    for (r = 0; r < chunk; ++r) {
-      if (skip != nullptr && skip[start + r]) continue;
-      denominators[start + r] = new_denominators[r];
-      shifts[start + r] = new_shifts[r];
-    }
+    chunk_logits_by_key(keys, keys_by_feature, queries, row_stride, rows, start, chunk, bias,
+                        logits, by_key);
+    const uint8_t* chunk_skip = skip == nullptr ? nullptr : skip + start;
+    swap_chunk_sums(by_key, count, chunk, chunk_skip, denominators + start, shifts + start,
+                    rescales);
     // The rows' values, two rows at a time; a row's weights are column r of `by_key`.
     int64_t waiting = -1;  // a swapped row without its pair yet
-    for (r = 0; r < chunk; ++r) {
-      if (skip != nullptr && skip[start + r]) continue;
+    for (int64_t r = 0; r < chunk; ++r) {
+      if (chunk_skip != nullptr && chunk_skip[r]) continue;
       if (waiting < 0) {
         waiting = r;
         continue;

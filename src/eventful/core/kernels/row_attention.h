@@ -106,8 +106,10 @@ struct Head {
   float* logsumexp;  // the block's first row's
 };
 
+// `values` false: the rows' log-sum-exp only (head.values and head.out are not read).
 template <int R>
-inline void attend_block(const Head& head, int64_t length, int64_t padded, int64_t dh, float* logits) {
+inline void attend_block(const Head& head, int64_t length, int64_t padded, int64_t dh, float* logits,
+                         bool values) {
   rows_logits<R, (R >= 4 ? COLUMNS : 4)>(head.queries, head.query_stride, head.keys_by_feature, dh,
                                     padded, logits);
   float inverse[R];
@@ -115,19 +117,20 @@ inline void attend_block(const Head& head, int64_t length, int64_t padded, int64
     const float* bias = head.bias == nullptr ? nullptr : head.bias + r * head.bias_stride;
     head.logsumexp[r] = softmax_row(logits + r * padded, bias, length, padded, &inverse[r]);
   }
+  if (!values) return;
   weighted_values<R>(logits, padded, length, head.values, head.value_stride, dh, inverse,
                      head.out, head.out_stride);
 }
 
 inline void attend_rows(const Head& head, int rows, int64_t length, int64_t padded, int64_t dh,
-                 float* logits) {
+                 float* logits, bool values = true) {
   switch (rows) {
-    case 6: return attend_block<6>(head, length, padded, dh, logits);
-    case 5: return attend_block<5>(head, length, padded, dh, logits);
-    case 4: return attend_block<4>(head, length, padded, dh, logits);
-    case 3: return attend_block<3>(head, length, padded, dh, logits);
-    case 2: return attend_block<2>(head, length, padded, dh, logits);
-    default: return attend_block<1>(head, length, padded, dh, logits);
+    case 6: return attend_block<6>(head, length, padded, dh, logits, values);
+    case 5: return attend_block<5>(head, length, padded, dh, logits, values);
+    case 4: return attend_block<4>(head, length, padded, dh, logits, values);
+    case 3: return attend_block<3>(head, length, padded, dh, logits, values);
+    case 2: return attend_block<2>(head, length, padded, dh, logits, values);
+    default: return attend_block<1>(head, length, padded, dh, logits, values);
   }
 }
 
