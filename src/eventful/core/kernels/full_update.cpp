@@ -127,40 +127,44 @@ torch::Tensor full_attention_update(torch::Tensor product, torch::Tensor referen
   const int64_t pairs = groups * heads;
   auto sums_offset = [&](int64_t pair, int64_t row) { return pair * length + row; };
 
-  // The changed keys of every (group, head) with changes, packed.
+  // The changed keys of every (group, head) with changes, packed, pairs in parallel.
   const int64_t padded_length = (length + WIDTH - 1) / WIDTH * WIDTH;
   std::vector<PairKeys> packed(pairs);
   std::vector<int64_t> updated;  // the pairs with changes
   int64_t logits_size = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    logits_size += heads * static_cast<int64_t>(changed_rows[g].size()) * padded_length;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    packed[pair].count = static_cast<int64_t>(changed_rows[pair / heads].size());
+    if (packed[pair].count == 0) continue;
+    updated.push_back(pair);
+    logits_size += packed[pair].count * padded_length;
   }
   std::unique_ptr<float[]> all_new_logits(new float[logits_size]);  // every float written
   float* next_logits = all_new_logits.get();
-  for (int64_t pair = 0; pair < pairs; ++pair) {
-    const int64_t g = pair / heads, h = pair % heads;
-    PairKeys& keys_of = packed[pair];
-    keys_of.count = static_cast<int64_t>(changed_rows[g].size());
-    if (keys_of.count == 0) continue;
-    updated.push_back(pair);
-    for (auto* to : {&keys_of.new_keys, &keys_of.old_keys, &keys_of.value_change,
-                     &keys_of.old_values}) {
-      to->resize(keys_of.count * dh);
-    }
-    keys_of.new_logits = next_logits;
-    next_logits += keys_of.count * padded_length;
-    for (int64_t j = 0; j < keys_of.count; ++j) {
-      const int64_t i = changed_rows[g][j];
-      const int64_t old_at = (pair * slots + changed_slots[g][j]) * dh;
-      const float* new_value = values.at(g, h, i);
-      std::memcpy(keys_of.new_keys.data() + j * dh, keys.at(g, h, i), dh * sizeof(float));
-      std::memcpy(keys_of.old_keys.data() + j * dh, olds[0] + old_at, dh * sizeof(float));
-      std::memcpy(keys_of.old_values.data() + j * dh, olds[1] + old_at, dh * sizeof(float));
-      for (int64_t d = 0; d < dh; ++d) {
-        keys_of.value_change[j * dh + d] = new_value[d] - olds[1][old_at + d];
+  for (const int64_t pair : updated) {
+    packed[pair].new_logits = next_logits;
+    next_logits += packed[pair].count * padded_length;
+  }
+  at::parallel_for(0, static_cast<int64_t>(updated.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t pair = updated[u], g = pair / heads, h = pair % heads;
+      PairKeys& keys_of = packed[pair];
+      for (auto* to : {&keys_of.new_keys, &keys_of.old_keys, &keys_of.value_change,
+                       &keys_of.old_values}) {
+        to->resize(keys_of.count * dh);
+      }
+      for (int64_t j = 0; j < keys_of.count; ++j) {
+        const int64_t i = changed_rows[g][j];
+        const int64_t old_at = (pair * slots + changed_slots[g][j]) * dh;
+        const float* new_value = values.at(g, h, i);
+        std::memcpy(keys_of.new_keys.data() + j * dh, keys.at(g, h, i), dh * sizeof(float));
+        std::memcpy(keys_of.old_keys.data() + j * dh, olds[0] + old_at, dh * sizeof(float));
+        std::memcpy(keys_of.old_values.data() + j * dh, olds[1] + old_at, dh * sizeof(float));
+        for (int64_t d = 0; d < dh; ++d) {
+          keys_of.value_change[j * dh + d] = new_value[d] - olds[1][old_at + d];
+        }
       }
     }
-  }
+  });
   const int64_t blocks = (length + ROW_BLOCK - 1) / ROW_BLOCK;
   const int64_t tasks = static_cast<int64_t>(updated.size()) * blocks;
 
