@@ -50,11 +50,11 @@ def full_state(groups, heads, length, dh, count, padding, seed=0):
     return caches, (q, k, v, old_keys, old_values), attention.Changes(index, valid)
 
 
-def pytorch_update(caches, inputs, changes):
+def pytorch_update(caches, inputs, changes, every_row=False):
     real = kernels.full_attention_update
     kernels.full_attention_update = lambda: None
     try:
-        return attention.update_full_groups(*caches, *inputs, changes)
+        return attention.update_full_groups(*caches, *inputs, changes, every_row=every_row)
     finally:
         kernels.full_attention_update = real
 
@@ -65,6 +65,7 @@ def by_logsumexp(caches):
 
 
 @needs_full_kernel
+@pytest.mark.parametrize("every_row", [False, True])
 @pytest.mark.parametrize(
     "groups, heads, length, dh, count, padding",
     [
@@ -75,16 +76,24 @@ def by_logsumexp(caches):
         (1, 1, 9, 8, 2, False),
     ],
 )
-def test_the_kernel_equals_the_pytorch_operators(groups, heads, length, dh, count, padding):
+def test_the_kernel_equals_the_pytorch_operators(
+    groups, heads, length, dh, count, padding, every_row
+):
     caches, inputs, changes = full_state(groups, heads, length, dh, count, padding)
     ours, theirs = [c.clone() for c in caches], [c.clone() for c in caches]
     before = [x.clone() for x in inputs]
-    our_lost = attention.update_full_groups(*ours, *inputs, changes)
-    their_lost = pytorch_update(theirs, inputs, changes)
+    our_lost = attention.update_full_groups(*ours, *inputs, changes, every_row=every_row)
+    their_lost = pytorch_update(theirs, inputs, changes, every_row)
     assert torch.equal(our_lost, their_lost)
     for got, want in zip(by_logsumexp(ours), by_logsumexp(theirs), strict=True):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
     assert all(torch.equal(x, y) for x, y in zip(inputs, before, strict=True))  # read only
+
+
+def zero_bias(rows, columns):
+    """A bias of zeros for one group of 2 heads and 20 positions (`attention.BiasFor`)."""
+    sides = [20 if side is None else side.shape[1] for side in (rows, columns)]
+    return torch.zeros(1, 2, *sides)
 
 
 @needs_full_kernel
@@ -101,10 +110,11 @@ def test_the_kernel_is_the_one_that_ran():
     try:
         with torch.inference_mode():
             attention.update_full_groups(*caches, *inputs, changes)
-        attention.update_full_groups(*caches, *inputs, changes, every_row=True)  # PyTorch's
+        attention.update_full_groups(*caches, *inputs, changes, every_row=True)
+        attention.update_full_groups(*caches, *inputs, changes, zero_bias)  # a bias: PyTorch's
     finally:
         kernels.full_attention_update = real
-    assert len(calls) == 1
+    assert len(calls) == 2  # not with a bias
 
 
 @needs_full_kernel
@@ -137,7 +147,8 @@ def test_the_kernel_refuses_bad_input_and_names_it_leaving_the_state_as_it_was()
     kernel = kernels.full_attention_update()
 
     def call(index=index, valid=valid, old_keys=old_keys, product=caches[0]):
-        return kernel(product, *caches[1:], q, k, v, old_keys, old_values, index, valid, 1e-3)
+        changed = (old_keys, old_values, index, valid)
+        return kernel(product, *caches[1:], q, k, v, *changed, 1e-3, False)
 
     repeated = index.clone()
     repeated[1, 2] = repeated[1, 0]

@@ -176,18 +176,18 @@ def update_full_groups(
     update computes. Cost: 5 s L dh per head (at most L^2 dh + 2 s L dh). Returns per group
     (G,) the underflowed rows recomputed.
 
-    On the CPU in float32 without a bias, and not `every_row`, one kernel of our own does all
-    of it (`kernels.full_attention_update`); it raises each row's shift as the exact level's
-    swap does, so its shift and denominator differ from these operators' while their
-    log-sum-exp, the product and the reference agree up to rounding.
+    On the CPU in float32 without a bias one kernel of our own does all of it
+    (`kernels.full_attention_update`); it raises each row's shift as the exact level's swap
+    does, so its shift and denominator differ from these operators' while their log-sum-exp,
+    the product and the reference agree up to rounding.
     """
     index = changes.index
-    if not every_row and bias_for is None:
+    if bias_for is None:
         caches = (product, reference_by_key, denominator, shift)
         kernel = _full_update_kernel(*caches, q, k, v, old_keys, old_values, index)
         if kernel is not None:
-            changed = (old_keys, old_values, index, changes.valid)
-            return kernel(*caches, q, k, v, *(t.contiguous() for t in changed), UNDERFLOW)
+            changed = [t.contiguous() for t in (old_keys, old_values, index, changes.valid)]
+            return kernel(*caches, q, k, v, *changed, UNDERFLOW, every_row)
     queries_by_column = q.transpose(-1, -2)
     lost = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     if every_row:

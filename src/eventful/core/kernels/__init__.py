@@ -122,14 +122,14 @@ def exact_attention_update() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def full_attention_update() -> Callable[..., torch.Tensor] | None:
-    """One step of the full level's attention update without a bias, when not every row's
-    log-sum-exp is recomputed (`attention.update_full_groups`), built on first use; None if
-    unavailable. Arguments, float32 and contiguous unless said: the caches, updated in place:
-    product (G, H, L, dh), reference (G, H, L, L) key-major, denominator and shift (G, H, L);
-    q, k, v (G, H, L, dh) holding the new rows, any strides but a contiguous last dimension;
-    old keys and values (G, H, m, dh); the changed positions index (G, m) int64 and valid (G, m)
-    bool; the denominator below which a row's log-sum-exp is recomputed. Returns per group (G,)
-    the underflowed rows recomputed."""
+    """One step of the full level's attention update without a bias
+    (`attention.update_full_groups`), built on first use; None if unavailable. Arguments,
+    float32 and contiguous unless said: the caches, updated in place: product (G, H, L, dh),
+    reference (G, H, L, L) key-major, denominator and shift (G, H, L); q, k, v (G, H, L, dh)
+    holding the new rows, any strides but a contiguous last dimension; old keys and values
+    (G, H, m, dh); the changed positions index (G, m) int64 and valid (G, m) bool; the
+    denominator below which a row's log-sum-exp is recomputed; whether every row's log-sum-exp
+    is recomputed. Returns per group (G,) the underflowed rows recomputed."""
     return torch.ops.eventful.full_attention_update if _available() else None
 
 

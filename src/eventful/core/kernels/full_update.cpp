@@ -1,5 +1,5 @@
 // One step of the full level's attention update in one call (float32, CPU): the work of
-// `attention.update_full_groups` without a bias, when not every row's log-sum-exp is recomputed.
+// `attention.update_full_groups` without a bias.
 //
 // The full level caches per group and head the attention-value product (L, dh), the attention
 // reference key-major (L keys, L queries) and each row's log-sum-exp as running sums (shift and
@@ -10,7 +10,8 @@
 // 1. every row swaps the changed keys' old share of its running sums for their new share
 //    (key_swap.h), and keeps its new logits for the columns (key-major, s L values);
 // 2. the changed rows, and the rows whose denominator fell below `underflow` in any head, have
-//    their log-sum-exp recomputed over every key (row_attention.h);
+//    their log-sum-exp recomputed over every key (row_attention.h). With `every_row` (many
+//    changes) every row's log-sum-exp is recomputed instead, and step 1 only keeps the logits;
 // 3. each changed key's new column exp(logit - log-sum-exp) replaces its reference, and every
 //    row of the product takes new column x (new value - old value) + (new column - reference
 //    column) x old value, while the row's product is in cache.
@@ -77,7 +78,8 @@ torch::Tensor full_attention_update(torch::Tensor product, torch::Tensor referen
                                     const torch::Tensor& q, const torch::Tensor& k,
                                     const torch::Tensor& v, const torch::Tensor& old_keys,
                                     const torch::Tensor& old_values, const torch::Tensor& index,
-                                    const torch::Tensor& valid, double underflow) {
+                                    const torch::Tensor& valid, double underflow,
+                                    bool every_row) {
   TORCH_CHECK(q.dim() == 4, "full_attention_update expects q as (G, H, L, dh), got ", q.sizes());
   const int64_t groups = q.size(0), heads = q.size(1), length = q.size(2), dh = q.size(3);
   check_float32(q, "q", q.sizes(), false);
@@ -200,6 +202,7 @@ torch::Tensor full_attention_update(torch::Tensor product, torch::Tensor referen
         for (int64_t j = 0; j < count; ++j) {
           store(keys_of.new_logits + j * padded_length + start, load(by_key + j * WIDTH));
         }
+        if (every_row) continue;  // every row's log-sum-exp is recomputed
         const int64_t at = sums_offset(pair, start);
         eventful_swap::swap_chunk_sums(by_key, count, chunk, changed.data() + g * length + start,
                                        denominators + at, shifts + at, rescales);
@@ -208,12 +211,17 @@ torch::Tensor full_attention_update(torch::Tensor product, torch::Tensor referen
   });
 
   // 2. The rows whose log-sum-exp is recomputed: a group's changed rows, and its unchanged rows
-  // whose denominator underflowed in any head.
+  // whose denominator underflowed in any head; with `every_row`, all of a group's rows.
   auto lost = torch::zeros({groups}, index.options());
   int64_t* lost_counts = lost.data_ptr<int64_t>();
   std::vector<std::vector<int64_t>> recomputed(groups);
   for (int64_t g = 0; g < groups; ++g) {
     if (changed_rows[g].empty()) continue;
+    if (every_row) {
+      recomputed[g].resize(length);
+      for (int64_t i = 0; i < length; ++i) recomputed[g][i] = i;
+      continue;
+    }
     recomputed[g] = changed_rows[g];
     for (int64_t i = 0; i < length; ++i) {
       if (changed[g * length + i]) continue;
@@ -357,7 +365,7 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def(
       "full_attention_update(Tensor(a!) product, Tensor(b!) reference, Tensor(c!) denominator, "
       "Tensor(d!) shift, Tensor q, Tensor k, Tensor v, Tensor old_keys, Tensor old_values, "
-      "Tensor index, Tensor valid, float underflow) -> Tensor lost");
+      "Tensor index, Tensor valid, float underflow, bool every_row) -> Tensor lost");
 }
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
