@@ -170,7 +170,8 @@ torch::Tensor full_attention_update(torch::Tensor product, torch::Tensor referen
   const int64_t blocks = (length + ROW_BLOCK - 1) / ROW_BLOCK;
   const int64_t tasks = static_cast<int64_t>(updated.size()) * blocks;
 
-  // 1. The swap, tasks of (pair, block of rows); each chunk's new logits kept key-major.
+  // 1. The swap (with `every_row`, the logits only), tasks of (pair, block of rows); each
+  // chunk's new logits kept key-major.
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     int64_t held = -1;
     std::vector<float> scratch;
