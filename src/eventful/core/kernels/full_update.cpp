@@ -316,7 +316,9 @@ torch::Tensor full_attention_update(torch::Tensor product, torch::Tensor referen
         const Vector logsumexp = load(lanes) + vector_log(load(more));
         for (int64_t j = 0; j < count; ++j) {
           float* column = references + (pair * length + changed_rows[g][j]) * length + start;
-          __builtin_prefetch(column + WIDTH, 1);  // the next chunk's: the columns are far apart
+          // The next chunk's (its two cache lines): the columns are far apart.
+          __builtin_prefetch(column + WIDTH, 1);
+          __builtin_prefetch(column + 2 * WIDTH - 1, 1);
           const Vector new_column =
               vector_exp(load(keys_of.new_logits + j * padded_length + start) - logsumexp);
           const int64_t block = j / KEY_BLOCK * KEY_BLOCK;
