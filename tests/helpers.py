@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import eventful
+from eventful.core import kernels
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
 
@@ -94,6 +95,33 @@ class MarginRecorder(Policy):
 
     def __repr__(self) -> str:
         return f"MarginRecorder({self.policy!r})"
+
+
+@contextlib.contextmanager
+def kernel_calls(name: str, use: bool = True):
+    """Within it, `kernels.<name>()` hands out the kernel counting its calls (one item per call
+    in the list it yields) or, with `use` false, None: the callers take PyTorch's operators."""
+    calls = []
+    real = getattr(kernels, name)
+
+    def counted():
+        kernel = real()
+        return lambda *args: calls.append(1) or kernel(*args)
+
+    setattr(kernels, name, counted if use else (lambda: None))
+    try:
+        yield calls
+    finally:
+        setattr(kernels, name, real)
+
+
+def two_streams_over(level: str, policy: Policy, frames: list[torch.Tensor]):
+    """Outputs of a small ViT's two streams at `level` over `frames` (2, 3, 48, 48), run under
+    the caller's grad mode, without drift control; and the stream."""
+    torch.manual_seed(0)
+    vit = eventful.ViT(image_size=48, patch_size=8, dim=48, depth=2, heads=3).eval()
+    stream = eventful.convert(vit, policy=policy, level=level).stream(2, drift=None)
+    return [stream(frame) for frame in frames], stream
 
 
 def tiny_vit(seed: int = 0, **options) -> eventful.ViT:

@@ -17,7 +17,7 @@ from eventful.core import attention, gates, kernels, local_head
 from eventful.core.policies import TopK
 from eventful.core.selection import Selection
 from eventful.synthetic import moving_squares
-from tests.helpers import assert_equal_up_to_rounding
+from tests.helpers import assert_equal_up_to_rounding, kernel_calls, two_streams_over
 
 needs_kernel = pytest.mark.skipif(
     kernels.swap_key_contributions() is None, reason="the CPU kernels could not be built here"
@@ -60,12 +60,8 @@ def attention_state(groups, heads, length, dh, count, bias, dtype=torch.float32,
 
 def torch_swap(sums, q, changed):
     sums = [s.clone() for s in sums]
-    real = kernels.swap_key_contributions
-    try:
-        kernels.swap_key_contributions = lambda: None
+    with kernel_calls("swap_key_contributions", use=False):
         attention._swap_key_contributions(*sums, q, *changed)
-    finally:
-        kernels.swap_key_contributions = real
     return sums
 
 
@@ -423,22 +419,8 @@ needs_exact_step_kernel = pytest.mark.skipif(
 def exact_streams(policy, use_kernel, frames):
     """Outputs and final state of an exact-level ViT's two streams over `frames`, the whole
     step's attention in one kernel call or in PyTorch's operators; and the kernel's calls."""
-    calls = []
-    real = kernels.exact_attention_update
-
-    def counted():
-        kernel = real()
-        return lambda *args: calls.append(1) or kernel(*args)
-
-    kernels.exact_attention_update = counted if use_kernel else (lambda: None)
-    try:
-        torch.manual_seed(0)
-        vit = eventful.ViT(image_size=48, patch_size=8, dim=48, depth=2, heads=3).eval()
-        stream = eventful.convert(vit, policy=policy, level="exact").stream(2, drift=None)
-        with torch.inference_mode():
-            outputs = [stream(frame) for frame in frames]
-    finally:
-        kernels.exact_attention_update = real
+    with kernel_calls("exact_attention_update", use_kernel) as calls, torch.inference_mode():
+        outputs, stream = two_streams_over("exact", policy, frames)
     return outputs, stream, len(calls)
 
 

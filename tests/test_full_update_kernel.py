@@ -12,6 +12,7 @@ import torch
 import eventful
 from eventful.core import attention, kernels
 from eventful.synthetic import moving_squares
+from tests.helpers import kernel_calls, two_streams_over
 
 needs_full_kernel = pytest.mark.skipif(
     kernels.full_attention_update() is None, reason="the CPU kernels could not be built here"
@@ -51,12 +52,8 @@ def full_state(groups, heads, length, dh, count, padding, seed=0):
 
 
 def pytorch_update(caches, inputs, changes, every_row=False):
-    real = kernels.full_attention_update
-    kernels.full_attention_update = lambda: None
-    try:
+    with kernel_calls("full_attention_update", use=False):
         return attention.update_full_groups(*caches, *inputs, changes, every_row=every_row)
-    finally:
-        kernels.full_attention_update = real
 
 
 def by_logsumexp(caches):
@@ -99,21 +96,11 @@ def zero_bias(rows, columns):
 @needs_full_kernel
 def test_the_kernel_is_the_one_that_ran():
     caches, inputs, changes = full_state(1, 2, 20, 8, 3, padding=False)
-    calls = []
-    real = kernels.full_attention_update
-
-    def counted():
-        kernel = real()
-        return lambda *args: calls.append(1) or kernel(*args)
-
-    kernels.full_attention_update = counted
-    try:
+    with kernel_calls("full_attention_update") as calls:
         with torch.inference_mode():
             attention.update_full_groups(*caches, *inputs, changes)
         attention.update_full_groups(*caches, *inputs, changes, every_row=True)
         attention.update_full_groups(*caches, *inputs, changes, zero_bias)  # a bias: PyTorch's
-    finally:
-        kernels.full_attention_update = real
     assert len(calls) == 2  # not with a bias
 
 
@@ -171,22 +158,8 @@ def test_the_kernel_refuses_bad_input_and_names_it_leaving_the_state_as_it_was()
 def full_streams(policy, use_kernel, frames):
     """Outputs and final state of a full-level ViT's two streams over `frames`, the update in
     one kernel call or in PyTorch's operators; and the kernel's calls."""
-    calls = []
-    real = kernels.full_attention_update
-
-    def counted():
-        kernel = real()
-        return lambda *args: calls.append(1) or kernel(*args)
-
-    kernels.full_attention_update = counted if use_kernel else (lambda: None)
-    try:
-        torch.manual_seed(0)
-        vit = eventful.ViT(image_size=48, patch_size=8, dim=48, depth=2, heads=3).eval()
-        stream = eventful.convert(vit, policy=policy, level="full").stream(2, drift=None)
-        with torch.no_grad():
-            outputs = [stream(frame) for frame in frames]
-    finally:
-        kernels.full_attention_update = real
+    with kernel_calls("full_attention_update", use_kernel) as calls, torch.no_grad():
+        outputs, stream = two_streams_over("full", policy, frames)
     return outputs, stream, len(calls)
 
 
