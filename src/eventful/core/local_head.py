@@ -161,13 +161,13 @@ class LocalStack(nn.Module):
         if dtype is None or inputs.dtype == dtype or torch.is_grad_enabled():
             return conv(inputs)
         key = (tensor_key(conv.weight), None if conv.bias is None else tensor_key(conv.bias))
-        kept = self._low_weights.get(index)
-        if kept is None or kept[0] != key:
+
+        def rounded() -> tuple[Tensor, Tensor | None]:
             with torch.inference_mode(False):  # ordinary tensors, whatever mode this step is in
                 bias = None if conv.bias is None else conv.bias.detach().to(dtype)
-                kept = (key, (conv.weight.detach().to(dtype), bias))
-            self._low_weights[index] = kept
-        weight, bias = kept[1]
+                return conv.weight.detach().to(dtype), bias
+
+        weight, bias = _kept(self._low_weights, index, key, rounded)
         low = inputs.to(dtype)
         if isinstance(conv, nn.ConvTranspose2d):
             out = F.conv_transpose2d(
@@ -182,14 +182,12 @@ class LocalStack(nn.Module):
         holds what a unit delta of input channel c adds to each output channel at each kernel
         offset. Kept until the weight changes (`tensor_key`)."""
         weight = conv.weight
-        key = tensor_key(weight)
-        kept = self._matrices.get(index)
-        if kept is None or kept[0] != key:
+
+        def laid_out() -> Tensor:
             order = (0, 2, 3, 1) if isinstance(conv, nn.ConvTranspose2d) else (1, 2, 3, 0)
-            matrix = weight.detach().permute(order).reshape(weight.shape[order[0]], -1)
-            kept = (key, matrix.contiguous())
-            self._matrices[index] = kept
-        return kept[1]
+            return weight.detach().permute(order).reshape(weight.shape[order[0]], -1).contiguous()
+
+        return _kept(self._matrices, index, tensor_key(weight), laid_out)
 
     def _contributions(self, index: int, conv: nn.Module, deltas: Tensor) -> Tensor:
         """deltas (m, C_in) times the kernel matrix of stage `index`: (m, K * C_out). Up to
@@ -201,12 +199,10 @@ class LocalStack(nn.Module):
             small_rows = kernels.small_rows_linear()
         if small_rows is None:
             return deltas @ matrix
-        key = tensor_key(conv.weight)
-        kept = self._panels.get(index)
-        if kept is None or kept[0] != key:
-            kept = (key, small_rows.pack(matrix.t()))
-            self._panels[index] = kept
-        return small_rows.linear(deltas, kept[1], None, matrix.shape[1])
+        panels = _kept(
+            self._panels, index, tensor_key(conv.weight), lambda: small_rows.pack(matrix.t())
+        )
+        return small_rows.linear(deltas, panels, None, matrix.shape[1])
 
     def forward(self, inputs: Tensor) -> Tensor:
         if autocast_dtype(inputs) is None:
@@ -367,6 +363,16 @@ class LocalStack(nn.Module):
         self.step.macs += deltas.numel() * kernel_h * kernel_w * out_channels
         self.step.macs += (len(targets) + len(touched)) * out_channels
         return touched.index_select(0, moved), difference.index_select(0, moved)
+
+
+def _kept(cache: dict, index: int, key: object, make: Callable[[], object]):
+    """What `cache` keeps for stage `index`, made anew by `make` when it was made under another
+    `key` (the stage's weights changed, `tensor_key`)."""
+    kept = cache.get(index)
+    if kept is None or kept[0] != key:
+        kept = (key, make())
+        cache[index] = kept
+    return kept[1]
 
 
 def sorted_distinct(indices: Tensor, size: int) -> Tensor:
