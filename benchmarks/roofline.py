@@ -346,14 +346,14 @@ def kernel_rows(kernel, x: torch.Tensor, layers: list[PackedLinear], panels) -> 
 
 
 def small_rows_section(threads: int, repeats: int) -> str:
-    """The linear layers of ViT-S and ViT-B on 1 to 128 rows: oneDNN's prepacked linear against
-    the engine's small-rows kernel with float32 and with int8 weights (`precision="int8"`),
-    beside the least time of each. Enough copies of each layer that their weights do not fit
-    in the caches, as in a step, which reads every block's."""
+    """The linear layers of ViT-S and ViT-B on 1 to `SMALL_ROWS` rows: oneDNN's prepacked
+    linear against the engine's small-rows kernel with float32 and with int8 weights
+    (`precision="int8"`), beside the least time of each. Enough copies of each layer that their
+    weights do not fit in the caches, as in a step, which reads every block's."""
     peaks, read = machine_peaks(), read_bandwidth()
     shapes = ((384, 1152), (384, 384), (384, 1536), (1536, 384), (768, 2304), (768, 3072))
     shapes += ((3072, 768),)
-    row_counts = (1, 4, 16, 32, 64, 128)
+    row_counts = (1, 4, 16, 32, 64, 128, 256, packed_linear.SMALL_ROWS)
     header = [
         "layer (in -> out)",
         *(f"{rows} rows: oneDNN / ours / ours int8 (least / int8) us" for rows in row_counts),

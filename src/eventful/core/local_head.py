@@ -46,7 +46,6 @@ from torch import Tensor, nn
 from eventful.core import kernels
 from eventful.core.fingerprint import tensor_key
 from eventful.core.ops import HEAD_LAYERS, layer_macs
-from eventful.core.packed_linear import SMALL_ROWS
 from eventful.core.precision import autocast_dtype
 
 # Layers that act on each position alone. BatchNorm2d in training mode uses batch statistics: a
@@ -74,6 +73,13 @@ SPARSE_MIN_WORK = 16
 # as many multiply-accumulates per changed position as the dense layer per position, plus the
 # gather and the scatter.
 DENSE_SHARE = 0.5
+
+# Up to this many changed positions a convolution's kernel matrix multiplies on the small-rows
+# kernel (which reads the matrix once from memory), above on PyTorch's matmul. Lower than the
+# linear layers' bound (`packed_linear.SMALL_ROWS`): a head's convolutions have few input
+# channels (64 to 256), where PyTorch's matmul measured as fast at 64 rows and faster above
+# (Intel Xeon with AVX-512, 2 threads).
+HEAD_SMALL_ROWS = 128
 
 
 def is_local_convolution(layer: nn.Module) -> bool:
@@ -191,11 +197,12 @@ class LocalStack(nn.Module):
 
     def _contributions(self, index: int, conv: nn.Module, deltas: Tensor) -> Tensor:
         """deltas (m, C_in) times the kernel matrix of stage `index`: (m, K * C_out). Up to
-        `SMALL_ROWS` float32 CPU rows outside autograd, the small-rows kernel on the matrix laid
-        out in its panels (kept until the weight changes), which reads it once from memory."""
+        `HEAD_SMALL_ROWS` float32 CPU rows outside autograd, the small-rows kernel on the matrix
+        laid out in its panels (kept until the weight changes), which reads it once from memory.
+        """
         matrix = self._kernel_matrix(index, conv)
         small_rows = None
-        if deltas.shape[0] <= SMALL_ROWS and kernels.can_take(deltas, matrix):
+        if deltas.shape[0] <= HEAD_SMALL_ROWS and kernels.can_take(deltas, matrix):
             small_rows = kernels.small_rows_linear()
         if small_rows is None:
             return deltas @ matrix

@@ -49,9 +49,10 @@ PREPACKED = _prepacked_linear_available()
 PREPACKED_BF16 = PREPACKED and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 # Up to this many rows the small-rows kernel runs: measured 2-3x faster than oneDNN's prepacked
-# linear at 1 row, 1.1-1.6x at 32 and about as fast at 128, for every linear layer of ViT-S and
-# ViT-B (BENCHMARKS.md, "small-rows-linear").
-SMALL_ROWS = 128
+# linear at 1 row, 1.1-1.6x at 32 and 1.0-1.4x from 128 to 384 rows, float32 and int8 weights,
+# for the linear layers of ViT-Ti, ViT-S, ViT-B and ViT-L (weights from memory, interleaved,
+# Intel Xeon with AVX-512, 2 threads; BENCHMARKS.md, "small-rows-linear").
+SMALL_ROWS = 384
 
 # At precision "bf16" (and a float32 layer under `compute_dtype(torch.bfloat16)`), up to this
 # many rows the small-rows kernel multiplies bfloat16 pairs, and above oneDNN's prepacked
