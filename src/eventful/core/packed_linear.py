@@ -49,9 +49,9 @@ PREPACKED = _prepacked_linear_available()
 PREPACKED_BF16 = PREPACKED and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 # Up to this many rows the small-rows kernel runs: measured 2-3x faster than oneDNN's prepacked
-# linear at 1 row, 1.1-1.6x at 32 and 1.0-1.4x from 128 to 384 rows, float32 and int8 weights,
-# for the linear layers of ViT-Ti, ViT-S, ViT-B and ViT-L (weights from memory, interleaved,
-# Intel Xeon with AVX-512, 2 threads; BENCHMARKS.md, "small-rows-linear").
+# linear at 1 row, 1.1-1.6x at 32, and from 128 to 384 rows as fast (ViT-B's and ViT-L's
+# layers) or up to 1.4x faster (ViT-Ti's and ViT-S's), float32 and int8 weights (weights from
+# memory, interleaved, Intel Xeon with AVX-512, 2 threads; BENCHMARKS.md, "small-rows-linear").
 SMALL_ROWS = 384
 
 # At precision "bf16" (and a float32 layer under `compute_dtype(torch.bfloat16)`), up to this
