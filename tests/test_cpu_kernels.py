@@ -382,7 +382,12 @@ needs_transpose_kernel = pytest.mark.skipif(
 
 
 @needs_transpose_kernel
-@pytest.mark.parametrize("shape", [(1, 16384, 64), (2, 37, 13), (3, 8, 8), (1, 1, 5), (2, 0, 4)])
+@pytest.mark.parametrize(
+    "shape",
+    # Many rows of few columns and the reverse (channels last to first and back), partial tiles
+    # of rows and of columns in a batch, blocks smaller than the registers' 8 x 8, nothing.
+    [(1, 16384, 64), (1, 64, 16384), (2, 70, 300), (2, 37, 13), (3, 8, 8), (1, 1, 5), (2, 0, 4)],
+)
 def test_the_transposing_copy_equals_pytorchs(shape):
     x = torch.randn(shape)
     out = kernels.transposed()(x)
