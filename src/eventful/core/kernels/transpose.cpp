@@ -4,10 +4,9 @@
 // around it takes (B, C, H, W) in PyTorch's default layout. At a decoder's last stages (64
 // channels on 128 x 128 positions) PyTorch's copy of the permuted view takes several times as
 // long as reading and writing the memory once. Here blocks of 8 x 8 values go through registers,
-// a tile of rows 16 columns (a cache line of each row) at a time, so that every line read is
-// used whole and every output row of the tile is written whole; threads share the tiles, of
-// rows and of columns, so that a few rows of many columns (channels first to channels last)
-// split too.
+// each tile of rows 16 columns (a cache line of each row) at a time, so that every line read is
+// used whole and every output row of the tile is written whole. Threads share tiles of rows and
+// of columns, so that a few rows of many columns (channels first to channels last) split too.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
