@@ -38,6 +38,7 @@ using namespace eventful_vectors;
 constexpr int64_t SWAP_ROW_BLOCK = 32;         // rows per task of the swap
 constexpr int64_t RECOMPUTE_BLOCKS_PER_TASK = 4;  // blocks of recomputed rows per task
 constexpr int64_t OUTPUT_ROWS_PER_TASK = 64;   // rows per task of the output
+constexpr int64_t COPY_VALUES_FROM_ROWS = 4 * eventful_attention::ROWS;  // recomputed rows
 
 struct Sizes {
   int64_t streams, tokens, dim, heads, dh;
@@ -230,16 +231,30 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
     if (!plans[b].recomputed.empty()) recomputing.push_back(b);
   }
   const int64_t padded = (s.tokens + WIDTH - 1) / WIDTH * WIDTH;
-  const int64_t keys_size = dh * padded;
+  const int64_t keys_size = dh * padded, values_size = s.tokens * dh;
   const int64_t pairs = static_cast<int64_t>(recomputing.size()) * s.heads;
-  std::unique_ptr<float[]> laid_out(new float[pairs * keys_size + LINE]);
+  std::unique_ptr<float[]> laid_out(new float[pairs * (keys_size + values_size) + LINE]);
   float* keys_by_feature = aligned(laid_out.get());
+  float* values_by_row = keys_by_feature + pairs * keys_size;
+  // Where a stream recomputes many rows, each head's values are copied side by side first (as
+  // attention_rows.cpp does): every block of rows reads them all, and in the qkv buffer each row
+  // of a head's values lies a whole qkv row from the last.
+  auto copies_values = [&](int64_t b) {
+    return static_cast<int64_t>(plans[b].recomputed.size()) >= COPY_VALUES_FROM_ROWS;
+  };
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t b = recomputing[pair / s.heads], h = pair % s.heads;
-      eventful_attention::transpose_keys(buffer + b * s.tokens * qkv_row + s.dim + h * dh,
-                                         qkv_row, s.tokens, dh,
+      const float* stream_rows = buffer + b * s.tokens * qkv_row;
+      eventful_attention::transpose_keys(stream_rows + s.dim + h * dh, qkv_row, s.tokens, dh,
                                          keys_by_feature + pair * keys_size, padded);
+      if (copies_values(b)) {
+        float* to = values_by_row + pair * values_size;
+        for (int64_t j = 0; j < s.tokens; ++j) {
+          std::memcpy(to + j * dh, stream_rows + j * qkv_row + 2 * s.dim + h * dh,
+                      dh * sizeof(float));
+        }
+      }
     }
   });
   std::vector<int64_t> task_pair, task_first_block;
@@ -278,8 +293,13 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
         head.queries = queries;
         head.query_stride = dh;
         head.keys_by_feature = keys_by_feature + pair * keys_size;
-        head.values = stream_rows + 2 * s.dim + h * dh;
-        head.value_stride = qkv_row;
+        if (copies_values(b)) {
+          head.values = values_by_row + pair * values_size;
+          head.value_stride = dh;
+        } else {
+          head.values = stream_rows + 2 * s.dim + h * dh;
+          head.value_stride = qkv_row;
+        }
         head.bias = nullptr;
         head.bias_stride = 0;
         head.out = outputs;
