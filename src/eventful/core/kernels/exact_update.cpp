@@ -12,7 +12,8 @@
 // 2. a stream with few changes: every unchanged row swaps the changed keys' old share of its
 //    running sums for their new share (key_swap.h); the changed rows, and the rows whose
 //    denominator fell below `underflow` in any head, are recomputed over every key
-//    (row_attention.h). A stream with `dense_from` changes or more recomputes every row;
+//    (row_attention.h). A stream with `dense_from` changes or more recomputes every row, its
+//    values first copied side by side per head;
 // 3. every row's output, numerator over denominator, is written in the tokens' layout as its
 //    sums are finished.
 //
@@ -230,18 +231,19 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
   for (int64_t b = 0; b < s.streams; ++b) {
     if (!plans[b].recomputed.empty()) recomputing.push_back(b);
   }
-  const int64_t padded = (s.tokens + WIDTH - 1) / WIDTH * WIDTH;
-  const int64_t keys_size = dh * padded, values_size = s.tokens * dh;
-  const int64_t pairs = static_cast<int64_t>(recomputing.size()) * s.heads;
-  std::unique_ptr<float[]> laid_out(new float[pairs * (keys_size + values_size) + LINE]);
-  float* keys_by_feature = aligned(laid_out.get());
-  float* values_by_row = keys_by_feature + pairs * keys_size;
   // Where a stream recomputes many rows, each head's values are copied side by side first (as
   // attention_rows.cpp does): every block of rows reads them all, and in the qkv buffer each row
   // of a head's values lies a whole qkv row from the last.
   auto copies_values = [&](int64_t b) {
     return static_cast<int64_t>(plans[b].recomputed.size()) >= COPY_VALUES_FROM_ROWS;
   };
+  const bool any_copies = std::any_of(recomputing.begin(), recomputing.end(), copies_values);
+  const int64_t padded = (s.tokens + WIDTH - 1) / WIDTH * WIDTH;
+  const int64_t keys_size = dh * padded, values_size = any_copies ? s.tokens * dh : 0;
+  const int64_t pairs = static_cast<int64_t>(recomputing.size()) * s.heads;
+  std::unique_ptr<float[]> laid_out(new float[pairs * (keys_size + values_size) + LINE]);
+  float* keys_by_feature = aligned(laid_out.get());
+  float* values_by_row = keys_by_feature + pairs * keys_size;
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t b = recomputing[pair / s.heads], h = pair % s.heads;
