@@ -23,7 +23,6 @@ namespace {
 using namespace eventful_attention;
 
 constexpr int64_t BLOCKS_PER_TASK = 4;    // blocks of rows per task of a thread
-constexpr int64_t COPY_VALUES_FROM_ROWS = 4 * ROWS;  // query rows from which values are copied
 
 struct Strides {
   int64_t group, head, row;
@@ -91,11 +90,8 @@ std::tuple<torch::Tensor, torch::Tensor> attention_rows(const torch::Tensor& q,
     transpose_keys(keys + g * ks.group + h * ks.head, ks.row, length, dh,
                    keys_by_feature + b * keys_size, padded);
     if (copy_values) {
-      const float* from = values + g * vs.group + h * vs.head;
-      float* to = values_by_row + b * values_size;
-      for (int64_t j = 0; j < length; ++j) {
-        std::memcpy(to + j * dh, from + j * vs.row, dh * sizeof(float));
-      }
+      copy_rows(values + g * vs.group + h * vs.head, vs.row, length, dh,
+                values_by_row + b * values_size);
     }
   };
 

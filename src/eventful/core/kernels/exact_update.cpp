@@ -39,7 +39,6 @@ using namespace eventful_vectors;
 constexpr int64_t SWAP_ROW_BLOCK = 32;         // rows per task of the swap
 constexpr int64_t RECOMPUTE_BLOCKS_PER_TASK = 4;  // blocks of recomputed rows per task
 constexpr int64_t OUTPUT_ROWS_PER_TASK = 64;   // rows per task of the output
-constexpr int64_t COPY_VALUES_FROM_ROWS = 4 * eventful_attention::ROWS;  // recomputed rows
 
 struct Sizes {
   int64_t streams, tokens, dim, heads, dh;
@@ -206,23 +205,10 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
   int64_t* lost_counts = lost.data_ptr<int64_t>();
   for (int64_t b = 0; b < s.streams; ++b) {
     StreamPlan& plan = plans[b];
-    if (plan.dense) {
-      plan.recomputed.resize(s.tokens);
-      for (int64_t i = 0; i < s.tokens; ++i) plan.recomputed[i] = i;
-      continue;
-    }
     if (plan.changed.empty()) continue;
-    plan.recomputed = plan.changed;
-    for (int64_t i = 0; i < s.tokens; ++i) {
-      if (changed[b * s.tokens + i]) continue;
-      for (int64_t h = 0; h < s.heads; ++h) {
-        if (denominators[sums_offset(b, h, i)] < underflow) {
-          plan.recomputed.push_back(i);
-          ++lost_counts[b];
-          break;
-        }
-      }
-    }
+    plan.recomputed = eventful_attention::recomputed_rows(
+        plan.changed, changed.data() + b * s.tokens, denominators + sums_offset(b, 0, 0),
+        s.heads, s.tokens, plan.dense, underflow, lost_counts + b);
   }
 
   // Recompute: each head's keys laid out transposed once, then tasks of (stream, head, blocks
@@ -231,11 +217,10 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
   for (int64_t b = 0; b < s.streams; ++b) {
     if (!plans[b].recomputed.empty()) recomputing.push_back(b);
   }
-  // Where a stream recomputes many rows, each head's values are copied side by side first (as
-  // attention_rows.cpp does): every block of rows reads them all, and in the qkv buffer each row
-  // of a head's values lies a whole qkv row from the last.
+  // Where a stream recomputes many rows, each head's values are copied side by side first.
   auto copies_values = [&](int64_t b) {
-    return static_cast<int64_t>(plans[b].recomputed.size()) >= COPY_VALUES_FROM_ROWS;
+    return static_cast<int64_t>(plans[b].recomputed.size()) >=
+           eventful_attention::COPY_VALUES_FROM_ROWS;
   };
   const bool any_copies = std::any_of(recomputing.begin(), recomputing.end(), copies_values);
   const int64_t padded = (s.tokens + WIDTH - 1) / WIDTH * WIDTH;
@@ -251,25 +236,19 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
       eventful_attention::transpose_keys(stream_rows + s.dim + h * dh, qkv_row, s.tokens, dh,
                                          keys_by_feature + pair * keys_size, padded);
       if (copies_values(b)) {
-        float* to = values_by_row + pair * values_size;
-        for (int64_t j = 0; j < s.tokens; ++j) {
-          std::memcpy(to + j * dh, stream_rows + j * qkv_row + 2 * s.dim + h * dh,
-                      dh * sizeof(float));
-        }
+        eventful_attention::copy_rows(stream_rows + 2 * s.dim + h * dh, qkv_row, s.tokens, dh,
+                                      values_by_row + pair * values_size);
       }
     }
   });
-  std::vector<int64_t> task_pair, task_first_block;
+  std::vector<int64_t> rows_per_pair(pairs);
   for (int64_t pair = 0; pair < pairs; ++pair) {
-    const int64_t rows_count =
+    rows_per_pair[pair] =
         static_cast<int64_t>(plans[recomputing[pair / s.heads]].recomputed.size());
-    const int64_t blocks = (rows_count + eventful_attention::ROWS - 1) / eventful_attention::ROWS;
-    for (int64_t block = 0; block < blocks; block += RECOMPUTE_BLOCKS_PER_TASK) {
-      task_pair.push_back(pair);
-      task_first_block.push_back(block);
-    }
   }
-  const int64_t recompute_tasks = static_cast<int64_t>(task_pair.size());
+  const auto tasks_of =
+      eventful_attention::row_block_tasks(rows_per_pair, RECOMPUTE_BLOCKS_PER_TASK);
+  const int64_t recompute_tasks = static_cast<int64_t>(tasks_of.pair.size());
   at::parallel_for(0, recompute_tasks, 1, [&](int64_t begin, int64_t end) {
     constexpr int ROWS = eventful_attention::ROWS;
     std::vector<float> scratch(ROWS * padded + 2 * ROWS * dh + 2 * LINE);
@@ -278,12 +257,12 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
     float* outputs = queries + ROWS * dh;
     float logsumexp[ROWS];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t pair = task_pair[task];
+      const int64_t pair = tasks_of.pair[task];
       const int64_t b = recomputing[pair / s.heads], h = pair % s.heads;
       const std::vector<int64_t>& rows_of = plans[b].recomputed;
       const int64_t total = static_cast<int64_t>(rows_of.size());
       const float* stream_rows = buffer + b * s.tokens * qkv_row;
-      const int64_t first_block = task_first_block[task];
+      const int64_t first_block = tasks_of.first_block[task];
       const int64_t last_row = std::min(total, (first_block + RECOMPUTE_BLOCKS_PER_TASK) * ROWS);
       for (int64_t first = first_block * ROWS; first < last_row; first += ROWS) {
         const int count_rows = static_cast<int>(std::min<int64_t>(ROWS, last_row - first));

@@ -218,25 +218,11 @@ torch::Tensor full_attention_update(torch::Tensor product, torch::Tensor referen
   std::vector<std::vector<int64_t>> recomputed(groups);
   for (int64_t g = 0; g < groups; ++g) {
     if (changed_rows[g].empty()) continue;
-    if (every_row) {
-      recomputed[g].resize(length);
-      for (int64_t i = 0; i < length; ++i) recomputed[g][i] = i;
-      continue;
-    }
-    recomputed[g] = changed_rows[g];
-    for (int64_t i = 0; i < length; ++i) {
-      if (changed[g * length + i]) continue;
-      for (int64_t h = 0; h < heads; ++h) {
-        if (denominators[sums_offset(g * heads + h, i)] < underflow) {
-          recomputed[g].push_back(i);
-          ++lost_counts[g];
-          break;
-        }
-      }
-    }
+    recomputed[g] = eventful_attention::recomputed_rows(
+        changed_rows[g], changed.data() + g * length, denominators + sums_offset(g * heads, 0),
+        heads, length, every_row, underflow, lost_counts + g);
   }
-  const int64_t padded_keys = (length + WIDTH - 1) / WIDTH * WIDTH;
-  const int64_t keys_size = dh * padded_keys;
+  const int64_t keys_size = dh * padded_length;
   const int64_t updated_pairs = static_cast<int64_t>(updated.size());
   std::unique_ptr<float[]> laid_out(new float[updated_pairs * keys_size + LINE]);
   float* all_keys_by_feature = aligned(laid_out.get());
@@ -244,30 +230,28 @@ torch::Tensor full_attention_update(torch::Tensor product, torch::Tensor referen
     for (int64_t u = begin; u < end; ++u) {
       const int64_t g = updated[u] / heads, h = updated[u] % heads;
       eventful_attention::transpose_keys(keys.at(g, h, 0), keys.row, length, dh,
-                                         all_keys_by_feature + u * keys_size, padded_keys);
+                                         all_keys_by_feature + u * keys_size, padded_length);
     }
   });
-  std::vector<int64_t> task_pair, task_first_block;
+  std::vector<int64_t> rows_per_pair(updated_pairs);
   for (int64_t u = 0; u < updated_pairs; ++u) {
-    const int64_t rows = static_cast<int64_t>(recomputed[updated[u] / heads].size());
-    const int64_t row_blocks = (rows + eventful_attention::ROWS - 1) / eventful_attention::ROWS;
-    for (int64_t block = 0; block < row_blocks; block += LOGSUMEXP_BLOCKS_PER_TASK) {
-      task_pair.push_back(u);
-      task_first_block.push_back(block);
-    }
+    rows_per_pair[u] = static_cast<int64_t>(recomputed[updated[u] / heads].size());
   }
-  at::parallel_for(0, static_cast<int64_t>(task_pair.size()), 1, [&](int64_t begin, int64_t end) {
+  const auto tasks_of =
+      eventful_attention::row_block_tasks(rows_per_pair, LOGSUMEXP_BLOCKS_PER_TASK);
+  const int64_t logsumexp_tasks = static_cast<int64_t>(tasks_of.pair.size());
+  at::parallel_for(0, logsumexp_tasks, 1, [&](int64_t begin, int64_t end) {
     constexpr int ROWS = eventful_attention::ROWS;
-    std::vector<float> scratch(ROWS * padded_keys + ROWS * dh + 2 * LINE);
+    std::vector<float> scratch(ROWS * padded_length + ROWS * dh + 2 * LINE);
     float* logits = aligned(scratch.data());
-    float* rows_queries = aligned(logits + ROWS * padded_keys);
+    float* rows_queries = aligned(logits + ROWS * padded_length);
     float logsumexp[ROWS];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t u = task_pair[task], pair = updated[u];
+      const int64_t u = tasks_of.pair[task], pair = updated[u];
       const int64_t g = pair / heads, h = pair % heads;
       const std::vector<int64_t>& rows_of = recomputed[g];
       const int64_t total = static_cast<int64_t>(rows_of.size());
-      const int64_t first_block = task_first_block[task];
+      const int64_t first_block = tasks_of.first_block[task];
       const int64_t last_row = std::min(total, (first_block + LOGSUMEXP_BLOCKS_PER_TASK) * ROWS);
       for (int64_t first = first_block * ROWS; first < last_row; first += ROWS) {
         const int count_rows = static_cast<int>(std::min<int64_t>(ROWS, last_row - first));
@@ -280,7 +264,7 @@ torch::Tensor full_attention_update(torch::Tensor product, torch::Tensor referen
         head.query_stride = dh;
         head.keys_by_feature = all_keys_by_feature + u * keys_size;
         head.logsumexp = logsumexp;
-        eventful_attention::attend_rows(head, count_rows, length, padded_keys, dh, logits,
+        eventful_attention::attend_rows(head, count_rows, length, padded_length, dh, logits,
                                         /*values=*/false);
         for (int r = 0; r < count_rows; ++r) {
           const int64_t at = sums_offset(pair, rows_of[first + r]);

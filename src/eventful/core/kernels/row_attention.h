@@ -1,5 +1,6 @@
 // Softmax attention of a few query rows over every key of one head, for the kernels that attend
-// rows (attention_rows.cpp, exact_update.cpp). The keys are laid out transposed (dh, padded)
+// rows (attention_rows.cpp, exact_update.cpp, full_update.cpp), and what the exact and full
+// levels' kernels share in planning it: which rows they recompute, in which tasks. The keys are laid out transposed (dh, padded)
 // once per head, so that a loaded vector of keys serves up to ROWS query rows from registers;
 // a block of rows forms its logits in cache, turns them into weights with the rows' maxima and
 // sums, and multiplies them by the values, ROWS rows per loaded vector of values. Every block
@@ -11,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "vectors.h"
 
@@ -19,6 +22,10 @@ namespace eventful_attention {
 using namespace eventful_vectors;
 
 constexpr int ROWS = 6;  // query rows per block
+// From this many query rows of a head on, its values are copied side by side before the rows
+// attend them (`copy_rows`): every block of rows reads them all, and in a wider tensor (the qkv
+// buffer) each row of a head's values lies far from the last.
+constexpr int64_t COPY_VALUES_FROM_ROWS = 4 * ROWS;
 // Vectors of columns per pass over a block's rows: ROWS x COLUMNS sums in flight, which with the
 // loaded columns fill most of the vector registers (16 with AVX2, 32 with AVX-512).
 constexpr int COLUMNS = WIDTH == 16 ? 4 : 2;
@@ -29,6 +36,60 @@ inline void transpose_keys(const float* from, int64_t row_stride, int64_t length
                     float* to, int64_t padded) {
   transpose(from, row_stride, length, dh, to, padded);
   for (int64_t d = 0; d < dh; ++d) std::fill(to + d * padded + length, to + (d + 1) * padded, 0.0f);
+}
+
+// to (length, dh) = the rows from + j * row_stride (j < length), side by side.
+inline void copy_rows(const float* from, int64_t row_stride, int64_t length, int64_t dh,
+                      float* to) {
+  for (int64_t j = 0; j < length; ++j) {
+    std::memcpy(to + j * dh, from + j * row_stride, dh * sizeof(float));
+  }
+}
+
+// The rows of a group whose log-sum-exp is recomputed over every key: with `every_row`, all
+// `length`; else its changed rows (in the order given), then its unchanged rows (`changed` zero)
+// whose denominator fell below `underflow` in any of its heads, counted in *lost. denominators:
+// the group's (heads, length).
+inline std::vector<int64_t> recomputed_rows(const std::vector<int64_t>& changed_rows,
+                                            const uint8_t* changed, const float* denominators,
+                                            int64_t heads, int64_t length, bool every_row,
+                                            double underflow, int64_t* lost) {
+  std::vector<int64_t> rows;
+  if (every_row) {
+    rows.resize(length);
+    for (int64_t i = 0; i < length; ++i) rows[i] = i;
+    return rows;
+  }
+  rows = changed_rows;
+  for (int64_t i = 0; i < length; ++i) {
+    if (changed[i]) continue;
+    for (int64_t h = 0; h < heads; ++h) {
+      if (denominators[h * length + i] < underflow) {
+        rows.push_back(i);
+        ++*lost;
+        break;
+      }
+    }
+  }
+  return rows;
+}
+
+// Tasks over blocks of ROWS rows: for each item p of `rows` (its row count), tasks of
+// `blocks_per_task` blocks; task t covers item pair[t] from block first_block[t].
+struct RowBlockTasks {
+  std::vector<int64_t> pair, first_block;
+};
+
+inline RowBlockTasks row_block_tasks(const std::vector<int64_t>& rows, int64_t blocks_per_task) {
+  RowBlockTasks tasks;
+  for (int64_t p = 0; p < static_cast<int64_t>(rows.size()); ++p) {
+    const int64_t blocks = (rows[p] + ROWS - 1) / ROWS;
+    for (int64_t block = 0; block < blocks; block += blocks_per_task) {
+      tasks.pair.push_back(p);
+      tasks.first_block.push_back(block);
+    }
+  }
+  return tasks;
 }
 
 // The output features of R rows: their weights (R, padded) times the values (length, dh; rows
