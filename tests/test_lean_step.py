@@ -2,6 +2,7 @@
 
 import copy
 import io
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch
 import eventful
 from eventful.core import block as block_module
 from eventful.core import kernels, precision
+from eventful.core.model import EventfulViT
+from eventful.models.vit import describe_vit
 from eventful.synthetic import moving_squares
 from tests.helpers import tiny_vit
 
@@ -117,3 +120,110 @@ def test_lean_step_stays_out_where_it_does_not_apply(monkeypatch, lean_calls):
             for frames in video:
                 stream(frames)
         assert lean_calls[0] == 0, name
+
+
+@pytest.fixture
+def block_step_calls(monkeypatch):
+    """How many blocks took the exact level's step in one kernel call since the fixture
+    started."""
+    calls = [0]
+    kernel = kernels.exact_block_step()
+
+    def counted(*args):
+        calls[0] += 1
+        return kernel(*args)
+
+    monkeypatch.setattr(kernels, "exact_block_step", lambda: None if kernel is None else counted)
+    return calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("chosen", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("count_ops", [True, False])
+def test_exact_block_step_in_one_call_equals_the_lean_step(
+    chosen, batch, count_ops, monkeypatch, block_step_calls
+):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    vit = tiny_vit()
+    # 5 tokens per stream: 15 rows at batch 3, which the small-rows kernel takes at every
+    # precision (bf16 up to packed_linear.BF16_SMALL_ROWS).
+    converted = eventful.convert(vit, policy=eventful.TopK(5), level="exact", precision=chosen)
+    video = moving_squares(8, size=80, batch=3, seed=5)[..., 16:64, :]
+    options = {"count_ops": count_ops, "drift": None}
+    monkeypatch.setattr(block_module, "FUSED_BLOCK_STEPS", False)
+    want = run(converted, video, True, monkeypatch, batch, **options)
+    assert block_step_calls[0] == 0
+    monkeypatch.setattr(block_module, "FUSED_BLOCK_STEPS", True)
+    got = run(converted, video, True, monkeypatch, batch, **options)
+    assert block_step_calls[0] == 7 * len(converted.encoder.blocks)  # every step after the first
+    assert torch.equal(got[0], want[0])
+    assert got[1] == want[1]  # the op counts, from the same selections
+    for shares, wanted in zip(got[2], want[2], strict=True):
+        assert (shares is None) == (wanted is None)
+        assert shares is None or torch.equal(shares, wanted)
+
+
+@needs_kernels
+def test_exact_block_step_stays_out_where_a_layer_runs_elsewhere(
+    monkeypatch, block_step_calls, lean_calls
+):
+    vit = tiny_vit()
+    video = moving_squares(4, size=64, batch=2, seed=6)
+    monkeypatch.setattr(block_module, "LEAN_STEPS", True)
+    # Too many rows for the small-rows kernel in bfloat16 (2 streams of 10: oneDNN multiplies
+    # them), and a GELU the kernel does not compute (tanh's).
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    many_rows = eventful.convert(vit, policy=eventful.TopK(10), level="exact", precision="bf16")
+    description = describe_vit(vit)
+    tanh_gelu = torch.nn.GELU(approximate="tanh")
+    tanh_blocks = [replace(b, activation=tanh_gelu) for b in description.blocks]
+    tanh = EventfulViT(replace(description, blocks=tuple(tanh_blocks)), eventful.TopK(9), "exact")
+    for converted, batch in ((many_rows, 2), (tanh, 1)):
+        stream = converted.stream(batch_size=batch)
+        with torch.inference_mode():
+            for frames in video[:, :batch]:
+                stream(frames)
+        assert lean_calls[0] > 0  # each took the lean step, from Python
+        lean_calls[0] = 0
+    assert block_step_calls[0] == 0
+
+
+@needs_kernels
+def test_exact_block_step_refuses_a_count_it_cannot_take_and_leaves_the_state_alone():
+    vit = tiny_vit()
+    converted = eventful.convert(vit, policy=eventful.TopK(5), level="exact")
+    stream = converted.stream(drift=None)
+    video = moving_squares(2, size=64, batch=1, seed=7)
+    with torch.inference_mode():
+        for frames in video:
+            stream(frames)
+    converted_block = converted.encoder.blocks[0]
+    state = stream.state.blocks[0]
+    before = {name: tensor.clone() for name, tensor in state.items()}
+    num_tokens = state["qkv"].shape[1]
+    x = torch.randn(1, num_tokens, vit.dim)
+    layers = [converted_block.qkv, converted_block.proj, converted_block.fc1, converted_block.fc2]
+    weights = []
+    with torch.no_grad():
+        for layer in layers:
+            panels, scale, _ = layer.small_rows_operands(num_tokens)
+            weights += [panels, layer.bias, scale]
+    norms = [converted_block.norm1.weight, converted_block.norm1.bias, 1e-6] * 2
+    refused = rf"count in \[1, {num_tokens}\), got {num_tokens}"
+    with torch.no_grad(), pytest.raises(RuntimeError, match=refused):
+        kernels.exact_block_step()(
+            x,
+            *(state[name] for name in block_module.STEP_CACHES),
+            *(state[f"{name}_scale"] for name in block_module.GATES),
+            *norms,
+            *weights,
+            converted_block.fc1.out_features,
+            num_tokens,
+            converted_block.heads,
+            num_tokens,
+            1e-3,
+            False,
+        )
+    for name, tensor in state.items():
+        assert torch.equal(tensor, before[name]), name

@@ -28,10 +28,12 @@ from torch import Tensor, nn
 
 from eventful.core import kernels
 from eventful.core.attention import (
+    UNDERFLOW,
     BiasFor,
     Changes,
     at_positions,
     dense_attention_cost,
+    exact_dense_from,
     exact_update_cost,
     exact_update_is_dense,
     full_update_cost,
@@ -69,6 +71,10 @@ LEVELS = ("tokenwise", "qk", "full", "exact")
 # The lean step (`EventfulBlock._lean_forward`) where it applies; False runs every step through
 # the general one (tests compare the two).
 LEAN_STEPS = True
+
+# The lean step at the exact level in one kernel call (`EventfulBlock._exact_block_step`) where
+# it applies; False runs it from Python (tests compare the two).
+FUSED_BLOCK_STEPS = True
 
 
 def _scaled_linear(linear: nn.Linear, scale: Tensor, precision: str) -> PackedLinear:
@@ -317,8 +323,13 @@ class EventfulBlock(nn.Module):
         """The step of `forward` where `_lean_step` applies, bit for bit, in some fifteen kernel
         calls: each gate without `token_gate`'s checks and branches (`lean_gate`), the linear
         layers straight to their kernel (`PackedLinear.rows_forward`), the exact level's
-        attention in one call."""
+        attention in one call; or at the exact level, where its linear layers run the
+        small-rows kernel, in one call in all (`_exact_block_step`)."""
         count, measure = lean.count, trace is not None
+        if self.level == "exact":
+            fused = self._exact_block_step(x, state, lean, trace)
+            if fused is not None:
+                return fused
 
         def gate(name: str, current: Tensor, norm=None) -> GateStep:
             reference, scale = state[f"{name}_reference"], state[f"{name}_scale"]
@@ -346,6 +357,52 @@ class EventfulBlock(nn.Module):
         if trace is not None:
             trace.record_block({"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}, recomputed)
         return add(y, state["mlp"], mlp_gate.selection.flat, mlp_rows)
+
+    def _exact_block_step(
+        self, x: Tensor, state: dict[str, Tensor], lean: _LeanStep, trace: StepTrace | None
+    ) -> Tensor | None:
+        """`_lean_forward` at the exact level in one call of the CPU kernel
+        (`kernels.exact_block_step`), where each linear layer runs the small-rows kernel on the
+        step's rows (`PackedLinear.small_rows_operands`): the same kernels in the same order, bit
+        for bit, without the Python between them. None where it does not apply."""
+        kernel = kernels.exact_block_step()
+        if kernel is None or not FUSED_BLOCK_STEPS:
+            return None
+        rows = x.shape[0] * lean.count
+        layers = (self.qkv, self.proj, self.fc1, self.fc2)
+        found = [layer.small_rows_operands(rows) for layer in layers]
+        activations = ("none", "none", "gelu", "none")
+        if any(o is None or o[2] != a for o, a in zip(found, activations, strict=True)):
+            return None
+        weights = []
+        for layer, (panels, scale, _) in zip(layers, found, strict=True):
+            weights += [panels, layer.bias, scale]
+        measure = trace is not None
+        caches = [state[name] for name in STEP_CACHES]
+        scales = [state[f"{name}_scale"] for name in GATES]
+        out, lost, gates = kernel(
+            x,
+            *caches,
+            *scales,
+            *lean.norm1,
+            *lean.norm2,
+            *weights,
+            self.fc1.out_features,
+            lean.count,
+            self.heads,
+            exact_dense_from(x.shape[1]),
+            UNDERFLOW,
+            measure,
+        )
+        if measure:
+            steps = {
+                name: GateStep(Selection.from_indices(index, x.shape[1]), rows, share)
+                for name, (index, rows, share) in zip(
+                    GATES, (gates[0:3], gates[3:6], gates[6:9]), strict=True
+                )
+            }
+            trace.record_block(steps, lost.tolist())
+        return out
 
     def _update_exact_sequences(
         self, state: dict[str, Tensor], qkv_rows: Tensor, selection: Selection
@@ -627,6 +684,21 @@ CACHES = {
     ),
     "exact": ("attention_numerator", "attention_denominator", "attention_shift"),
 }
+
+
+# The gates of a block, in step order.
+GATES = ("qkv", "proj", "mlp")
+
+# The state an exact block step (`kernels.exact_block_step`) updates, in its arguments' order.
+STEP_CACHES = (
+    "qkv_reference",
+    "qkv",
+    "proj_reference",
+    "proj",
+    "mlp_reference",
+    "mlp",
+    *CACHES["exact"],
+)
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,8 @@ def fused_layer_norm(
     features of current, with float32 parameters or none, outside autograd; else None."""
     if type(norm) is not nn.LayerNorm or norm.normalized_shape != (current.shape[-1],):
         return None
+    if not norm.eps > 0:  # the kernel reads eps 0 as no normalisation
+        return None
     weight, bias = norm.weight, norm.bias
     parameters = [t for t in (weight, bias) if t is not None]
     if not kernels.can_take(*parameters) or not all(t.is_contiguous() for t in parameters):

@@ -195,16 +195,46 @@ class PackedLinear(nn.Linear):
                 return self._small_rows(kernel, rows, panels, scale)
         return self(rows)
 
+    def small_rows_operands(self, rows: int) -> tuple[Tensor, Tensor | None, str] | None:
+        """Where `rows_forward` of that many float32 rows is the small-rows kernel alone, with
+        the activation inside it (none, or the exact GELU): its panels, their scale (int8
+        panels) and the activation's name, for a caller that runs the kernel itself
+        (`kernels.exact_block_step`); else None."""
+        if self._post_op == _NO_ACTIVATION:
+            activation = "none"
+        elif self._post_op == _EXACT_GELU:
+            activation = "gelu"
+        else:
+            return None
+        if not PREPACKED or self.weight.dtype != torch.float32 or rows < 1:
+            return None
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return None
+        kernel = kernels.small_rows_linear()
+        if kernel is None or torch.compiler.is_compiling():
+            return None
+        low = self._low_precision_dtype_of(torch.float32)
+        if low is None and rows <= SMALL_ROWS:
+            return (*self._panel_weight(kernel), activation)
+        if low == torch.bfloat16 and rows <= BF16_SMALL_ROWS:
+            panels = self._cached("_panels", lambda w: kernel.pack(w, None, True), torch.bfloat16)
+            return panels, None, activation
+        return None
+
     def _low_precision_dtype(self, x: Tensor) -> torch.dtype | None:
-        """The dtype this call multiplies in where it is not x's: bfloat16 at precision "bf16",
-        the `compute_dtype` for a float32 layer, else None."""
+        """The dtype a call on x multiplies in where it is not x's (`_low_precision_dtype_of`)."""
+        return self._low_precision_dtype_of(x.dtype)
+
+    def _low_precision_dtype_of(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype a call on an input of `dtype` multiplies in where it is not `dtype`:
+        bfloat16 at precision "bf16", the `compute_dtype` for a float32 layer, else None."""
         if self.precision == "bf16":
             wanted = torch.bfloat16
         elif self.precision == "fp32":
             wanted = getattr(_compute, "dtype", None)
         else:
             return None
-        return None if wanted is None or wanted == x.dtype else wanted
+        return None if wanted is None or wanted == dtype else wanted
 
     def _low_precision_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """x times the weight in `dtype`, back in x's dtype; the bias and the activation there.

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "key_swap.h"
+#include "operators.h"
 #include "row_attention.h"
 
 namespace {
@@ -76,7 +77,9 @@ void gather_heads(const float* qkv_rows, int64_t row_stride, const std::vector<i
   }
 }
 
-std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
+}  // namespace
+
+std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::exact_attention_update(
     torch::Tensor qkv, const torch::Tensor& rows, const torch::Tensor& index,
     torch::Tensor numerator, torch::Tensor denominator, torch::Tensor shift, int64_t heads,
     int64_t dense_from, double underflow) {
@@ -318,8 +321,6 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
   return {out, lost};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def(
       "exact_attention_update(Tensor(a!) qkv, Tensor rows, Tensor index, Tensor(b!) numerator, "
@@ -328,5 +329,5 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
 }
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
-  library.impl("exact_attention_update", &exact_attention_update);
+  library.impl("exact_attention_update", &eventful_kernels::exact_attention_update);
 }

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "operators.h"
 #include "vectors.h"
 
 namespace {
@@ -49,8 +50,10 @@ float squared_distance(const float* a, const float* b, int64_t dim) {
   return sum;
 }
 
+}  // namespace
+
 // current, reference (B, N, D) contiguous float32 -> (B, N) L2 norms of current - reference.
-torch::Tensor gate_error_norms(const torch::Tensor& current, const torch::Tensor& reference) {
+torch::Tensor eventful_kernels::gate_error_norms(const torch::Tensor& current, const torch::Tensor& reference) {
   for (const auto* t : {&current, &reference}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 &&
                     t->is_contiguous() && t->dim() == 3,
@@ -77,8 +80,9 @@ torch::Tensor gate_error_norms(const torch::Tensor& current, const torch::Tensor
 // the selection (flat indices b N + i, any order), summed in token order, over the gate's size
 // max(scale, FLT_MIN) N. One call where PyTorch operators take six (a fill of the selected
 // tokens, a sum, the size's clamp and product, a division) on a few hundred values.
-torch::Tensor unprocessed_share(const torch::Tensor& error_norms, const torch::Tensor& index,
-                                const torch::Tensor& scale) {
+torch::Tensor eventful_kernels::unprocessed_share(const torch::Tensor& error_norms,
+                                                  const torch::Tensor& index,
+                                                  const torch::Tensor& scale) {
   TORCH_CHECK(error_norms.device().is_cpu() && error_norms.scalar_type() == torch::kFloat32 &&
                   error_norms.is_contiguous() && error_norms.dim() == 2,
               "unprocessed_share expects error norms as a contiguous float32 CPU tensor (B, N), "
@@ -114,14 +118,12 @@ torch::Tensor unprocessed_share(const torch::Tensor& error_norms, const torch::T
   return share;
 }
 
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def("gate_error_norms(Tensor current, Tensor reference) -> Tensor");
   library.def("unprocessed_share(Tensor error_norms, Tensor index, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
-  library.impl("gate_error_norms", &gate_error_norms);
-  library.impl("unprocessed_share", &unprocessed_share);
+  library.impl("gate_error_norms", &eventful_kernels::gate_error_norms);
+  library.impl("unprocessed_share", &eventful_kernels::unprocessed_share);
 }

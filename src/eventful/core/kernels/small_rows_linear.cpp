@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "operators.h"
 #include "vectors.h"
 
 namespace {
@@ -362,9 +363,14 @@ void rows_by_all_panels(const X* xs, int64_t rows, int64_t in, const W* ps, int6
 // x (rows, in) float32 -> x W^T + bias (rows, out), W given as `pack`'s panels: float32, int8
 // with the scale (out,) they were packed with, or bfloat16 pairs; then `activation`: "none", or
 // "gelu", GELU with the exact error function (vectors.h).
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
-                     const c10::optional<torch::Tensor>& bias, int64_t out,
-                     const c10::optional<torch::Tensor>& scale, c10::string_view activation) {
+}  // namespace
+
+torch::Tensor eventful_kernels::small_rows_linear(const torch::Tensor& x,
+                                                  const torch::Tensor& panels,
+                                                  const c10::optional<torch::Tensor>& bias,
+                                                  int64_t out,
+                                                  const c10::optional<torch::Tensor>& scale,
+                                                  c10::string_view activation) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear expects float32 rows");
   TORCH_CHECK(activation == "none" || activation == "gelu",
               "linear expects the activation 'none' or 'gelu', got '", activation, "'");
@@ -415,8 +421,6 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels,
   return y;
 }
 
-}  // namespace
-
 // Operators of the dispatcher (torch.ops.eventful.*), so that profilers and tools see them.
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def("small_rows_pack(Tensor weight, Tensor? scale=None, bool bfloat16=False) -> Tensor");
@@ -427,5 +431,5 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
   library.impl("small_rows_pack", &pack);
-  library.impl("small_rows_linear", &linear);
+  library.impl("small_rows_linear", &eventful_kernels::small_rows_linear);
 }

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "operators.h"
 #include "vectors.h"
 
 namespace {
@@ -91,9 +92,13 @@ const float* optional_features(const c10::optional<torch::Tensor>& t, int64_t di
   return t->data_ptr<float>();
 }
 
-torch::Tensor commit_rows(const torch::Tensor& current, torch::Tensor reference,
-                          const torch::Tensor& index, const c10::optional<torch::Tensor>& weight,
-                          const c10::optional<torch::Tensor>& bias, double eps) {
+}  // namespace
+
+torch::Tensor eventful_kernels::commit_rows(const torch::Tensor& current, torch::Tensor reference,
+                                            const torch::Tensor& index,
+                                            const c10::optional<torch::Tensor>& weight,
+                                            const c10::optional<torch::Tensor>& bias,
+                                            double eps) {
   check_tokens(current, "commit_rows", "current");
   check_tokens(reference, "commit_rows", "reference");
   TORCH_CHECK(current.sizes() == reference.sizes(), "commit_rows expects the reference ",
@@ -124,8 +129,8 @@ torch::Tensor commit_rows(const torch::Tensor& current, torch::Tensor reference,
   return rows;
 }
 
-torch::Tensor add_rows(const torch::Tensor& x, torch::Tensor buffer, const torch::Tensor& index,
-                       const torch::Tensor& rows) {
+torch::Tensor eventful_kernels::add_rows(const torch::Tensor& x, torch::Tensor buffer,
+                                         const torch::Tensor& index, const torch::Tensor& rows) {
   check_tokens(x, "add_rows", "x");
   check_tokens(buffer, "add_rows", "buffer");
   TORCH_CHECK(x.sizes() == buffer.sizes(), "add_rows expects the buffer ", buffer.sizes(),
@@ -154,8 +159,6 @@ torch::Tensor add_rows(const torch::Tensor& x, torch::Tensor buffer, const torch
   return out;
 }
 
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def(
       "commit_rows(Tensor current, Tensor(a!) reference, Tensor index, Tensor? weight=None, "
@@ -164,6 +167,6 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
 }
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
-  library.impl("commit_rows", &commit_rows);
-  library.impl("add_rows", &add_rows);
+  library.impl("commit_rows", &eventful_kernels::commit_rows);
+  library.impl("add_rows", &eventful_kernels::add_rows);
 }
