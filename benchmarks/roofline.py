@@ -134,14 +134,23 @@ def cpu_flags() -> str:
     return ", ".join(found) or "none of " + ", ".join(wanted)
 
 
-def least_times(model, stream, num_tokens: int, peaks: dict[str, float]) -> dict[str, float]:
-    """Milliseconds each part needs at least on this machine, from the last step's op counts."""
+# Bytes per weight of the linear layers at each precision.
+WEIGHT_BYTES = {"fp32": FLOAT, "bf16": 2, "int8": 1}
+
+
+def least_times(
+    model, stream, num_tokens: int, peaks: dict[str, float], precision: str = "fp32"
+) -> dict[str, float]:
+    """Milliseconds each part needs at least on this machine, from the last step's op counts.
+    At precision bf16 the linear layers read bfloat16 weights and, with attention, multiply at
+    the bfloat16 peak; what later steps read stays float32, as the engine keeps it."""
     flops, bandwidth = peaks[str(torch.float32)], peaks["bandwidth"]
+    matmul_flops = peaks[str(torch.bfloat16)] if precision == "bf16" else flops
     ops = stream.ops.by_category
     encoder = model.encoder
     dim = encoder.blocks[0].dim
     linear_bytes = sum(
-        FLOAT * (layer.weight.numel() + layer.bias.numel())
+        WEIGHT_BYTES[precision] * layer.weight.numel() + FLOAT * layer.bias.numel()
         for block in encoder.blocks
         for layer in (block.qkv, block.proj, block.fc1, block.fc2)
     )
@@ -151,9 +160,10 @@ def least_times(model, stream, num_tokens: int, peaks: dict[str, float]) -> dict
     rows = stream.trace.blocks
     selected = sum(sum(gate.counts) for block in rows for gate in block.values())
     return {
-        "linear layers": 1000 * max(2 * ops["linear"] / flops, linear_bytes / bandwidth),
+        "linear layers": 1000 * max(2 * ops["linear"] / matmul_flops, linear_bytes / bandwidth),
         # The qkv buffer read once per block (B, N, 3 D).
-        "attention": 1000 * max(2 * ops["attention"] / flops, depth * 3 * tokens_bytes / bandwidth),
+        "attention": 1000
+        * max(2 * ops["attention"] / matmul_flops, depth * 3 * tokens_bytes / bandwidth),
         # The gates' references and the buffers take the selected rows; each of a block's two
         # residual additions reads x and a buffer and writes their sum.
         "gathers and scatters": 1000
@@ -255,14 +265,16 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return mean_m - slope * mean_k, slope
 
 
-def least_step_ms(model, frames, num_tokens: int, peaks: dict[str, float]) -> float:
+def least_step_ms(
+    model, frames, num_tokens: int, peaks: dict[str, float], precision: str = "fp32"
+) -> float:
     """The least milliseconds this machine needs for a step of `model` (`least_times`, all
     parts), from a counting stream's second step."""
     stream = model.stream(drift=None, check_finite=False)
     with torch.inference_mode():
         for frame in frames[:2]:
             stream(frame)
-    return sum(least_times(model, stream, num_tokens, peaks).values())
+    return sum(least_times(model, stream, num_tokens, peaks, precision).values())
 
 
 def fixed_cost_section(threads: int, steps: int) -> str:
@@ -301,14 +313,12 @@ def fixed_cost_section(threads: int, steps: int) -> str:
                     ratios.append(ms)
                     if divisor > 1:
                         points.append((k, ms))
-                        if precision == "fp32":
-                            least_points.append(
-                                (k, least_step_ms(model, frames, num_tokens, peaks))
-                            )
+                        least = least_step_ms(model, frames, num_tokens, peaks, precision)
+                        least_points.append((k, least))
                 dense_ms = dense.summary()[0]
                 a, b = fit(points)
                 cells = [f"{ms:.1f} ({ms / dense_ms:.2f})" for ms in ratios]
-                least_a = f"{fit(least_points)[0] / dense_ms:.2f}" if least_points else "-"
+                least_a = f"{fit(least_points)[0] / dense_ms:.2f}"
                 fitted = [f"{a / dense_ms:.2f}", f"{b:.3f}", least_a]
                 rows.append([name, level, precision, f"{dense_ms:.1f}", *cells, *fitted])
                 print(*rows[-1], sep=" | ", flush=True)
@@ -324,8 +334,11 @@ def fixed_cost_section(threads: int, steps: int) -> str:
         "same fit of the least time this machine needs for the step at each k (section "
         "roofline: max(multiply-adds / float32 peak, bytes / bandwidth) per part, from the "
         "step's op counts), over the measured dense step: the fixed cost that no implementation "
-        "removes on this machine (float32 only: the least times are float32's). Target (issue "
-        "25): a at most 0.10 of a dense step, and time falling with k down to N/64.\n\n"
+        "removes on this machine. At precision bf16 the least times take the linear layers' "
+        "weights at 2 bytes and their products and attention's at the bfloat16 peak, and what "
+        "later steps read (gate references, token buffers, the exact level's sums) in float32, "
+        "as the engine keeps it so that rounding does not build up over a stream. Target "
+        "(issue 25): a at most 0.10 of a dense step, and time falling with k down to N/64.\n\n"
         + markdown_table(header, rows)
     )
 

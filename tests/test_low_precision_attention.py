@@ -1,6 +1,8 @@
-"""Attention in bfloat16 from the buffer rounded at once (`EventfulBlock._low_precision_heads`)
-equals attention from q, k and v each rounded from their views, bit for bit, and so does the
-exact level's output taken from its recompute instead of its numerator."""
+"""Attention in bfloat16 from the buffer rounded at once (`EventfulBlock._low_precision_heads`),
+or at the tokenwise level from a buffer that holds its rows rounded as they are written
+(`EventfulBlock._qkv_dtype`), equals attention from q, k and v each rounded from their views of
+a float32 buffer, bit for bit, and so does the exact level's output taken from its recompute
+instead of its numerator."""
 
 import pytest
 import torch
@@ -37,11 +39,14 @@ def test_attention_from_the_rounded_buffer_equals_per_view_rounding(
     video = squares[..., 16:64, :]  # frames of 48 x 80 for a model made at 64 x 64
     rounded_at_once = run(converted, video, batch)
     monkeypatch.setattr(block_module.EventfulBlock, "_low_precision_heads", lambda *_: None)
+    monkeypatch.setattr(block_module.EventfulBlock, "_qkv_dtype", lambda _, dtype: dtype)
     per_view = run(converted, video, batch)
     assert torch.equal(rounded_at_once[0], per_view[0])
     assert len(rounded_at_once[1]) == len(per_view[1])
     for ours, theirs in zip(rounded_at_once[1], per_view[1], strict=True):
-        assert torch.equal(ours, theirs)
+        # The tokenwise level's qkv buffer holds the float32 one's values rounded.
+        assert ours.dtype == theirs.dtype or (level, ours.dtype) == ("tokenwise", torch.bfloat16)
+        assert torch.equal(ours, theirs.to(ours.dtype))
 
 
 def test_rounded_heads_only_where_attention_runs_in_a_lower_precision(monkeypatch):

@@ -63,7 +63,8 @@ def convert(
     precision: the arithmetic of the encoder's linear layers, "fp32" (the default), "bf16",
     "int8" or "auto" (`eventful.core.precision`: "bf16" where the model's device multiplies
     bfloat16 natively, else "fp32"); the converted model's `precision` says what was chosen.
-    "bf16" is refused where it would run emulated. Caches stay float32 at every precision.
+    "bf16" is refused where it would run emulated. Caches stay float32 at every precision (but
+    the tokenwise level's qkv buffer at "bf16", which attention reads only rounded to bfloat16).
     A factorised `ViViT` gives an `EventfulViViT`, called on clips, whose spatial model is
     eventful across the time steps of each clip.
     The copy's weights are ordinary tensors in every grad mode, also when converted under

@@ -181,7 +181,7 @@ class EventfulBlock(nn.Module):
         square_dtype = self.cache_dtype or dtype
         specs = {
             "qkv_reference": (tokens, dtype),
-            "qkv": ((batch, num_tokens, 3 * self.dim), dtype),
+            "qkv": ((batch, num_tokens, 3 * self.dim), self._qkv_dtype(dtype)),
             "proj_reference": (tokens, dtype),
             "proj": (tokens, dtype),
             "mlp_reference": (tokens, dtype),
@@ -246,7 +246,7 @@ class EventfulBlock(nn.Module):
         sequences = self._update_exact_sequences(state, qkv_rows, qkv_gate.selection)
         if self.level == "tokenwise":
             write_rows(state["qkv"], qkv_gate.selection, qkv_rows)
-            attended = self._attend_every_row(state["qkv"], layout, grid)
+            attended = self._attend_every_row(state["qkv"], layout, grid, x.dtype)
         elif sequences is not None:
             attended, lost = sequences
             if measure:
@@ -308,7 +308,9 @@ class EventfulBlock(nn.Module):
         elif self.level != "tokenwise":
             return None
         norm1, norm2 = fused_layer_norm(self.norm1, x), fused_layer_norm(self.norm2, x)
-        if norm1 is None or norm2 is None or not lean_gates_apply(x, *state.values()):
+        # The tokenwise level's qkv buffer only takes rows (`write_rows`), in any dtype.
+        kernel_state = [t for n, t in state.items() if n != "qkv" or self.level == "exact"]
+        if norm1 is None or norm2 is None or not lean_gates_apply(x, *kernel_state):
             return None
         return _LeanStep(count, norm1, norm2)
 
@@ -347,7 +349,7 @@ class EventfulBlock(nn.Module):
         else:
             write_rows(state["qkv"], qkv_gate.selection, qkv_rows)
             layout = self.layout(grid, x.shape[1], x.device)
-            attended = self._attend_every_row(state["qkv"], layout, grid)
+            attended = self._attend_every_row(state["qkv"], layout, grid, x.dtype)
         add = kernels.add_rows()
         proj_gate = gate("proj", attended)
         proj_rows = self.proj.rows_forward(proj_gate.rows).contiguous()
@@ -458,20 +460,35 @@ class EventfulBlock(nn.Module):
         return None if self.bias is None else partial(self.bias.between, q, layout.sides)
 
     def _attend_every_row(
-        self, qkv: Tensor, layout: GroupLayout, grid: tuple[int, int] | None
+        self, qkv: Tensor, layout: GroupLayout, grid: tuple[int, int] | None, dtype: torch.dtype
     ) -> Tensor:
-        """Attention output (B, N, D) of every query over the buffered qkv (B, N, 3 D), within
-        each attention group: the tokenwise level. With K/V pooling (global attention), the
-        patches' keys and values are averaged over the grid's cells first."""
-        low = None if self.kv_pool > 1 else self._low_precision_heads(qkv, layout)
+        """Attention output (B, N, D) in `dtype`, the step's, of every query over the buffered
+        qkv (B, N, 3 D), within each attention group: the tokenwise level. With K/V pooling
+        (global attention), the patches' keys and values are averaged over the grid's cells
+        first."""
+        if qkv.dtype == self.attention_dtype != dtype:  # already rounded (`_qkv_dtype`)
+            low = self._grouped_heads(qkv, layout)
+        else:
+            low = None if self.kv_pool > 1 else self._low_precision_heads(qkv, layout)
         if low is not None:
-            out = softmax_attention(*low).to(qkv.dtype)
+            out = softmax_attention(*low).to(dtype)
             return self._ungrouped(out, layout, qkv.shape[0])
         q, k, v = self._grouped_heads(qkv, layout)
         if self.kv_pool > 1:
             k, v = pool_keys_values(k, v, grid, self.kv_pool)
         out = softmax_attention(q, k, v, self._bias(q, layout), self.attention_dtype)
-        return self._ungrouped(out, layout, qkv.shape[0])
+        return self._ungrouped(out.to(dtype), layout, qkv.shape[0])
+
+    def _qkv_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the qkv buffer for steps in `dtype`: the attention dtype where the
+        tokenwise level attends in a lower precision without a bias or K/V pooling, since
+        attention then reads the buffer only rounded to it (`_low_precision_heads`): the same
+        values, rounded once as rows are written instead of at every step, in half the memory.
+        Else `dtype`."""
+        lower = self.attention_dtype is not None and self.attention_dtype != dtype
+        if lower and self.level == "tokenwise" and self.bias is None and self.kv_pool == 1:
+            return self.attention_dtype
+        return dtype
 
     def _low_precision_heads(
         self, qkv: Tensor, layout: GroupLayout

@@ -184,11 +184,12 @@ def gather_rows(tokens: Tensor, selection: Selection) -> Tensor:
 
 
 def write_rows(buffer: Tensor, selection: Selection, rows: Tensor) -> None:
-    """Token buffer update: put rows (M, D) at the selected tokens of buffer (B, N, D)."""
+    """Token buffer update: put rows (M, D) at the selected tokens of buffer (B, N, D), rounded
+    to the buffer's dtype."""
     if selection.everything:
         buffer.copy_(rows.view_as(buffer))
     else:
-        buffer.view(-1, buffer.shape[-1]).index_copy_(0, selection.flat, rows)
+        buffer.view(-1, buffer.shape[-1]).index_copy_(0, selection.flat, rows.to(buffer.dtype))
 
 
 def commit_rows(

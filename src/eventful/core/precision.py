@@ -17,7 +17,11 @@
 Whatever the precision, what later steps read stays float32: gate references, token buffers,
 the exact level's running sums. So rounding does not build up over a stream; every step adds
 only the rounding of its own linear layers (and at "bf16" of attention over every row). The
-patch embedding, the norms and the head's convolutions stay float32.
+patch embedding, the norms and the head's convolutions stay float32. One buffer is held in
+bfloat16: at "bf16" the tokenwise level's qkv buffer, where attention over every row reads it
+only rounded to bfloat16 (no bias, no K/V pooling): its rows are rounded once as they are
+written instead of at every step, the same values in half the memory
+(`EventfulBlock._qkv_dtype`).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ class StreamState:
 
     @property
     def dtype(self) -> torch.dtype | None:
-        return self.blocks[0]["qkv"].dtype if self.blocks else None
+        """The steps' dtype (the qkv buffer may hold a lower one: `EventfulBlock._qkv_dtype`)."""
+        return self.blocks[0]["qkv_reference"].dtype if self.blocks else None
 
     def fresh_streams(self) -> list[int]:
         return [stream for stream, fresh in enumerate(self.fresh) if fresh]
