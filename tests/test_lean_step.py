@@ -124,16 +124,17 @@ def test_lean_step_stays_out_where_it_does_not_apply(monkeypatch, lean_calls):
 
 @pytest.fixture
 def block_step_calls(monkeypatch):
-    """How many blocks took the exact level's step in one kernel call since the fixture
+    """How many blocks took their step in one kernel call (either level's) since the fixture
     started."""
     calls = [0]
-    kernel = kernels.exact_block_step()
+    for name in ("exact_block_step", "tokenwise_block_step"):
+        kernel = getattr(kernels, name)()
 
-    def counted(*args):
-        calls[0] += 1
-        return kernel(*args)
+        def counted(*args, kernel=kernel):
+            calls[0] += 1
+            return kernel(*args)
 
-    monkeypatch.setattr(kernels, "exact_block_step", lambda: None if kernel is None else counted)
+        monkeypatch.setattr(kernels, name, lambda counted=counted: counted)
     return calls
 
 
@@ -141,14 +142,15 @@ def block_step_calls(monkeypatch):
 @pytest.mark.parametrize("chosen", ["fp32", "int8", "bf16"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("count_ops", [True, False])
-def test_exact_block_step_in_one_call_equals_the_lean_step(
-    chosen, batch, count_ops, monkeypatch, block_step_calls
+@pytest.mark.parametrize("level", ["tokenwise", "exact"])
+def test_block_step_in_one_call_equals_the_lean_step(
+    level, chosen, batch, count_ops, monkeypatch, block_step_calls
 ):
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     vit = tiny_vit()
     # 5 tokens per stream: 15 rows at batch 3, which the small-rows kernel takes at every
     # precision (bf16 up to packed_linear.BF16_SMALL_ROWS).
-    converted = eventful.convert(vit, policy=eventful.TopK(5), level="exact", precision=chosen)
+    converted = eventful.convert(vit, policy=eventful.TopK(5), level=level, precision=chosen)
     video = moving_squares(8, size=80, batch=3, seed=5)[..., 16:64, :]
     options = {"count_ops": count_ops, "drift": None}
     monkeypatch.setattr(block_module, "FUSED_BLOCK_STEPS", False)
@@ -165,8 +167,9 @@ def test_exact_block_step_in_one_call_equals_the_lean_step(
 
 
 @needs_kernels
-def test_exact_block_step_stays_out_where_a_layer_runs_elsewhere(
-    monkeypatch, block_step_calls, lean_calls
+@pytest.mark.parametrize("level", ["tokenwise", "exact"])
+def test_block_step_in_one_call_stays_out_where_a_layer_runs_elsewhere(
+    level, monkeypatch, block_step_calls, lean_calls
 ):
     vit = tiny_vit()
     video = moving_squares(4, size=64, batch=2, seed=6)
@@ -174,11 +177,11 @@ def test_exact_block_step_stays_out_where_a_layer_runs_elsewhere(
     # Too many rows for the small-rows kernel in bfloat16 (2 streams of 10: oneDNN multiplies
     # them), and a GELU the kernel does not compute (tanh's).
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
-    many_rows = eventful.convert(vit, policy=eventful.TopK(10), level="exact", precision="bf16")
+    many_rows = eventful.convert(vit, policy=eventful.TopK(10), level=level, precision="bf16")
     description = describe_vit(vit)
     tanh_gelu = torch.nn.GELU(approximate="tanh")
     tanh_blocks = [replace(b, activation=tanh_gelu) for b in description.blocks]
-    tanh = EventfulViT(replace(description, blocks=tuple(tanh_blocks)), eventful.TopK(9), "exact")
+    tanh = EventfulViT(replace(description, blocks=tuple(tanh_blocks)), eventful.TopK(9), level)
     for converted, batch in ((many_rows, 2), (tanh, 1)):
         stream = converted.stream(batch_size=batch)
         with torch.inference_mode():
@@ -214,7 +217,7 @@ def test_exact_block_step_refuses_a_count_it_cannot_take_and_leaves_the_state_al
     with torch.no_grad(), pytest.raises(RuntimeError, match=refused):
         kernels.exact_block_step()(
             x,
-            *(state[name] for name in block_module.STEP_CACHES),
+            *(state[name] for name in block_module.STEP_CACHES["exact"]),
             *(state[f"{name}_scale"] for name in block_module.GATES),
             *norms,
             *weights,

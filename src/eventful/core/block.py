@@ -72,8 +72,8 @@ LEVELS = ("tokenwise", "qk", "full", "exact")
 # the general one (tests compare the two).
 LEAN_STEPS = True
 
-# The lean step at the exact level in one kernel call (`EventfulBlock._exact_block_step`) where
-# it applies; False runs it from Python (tests compare the two).
+# The lean step in one kernel call (`EventfulBlock._exact_block_step`, `_tokenwise_block_step`)
+# where it applies; False runs it from Python (tests compare the two).
 FUSED_BLOCK_STEPS = True
 
 
@@ -325,13 +325,15 @@ class EventfulBlock(nn.Module):
         """The step of `forward` where `_lean_step` applies, bit for bit, in some fifteen kernel
         calls: each gate without `token_gate`'s checks and branches (`lean_gate`), the linear
         layers straight to their kernel (`PackedLinear.rows_forward`), the exact level's
-        attention in one call; or at the exact level, where its linear layers run the
-        small-rows kernel, in one call in all (`_exact_block_step`)."""
+        attention in one call; or, where its linear layers run the small-rows kernel, in one
+        call in all (`_exact_block_step`, `_tokenwise_block_step`)."""
         count, measure = lean.count, trace is not None
         if self.level == "exact":
             fused = self._exact_block_step(x, state, lean, trace)
-            if fused is not None:
-                return fused
+        else:
+            fused = self._tokenwise_block_step(x, state, lean, trace)
+        if fused is not None:
+            return fused
 
         def gate(name: str, current: Tensor, norm=None) -> GateStep:
             reference, scale = state[f"{name}_reference"], state[f"{name}_scale"]
@@ -365,9 +367,71 @@ class EventfulBlock(nn.Module):
     ) -> Tensor | None:
         """`_lean_forward` at the exact level in one call of the CPU kernel
         (`kernels.exact_block_step`), where each linear layer runs the small-rows kernel on the
-        step's rows (`PackedLinear.small_rows_operands`): the same kernels in the same order, bit
-        for bit, without the Python between them. None where it does not apply."""
+        step's rows (`_block_step_weights`): the same kernels in the same order, bit for bit,
+        without the Python between them. None where it does not apply."""
         kernel = kernels.exact_block_step()
+        weights = self._block_step_weights(x, lean, kernel)
+        if weights is None:
+            return None
+        out, lost, gates = kernel(
+            x,
+            *(state[name] for name in STEP_CACHES["exact"]),
+            *(state[f"{name}_scale"] for name in GATES),
+            *lean.norm1,
+            *lean.norm2,
+            *weights,
+            lean.count,
+            self.heads,
+            exact_dense_from(x.shape[1]),
+            UNDERFLOW,
+            trace is not None,
+        )
+        if trace is not None:
+            trace.record_block(_fused_gate_steps(gates, x.shape[1]), lost.tolist())
+        return out
+
+    def _tokenwise_block_step(
+        self, x: Tensor, state: dict[str, Tensor], lean: _LeanStep, trace: StepTrace | None
+    ) -> Tensor | None:
+        """`_lean_forward` at the tokenwise level in one call of the CPU kernel
+        (`kernels.tokenwise_block_step`), where attention is over each stream's whole sequence
+        without a bias or K/V pooling, on the engine's kernel (a float32 qkv buffer) or in
+        bfloat16 (a buffer that holds it, `_qkv_dtype`), and each linear layer runs the
+        small-rows kernel on the step's rows (`_block_step_weights`): bit for bit the step from
+        Python. None where it does not apply."""
+        if self.partitioned or self.bias is not None or self.kv_pool > 1:
+            return None
+        qkv = state["qkv"]
+        float_buffer = qkv.dtype == torch.float32 and self.attention_dtype is None
+        if not (float_buffer or qkv.dtype == self.attention_dtype == torch.bfloat16):
+            return None
+        if float_buffer and kernels.attention_rows() is None:
+            return None
+        kernel = kernels.tokenwise_block_step()
+        weights = self._block_step_weights(x, lean, kernel)
+        if weights is None or not qkv.is_contiguous():
+            return None
+        out, gates = kernel(
+            x,
+            *(state[name] for name in STEP_CACHES["tokenwise"]),
+            *(state[f"{name}_scale"] for name in GATES),
+            *lean.norm1,
+            *lean.norm2,
+            *weights,
+            lean.count,
+            self.heads,
+            trace is not None,
+        )
+        if trace is not None:
+            trace.record_block(_fused_gate_steps(gates, x.shape[1]), [0] * x.shape[0])
+        return out
+
+    def _block_step_weights(self, x: Tensor, lean: _LeanStep, kernel) -> list | None:
+        """The linear layers' operands of a block step in one call (`kernels.*_block_step`):
+        per layer (qkv, proj, fc1, fc2) its small-rows panels, bias and panel scale, then fc1's
+        width; None where the kernel or `FUSED_BLOCK_STEPS` is off, or a layer would not run
+        the small-rows kernel alone on the step's rows (`PackedLinear.small_rows_operands`:
+        only fc1 with a GELU, the exact one)."""
         if kernel is None or not FUSED_BLOCK_STEPS:
             return None
         rows = x.shape[0] * lean.count
@@ -379,32 +443,7 @@ class EventfulBlock(nn.Module):
         weights = []
         for layer, (panels, scale, _) in zip(layers, found, strict=True):
             weights += [panels, layer.bias, scale]
-        measure = trace is not None
-        caches = [state[name] for name in STEP_CACHES]
-        scales = [state[f"{name}_scale"] for name in GATES]
-        out, lost, gates = kernel(
-            x,
-            *caches,
-            *scales,
-            *lean.norm1,
-            *lean.norm2,
-            *weights,
-            self.fc1.out_features,
-            lean.count,
-            self.heads,
-            exact_dense_from(x.shape[1]),
-            UNDERFLOW,
-            measure,
-        )
-        if measure:
-            steps = {
-                name: GateStep(Selection.from_indices(index, x.shape[1]), rows, share)
-                for name, (index, rows, share) in zip(
-                    GATES, (gates[0:3], gates[3:6], gates[6:9]), strict=True
-                )
-            }
-            trace.record_block(steps, lost.tolist())
-        return out
+        return [*weights, self.fc1.out_features]
 
     def _update_exact_sequences(
         self, state: dict[str, Tensor], qkv_rows: Tensor, selection: Selection
@@ -706,16 +745,21 @@ CACHES = {
 # The gates of a block, in step order.
 GATES = ("qkv", "proj", "mlp")
 
-# The state an exact block step (`kernels.exact_block_step`) updates, in its arguments' order.
-STEP_CACHES = (
-    "qkv_reference",
-    "qkv",
-    "proj_reference",
-    "proj",
-    "mlp_reference",
-    "mlp",
-    *CACHES["exact"],
-)
+# The state a block step in one call (`kernels.exact_block_step`, `tokenwise_block_step`)
+# updates, in its arguments' order.
+_TOKEN_STATE = ("qkv_reference", "qkv", "proj_reference", "proj", "mlp_reference", "mlp")
+STEP_CACHES = {"tokenwise": _TOKEN_STATE, "exact": (*_TOKEN_STATE, *CACHES["exact"])}
+
+
+def _fused_gate_steps(gates: list[Tensor | None], num_tokens: int) -> dict[str, GateStep]:
+    """The gate steps of a block step in one call, for its trace: per gate (`GATES`) its token
+    indices (B, count), rows and unprocessed share."""
+    return {
+        name: GateStep(Selection.from_indices(index, num_tokens), rows, share)
+        for name, (index, rows, share) in zip(
+            GATES, (gates[0:3], gates[3:6], gates[6:9]), strict=True
+        )
+    }
 
 
 @dataclass(frozen=True)

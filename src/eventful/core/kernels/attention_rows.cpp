@@ -16,6 +16,7 @@
 #include <memory>
 #include <vector>
 
+#include "operators.h"
 #include "row_attention.h"
 
 namespace {
@@ -39,13 +40,14 @@ void check_float32(const torch::Tensor& t, const char* name) {
               t.strides());
 }
 
+}  // namespace
+
 // q (G, H, Nq, dh), k and v (G, H, L, dh), bias (G, H, Nq, L) or none: any strides but a
 // contiguous last dimension. Returns the attention output (G, H, Nq, dh), laid out as
 // (G, Nq, H, dh) so that its heads side by side are a view, and the log-sum-exp (G, H, Nq).
-std::tuple<torch::Tensor, torch::Tensor> attention_rows(const torch::Tensor& q,
-                                                        const torch::Tensor& k,
-                                                        const torch::Tensor& v,
-                                                        const c10::optional<torch::Tensor>& bias) {
+std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::attention_rows(
+    const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+    const c10::optional<torch::Tensor>& bias) {
   check_float32(q, "q");
   check_float32(k, "k");
   check_float32(v, "v");
@@ -145,8 +147,6 @@ std::tuple<torch::Tensor, torch::Tensor> attention_rows(const torch::Tensor& q,
   return {output.transpose(1, 2), logsumexp};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def(
       "attention_rows(Tensor q, Tensor k, Tensor v, Tensor? bias) -> (Tensor output, "
@@ -154,5 +154,5 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
 }
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
-  library.impl("attention_rows", &attention_rows);
+  library.impl("attention_rows", &eventful_kernels::attention_rows);
 }

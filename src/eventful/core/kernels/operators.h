@@ -27,6 +27,12 @@ torch::Tensor small_rows_linear(const torch::Tensor& x, const torch::Tensor& pan
                                 const c10::optional<torch::Tensor>& scale,
                                 c10::string_view activation);
 
+// attention_rows.cpp
+std::tuple<torch::Tensor, torch::Tensor> attention_rows(const torch::Tensor& q,
+                                                        const torch::Tensor& k,
+                                                        const torch::Tensor& v,
+                                                        const c10::optional<torch::Tensor>& bias);
+
 // exact_update.cpp
 std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
     torch::Tensor qkv, const torch::Tensor& rows, const torch::Tensor& index,
