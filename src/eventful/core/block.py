@@ -405,8 +405,6 @@ class EventfulBlock(nn.Module):
         float_buffer = qkv.dtype == torch.float32 and self.attention_dtype is None
         if not (float_buffer or qkv.dtype == self.attention_dtype == torch.bfloat16):
             return None
-        if float_buffer and kernels.attention_rows() is None:
-            return None
         kernel = kernels.tokenwise_block_step()
         weights = self._block_step_weights(x, lean, kernel)
         if weights is None or not qkv.is_contiguous():
@@ -430,8 +428,8 @@ class EventfulBlock(nn.Module):
         """The linear layers' operands of a block step in one call (`kernels.*_block_step`):
         per layer (qkv, proj, fc1, fc2) its small-rows panels, bias and panel scale, then fc1's
         width; None where the kernel or `FUSED_BLOCK_STEPS` is off, or a layer would not run
-        the small-rows kernel alone on the step's rows (`PackedLinear.small_rows_operands`:
-        only fc1 with a GELU, the exact one)."""
+        the small-rows kernel alone on the step's rows (`PackedLinear.small_rows_operands`) or
+        has another activation than the kernel's (fc1 the exact GELU, the others none)."""
         if kernel is None or not FUSED_BLOCK_STEPS:
             return None
         rows = x.shape[0] * lean.count

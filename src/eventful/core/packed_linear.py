@@ -198,8 +198,8 @@ class PackedLinear(nn.Linear):
     def small_rows_operands(self, rows: int) -> tuple[Tensor, Tensor | None, str] | None:
         """Where `rows_forward` of that many float32 rows is the small-rows kernel alone, with
         the activation inside it (none, or the exact GELU): its panels, their scale (int8
-        panels) and the activation's name, for a caller that runs the kernel itself
-        (`kernels.exact_block_step`); else None."""
+        panels) and the activation's name, for a caller that runs the kernel itself (a block's
+        step in one call, `EventfulBlock._block_step_weights`); else None."""
         if self._post_op == _NO_ACTIVATION:
             activation = "none"
         elif self._post_op == _EXACT_GELU:
