@@ -230,3 +230,44 @@ def test_exact_block_step_refuses_a_count_it_cannot_take_and_leaves_the_state_al
         )
     for name, tensor in state.items():
         assert torch.equal(tensor, before[name]), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("level", ["tokenwise", "exact"])
+def test_block_step_in_one_call_follows_changed_weights_copies_and_reloads(
+    level, monkeypatch, block_step_calls
+):
+    """The one-call step keeps its layers' operands between steps
+    (`EventfulBlock._block_step_weights`); a weight changed in place, a bias replaced, a copy
+    and a pickle each give what the step from Python gives."""
+    video = moving_squares(9, size=64, batch=1, seed=8)
+
+    def outputs(fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(block_module, "FUSED_BLOCK_STEPS", fused)
+        converted = eventful.convert(tiny_vit(), policy=eventful.TopK(6), level=level)
+        stream = converted.stream(drift=None)
+        first = converted.encoder.blocks[0]
+        got = []
+        with torch.inference_mode():
+            got += [stream(frames) for frames in video[:3]]
+        with torch.no_grad():
+            first.fc1.weight.mul_(1.5)  # in place: the weight's version moves
+            first.proj.bias = torch.nn.Parameter(first.proj.bias + 0.25)  # a new tensor
+        with torch.inference_mode():
+            got += [stream(frames) for frames in video[3:5]]
+            got += [copy.deepcopy(stream)(frames) for frames in video[5:6]]
+        buffer = io.BytesIO()
+        torch.save(converted, buffer)
+        buffer.seek(0)
+        reloaded = torch.load(buffer, weights_only=False)
+        assert all(block._step_weights is None for block in reloaded.encoder.blocks)
+        again = reloaded.stream(drift=None)
+        with torch.inference_mode():
+            got += [again(frames) for frames in video[:4]]
+        return torch.stack(got)
+
+    want = outputs(fused=False)
+    assert block_step_calls[0] == 0
+    got = outputs(fused=True)
+    assert block_step_calls[0] > 0
+    assert torch.equal(got, want)

@@ -50,6 +50,7 @@ from eventful.core.attention import (
 )
 from eventful.core.description import BlockDescription
 from eventful.core.escalation import Escalation
+from eventful.core.fingerprint import tensor_key
 from eventful.core.gates import (
     GateStep,
     add_rows,
@@ -61,7 +62,7 @@ from eventful.core.gates import (
 )
 from eventful.core.kv_pooling import pool_keys_values
 from eventful.core.ops import StepTrace
-from eventful.core.packed_linear import PackedLinear, mlp_forward
+from eventful.core.packed_linear import PackedLinear, current_compute_dtype, mlp_forward
 from eventful.core.partition import GroupLayout, group_layout, whole_sequence_layout
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
@@ -145,6 +146,9 @@ class EventfulBlock(nn.Module):
         # AMX, 2 threads). The caches keep their float32.
         self.attention_dtype = torch.bfloat16 if precision == "bf16" else None
         self._layouts: dict[tuple, GroupLayout] = {}
+        # The linear layers' operands of the last one-call block step, and what they hold for
+        # (`_block_step_weights`).
+        self._step_weights: tuple[tuple, list | None] | None = None
         # Baselines, set by EventfulViT: the STGT gates (change since the previous step), and
         # the K/V pooling factor of the tokenwise level's attention.
         self.previous_frame_gates = False
@@ -434,14 +438,38 @@ class EventfulBlock(nn.Module):
             return None
         rows = x.shape[0] * lean.count
         layers = (self.qkv, self.proj, self.fc1, self.fc2)
+        # Kept while the rows, the compute dtype and the layers' weights and biases are the same:
+        # asking the layers again at every step took about 5% of a small step.
+        key = (
+            rows,
+            current_compute_dtype(),
+            *(tensor_key(layer.weight) for layer in layers),
+            *(id(layer.bias) for layer in layers),
+        )
+        if self._step_weights is not None and self._step_weights[0] == key:
+            return self._step_weights[1]
         found = [layer.small_rows_operands(rows) for layer in layers]
         activations = ("none", "none", "gelu", "none")
-        if any(o is None or o[2] != a for o, a in zip(found, activations, strict=True)):
-            return None
-        weights = []
-        for layer, (panels, scale, _) in zip(layers, found, strict=True):
-            weights += [panels, layer.bias, scale]
-        return [*weights, self.fc1.out_features]
+        weights = None
+        if all(o is not None and o[2] == a for o, a in zip(found, activations, strict=True)):
+            weights = []
+            for layer, (panels, scale, _) in zip(layers, found, strict=True):
+                weights += [panels, layer.bias, scale]
+            weights.append(self.fc1.out_features)
+        self._step_weights = (key, weights)
+        return weights
+
+    def clear_weight_caches(self) -> None:
+        """Forget the one-call block step's operands (`forget_weight_caches`)."""
+        self._step_weights = None
+
+    def __getstate__(self) -> dict:
+        # The kept operands follow the weights: copies and pickles ask the layers again.
+        return {**super().__getstate__(), "_step_weights": None}
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_step_weights", None)  # blocks pickled before it was kept
+        super().__setstate__(state)
 
     def _update_exact_sequences(
         self, state: dict[str, Tensor], qkv_rows: Tensor, selection: Selection

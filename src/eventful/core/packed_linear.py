@@ -231,7 +231,7 @@ class PackedLinear(nn.Linear):
         if self.precision == "bf16":
             wanted = torch.bfloat16
         elif self.precision == "fp32":
-            wanted = getattr(_compute, "dtype", None)
+            wanted = current_compute_dtype()
         else:
             return None
         return None if wanted is None or wanted == dtype else wanted
@@ -401,6 +401,11 @@ def mlp_forward(fc1: PackedLinear, fc2: PackedLinear, rows: Tensor, lean: bool =
 LAYER_PRECISIONS = ("fp32", "bf16", "int8")
 
 _compute = threading.local()
+
+
+def current_compute_dtype() -> torch.dtype | None:
+    """The dtype `compute_dtype` set on this thread, or None."""
+    return getattr(_compute, "dtype", None)
 
 
 @contextlib.contextmanager
