@@ -248,7 +248,7 @@ def roofline_section(threads: int, steps: int) -> str:
         "layers on few rows, and the exact level's whole update inside attention "
         "(`eventful::exact_attention_update`). The profiled steps call each kernel from "
         "Python; the unprofiled ones run a block's step in one call of them all "
-        "(`eventful::exact_block_step`, `eventful::tokenwise_block_step`), as a stream does. "
+        "(`eventful::block_step`), as a stream does. "
         '"Other operators" (index arithmetic, selection bookkeeping, views, allocation) need '
         "no time at all on the roofline. The last row adds the profiled parts and gives the "
         "step's median wall time without the profiler; the gap between the two is the "

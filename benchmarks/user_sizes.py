@@ -123,8 +123,7 @@ def operator_profile(
     """Milliseconds per step of each kind of operator (`kinds`: names by the operators the
     profiler reports; the rest is `other`), self CPU time, over the frames after two. The
     blocks call each kernel from Python here, where the profiler sees it (a stream otherwise
-    runs a block's step in one call of them all: `eventful::exact_block_step`,
-    `eventful::tokenwise_block_step`)."""
+    runs a block's step in one call of them all: `eventful::block_step`)."""
     block.FUSED_BLOCK_STEPS = False
     try:
         with torch.no_grad():

@@ -424,8 +424,8 @@ needs_exact_step_kernel = pytest.mark.skipif(
 def exact_streams(policy, use_kernel, frames):
     """Outputs and final state of an exact-level ViT's two streams over `frames`, the whole
     step's attention in one kernel call or in PyTorch's operators; and the kernel's calls. The
-    blocks' steps run from Python (`kernels.exact_block_step` would call the kernel from C++)."""
-    whole_step_off = kernel_calls("exact_block_step", use=False)
+    blocks' steps run from Python (`kernels.block_step` would call the kernel from C++)."""
+    whole_step_off = kernel_calls("block_step", use=False)
     counted = kernel_calls("exact_attention_update", use_kernel)
     with whole_step_off, counted as calls, torch.inference_mode():
         outputs, stream = two_streams_over("exact", policy, frames)

@@ -124,17 +124,15 @@ def test_lean_step_stays_out_where_it_does_not_apply(monkeypatch, lean_calls):
 
 @pytest.fixture
 def block_step_calls(monkeypatch):
-    """How many blocks took their step in one kernel call (either level's) since the fixture
-    started."""
+    """How many blocks took their step in one kernel call since the fixture started."""
     calls = [0]
-    for name in ("exact_block_step", "tokenwise_block_step"):
-        kernel = getattr(kernels, name)()
+    kernel = kernels.block_step()
 
-        def counted(*args, kernel=kernel):
-            calls[0] += 1
-            return kernel(*args)
+    def counted(*args):
+        calls[0] += 1
+        return kernel(*args)
 
-        monkeypatch.setattr(kernels, name, lambda counted=counted: counted)
+    monkeypatch.setattr(kernels, "block_step", lambda: None if kernel is None else counted)
     return calls
 
 
@@ -193,7 +191,7 @@ def test_block_step_in_one_call_stays_out_where_a_layer_runs_elsewhere(
 
 
 @needs_kernels
-def test_exact_block_step_refuses_a_count_it_cannot_take_and_leaves_the_state_alone():
+def test_block_step_refuses_what_it_cannot_take_and_leaves_the_state_alone():
     vit = tiny_vit()
     converted = eventful.convert(vit, policy=eventful.TopK(5), level="exact")
     stream = converted.stream(drift=None)
@@ -213,23 +211,29 @@ def test_exact_block_step_refuses_a_count_it_cannot_take_and_leaves_the_state_al
             panels, scale, _ = layer.small_rows_operands(num_tokens)
             weights += [panels, layer.bias, scale]
     norms = [converted_block.norm1.weight, converted_block.norm1.bias, 1e-6] * 2
-    refused = rf"count in \[1, {num_tokens}\), got {num_tokens}"
-    with torch.no_grad(), pytest.raises(RuntimeError, match=refused):
-        kernels.exact_block_step()(
-            x,
-            *(state[name] for name in block_module.STEP_CACHES["exact"]),
-            *(state[f"{name}_scale"] for name in block_module.GATES),
-            *norms,
-            *weights,
-            converted_block.fc1.out_features,
-            num_tokens,
-            converted_block.heads,
-            num_tokens,
-            1e-3,
-            False,
-        )
-    for name, tensor in state.items():
-        assert torch.equal(tensor, before[name]), name
+    sums = [state[name] for name in block_module.CACHES["exact"]]
+    cases = {
+        rf"count in \[1, {num_tokens}\), got {num_tokens}": (num_tokens, sums),
+        "the three running sums .* or none .*, got 2": (5, [*sums[:2], None]),
+    }
+    for refused, (count, given_sums) in cases.items():
+        with torch.no_grad(), pytest.raises(RuntimeError, match=refused):
+            kernels.block_step()(
+                x,
+                *(state[name] for name in block_module.STEP_STATE),
+                *given_sums,
+                *(state[f"{name}_scale"] for name in block_module.GATES),
+                *norms,
+                *weights,
+                converted_block.fc1.out_features,
+                count,
+                converted_block.heads,
+                num_tokens,
+                1e-3,
+                False,
+            )
+        for name, tensor in state.items():
+            assert torch.equal(tensor, before[name]), (refused, name)
 
 
 @needs_kernels

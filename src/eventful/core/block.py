@@ -73,8 +73,8 @@ LEVELS = ("tokenwise", "qk", "full", "exact")
 # the general one (tests compare the two).
 LEAN_STEPS = True
 
-# The lean step in one kernel call (`EventfulBlock._exact_block_step`, `_tokenwise_block_step`)
-# where it applies; False runs it from Python (tests compare the two).
+# The lean step in one kernel call (`EventfulBlock._one_call_step`) where it applies; False runs
+# it from Python (tests compare the two).
 FUSED_BLOCK_STEPS = True
 
 
@@ -330,12 +330,9 @@ class EventfulBlock(nn.Module):
         calls: each gate without `token_gate`'s checks and branches (`lean_gate`), the linear
         layers straight to their kernel (`PackedLinear.rows_forward`), the exact level's
         attention in one call; or, where its linear layers run the small-rows kernel, in one
-        call in all (`_exact_block_step`, `_tokenwise_block_step`)."""
+        call in all (`_one_call_step`)."""
         count, measure = lean.count, trace is not None
-        if self.level == "exact":
-            fused = self._exact_block_step(x, state, lean, trace)
-        else:
-            fused = self._tokenwise_block_step(x, state, lean, trace)
+        fused = self._one_call_step(x, state, lean, trace)
         if fused is not None:
             return fused
 
@@ -366,20 +363,29 @@ class EventfulBlock(nn.Module):
             trace.record_block({"qkv": qkv_gate, "proj": proj_gate, "mlp": mlp_gate}, recomputed)
         return add(y, state["mlp"], mlp_gate.selection.flat, mlp_rows)
 
-    def _exact_block_step(
+    def _one_call_step(
         self, x: Tensor, state: dict[str, Tensor], lean: _LeanStep, trace: StepTrace | None
     ) -> Tensor | None:
-        """`_lean_forward` at the exact level in one call of the CPU kernel
-        (`kernels.exact_block_step`), where each linear layer runs the small-rows kernel on the
-        step's rows (`_block_step_weights`): the same kernels in the same order, bit for bit,
+        """`_lean_forward` in one call of the CPU kernel (`kernels.block_step`), where each
+        linear layer runs the small-rows kernel on the step's rows (`_block_step_weights`): at
+        the exact level, and at the tokenwise level over each stream's whole sequence without a
+        bias or K/V pooling, on the engine's kernel (a float32 qkv buffer) or in bfloat16 (a
+        buffer that holds it, `_qkv_dtype`). The same kernels in the same order, bit for bit,
         without the Python between them. None where it does not apply."""
-        kernel = kernels.exact_block_step()
+        if self.level == "exact":
+            sums = [state[name] for name in CACHES["exact"]]
+        elif self._attends_every_row_in_one_call(state["qkv"]):
+            sums = [None, None, None]
+        else:
+            return None
+        kernel = kernels.block_step()
         weights = self._block_step_weights(x, lean, kernel)
         if weights is None:
             return None
         out, lost, gates = kernel(
             x,
-            *(state[name] for name in STEP_CACHES["exact"]),
+            *(state[name] for name in STEP_STATE),
+            *sums,
             *(state[f"{name}_scale"] for name in GATES),
             *lean.norm1,
             *lean.norm2,
@@ -394,42 +400,18 @@ class EventfulBlock(nn.Module):
             trace.record_block(_fused_gate_steps(gates, x.shape[1]), lost.tolist())
         return out
 
-    def _tokenwise_block_step(
-        self, x: Tensor, state: dict[str, Tensor], lean: _LeanStep, trace: StepTrace | None
-    ) -> Tensor | None:
-        """`_lean_forward` at the tokenwise level in one call of the CPU kernel
-        (`kernels.tokenwise_block_step`), where attention is over each stream's whole sequence
-        without a bias or K/V pooling, on the engine's kernel (a float32 qkv buffer) or in
-        bfloat16 (a buffer that holds it, `_qkv_dtype`), and each linear layer runs the
-        small-rows kernel on the step's rows (`_block_step_weights`): bit for bit the step from
-        Python. None where it does not apply."""
+    def _attends_every_row_in_one_call(self, qkv: Tensor) -> bool:
+        """Whether `kernels.block_step` attends every row as `_attend_every_row` does: one group
+        per stream, no bias, no K/V pooling, a contiguous qkv buffer, float32 with attention in
+        float32 or bfloat16 holding the attention dtype."""
         if self.partitioned or self.bias is not None or self.kv_pool > 1:
-            return None
-        qkv = state["qkv"]
+            return False
         float_buffer = qkv.dtype == torch.float32 and self.attention_dtype is None
-        if not (float_buffer or qkv.dtype == self.attention_dtype == torch.bfloat16):
-            return None
-        kernel = kernels.tokenwise_block_step()
-        weights = self._block_step_weights(x, lean, kernel)
-        if weights is None or not qkv.is_contiguous():
-            return None
-        out, gates = kernel(
-            x,
-            *(state[name] for name in STEP_CACHES["tokenwise"]),
-            *(state[f"{name}_scale"] for name in GATES),
-            *lean.norm1,
-            *lean.norm2,
-            *weights,
-            lean.count,
-            self.heads,
-            trace is not None,
-        )
-        if trace is not None:
-            trace.record_block(_fused_gate_steps(gates, x.shape[1]), [0] * x.shape[0])
-        return out
+        rounded_buffer = qkv.dtype == self.attention_dtype == torch.bfloat16
+        return (float_buffer or rounded_buffer) and qkv.is_contiguous()
 
     def _block_step_weights(self, x: Tensor, lean: _LeanStep, kernel) -> list | None:
-        """The linear layers' operands of a block step in one call (`kernels.*_block_step`):
+        """The linear layers' operands of a block step in one call (`kernels.block_step`):
         per layer (qkv, proj, fc1, fc2) its small-rows panels, bias and panel scale, then fc1's
         width; None where the kernel or `FUSED_BLOCK_STEPS` is off, or a layer would not run
         the small-rows kernel alone on the step's rows (`PackedLinear.small_rows_operands`) or
@@ -771,10 +753,9 @@ CACHES = {
 # The gates of a block, in step order.
 GATES = ("qkv", "proj", "mlp")
 
-# The state a block step in one call (`kernels.exact_block_step`, `tokenwise_block_step`)
-# updates, in its arguments' order.
-_TOKEN_STATE = ("qkv_reference", "qkv", "proj_reference", "proj", "mlp_reference", "mlp")
-STEP_CACHES = {"tokenwise": _TOKEN_STATE, "exact": (*_TOKEN_STATE, *CACHES["exact"])}
+# The token state a block step in one call (`kernels.block_step`) updates, in its arguments'
+# order (the exact level's running sums follow).
+STEP_STATE = ("qkv_reference", "qkv", "proj_reference", "proj", "mlp_reference", "mlp")
 
 
 def _fused_gate_steps(gates: list[Tensor | None], num_tokens: int) -> dict[str, GateStep]:

@@ -19,9 +19,8 @@ The sources of this folder build into one library of dispatcher operators
 - `commit_rows()` and `add_rows()`: `token_rows.cpp`, a gate's selected rows gathered as its
   reference takes them, and a token buffer's new rows written as it is added to the residual
   stream, each in one pass.
-- `exact_block_step()` and `tokenwise_block_step()`: `block_step.cpp`, a block's whole step at
-  the exact or tokenwise level, the kernels above called one after the other from C++
-  (`operators.h` declares them).
+- `block_step()`: `block_step.cpp`, a block's whole step at the exact or tokenwise level, the
+  kernels above called one after the other from C++ (`operators.h` declares them).
 
 `vectors.h` holds what they share: vectors of 16 floats where the build has AVX-512, else 8,
 their reductions, an exponential; `row_attention.h` and `key_swap.h` the rows' attention and the
@@ -150,28 +149,21 @@ def add_rows() -> Callable[..., torch.Tensor] | None:
     return torch.ops.eventful.add_rows if _available() else None
 
 
-def exact_block_step() -> Callable[..., tuple] | None:
-    """A block's lean step at the exact level in one call (`EventfulBlock._exact_block_step`),
-    built on first use; None if unavailable. Arguments: x (B, N, D); the block's state, updated
-    in place (`block.STEP_CACHES["exact"]`): the three gates' references and the qkv, proj and
-    mlp buffers, interleaved, and the running sums of `exact_attention_update`; the gates'
-    scales (B,); each LayerNorm's weight, bias (or None) and eps; per linear layer (qkv, proj,
-    fc1 with an exact GELU, fc2) its small-rows panels, bias (or None) and panel scale (int8
+def block_step() -> Callable[..., tuple] | None:
+    """A block's lean step in one call (`EventfulBlock._one_call_step`), built on first use;
+    None if unavailable. Arguments: x (B, N, D); the block's state, updated in place: the three
+    gates' references and the qkv, proj and mlp buffers, interleaved (`block.STEP_STATE`), then
+    the running sums of `exact_attention_update` (numerator, denominator, shift) at the exact
+    level or three None at the tokenwise level, whose qkv buffer is float32 (attention on
+    `attention_rows`) or bfloat16 (PyTorch's fused attention in bfloat16); the gates' scales
+    (B,); each LayerNorm's weight, bias (or None) and eps; per linear layer (qkv, proj, fc1
+    with an exact GELU, fc2) its small-rows panels, bias (or None) and panel scale (int8
     panels, else None); fc1's width; the tokens per stream; the heads;
     `exact_attention_update`'s `dense_from` and `underflow`; whether to measure the gates'
     unprocessed shares. Returns the output (B, N, D), per stream (B,) the underflowed rows
-    recomputed, and per gate (qkv, proj, mlp) its token indices (B, count), its rows
-    (B count, D) and its unprocessed share (B,) or None."""
-    return torch.ops.eventful.exact_block_step if _available() else None
-
-
-def tokenwise_block_step() -> Callable[..., tuple] | None:
-    """A block's lean step at the tokenwise level in one call
-    (`EventfulBlock._tokenwise_block_step`), built on first use; None if unavailable. Arguments
-    as `exact_block_step`'s without the running sums, `dense_from` and `underflow`; the qkv
-    buffer float32 (attention on `attention_rows`) or bfloat16 (PyTorch's fused attention in
-    bfloat16). Returns the output (B, N, D) and the gates' steps as `exact_block_step`."""
-    return torch.ops.eventful.tokenwise_block_step if _available() else None
+    recomputed (zeros at the tokenwise level), and per gate (qkv, proj, mlp) its token indices
+    (B, count), its rows (B count, D) and its unprocessed share (B,) or None."""
+    return torch.ops.eventful.block_step if _available() else None
 
 
 def can_take(*tensors: torch.Tensor) -> bool:

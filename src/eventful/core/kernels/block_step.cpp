@@ -11,12 +11,12 @@
 //    `count` tokens of largest error (topk), their rows committed to the reference and
 //    normalised by the first LayerNorm (commit_rows);
 // 2. the qkv projection of those rows (small_rows_linear), then attention:
-//    - `exact_block_step`: the exact level's update (exact_attention_update), which writes the
-//      rows into the qkv buffer;
-//    - `tokenwise_block_step`: the rows written into the qkv buffer (rounded to its dtype), and
-//      attention of every row over the whole sequence: a float32 buffer on the engine's kernel
-//      (attention_rows), a bfloat16 one on PyTorch's fused attention in bfloat16, its output
-//      back to float32;
+//    - given the running sums, the exact level's update (exact_attention_update), which writes
+//      the rows into the qkv buffer;
+//    - without them, the tokenwise level: the rows written into the qkv buffer (rounded to its
+//      dtype), and attention of every row over the whole sequence: a float32 buffer on the
+//      engine's kernel (attention_rows), a bfloat16 one on PyTorch's fused attention in
+//      bfloat16, its output back to float32;
 // 3. the proj gate on the attention output, the projection, the rows written into the proj
 //    buffer and the residual added (add_rows);
 // 4. the mlp gate with the second LayerNorm, fc1 with its GELU, fc2, the mlp buffer and the
@@ -101,12 +101,6 @@ struct Block {
   bool measure;
 };
 
-void check_count(const torch::Tensor& x, int64_t count, const char* op) {
-  TORCH_CHECK(x.dim() == 3, op, " expects x as (B, N, D), got ", x.sizes());
-  TORCH_CHECK(count > 0 && count < x.size(1), op, " expects a count in [1, ", x.size(1),
-              "), got ", count);
-}
-
 // The qkv gate and projection: the gate's step and the new qkv rows (B count, 3 D).
 std::tuple<GateStep, torch::Tensor> qkv_rows(const Block& block) {
   GateStep step = gate(block.x, block.qkv_reference, block.qkv_scale, block.count,
@@ -139,14 +133,51 @@ torch::Tensor after_attention(const Block& block, const torch::Tensor& attended,
   return out;
 }
 
-// x (B, N, D) -> the block's output (B, N, D), the lost rows per stream (B,) of the attention's
-// update, and per gate (qkv, proj, mlp) its token indices (B, count), its rows and, where
-// `measure`, its unprocessed share (B,) (else an undefined tensor).
-std::tuple<torch::Tensor, torch::Tensor, std::vector<torch::Tensor>> exact_block_step(
+// The tokenwise level's qkv buffer checked before the step writes anything: (B, N, 3 D) for x
+// (B, N, D), contiguous, float32 or bfloat16, its width split into `heads`.
+void check_every_row_buffer(const torch::Tensor& qkv, const torch::Tensor& x, int64_t heads) {
+  const int64_t dim = x.size(2);
+  TORCH_CHECK(qkv.sizes() == torch::IntArrayRef({x.size(0), x.size(1), 3 * dim}) &&
+                  qkv.is_contiguous(),
+              "block_step expects a contiguous qkv buffer (", x.size(0), ", ", x.size(1), ", ",
+              3 * dim, "), got ", qkv.sizes());
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 || qkv.scalar_type() == torch::kBFloat16,
+              "block_step expects a float32 or bfloat16 qkv buffer, got ", qkv.scalar_type());
+  TORCH_CHECK(heads > 0 && dim % heads == 0, "block_step expects heads to divide the model ",
+              "width ", dim, ", got ", heads);
+}
+
+// Attention of the tokenwise level: the new qkv rows written into the buffer (B, N, 3 D,
+// `check_every_row_buffer`) rounded to its dtype, then every row over the whole sequence, the
+// output (B, N, D) in float32.
+torch::Tensor attend_every_row(const torch::Tensor& qkv, const torch::Tensor& rows,
+                               const torch::Tensor& flat, int64_t heads) {
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3;
+  const bool bfloat16 = qkv.scalar_type() == torch::kBFloat16;
+  auto buffer = qkv;  // the same tensor: written in place
+  buffer.view({-1, 3 * dim}).index_copy_(0, flat, rows.to(qkv.scalar_type()));
+  // q, k, v (B, H, N, dh): views of the buffer, as `EventfulBlock._split_heads` takes them.
+  const auto heads_of = qkv.view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
+  const auto q = heads_of[0], k = heads_of[1], v = heads_of[2];
+  torch::Tensor out;
+  if (bfloat16) {
+    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, 1.0).to(torch::kFloat32);
+  } else {
+    out = std::get<0>(eventful_kernels::attention_rows(q, k, v, c10::nullopt));
+  }
+  return out.transpose(1, 2).reshape({batch, tokens, dim});
+}
+
+// x (B, N, D) -> the block's output (B, N, D), the lost rows per stream (B,) of the exact
+// level's update (zeros at the tokenwise level), and per gate (qkv, proj, mlp) its token indices
+// (B, count), its rows and, where `measure`, its unprocessed share (B,) (else an undefined
+// tensor). With the running sums (numerator, denominator, shift) the exact level's step, without
+// them the tokenwise level's; `dense_from` and `underflow` are the exact level's.
+std::tuple<torch::Tensor, torch::Tensor, std::vector<torch::Tensor>> block_step(
     const torch::Tensor& x, const torch::Tensor& qkv_reference, const torch::Tensor& qkv,
     const torch::Tensor& proj_reference, const torch::Tensor& proj,
-    const torch::Tensor& mlp_reference, const torch::Tensor& mlp, const torch::Tensor& numerator,
-    const torch::Tensor& denominator, const torch::Tensor& shift, const torch::Tensor& qkv_scale,
+    const torch::Tensor& mlp_reference, const torch::Tensor& mlp, const OptionalTensor& numerator,
+    const OptionalTensor& denominator, const OptionalTensor& shift, const torch::Tensor& qkv_scale,
     const torch::Tensor& proj_scale, const torch::Tensor& mlp_scale,
     const OptionalTensor& norm1_weight, const OptionalTensor& norm1_bias, double norm1_eps,
     const OptionalTensor& norm2_weight, const OptionalTensor& norm2_bias, double norm2_eps,
@@ -157,7 +188,13 @@ std::tuple<torch::Tensor, torch::Tensor, std::vector<torch::Tensor>> exact_block
     const OptionalTensor& fc1_panel_scale, const torch::Tensor& fc2_panels,
     const OptionalTensor& fc2_bias, const OptionalTensor& fc2_panel_scale, int64_t hidden,
     int64_t count, int64_t heads, int64_t dense_from, double underflow, bool measure) {
-  check_count(x, count, "exact_block_step");
+  TORCH_CHECK(x.dim() == 3, "block_step expects x as (B, N, D), got ", x.sizes());
+  TORCH_CHECK(count > 0 && count < x.size(1), "block_step expects a count in [1, ", x.size(1),
+              "), got ", count);
+  const int sums = numerator.has_value() + denominator.has_value() + shift.has_value();
+  TORCH_CHECK(sums == 0 || sums == 3, "block_step expects the three running sums (the exact ",
+              "level) or none (the tokenwise level), got ", sums);
+  if (sums == 0) check_every_row_buffer(qkv, x, heads);
   const int64_t dim = x.size(2);
   const Block block{x,
                     qkv_reference,
@@ -181,87 +218,26 @@ std::tuple<torch::Tensor, torch::Tensor, std::vector<torch::Tensor>> exact_block
                     count,
                     measure};
   auto [qkv_gate, rows] = qkv_rows(block);
-  auto [attended, lost] = eventful_kernels::exact_attention_update(
-      qkv, rows, qkv_gate.flat, numerator, denominator, shift, heads, dense_from, underflow);
+  torch::Tensor attended, lost;
+  if (sums == 3) {
+    std::tie(attended, lost) = eventful_kernels::exact_attention_update(
+        qkv, rows, qkv_gate.flat, *numerator, *denominator, *shift, heads, dense_from, underflow);
+  } else {
+    attended = attend_every_row(qkv, rows, qkv_gate.flat, heads);
+    lost = torch::zeros({x.size(0)}, qkv_gate.index.options());
+  }
   std::vector<torch::Tensor> gates;
   auto out = after_attention(block, attended, qkv_gate, gates);
   return {out, lost, gates};
-}
-
-// x (B, N, D) -> the block's output (B, N, D) and per gate (qkv, proj, mlp) its token indices
-// (B, count), its rows and, where `measure`, its unprocessed share (B,) (else an undefined
-// tensor). The qkv buffer (B, N, 3 D) is float32 or bfloat16.
-std::tuple<torch::Tensor, std::vector<torch::Tensor>> tokenwise_block_step(
-    const torch::Tensor& x, const torch::Tensor& qkv_reference, const torch::Tensor& qkv,
-    const torch::Tensor& proj_reference, const torch::Tensor& proj,
-    const torch::Tensor& mlp_reference, const torch::Tensor& mlp, const torch::Tensor& qkv_scale,
-    const torch::Tensor& proj_scale, const torch::Tensor& mlp_scale,
-    const OptionalTensor& norm1_weight, const OptionalTensor& norm1_bias, double norm1_eps,
-    const OptionalTensor& norm2_weight, const OptionalTensor& norm2_bias, double norm2_eps,
-    const torch::Tensor& qkv_panels, const OptionalTensor& qkv_bias,
-    const OptionalTensor& qkv_panel_scale, const torch::Tensor& proj_panels,
-    const OptionalTensor& proj_bias, const OptionalTensor& proj_panel_scale,
-    const torch::Tensor& fc1_panels, const OptionalTensor& fc1_bias,
-    const OptionalTensor& fc1_panel_scale, const torch::Tensor& fc2_panels,
-    const OptionalTensor& fc2_bias, const OptionalTensor& fc2_panel_scale, int64_t hidden,
-    int64_t count, int64_t heads, bool measure) {
-  check_count(x, count, "tokenwise_block_step");
-  const int64_t batch = x.size(0), tokens = x.size(1), dim = x.size(2);
-  TORCH_CHECK(heads > 0 && dim % heads == 0, "tokenwise_block_step expects heads to divide ",
-              "the model width ", dim, ", got ", heads);
-  TORCH_CHECK(qkv.sizes() == torch::IntArrayRef({batch, tokens, 3 * dim}) && qkv.is_contiguous(),
-              "tokenwise_block_step expects a contiguous qkv buffer (", batch, ", ", tokens, ", ",
-              3 * dim, "), got ", qkv.sizes());
-  const bool bfloat16 = qkv.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(bfloat16 || qkv.scalar_type() == torch::kFloat32,
-              "tokenwise_block_step expects a float32 or bfloat16 qkv buffer, got ",
-              qkv.scalar_type());
-  const Block block{x,
-                    qkv_reference,
-                    proj_reference,
-                    proj,
-                    mlp_reference,
-                    mlp,
-                    qkv_scale,
-                    proj_scale,
-                    mlp_scale,
-                    norm1_weight,
-                    norm1_bias,
-                    norm1_eps,
-                    norm2_weight,
-                    norm2_bias,
-                    norm2_eps,
-                    {qkv_panels, qkv_bias, qkv_panel_scale, 3 * dim},
-                    {proj_panels, proj_bias, proj_panel_scale, dim},
-                    {fc1_panels, fc1_bias, fc1_panel_scale, hidden},
-                    {fc2_panels, fc2_bias, fc2_panel_scale, dim},
-                    count,
-                    measure};
-  auto [qkv_gate, rows] = qkv_rows(block);
-  auto buffer = qkv;  // the same tensor: written in place
-  buffer.view({-1, 3 * dim}).index_copy_(0, qkv_gate.flat, rows.to(qkv.scalar_type()));
-  // q, k, v (B, H, N, dh): views of the buffer, as `EventfulBlock._split_heads` takes them.
-  const auto heads_of = qkv.view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
-  const auto q = heads_of[0], k = heads_of[1], v = heads_of[2];
-  torch::Tensor out;
-  if (bfloat16) {
-    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, 1.0).to(torch::kFloat32);
-  } else {
-    out = std::get<0>(eventful_kernels::attention_rows(q, k, v, c10::nullopt));
-  }
-  const auto attended = out.transpose(1, 2).reshape({batch, tokens, dim});
-  std::vector<torch::Tensor> gates;
-  auto result = after_attention(block, attended, qkv_gate, gates);
-  return {result, gates};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def(
-      "exact_block_step(Tensor x, Tensor(a!) qkv_reference, Tensor(b!) qkv, "
+      "block_step(Tensor x, Tensor(a!) qkv_reference, Tensor(b!) qkv, "
       "Tensor(c!) proj_reference, Tensor(d!) proj, Tensor(e!) mlp_reference, Tensor(f!) mlp, "
-      "Tensor(g!) numerator, Tensor(h!) denominator, Tensor(i!) shift, Tensor qkv_scale, "
+      "Tensor(g!)? numerator, Tensor(h!)? denominator, Tensor(i!)? shift, Tensor qkv_scale, "
       "Tensor proj_scale, Tensor mlp_scale, Tensor? norm1_weight, Tensor? norm1_bias, "
       "float norm1_eps, Tensor? norm2_weight, Tensor? norm2_bias, float norm2_eps, "
       "Tensor qkv_panels, Tensor? qkv_bias, Tensor? qkv_panel_scale, Tensor proj_panels, "
@@ -269,19 +245,6 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
       "Tensor? fc1_panel_scale, Tensor fc2_panels, Tensor? fc2_bias, Tensor? fc2_panel_scale, "
       "int hidden, int count, int heads, int dense_from, float underflow, "
       "bool measure) -> (Tensor output, Tensor lost, Tensor[] gates)");
-  library.def(
-      "tokenwise_block_step(Tensor x, Tensor(a!) qkv_reference, Tensor(b!) qkv, "
-      "Tensor(c!) proj_reference, Tensor(d!) proj, Tensor(e!) mlp_reference, Tensor(f!) mlp, "
-      "Tensor qkv_scale, Tensor proj_scale, Tensor mlp_scale, Tensor? norm1_weight, "
-      "Tensor? norm1_bias, float norm1_eps, Tensor? norm2_weight, Tensor? norm2_bias, "
-      "float norm2_eps, Tensor qkv_panels, Tensor? qkv_bias, Tensor? qkv_panel_scale, "
-      "Tensor proj_panels, Tensor? proj_bias, Tensor? proj_panel_scale, Tensor fc1_panels, "
-      "Tensor? fc1_bias, Tensor? fc1_panel_scale, Tensor fc2_panels, Tensor? fc2_bias, "
-      "Tensor? fc2_panel_scale, int hidden, int count, int heads, bool measure) -> "
-      "(Tensor output, Tensor[] gates)");
 }
 
-TORCH_LIBRARY_IMPL(eventful, CPU, library) {
-  library.impl("exact_block_step", &exact_block_step);
-  library.impl("tokenwise_block_step", &tokenwise_block_step);
-}
+TORCH_LIBRARY_IMPL(eventful, CPU, library) { library.impl("block_step", &block_step); }
