@@ -9,7 +9,7 @@ import torch
 
 import eventful
 from eventful.core import block as block_module
-from eventful.core import kernels, precision
+from eventful.core import kernels, packed_linear, precision
 from eventful.core.model import EventfulViT
 from eventful.models.vit import describe_vit
 from eventful.synthetic import moving_squares
@@ -50,7 +50,8 @@ def run(converted, video, lean, monkeypatch, batch=1, **options):
 @needs_kernels
 @pytest.mark.parametrize("level", ["tokenwise", "exact"])
 @pytest.mark.parametrize("chosen", ["fp32", "int8", "bf16"])
-@pytest.mark.parametrize("policy", [eventful.TopK(7), eventful.TopFraction(0.1)])
+# TopK(14): at the exact level from exact_dense_from(61) = 13 on, a recompute of every row.
+@pytest.mark.parametrize("policy", [eventful.TopK(7), eventful.TopFraction(0.1), eventful.TopK(14)])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_lean_step_equals_the_general_step(level, chosen, policy, batch, monkeypatch, lean_calls):
     # bf16 is refused where the CPU lacks native bfloat16; the arithmetic is PyTorch's either way.
@@ -141,14 +142,17 @@ def block_step_calls(monkeypatch):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("count_ops", [True, False])
 @pytest.mark.parametrize("level", ["tokenwise", "exact"])
+@pytest.mark.parametrize("count", [5, 14])
 def test_block_step_in_one_call_equals_the_lean_step(
-    level, chosen, batch, count_ops, monkeypatch, block_step_calls
+    level, chosen, batch, count_ops, count, monkeypatch, block_step_calls
 ):
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     vit = tiny_vit()
-    # 5 tokens per stream: 15 rows at batch 3, which the small-rows kernel takes at every
-    # precision (bf16 up to packed_linear.BF16_SMALL_ROWS).
-    converted = eventful.convert(vit, policy=eventful.TopK(5), level=level, precision=chosen)
+    # 61 tokens per stream. 5 of them: up to 15 rows, which the small-rows kernel takes at every
+    # precision (bf16 up to packed_linear.BF16_SMALL_ROWS). 14: at bf16 and batch 3, 42 rows for
+    # oneDNN's bfloat16 linear; at the exact level, from exact_dense_from(61) = 13 on, a
+    # recompute of every row (in bfloat16 at bf16).
+    converted = eventful.convert(vit, policy=eventful.TopK(count), level=level, precision=chosen)
     video = moving_squares(8, size=80, batch=3, seed=5)[..., 16:64, :]
     options = {"count_ops": count_ops, "drift": None}
     monkeypatch.setattr(block_module, "FUSED_BLOCK_STEPS", False)
@@ -156,7 +160,11 @@ def test_block_step_in_one_call_equals_the_lean_step(
     assert block_step_calls[0] == 0
     monkeypatch.setattr(block_module, "FUSED_BLOCK_STEPS", True)
     got = run(converted, video, True, monkeypatch, batch, **options)
-    assert block_step_calls[0] == 7 * len(converted.encoder.blocks)  # every step after the first
+    # Every step after the first; bf16 rows beyond the small-rows kernel need oneDNN's
+    # bfloat16 linear, which some CPUs lack (PyTorch's linear then runs them, from Python).
+    rows_for_onednn = chosen == "bf16" and count * batch > packed_linear.BF16_SMALL_ROWS
+    one_call = not rows_for_onednn or packed_linear.PREPACKED_BF16
+    assert block_step_calls[0] == (7 * len(converted.encoder.blocks) if one_call else 0)
     assert torch.equal(got[0], want[0])
     assert got[1] == want[1]  # the op counts, from the same selections
     for shares, wanted in zip(got[2], want[2], strict=True):
@@ -172,9 +180,11 @@ def test_block_step_in_one_call_stays_out_where_a_layer_runs_elsewhere(
     vit = tiny_vit()
     video = moving_squares(4, size=64, batch=2, seed=6)
     monkeypatch.setattr(block_module, "LEAN_STEPS", True)
-    # Too many rows for the small-rows kernel in bfloat16 (2 streams of 10: oneDNN multiplies
-    # them), and a GELU the kernel does not compute (tanh's).
+    # Too many rows for the small-rows kernel in bfloat16 (2 streams of 10) where oneDNN has no
+    # bfloat16 linear (PyTorch's linear multiplies them), and a GELU the kernels do not compute
+    # (tanh's).
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.setattr(packed_linear, "PREPACKED_BF16", False)
     many_rows = eventful.convert(vit, policy=eventful.TopK(10), level=level, precision="bf16")
     description = describe_vit(vit)
     tanh_gelu = torch.nn.GELU(approximate="tanh")
@@ -208,15 +218,18 @@ def test_block_step_refuses_what_it_cannot_take_and_leaves_the_state_alone():
     weights = []
     with torch.no_grad():
         for layer in layers:
-            panels, scale, _ = layer.small_rows_operands(num_tokens)
-            weights += [panels, layer.bias, scale]
+            operands = layer.step_operands(num_tokens)
+            weights += [operands.weight, operands.bias, operands.scale]
     norms = [converted_block.norm1.weight, converted_block.norm1.bias, 1e-6] * 2
     sums = [state[name] for name in block_module.CACHES["exact"]]
+    half_sums = [sums[0].half(), *sums[1:]]
     cases = {
-        rf"count in \[1, {num_tokens}\), got {num_tokens}": (num_tokens, sums),
-        "the three running sums .* or none .*, got 2": (5, [*sums[:2], None]),
+        rf"count in \[1, {num_tokens}\), got {num_tokens}": (num_tokens, sums, False),
+        "the three running sums .* or none .*, got 2": (5, [*sums[:2], None], False),
+        # A recompute in bfloat16 (5 changed tokens from dense_from 2 on) checks the sums first.
+        "numerator as a contiguous float32 tensor": (5, half_sums, True),
     }
-    for refused, (count, given_sums) in cases.items():
+    for refused, (count, given_sums, bfloat16_attention) in cases.items():
         with torch.no_grad(), pytest.raises(RuntimeError, match=refused):
             kernels.block_step()(
                 x,
@@ -228,8 +241,9 @@ def test_block_step_refuses_what_it_cannot_take_and_leaves_the_state_alone():
                 converted_block.fc1.out_features,
                 count,
                 converted_block.heads,
-                num_tokens,
+                2 if bfloat16_attention else num_tokens,
                 1e-3,
+                bfloat16_attention,
                 False,
             )
         for name, tensor in state.items():

@@ -148,7 +148,7 @@ class EventfulBlock(nn.Module):
         self._layouts: dict[tuple, GroupLayout] = {}
         # The linear layers' operands of the last one-call block step, and what they hold for
         # (`_block_step_weights`).
-        self._step_weights: tuple[tuple, list | None] | None = None
+        self._step_weights: tuple[tuple, list | None, tuple | None] | None = None
         # Baselines, set by EventfulViT: the STGT gates (change since the previous step), and
         # the K/V pooling factor of the tokenwise level's attention.
         self.previous_frame_gates = False
@@ -307,8 +307,6 @@ class EventfulBlock(nn.Module):
                 return None
             if kernels.exact_attention_update() is None:
                 return None
-            if self.attention_dtype is not None and exact_update_is_dense(count, num_tokens):
-                return None  # every row recomputed, in the attention dtype: `_recompute`
         elif self.level != "tokenwise":
             return None
         norm1, norm2 = fused_layer_norm(self.norm1, x), fused_layer_norm(self.norm2, x)
@@ -344,7 +342,14 @@ class EventfulBlock(nn.Module):
         qkv_rows = self.qkv.rows_forward(qkv_gate.rows).contiguous()
         flat = qkv_gate.selection.flat
         recomputed = [0] * x.shape[0]
-        if self.level == "exact":
+        if self.level == "exact" and self._recomputes_in_attention_dtype(count, x.shape[1]):
+            write_rows(state["qkv"], qkv_gate.selection, qkv_rows)
+            sums = [state[name] for name in CACHES["exact"]]
+            layout = self.layout(grid, x.shape[1], x.device)
+            low = self._low_precision_heads(state["qkv"], layout)
+            output = recompute_exact_groups(*sums, *low)
+            attended = self._ungrouped(output.to(x.dtype), layout, x.shape[0])
+        elif self.level == "exact":
             sums = [state[name] for name in CACHES["exact"]]
             attended, lost = update_exact_sequences(state["qkv"], qkv_rows, flat, *sums, self.heads)
             if measure:
@@ -394,11 +399,18 @@ class EventfulBlock(nn.Module):
             self.heads,
             exact_dense_from(x.shape[1]),
             UNDERFLOW,
+            self.attention_dtype == torch.bfloat16,
             trace is not None,
         )
         if trace is not None:
             trace.record_block(_fused_gate_steps(gates, x.shape[1]), lost.tolist())
         return out
+
+    def _recomputes_in_attention_dtype(self, count: int, num_tokens: int) -> bool:
+        """Whether the exact level's step with `count` changed tokens of `num_tokens` recomputes
+        every row in the attention dtype (precision "bf16"), as `_attend_cached` does, rather
+        than in the float32 kernel (`update_exact_sequences`)."""
+        return self.attention_dtype is not None and exact_update_is_dense(count, num_tokens)
 
     def _attends_every_row_in_one_call(self, qkv: Tensor) -> bool:
         """Whether `kernels.block_step` attends every row as `_attend_every_row` does: one group
@@ -412,33 +424,39 @@ class EventfulBlock(nn.Module):
 
     def _block_step_weights(self, x: Tensor, lean: _LeanStep, kernel) -> list | None:
         """The linear layers' operands of a block step in one call (`kernels.block_step`):
-        per layer (qkv, proj, fc1, fc2) its small-rows panels, bias and panel scale, then fc1's
-        width; None where the kernel or `FUSED_BLOCK_STEPS` is off, or a layer would not run
-        the small-rows kernel alone on the step's rows (`PackedLinear.small_rows_operands`) or
-        has another activation than the kernel's (fc1 the exact GELU, the others none)."""
+        per layer (qkv, proj, fc1, fc2) its weight as its kernel takes it, bias and panel scale
+        (`PackedLinear.step_operands`), then fc1's width; None where the kernel or
+        `FUSED_BLOCK_STEPS` is off, or a layer would not run one kernel call on the step's rows
+        or has another activation than the kernel's (fc1 the exact GELU, the others none)."""
         if kernel is None or not FUSED_BLOCK_STEPS:
             return None
         rows = x.shape[0] * lean.count
         layers = (self.qkv, self.proj, self.fc1, self.fc2)
         # Kept while the rows, the compute dtype and the layers' weights and biases are the same:
-        # asking the layers again at every step took about 5% of a small step.
+        # asking the layers again at every step took about 5% of a small step. Where the
+        # operands hold a rounded copy of a bias (oneDNN's bfloat16 layers), the biases' values
+        # are part of the key too.
         key = (
             rows,
             current_compute_dtype(),
             *(tensor_key(layer.weight) for layer in layers),
             *(id(layer.bias) for layer in layers),
         )
-        if self._step_weights is not None and self._step_weights[0] == key:
-            return self._step_weights[1]
-        found = [layer.small_rows_operands(rows) for layer in layers]
+        kept = self._step_weights
+        if kept is not None and kept[0] == key:
+            if kept[2] is None or kept[2] == _bias_keys(layers):
+                return kept[1]
+        found = [layer.step_operands(rows) for layer in layers]
         activations = ("none", "none", "gelu", "none")
-        weights = None
-        if all(o is not None and o[2] == a for o, a in zip(found, activations, strict=True)):
+        weights, bias_keys = None, None
+        if all(o is not None and o.activation == a for o, a in zip(found, activations, strict=True)):
             weights = []
-            for layer, (panels, scale, _) in zip(layers, found, strict=True):
-                weights += [panels, layer.bias, scale]
+            for operands in found:
+                weights += [operands.weight, operands.bias, operands.scale]
             weights.append(self.fc1.out_features)
-        self._step_weights = (key, weights)
+            if any(o.weight.dim() == 2 for o in found):  # oneDNN's, with a rounded bias
+                bias_keys = _bias_keys(layers)
+        self._step_weights = (key, weights, bias_keys)
         return weights
 
     def clear_weight_caches(self) -> None:
@@ -756,6 +774,11 @@ GATES = ("qkv", "proj", "mlp")
 # The token state a block step in one call (`kernels.block_step`) updates, in its arguments'
 # order (the exact level's running sums follow).
 STEP_STATE = ("qkv_reference", "qkv", "proj_reference", "proj", "mlp_reference", "mlp")
+
+
+def _bias_keys(layers: tuple[PackedLinear, ...]) -> tuple:
+    """What tells whether the layers' biases still hold the values a copy was made from."""
+    return tuple(None if layer.bias is None else tensor_key(layer.bias) for layer in layers)
 
 
 def _fused_gate_steps(gates: list[Tensor | None], num_tokens: int) -> dict[str, GateStep]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,18 @@ def _fused_activation(activation: nn.Module | None) -> tuple[str, list, str] | N
     if type(activation) is nn.GELU:
         return ("gelu", [], activation.approximate)
     return None
+
+
+class StepOperands(NamedTuple):
+    """What a kernel call of `PackedLinear.step_operands` needs: the weight as the kernel takes
+    it (the small-rows kernel's panels, 3-D, or in bfloat16 pairs 4-D; oneDNN's prepacked
+    bfloat16 weight, 2-D), the bias (bfloat16 for oneDNN's), the int8 panels' scale, and the
+    activation inside the call ("none" or "gelu", the exact GELU)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    scale: Tensor | None
+    activation: str
 
 
 class PackedLinear(nn.Linear):
@@ -195,11 +208,12 @@ class PackedLinear(nn.Linear):
                 return self._small_rows(kernel, rows, panels, scale)
         return self(rows)
 
-    def small_rows_operands(self, rows: int) -> tuple[Tensor, Tensor | None, str] | None:
-        """Where `rows_forward` of that many float32 rows is the small-rows kernel alone, with
-        the activation inside it (none, or the exact GELU): its panels, their scale (int8
-        panels) and the activation's name, for a caller that runs the kernel itself (a block's
-        step in one call, `EventfulBlock._block_step_weights`); else None."""
+    def step_operands(self, rows: int) -> StepOperands | None:
+        """Where `rows_forward` of that many float32 rows is one kernel call with the activation
+        inside it (none, or the exact GELU): the small-rows kernel, or at precision "bf16" above
+        `BF16_SMALL_ROWS` rows oneDNN's prepacked bfloat16 linear; its operands, for a caller
+        that runs the kernel itself (a block's step in one call,
+        `EventfulBlock._block_step_weights`); else None."""
         if self._post_op == _NO_ACTIVATION:
             activation = "none"
         elif self._post_op == _EXACT_GELU:
@@ -215,10 +229,14 @@ class PackedLinear(nn.Linear):
             return None
         low = self._low_precision_dtype_of(torch.float32)
         if low is None and rows <= SMALL_ROWS:
-            return (*self._panel_weight(kernel), activation)
+            panels, scale = self._panel_weight(kernel)
+            return StepOperands(panels, self.bias, scale, activation)
         if low == torch.bfloat16 and rows <= BF16_SMALL_ROWS:
             panels = self._cached("_panels", lambda w: kernel.pack(w, None, True), torch.bfloat16)
-            return panels, None, activation
+            return StepOperands(panels, self.bias, None, activation)
+        if low == torch.bfloat16 and PREPACKED_BF16:
+            bias = None if self.bias is None else self._bfloat16_bias()
+            return StepOperands(self._prepacked_bfloat16_weight(), bias, None, activation)
         return None
 
     def _low_precision_dtype(self, x: Tensor) -> torch.dtype | None:
@@ -276,15 +294,18 @@ class PackedLinear(nn.Linear):
         bfloat16 linear, the bias and the activation fused into its call, in bfloat16 as a model
         cast to bfloat16 has them (3.4x the call followed by them in float32 at 577 rows); the
         output (M, out) in bfloat16."""
-        packed = self._cached(
-            "_packed",
-            lambda w: torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None),
-            torch.bfloat16,
-        )
         bias = None if self.bias is None else self._bfloat16_bias()
         attr, scalars, algorithm = self._post_op
         return torch.ops.mkldnn._linear_pointwise(
-            rows.bfloat16(), packed, bias, attr, scalars, algorithm
+            rows.bfloat16(), self._prepacked_bfloat16_weight(), bias, attr, scalars, algorithm
+        )
+
+    def _prepacked_bfloat16_weight(self) -> Tensor:
+        """The weight rounded to bfloat16 in oneDNN's blocked layout, kept until it changes."""
+        return self._cached(
+            "_packed",
+            lambda w: torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None),
+            torch.bfloat16,
         )
 
     def _takes_prepacked_bfloat16_rows(self) -> bool:

@@ -1,6 +1,6 @@
 // One step of an eventful block in one call (float32 tokens, CPU): the work of
-// `EventfulBlock._lean_forward` where each of the block's linear layers runs the small-rows
-// kernel, as one operator instead of some fifteen calls from Python.
+// `EventfulBlock._lean_forward` where each of the block's linear layers runs one kernel call
+// (`PackedLinear.step_operands`), as one operator instead of some fifteen calls from Python.
 //
 // At a few changed tokens a step of a ViT-S block takes about 0.8 ms at the exact level, of which
 // the Python between its kernels took about a fifth (BENCHMARKS.md, "roofline": "other
@@ -10,9 +10,11 @@
 // 1. the qkv gate: each token's error to the gate's reference (gate_error_norms), each stream's
 //    `count` tokens of largest error (topk), their rows committed to the reference and
 //    normalised by the first LayerNorm (commit_rows);
-// 2. the qkv projection of those rows (small_rows_linear), then attention:
+// 2. the qkv projection of those rows, then attention:
 //    - given the running sums, the exact level's update (exact_attention_update), which writes
-//      the rows into the qkv buffer;
+//      the rows into the qkv buffer; or, where attention runs in bfloat16 (precision "bf16")
+//      and the step recomputes every row (`dense_from` changes or more), the rows written and
+//      every row recomputed by PyTorch's fused attention in bfloat16, the sums set from it;
 //    - without them, the tokenwise level: the rows written into the qkv buffer (rounded to its
 //      dtype), and attention of every row over the whole sequence: a float32 buffer on the
 //      engine's kernel (attention_rows), a bfloat16 one on PyTorch's fused attention in
@@ -21,6 +23,10 @@
 //    buffer and the residual added (add_rows);
 // 4. the mlp gate with the second LayerNorm, fc1 with its GELU, fc2, the mlp buffer and the
 //    residual.
+//
+// Each linear layer runs the small-rows kernel (small_rows_linear), or at precision "bf16" above
+// its few rows oneDNN's prepacked bfloat16 linear (through the dispatcher, as Python calls it),
+// the MLP's hidden rows then in bfloat16 between fc1 and fc2.
 //
 // So the caches and the output are those of the lean step, bit for bit. Each gate's token
 // indices, its rows and, where asked (`measure`), its unprocessed share per stream are returned
@@ -65,17 +71,53 @@ GateStep gate(const torch::Tensor& current, const torch::Tensor& reference,
   return step;
 }
 
-// One linear layer's operands for the small-rows kernel.
+// One linear layer's operands (`PackedLinear.step_operands`): the small-rows kernel's panels
+// (3-D, or 4-D in bfloat16 pairs), or oneDNN's prepacked bfloat16 weight (2-D) with a bfloat16
+// bias.
 struct Layer {
   const torch::Tensor& panels;
   const OptionalTensor& bias;
   const OptionalTensor& scale;
   int64_t out;
+  bool prepacked() const { return panels.dim() == 2; }
 };
 
+// oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`) of bfloat16 rows, the
+// activation ("none" or "gelu", the exact GELU) fused into it as `PackedLinear._post_op` has it;
+// the output in bfloat16.
+torch::Tensor prepacked_bfloat16(const torch::Tensor& rows, const Layer& layer,
+                                 c10::string_view activation) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  const bool gelu = activation == "gelu";
+  torch::jit::Stack stack{rows,
+                          layer.panels,
+                          layer.bias,
+                          std::string(gelu ? "gelu" : "none"),
+                          c10::List<c10::optional<at::Scalar>>(),
+                          std::string(gelu ? "none" : "")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// A layer on float32 rows, its output in float32, as `PackedLinear.rows_forward` computes it:
+// the small-rows kernel, or the rows rounded to bfloat16 through oneDNN's prepacked linear.
 torch::Tensor linear(const torch::Tensor& rows, const Layer& layer, c10::string_view activation) {
+  if (layer.prepacked()) {
+    return prepacked_bfloat16(rows.to(torch::kBFloat16), layer, activation).to(torch::kFloat32);
+  }
   return eventful_kernels::small_rows_linear(rows, layer.panels, layer.bias, layer.out,
                                              layer.scale, activation);
+}
+
+// fc2(GELU(fc1(rows))) as `mlp_forward` computes it: where both layers are oneDNN's, the hidden
+// rows stay in bfloat16 between them.
+torch::Tensor mlp(const torch::Tensor& rows, const Layer& fc1, const Layer& fc2) {
+  if (fc1.prepacked() && fc2.prepacked()) {
+    const auto hidden = prepacked_bfloat16(rows.to(torch::kBFloat16), fc1, "gelu");
+    return prepacked_bfloat16(hidden, fc2, "none").to(torch::kFloat32);
+  }
+  return linear(linear(rows, fc1, "gelu"), fc2, "none");
 }
 
 // What a block's step needs besides its attention: the state it updates, the gates' scales, the
@@ -121,8 +163,7 @@ torch::Tensor after_attention(const Block& block, const torch::Tensor& attended,
   const GateStep mlp_gate = gate(y, block.mlp_reference, block.mlp_scale, block.count,
                                  block.norm2_weight, block.norm2_bias, block.norm2_eps,
                                  block.measure);
-  const auto hidden = linear(mlp_gate.rows, block.fc1_layer, "gelu");
-  const auto mlp_rows = linear(hidden, block.fc2_layer, "none");
+  const auto mlp_rows = mlp(mlp_gate.rows, block.fc1_layer, block.fc2_layer);
   auto out = eventful_kernels::add_rows(y, block.mlp, mlp_gate.flat, mlp_rows);
 
   for (const GateStep* step : {&qkv_gate, &proj_gate, &mlp_gate}) {
@@ -168,6 +209,54 @@ torch::Tensor attend_every_row(const torch::Tensor& qkv, const torch::Tensor& ro
   return out.transpose(1, 2).reshape({batch, tokens, dim});
 }
 
+// The exact level's buffer and running sums checked before a recompute in bfloat16 writes
+// anything: for x (B, N, D), qkv (B, N, 3 D), numerator (B, H, N, D / H), denominator and shift
+// (B, H, N), contiguous float32.
+void check_exact_state(const torch::Tensor& x, const torch::Tensor& qkv,
+                       const torch::Tensor& numerator, const torch::Tensor& denominator,
+                       const torch::Tensor& shift, int64_t heads) {
+  const int64_t batch = x.size(0), tokens = x.size(1), dim = x.size(2);
+  TORCH_CHECK(heads > 0 && dim % heads == 0, "block_step expects heads to divide the model ",
+              "width ", dim, ", got ", heads);
+  const std::vector<std::tuple<const torch::Tensor*, const char*, std::vector<int64_t>>> checked{
+      {&qkv, "qkv", {batch, tokens, 3 * dim}},
+      {&numerator, "numerator", {batch, heads, tokens, dim / heads}},
+      {&denominator, "denominator", {batch, heads, tokens}},
+      {&shift, "shift", {batch, heads, tokens}}};
+  for (const auto& [tensor, name, shape] : checked) {
+    TORCH_CHECK(tensor->scalar_type() == torch::kFloat32 && tensor->is_contiguous() &&
+                    tensor->sizes() == torch::IntArrayRef(shape),
+                "block_step expects ", name, " as a contiguous float32 tensor of shape ",
+                torch::IntArrayRef(shape), ", got ", tensor->scalar_type(), " ",
+                tensor->sizes());
+  }
+}
+
+// The exact level's step where it recomputes every row in bfloat16 (precision "bf16", from
+// `dense_from` changed tokens on), as `EventfulBlock._attend_cached` does (`check_exact_state`
+// first): the new rows written into the float32 qkv buffer (B, N, 3 D), the buffer rounded to bfloat16, PyTorch's fused
+// attention over it with each row's log-sum-exp, which the running sums take (the output as the
+// numerator, a denominator of 1, the log-sum-exp as the shift). Returns the output (B, N, D) in
+// float32.
+torch::Tensor recompute_in_bfloat16(const torch::Tensor& qkv, const torch::Tensor& rows,
+                                    const torch::Tensor& flat, torch::Tensor numerator,
+                                    torch::Tensor denominator, torch::Tensor shift,
+                                    int64_t heads) {
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3;
+  auto buffer = qkv;  // the same tensor: written in place
+  buffer.view({-1, 3 * dim}).index_copy_(0, flat, rows.to(qkv.scalar_type()));
+  const auto heads_of = qkv.to(torch::kBFloat16)
+                            .view({batch, tokens, 3, heads, dim / heads})
+                            .permute({2, 0, 3, 1, 4});
+  const auto attention = at::_scaled_dot_product_flash_attention_for_cpu(
+      heads_of[0], heads_of[1], heads_of[2], 0.0, false, c10::nullopt, 1.0);
+  const auto& out = std::get<0>(attention);
+  numerator.copy_(out);
+  denominator.fill_(1.0);
+  shift.copy_(std::get<1>(attention));  // each row's log-sum-exp
+  return out.to(torch::kFloat32).transpose(1, 2).reshape({batch, tokens, dim});
+}
+
 // x (B, N, D) -> the block's output (B, N, D), the lost rows per stream (B,) of the exact
 // level's update (zeros at the tokenwise level), and per gate (qkv, proj, mlp) its token indices
 // (B, count), its rows and, where `measure`, its unprocessed share (B,) (else an undefined
@@ -187,7 +276,8 @@ std::tuple<torch::Tensor, torch::Tensor, std::vector<torch::Tensor>> block_step(
     const torch::Tensor& fc1_panels, const OptionalTensor& fc1_bias,
     const OptionalTensor& fc1_panel_scale, const torch::Tensor& fc2_panels,
     const OptionalTensor& fc2_bias, const OptionalTensor& fc2_panel_scale, int64_t hidden,
-    int64_t count, int64_t heads, int64_t dense_from, double underflow, bool measure) {
+    int64_t count, int64_t heads, int64_t dense_from, double underflow, bool bfloat16_attention,
+    bool measure) {
   TORCH_CHECK(x.dim() == 3, "block_step expects x as (B, N, D), got ", x.sizes());
   TORCH_CHECK(count > 0 && count < x.size(1), "block_step expects a count in [1, ", x.size(1),
               "), got ", count);
@@ -195,6 +285,10 @@ std::tuple<torch::Tensor, torch::Tensor, std::vector<torch::Tensor>> block_step(
   TORCH_CHECK(sums == 0 || sums == 3, "block_step expects the three running sums (the exact ",
               "level) or none (the tokenwise level), got ", sums);
   if (sums == 0) check_every_row_buffer(qkv, x, heads);
+  const bool recomputes_in_bfloat16 = sums == 3 && bfloat16_attention && count >= dense_from;
+  if (recomputes_in_bfloat16) {
+    check_exact_state(x, qkv, *numerator, *denominator, *shift, heads);
+  }
   const int64_t dim = x.size(2);
   const Block block{x,
                     qkv_reference,
@@ -219,7 +313,11 @@ std::tuple<torch::Tensor, torch::Tensor, std::vector<torch::Tensor>> block_step(
                     measure};
   auto [qkv_gate, rows] = qkv_rows(block);
   torch::Tensor attended, lost;
-  if (sums == 3) {
+  if (recomputes_in_bfloat16) {
+    attended = recompute_in_bfloat16(qkv, rows, qkv_gate.flat, *numerator, *denominator, *shift,
+                                     heads);
+    lost = torch::zeros({x.size(0)}, qkv_gate.index.options());
+  } else if (sums == 3) {
     std::tie(attended, lost) = eventful_kernels::exact_attention_update(
         qkv, rows, qkv_gate.flat, *numerator, *denominator, *shift, heads, dense_from, underflow);
   } else {
@@ -244,7 +342,10 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
       "Tensor? proj_bias, Tensor? proj_panel_scale, Tensor fc1_panels, Tensor? fc1_bias, "
       "Tensor? fc1_panel_scale, Tensor fc2_panels, Tensor? fc2_bias, Tensor? fc2_panel_scale, "
       "int hidden, int count, int heads, int dense_from, float underflow, "
-      "bool measure) -> (Tensor output, Tensor lost, Tensor[] gates)");
+      "bool bfloat16_attention, bool measure) -> (Tensor output, Tensor lost, Tensor[] gates)");
 }
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) { library.impl("block_step", &block_step); }
+
+// oneDNN's prepacked weights are tensors of the MkldnnCPU backend, which then picks the kernel.
+TORCH_LIBRARY_IMPL(eventful, MkldnnCPU, library) { library.impl("block_step", &block_step); }
