@@ -449,7 +449,8 @@ class EventfulBlock(nn.Module):
         found = [layer.step_operands(rows) for layer in layers]
         activations = ("none", "none", "gelu", "none")
         weights, bias_keys = None, None
-        if all(o is not None and o.activation == a for o, a in zip(found, activations, strict=True)):
+        pairs = zip(found, activations, strict=True)
+        if all(o is not None and o.activation == a for o, a in pairs):
             weights = []
             for operands in found:
                 weights += [operands.weight, operands.bias, operands.scale]
