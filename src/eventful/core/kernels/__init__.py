@@ -24,7 +24,8 @@ The sources of this folder build into one library of dispatcher operators
 
 `vectors.h` holds what they share: vectors of 16 floats where the build has AVX-512, else 8,
 their reductions, an exponential; `row_attention.h` and `key_swap.h` the rows' attention and the
-swap, which several kernels call.
+swap, which several kernels call; `bfloat16.h` conversions to bfloat16 and back, rounded as
+PyTorch rounds.
 
 Each returns None where the library cannot be built: no C++ compiler, or `EVENTFUL_CPU_KERNELS=0`
 in the environment when the kernels are first asked for. Callers then use PyTorch's own

@@ -38,11 +38,23 @@
 #include <tuple>
 #include <vector>
 
+#include "bfloat16.h"
 #include "operators.h"
 
 namespace {
 
 using OptionalTensor = c10::optional<torch::Tensor>;
+using eventful_bfloat16::to_bfloat16;
+using eventful_bfloat16::to_float32;
+
+// Attention's output (B, H, N, dh) in bfloat16 as the tokens' rows (B, N, H dh) in float32.
+// PyTorch's fused attention writes the heads side by side, so that the rows are contiguous.
+torch::Tensor output_rows(const torch::Tensor& out) {
+  const int64_t batch = out.size(0), tokens = out.size(2), dim = out.size(1) * out.size(3);
+  const auto rows = out.transpose(1, 2);
+  if (!rows.is_contiguous()) return out.to(torch::kFloat32).transpose(1, 2).reshape({batch, tokens, dim});
+  return to_float32(rows).view({batch, tokens, dim});
+}
 
 struct GateStep {
   torch::Tensor index;  // (B, count) token indices per stream
@@ -104,7 +116,7 @@ torch::Tensor prepacked_bfloat16(const torch::Tensor& rows, const Layer& layer,
 // the small-rows kernel, or the rows rounded to bfloat16 through oneDNN's prepacked linear.
 torch::Tensor linear(const torch::Tensor& rows, const Layer& layer, c10::string_view activation) {
   if (layer.prepacked()) {
-    return prepacked_bfloat16(rows.to(torch::kBFloat16), layer, activation).to(torch::kFloat32);
+    return to_float32(prepacked_bfloat16(to_bfloat16(rows), layer, activation));
   }
   return eventful_kernels::small_rows_linear(rows, layer.panels, layer.bias, layer.out,
                                              layer.scale, activation);
@@ -114,8 +126,8 @@ torch::Tensor linear(const torch::Tensor& rows, const Layer& layer, c10::string_
 // rows stay in bfloat16 between them.
 torch::Tensor mlp(const torch::Tensor& rows, const Layer& fc1, const Layer& fc2) {
   if (fc1.prepacked() && fc2.prepacked()) {
-    const auto hidden = prepacked_bfloat16(rows.to(torch::kBFloat16), fc1, "gelu");
-    return prepacked_bfloat16(hidden, fc2, "none").to(torch::kFloat32);
+    const auto hidden = prepacked_bfloat16(to_bfloat16(rows), fc1, "gelu");
+    return to_float32(prepacked_bfloat16(hidden, fc2, "none"));
   }
   return linear(linear(rows, fc1, "gelu"), fc2, "none");
 }
@@ -196,16 +208,14 @@ torch::Tensor attend_every_row(const torch::Tensor& qkv, const torch::Tensor& ro
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3;
   const bool bfloat16 = qkv.scalar_type() == torch::kBFloat16;
   auto buffer = qkv;  // the same tensor: written in place
-  buffer.view({-1, 3 * dim}).index_copy_(0, flat, rows.to(qkv.scalar_type()));
+  buffer.view({-1, 3 * dim}).index_copy_(0, flat, bfloat16 ? to_bfloat16(rows) : rows);
   // q, k, v (B, H, N, dh): views of the buffer, as `EventfulBlock._split_heads` takes them.
   const auto heads_of = qkv.view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
   const auto q = heads_of[0], k = heads_of[1], v = heads_of[2];
-  torch::Tensor out;
   if (bfloat16) {
-    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, 1.0).to(torch::kFloat32);
-  } else {
-    out = std::get<0>(eventful_kernels::attention_rows(q, k, v, c10::nullopt));
+    return output_rows(at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, 1.0));
   }
+  const auto out = std::get<0>(eventful_kernels::attention_rows(q, k, v, c10::nullopt));
   return out.transpose(1, 2).reshape({batch, tokens, dim});
 }
 
@@ -244,17 +254,16 @@ torch::Tensor recompute_in_bfloat16(const torch::Tensor& qkv, const torch::Tenso
                                     int64_t heads) {
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3;
   auto buffer = qkv;  // the same tensor: written in place
-  buffer.view({-1, 3 * dim}).index_copy_(0, flat, rows.to(qkv.scalar_type()));
-  const auto heads_of = qkv.to(torch::kBFloat16)
-                            .view({batch, tokens, 3, heads, dim / heads})
-                            .permute({2, 0, 3, 1, 4});
+  buffer.view({-1, 3 * dim}).index_copy_(0, flat, rows);
+  const auto heads_of =
+      to_bfloat16(qkv).view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
   const auto attention = at::_scaled_dot_product_flash_attention_for_cpu(
       heads_of[0], heads_of[1], heads_of[2], 0.0, false, c10::nullopt, 1.0);
-  const auto& out = std::get<0>(attention);
-  numerator.copy_(out);
+  auto attended = output_rows(std::get<0>(attention));
+  numerator.copy_(attended.view({batch, tokens, heads, dim / heads}).transpose(1, 2));
   denominator.fill_(1.0);
   shift.copy_(std::get<1>(attention));  // each row's log-sum-exp
-  return out.to(torch::kFloat32).transpose(1, 2).reshape({batch, tokens, dim});
+  return attended;
 }
 
 // x (B, N, D) -> the block's output (B, N, D), the lost rows per stream (B,) of the exact
