@@ -389,6 +389,26 @@ def softmax_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
+def bfloat16_attention_kernel(q: Tensor, k: Tensor, v: Tensor) -> Callable | None:
+    """The engine's kernel of attention over every row in bfloat16 on AMX tiles
+    (`kernels.bfloat16_attention`: float32 output, and each row's log-sum-exp) where it applies
+    to q, k, v (G, H, N, dh) without a bias and pays (`kernels.bfloat16_attention_pays`: heads
+    of 64 features, sequences up to a few hundred tokens, a CPU and process with the tiles):
+    bfloat16 CPU tensors of one shape with contiguous features, outside autograd and
+    `torch.compile`; else None (PyTorch's fused attention runs)."""
+    if q.dtype != torch.bfloat16 or q.dim() != 4 or q.device.type != "cpu":
+        return None
+    if not kernels.bfloat16_attention_pays(q.shape[2], q.shape[3]):
+        return None
+    if k.shape != q.shape or v.shape != q.shape or k.dtype != q.dtype or v.dtype != q.dtype:
+        return None
+    if any(t.stride(-1) != 1 for t in (q, k, v)) or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return None
+    return kernels.bfloat16_attention()
+
+
 def attention_with_logsumexp(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -576,8 +596,13 @@ def recompute_exact_groups(
     """Every row of the exact level's running sums (..., H, L, ...) recomputed: U_i is the
     attention output, Z_i is 1 and m_i the row's log-sum-exp; `bias` is added to the logits;
     `dtype`: the attention's products run in it (`attention_with_logsumexp`), the sums keep
-    theirs. Returns the attention output as computed (the numerator's values, in q's dtype)."""
-    output, logsumexp = attention_with_logsumexp(q, k, v, bias, dtype)
+    theirs. Returns the attention output as computed (the numerator's values): in q's dtype, or
+    in float32 from the bfloat16 kernel (`bfloat16_attention_kernel`) where it runs."""
+    kernel = None if bias is not None or dtype is not None else bfloat16_attention_kernel(q, k, v)
+    if kernel is not None:
+        output, logsumexp = kernel(q, k, v)
+    else:
+        output, logsumexp = attention_with_logsumexp(q, k, v, bias, dtype)
     numerator.copy_(output)
     denominator.fill_(1.0)
     shift.copy_(logsumexp)

@@ -32,6 +32,7 @@ from eventful.core.attention import (
     BiasFor,
     Changes,
     at_positions,
+    bfloat16_attention_kernel,
     dense_attention_cost,
     exact_dense_from,
     exact_update_cost,
@@ -537,8 +538,9 @@ class EventfulBlock(nn.Module):
         else:
             low = None if self.kv_pool > 1 else self._low_precision_heads(qkv, layout)
         if low is not None:
-            out = softmax_attention(*low).to(dtype)
-            return self._ungrouped(out, layout, qkv.shape[0])
+            kernel = bfloat16_attention_kernel(*low)
+            out = kernel(*low)[0] if kernel is not None else softmax_attention(*low)
+            return self._ungrouped(out.to(dtype), layout, qkv.shape[0])
         q, k, v = self._grouped_heads(qkv, layout)
         if self.kv_pool > 1:
             k, v = pool_keys_values(k, v, grid, self.kv_pool)

@@ -19,6 +19,8 @@ The sources of this folder build into one library of dispatcher operators
 - `commit_rows()` and `add_rows()`: `token_rows.cpp`, a gate's selected rows gathered as its
   reference takes them, and a token buffer's new rows written as it is added to the residual
   stream, each in one pass.
+- `bfloat16_attention()`: `bfloat16_attention.cpp`, attention of every row in bfloat16 on AMX
+  tiles, where the CPU has them;
 - `block_step()`: `block_step.cpp`, a block's whole step at the exact or tokenwise level, the
   kernels above called one after the other from C++ (`operators.h` declares them).
 
@@ -122,6 +124,25 @@ def exact_attention_update() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]
     recomputes every row; the denominator below which a row is recomputed. Returns the attention
     output (B, N, D) and per stream (B,) the underflowed rows recomputed."""
     return torch.ops.eventful.exact_attention_update if _available() else None
+
+
+def bfloat16_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """Softmax attention of every query row over every key in bfloat16 on AMX tiles, built on
+    first use; None where unavailable (no build, or a CPU or process without AMX-BF16 tiles).
+    Arguments: q, k, v (G, H, N, 64) bfloat16 with contiguous features, the scale folded into
+    q. Returns the output (G, H, N, 64) in float32, its heads side by side in memory, and each
+    row's log-sum-exp (G, H, N)."""
+    if not _available() or not torch.ops.eventful.bfloat16_attention_available():
+        return None
+    return torch.ops.eventful.bfloat16_attention
+
+
+@functools.cache
+def bfloat16_attention_pays(tokens: int, head_features: int) -> bool:
+    """Whether `bfloat16_attention` runs for sequences of `tokens` and heads of `head_features`:
+    where it is available, and faster there than PyTorch's fused attention (the kernel's rule,
+    which the one-call block step follows too)."""
+    return _available() and bool(torch.ops.eventful.bfloat16_attention_pays(tokens, head_features))
 
 
 def full_attention_update() -> Callable[..., torch.Tensor] | None:

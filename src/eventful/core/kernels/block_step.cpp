@@ -47,12 +47,15 @@ using OptionalTensor = c10::optional<torch::Tensor>;
 using eventful_bfloat16::to_bfloat16;
 using eventful_bfloat16::to_float32;
 
+
 // Attention's output (B, H, N, dh) in bfloat16 as the tokens' rows (B, N, H dh) in float32.
 // PyTorch's fused attention writes the heads side by side, so that the rows are contiguous.
 torch::Tensor output_rows(const torch::Tensor& out) {
   const int64_t batch = out.size(0), tokens = out.size(2), dim = out.size(1) * out.size(3);
   const auto rows = out.transpose(1, 2);
-  if (!rows.is_contiguous()) return out.to(torch::kFloat32).transpose(1, 2).reshape({batch, tokens, dim});
+  if (!rows.is_contiguous()) {
+    return out.to(torch::kFloat32).transpose(1, 2).reshape({batch, tokens, dim});
+  }
   return to_float32(rows).view({batch, tokens, dim});
 }
 
@@ -212,6 +215,10 @@ torch::Tensor attend_every_row(const torch::Tensor& qkv, const torch::Tensor& ro
   // q, k, v (B, H, N, dh): views of the buffer, as `EventfulBlock._split_heads` takes them.
   const auto heads_of = qkv.view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
   const auto q = heads_of[0], k = heads_of[1], v = heads_of[2];
+  if (bfloat16 && eventful_kernels::bfloat16_attention_pays(tokens, dim / heads)) {
+    const auto out = std::get<0>(eventful_kernels::bfloat16_attention(q, k, v));
+    return out.transpose(1, 2).reshape({batch, tokens, dim});
+  }
   if (bfloat16) {
     return output_rows(at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, 1.0));
   }
@@ -244,8 +251,9 @@ void check_exact_state(const torch::Tensor& x, const torch::Tensor& qkv,
 
 // The exact level's step where it recomputes every row in bfloat16 (precision "bf16", from
 // `dense_from` changed tokens on), as `EventfulBlock._attend_cached` does (`check_exact_state`
-// first): the new rows written into the float32 qkv buffer (B, N, 3 D), the buffer rounded to bfloat16, PyTorch's fused
-// attention over it with each row's log-sum-exp, which the running sums take (the output as the
+// first): the new rows written into the float32 qkv buffer (B, N, 3 D), the buffer rounded to
+// bfloat16, attention over it with each row's log-sum-exp (the engine's AMX kernel where it
+// pays, else PyTorch's fused attention), which the running sums take (the output as the
 // numerator, a denominator of 1, the log-sum-exp as the shift). Returns the output (B, N, D) in
 // float32.
 torch::Tensor recompute_in_bfloat16(const torch::Tensor& qkv, const torch::Tensor& rows,
@@ -257,6 +265,15 @@ torch::Tensor recompute_in_bfloat16(const torch::Tensor& qkv, const torch::Tenso
   buffer.view({-1, 3 * dim}).index_copy_(0, flat, rows);
   const auto heads_of =
       to_bfloat16(qkv).view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
+  // The engine's kernel where it pays, as `attention.bfloat16_attention_kernel` decides.
+  if (eventful_kernels::bfloat16_attention_pays(tokens, dim / heads)) {
+    const auto [out, logsumexp] =
+        eventful_kernels::bfloat16_attention(heads_of[0], heads_of[1], heads_of[2]);
+    numerator.copy_(out);
+    denominator.fill_(1.0);
+    shift.copy_(logsumexp);
+    return out.transpose(1, 2).reshape({batch, tokens, dim});
+  }
   const auto attention = at::_scaled_dot_product_flash_attention_for_cpu(
       heads_of[0], heads_of[1], heads_of[2], 0.0, false, c10::nullopt, 1.0);
   auto attended = output_rows(std::get<0>(attention));

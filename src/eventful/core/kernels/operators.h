@@ -39,4 +39,11 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
     torch::Tensor numerator, torch::Tensor denominator, torch::Tensor shift, int64_t heads,
     int64_t dense_from, double underflow);
 
+// bfloat16_attention.cpp
+bool bfloat16_attention_available();
+bool bfloat16_attention_pays(int64_t tokens, int64_t head_features);
+std::tuple<torch::Tensor, torch::Tensor> bfloat16_attention(const torch::Tensor& q,
+                                                            const torch::Tensor& k,
+                                                            const torch::Tensor& v);
+
 }  // namespace eventful_kernels
