@@ -160,10 +160,12 @@ def test_block_step_in_one_call_equals_the_lean_step(
     assert block_step_calls[0] == 0
     monkeypatch.setattr(block_module, "FUSED_BLOCK_STEPS", True)
     got = run(converted, video, True, monkeypatch, batch, **options)
-    # Every step after the first; bf16 rows beyond the small-rows kernel need oneDNN's
-    # bfloat16 linear, which some CPUs lack (PyTorch's linear then runs them, from Python).
+    # Every step after the first; bf16 rows beyond the small-rows kernel need the tiles kernel
+    # or oneDNN's bfloat16 linear, which some CPUs lack (PyTorch's linear then runs them, from
+    # Python).
     rows_for_onednn = chosen == "bf16" and count * batch > packed_linear.BF16_SMALL_ROWS
-    one_call = not rows_for_onednn or packed_linear.PREPACKED_BF16
+    tiles = kernels.tiles_linear() is not None and count * batch >= packed_linear.TILES_MIN_ROWS
+    one_call = not rows_for_onednn or packed_linear.PREPACKED_BF16 or tiles
     assert block_step_calls[0] == (7 * len(converted.encoder.blocks) if one_call else 0)
     assert torch.equal(got[0], want[0])
     assert got[1] == want[1]  # the op counts, from the same selections
@@ -180,11 +182,12 @@ def test_block_step_in_one_call_stays_out_where_a_layer_runs_elsewhere(
     vit = tiny_vit()
     video = moving_squares(4, size=64, batch=2, seed=6)
     monkeypatch.setattr(block_module, "LEAN_STEPS", True)
-    # Too many rows for the small-rows kernel in bfloat16 (2 streams of 10) where oneDNN has no
-    # bfloat16 linear (PyTorch's linear multiplies them), and a GELU the kernels do not compute
-    # (tanh's).
+    # Too many rows for the small-rows kernel in bfloat16 (2 streams of 10) where neither AMX
+    # tiles nor oneDNN's bfloat16 linear are there (PyTorch's linear multiplies them), and a
+    # GELU the kernels do not compute (tanh's).
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     monkeypatch.setattr(packed_linear, "PREPACKED_BF16", False)
+    monkeypatch.setattr(kernels, "tiles_linear", lambda: None)
     many_rows = eventful.convert(vit, policy=eventful.TopK(10), level=level, precision="bf16")
     description = describe_vit(vit)
     tanh_gelu = torch.nn.GELU(approximate="tanh")

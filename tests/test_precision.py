@@ -347,8 +347,13 @@ def test_a_bf16_layer_multiplies_bfloat16_rounded_rows_and_weights_on_every_path
     assert torch.equal(layer.weight, linear.weight)
 
 
-@pytest.mark.parametrize("rows", [packed_linear.BF16_SMALL_ROWS, 300])
-def test_a_bf16_mlp_keeps_its_hidden_rows_in_bfloat16_with_the_same_values(rows, native_bf16):
+@pytest.mark.parametrize("rows", [packed_linear.BF16_SMALL_ROWS, 64, 300])
+@pytest.mark.parametrize("tiles", [True, False])
+def test_a_bf16_mlp_keeps_its_hidden_rows_in_bfloat16_with_the_same_values(
+    rows, tiles, native_bf16, monkeypatch
+):
+    if not tiles:  # oneDNN's path, where the CPU has no AMX tiles
+        monkeypatch.setattr(kernels, "tiles_linear", lambda: None)
     torch.manual_seed(6)
     fc1 = PackedLinear.from_linear(nn.Linear(48, 96), nn.GELU(), precision="bf16")
     fc2 = PackedLinear.from_linear(nn.Linear(96, 40), precision="bf16")
@@ -359,8 +364,11 @@ def test_a_bf16_mlp_keeps_its_hidden_rows_in_bfloat16_with_the_same_values(rows,
         # bit, on every path (oneDNN's above the small-rows kernel's rows, the kernel's below).
         assert torch.equal(got, fc2(fc1(x)))
         assert got.dtype == torch.float32
-        if packed_linear.PREPACKED_BF16 and rows > packed_linear.BF16_SMALL_ROWS:
+        tiles = kernels.tiles_linear() is not None and rows <= packed_linear.TILES_MAX_ROWS
+        if packed_linear.PREPACKED_BF16 and rows > packed_linear.BF16_SMALL_ROWS and not tiles:
             assert fc1._runs_prepacked_bfloat16(x) and fc2._takes_prepacked_bfloat16_rows()
+        else:  # the tiles kernel or the small-rows kernel: float32 hidden rows
+            assert not fc1._runs_prepacked_bfloat16(x)
         with torch.enable_grad():  # recording gradients: the layers' own path
             assert not fc1._runs_prepacked_bfloat16(x.requires_grad_())
 

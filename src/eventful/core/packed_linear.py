@@ -62,6 +62,14 @@ SMALL_ROWS = 384
 # 24.
 BF16_SMALL_ROWS = 16
 
+# At precision "bf16", where the CPU has AMX tiles, rows from `TILES_MIN_ROWS` to
+# `TILES_MAX_ROWS` run the tiles kernel (`kernels.tiles_linear`) instead: interleaved over whole
+# steps (2 threads, Intel Xeon with AMX) it took 1.04x the small-rows kernel's time at 4 rows
+# and 0.83x at 16 (ViT-S/14), 0.89-0.95x oneDNN's at 64 (ViT-S/14), 0.99x at 36 and 1.04x at
+# 144 (ViT-B/16 @ 384).
+TILES_MIN_ROWS = 9
+TILES_MAX_ROWS = 128
+
 # From this many rows on, PyTorch's own linear (MKL on x86) runs: at 577 rows (ViT-B/16 at 384)
 # oneDNN's prepacked linear measured 0.98-1.14x its time on the layers of ViT-S and ViT-B, at
 # 197 and 257 rows 0.84-1.04x (interleaved, 2 threads, AMD EPYC).
@@ -83,9 +91,9 @@ def _fused_activation(activation: nn.Module | None) -> tuple[str, list, str] | N
 
 class StepOperands(NamedTuple):
     """What a kernel call of `PackedLinear.step_operands` needs: the weight as the kernel takes
-    it (the small-rows kernel's panels, 3-D, or in bfloat16 pairs 4-D; oneDNN's prepacked
-    bfloat16 weight, 2-D), the bias (bfloat16 for oneDNN's), the int8 panels' scale, and the
-    activation inside the call ("none" or "gelu", the exact GELU)."""
+    it (the small-rows kernel's panels, 3-D, or in bfloat16 pairs 4-D; the tiles kernel's, 4-D
+    int32; oneDNN's prepacked bfloat16 weight, 2-D), the bias (bfloat16 for oneDNN's), the int8
+    panels' scale, and the activation inside the call ("none" or "gelu", the exact GELU)."""
 
     weight: Tensor
     bias: Tensor | None
@@ -210,8 +218,9 @@ class PackedLinear(nn.Linear):
 
     def step_operands(self, rows: int) -> StepOperands | None:
         """Where `rows_forward` of that many float32 rows is one kernel call with the activation
-        inside it (none, or the exact GELU): the small-rows kernel, or at precision "bf16" above
-        `BF16_SMALL_ROWS` rows oneDNN's prepacked bfloat16 linear; its operands, for a caller
+        inside it (none, or the exact GELU): the small-rows kernel, or at precision "bf16" the
+        tiles kernel, or above `BF16_SMALL_ROWS` rows oneDNN's prepacked bfloat16 linear; its
+        operands, for a caller
         that runs the kernel itself (a block's step in one call,
         `EventfulBlock._block_step_weights`); else None."""
         if self._post_op == _NO_ACTIVATION:
@@ -231,6 +240,9 @@ class PackedLinear(nn.Linear):
         if low is None and rows <= SMALL_ROWS:
             panels, scale = self._panel_weight(kernel)
             return StepOperands(panels, self.bias, scale, activation)
+        tiles = _tiles_for(rows)
+        if low == torch.bfloat16 and tiles is not None:
+            return StepOperands(self._tiles_panels(tiles), self.bias, None, activation)
         if low == torch.bfloat16 and rows <= BF16_SMALL_ROWS:
             panels = self._cached("_panels", lambda w: kernel.pack(w, None, True), torch.bfloat16)
             return StepOperands(panels, self.bias, None, activation)
@@ -268,11 +280,16 @@ class PackedLinear(nn.Linear):
 
     def _bfloat16_forward(self, x: Tensor) -> Tensor:
         """Float32 rows x (..., in) on the CPU times the weight rounded to bfloat16, the sums in
-        float32: up to `BF16_SMALL_ROWS` rows on the small-rows kernel, the bias and the
-        activation in float32; above, oneDNN's prepacked bfloat16 linear with the bias and the
-        activation in it, whose output is rounded to bfloat16 (as in a model cast to bfloat16).
-        """
+        float32: where the CPU has AMX tiles, from `TILES_MIN_ROWS` to `TILES_MAX_ROWS` rows on
+        the tiles kernel (`kernels.tiles_linear`), the bias and the activation in float32 and a
+        float32 output; else up to `BF16_SMALL_ROWS` rows on the small-rows kernel, the bias and
+        the activation in float32, and above oneDNN's prepacked bfloat16 linear with the bias
+        and the activation in it, whose output is rounded to bfloat16 (as in a model cast to
+        bfloat16)."""
         rows = x.reshape(-1, self.in_features)
+        tiles = _tiles_for(rows.shape[0])
+        if tiles is not None:
+            return self._on_tiles(tiles, rows).view(*x.shape[:-1], self.out_features)
         kernel = kernels.small_rows_linear() if rows.shape[0] <= BF16_SMALL_ROWS else None
         if kernel is not None:
             panels = self._cached("_panels", lambda w: kernel.pack(w, None, True), torch.bfloat16)
@@ -288,6 +305,19 @@ class PackedLinear(nn.Linear):
             out = self._prepacked_bfloat16(rows).float()
             return out.view(*x.shape[:-1], self.out_features)
         return self._activated(out).view(*x.shape[:-1], self.out_features)
+
+    def _on_tiles(self, tiles, rows: Tensor) -> Tensor:
+        """Rows (M, in) on the tiles kernel, an exact GELU inside it, any other activation
+        after it."""
+        panels = self._tiles_panels(tiles)
+        if self._post_op == _EXACT_GELU:
+            return tiles.linear(rows, panels, self.bias, self.out_features, "gelu")
+        return self._activated(tiles.linear(rows, panels, self.bias, self.out_features))
+
+    def _tiles_panels(self, tiles) -> Tensor:
+        """The weight laid out for the tiles kernel, rounded to bfloat16, kept until it
+        changes."""
+        return self._cached("_panels", tiles.pack, "tiles")
 
     def _prepacked_bfloat16(self, rows: Tensor) -> Tensor:
         """Rows (M, in), float32 or bfloat16, rounded to bfloat16 and through oneDNN's prepacked
@@ -326,6 +356,7 @@ class PackedLinear(nn.Linear):
             self._low_precision_dtype(rows) == torch.bfloat16
             and self._uses_prepacked(rows, plain_rows=False)
             and PREPACKED_BF16
+            and _tiles_for(rows.shape[0]) is None
             and (rows.shape[0] > BF16_SMALL_ROWS or kernels.small_rows_linear() is None)
         )
 
@@ -403,6 +434,14 @@ class PackedLinear(nn.Linear):
                 cached = (key, make(self.weight.detach()))
             setattr(self, name, cached)
         return cached[1]
+
+
+def _tiles_for(rows: int):
+    """The tiles kernel where it runs bfloat16 layers on `rows` rows (`TILES_MIN_ROWS` to
+    `TILES_MAX_ROWS`, a CPU with AMX tiles), else None."""
+    if rows < TILES_MIN_ROWS or rows > TILES_MAX_ROWS:
+        return None
+    return kernels.tiles_linear()
 
 
 def mlp_forward(fc1: PackedLinear, fc2: PackedLinear, rows: Tensor, lean: bool = False) -> Tensor:

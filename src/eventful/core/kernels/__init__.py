@@ -21,6 +21,8 @@ The sources of this folder build into one library of dispatcher operators
   stream, each in one pass.
 - `bfloat16_attention()`: `bfloat16_attention.cpp`, attention of every row in bfloat16 on AMX
   tiles, where the CPU has them;
+- `tiles_linear()`: `tiles_linear.cpp`, a linear layer in bfloat16 on AMX tiles, where the CPU
+  has them;
 - `block_step()`: `block_step.cpp`, a block's whole step at the exact or tokenwise level, the
   kernels above called one after the other from C++ (`operators.h` declares them).
 
@@ -132,9 +134,26 @@ def bfloat16_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | N
     Arguments: q, k, v (G, H, N, 64) bfloat16 with contiguous features, the scale folded into
     q. Returns the output (G, H, N, 64) in float32, its heads side by side in memory, and each
     row's log-sum-exp (G, H, N)."""
-    if not _available() or not torch.ops.eventful.bfloat16_attention_available():
+    if not _available() or not torch.ops.eventful.tiles_available():
         return None
     return torch.ops.eventful.bfloat16_attention
+
+
+def tiles_linear() -> SimpleNamespace | None:
+    """The linear layer in bfloat16 on AMX tiles (`pack`, `linear`), built on first use; None
+    where unavailable (no build, or a CPU or process without AMX-BF16 tiles). `pack(weight)`
+    lays a float32 (out, in) weight out as the tiles read it, rounded to bfloat16;
+    `linear(x, panels, bias, out, activation)` takes float32 rows (M, in) and returns float32
+    (M, out), the bias and the activation ("none" or "gelu", the exact GELU) in float32."""
+    if not _available() or not torch.ops.eventful.tiles_available():
+        return None
+    return _tiles_operators()
+
+
+@functools.cache
+def _tiles_operators() -> SimpleNamespace:
+    ops = torch.ops.eventful
+    return SimpleNamespace(pack=ops.tiles_pack, linear=ops.tiles_linear)
 
 
 @functools.cache

@@ -17,7 +17,7 @@
 //
 // The arithmetic of a row does not depend on the rows or heads beside it, nor on the threads.
 // Built where the compiler targets AMX-BF16 (with AVX512-BF16); used where the kernel also
-// grants the process the tiles' state (`bfloat16_attention_available`). The logits take no
+// grants the process the tiles' state (`tiles_available`). The logits take no
 // scale: it is folded into q. Heads of 64 features.
 
 #include <torch/extension.h>
@@ -299,7 +299,7 @@ bool tiles_permitted() {
 
 }  // namespace
 
-bool eventful_kernels::bfloat16_attention_available() {
+bool eventful_kernels::tiles_available() {
 #if EVENTFUL_AMX
   return tiles_permitted();
 #else
@@ -308,12 +308,12 @@ bool eventful_kernels::bfloat16_attention_available() {
 }
 
 bool eventful_kernels::bfloat16_attention_pays(int64_t tokens, int64_t head_features) {
-  return head_features == HEAD && tokens <= MOST_TOKENS && bfloat16_attention_available();
+  return head_features == HEAD && tokens <= MOST_TOKENS && tiles_available();
 }
 
 std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::bfloat16_attention(
     const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
-  TORCH_CHECK(bfloat16_attention_available(),
+  TORCH_CHECK(tiles_available(),
               "bfloat16_attention needs AMX-BF16 tiles, which this build or process lacks");
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "bfloat16_attention expects q, k, v of one shape (G, H, N, dh), got ", q.sizes(),
@@ -370,7 +370,7 @@ std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::bfloat16_attention(
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def(
       "bfloat16_attention(Tensor q, Tensor k, Tensor v) -> (Tensor output, Tensor logsumexp)");
-  library.def("bfloat16_attention_available() -> bool");
+  library.def("tiles_available() -> bool");  // for this kernel and tiles_linear.cpp's
   library.def("bfloat16_attention_pays(int tokens, int head_features) -> bool");
 }
 
@@ -379,6 +379,6 @@ TORCH_LIBRARY_IMPL(eventful, CPU, library) {
 }
 
 TORCH_LIBRARY_IMPL(eventful, CatchAll, library) {
-  library.impl("bfloat16_attention_available", &eventful_kernels::bfloat16_attention_available);
+  library.impl("tiles_available", &eventful_kernels::tiles_available);
   library.impl("bfloat16_attention_pays", &eventful_kernels::bfloat16_attention_pays);
 }

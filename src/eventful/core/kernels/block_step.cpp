@@ -87,8 +87,8 @@ GateStep gate(const torch::Tensor& current, const torch::Tensor& reference,
 }
 
 // One linear layer's operands (`PackedLinear.step_operands`): the small-rows kernel's panels
-// (3-D, or 4-D in bfloat16 pairs), or oneDNN's prepacked bfloat16 weight (2-D) with a bfloat16
-// bias.
+// (3-D, or 4-D in bfloat16 pairs), the tiles kernel's (4-D int32), or oneDNN's prepacked
+// bfloat16 weight (2-D) with a bfloat16 bias.
 struct Layer {
   const torch::Tensor& panels;
   const OptionalTensor& bias;
@@ -116,8 +116,12 @@ torch::Tensor prepacked_bfloat16(const torch::Tensor& rows, const Layer& layer,
 }
 
 // A layer on float32 rows, its output in float32, as `PackedLinear.rows_forward` computes it:
-// the small-rows kernel, or the rows rounded to bfloat16 through oneDNN's prepacked linear.
+// the small-rows kernel, the tiles kernel (int32 panels), or the rows rounded to bfloat16
+// through oneDNN's prepacked linear.
 torch::Tensor linear(const torch::Tensor& rows, const Layer& layer, c10::string_view activation) {
+  if (layer.panels.scalar_type() == torch::kInt32) {
+    return eventful_kernels::tiles_linear(rows, layer.panels, layer.bias, layer.out, activation);
+  }
   if (layer.prepacked()) {
     return to_float32(prepacked_bfloat16(to_bfloat16(rows), layer, activation));
   }

@@ -40,10 +40,15 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
     int64_t dense_from, double underflow);
 
 // bfloat16_attention.cpp
-bool bfloat16_attention_available();
+bool tiles_available();
 bool bfloat16_attention_pays(int64_t tokens, int64_t head_features);
 std::tuple<torch::Tensor, torch::Tensor> bfloat16_attention(const torch::Tensor& q,
                                                             const torch::Tensor& k,
                                                             const torch::Tensor& v);
+
+// tiles_linear.cpp
+torch::Tensor tiles_linear(const torch::Tensor& x, const torch::Tensor& panels,
+                           const c10::optional<torch::Tensor>& bias, int64_t out,
+                           c10::string_view activation);
 
 }  // namespace eventful_kernels
