@@ -292,3 +292,34 @@ def test_block_step_in_one_call_follows_changed_weights_copies_and_reloads(
     got = outputs(fused=True)
     assert block_step_calls[0] > 0
     assert torch.equal(got, want)
+
+
+@needs_kernels
+def test_a_bf16_one_call_step_follows_a_bias_changed_in_place(monkeypatch, block_step_calls):
+    """oneDNN's bfloat16 layers take a rounded copy of the bias, which the one-call step keeps:
+    a bias changed in place must reach it (`EventfulBlock._block_step_weights`)."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.setattr(kernels, "tiles_linear", lambda: None)  # oneDNN's layers, 40 rows
+    video = moving_squares(6, size=64, batch=2, seed=10)
+
+    def outputs(fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(block_module, "FUSED_BLOCK_STEPS", fused)
+        vit = tiny_vit()
+        converted = eventful.convert(vit, policy=eventful.TopK(20), level="exact", precision="bf16")
+        stream = converted.stream(batch_size=2, drift=None)
+        first = converted.encoder.blocks[0]
+        got = []
+        with torch.inference_mode():
+            got += [stream(frames) for frames in video[:3]]
+        with torch.no_grad():
+            first.fc2.bias.add_(0.5)  # in place: the same tensor, new values
+        with torch.inference_mode():
+            got += [stream(frames) for frames in video[3:]]
+        return torch.stack(got)
+
+    want = outputs(fused=False)
+    assert block_step_calls[0] == 0
+    got = outputs(fused=True)
+    if packed_linear.PREPACKED_BF16:
+        assert block_step_calls[0] > 0
+    assert torch.equal(got, want)

@@ -328,8 +328,9 @@ class EventfulBlock(nn.Module):
         """The step of `forward` where `_lean_step` applies, bit for bit, in some fifteen kernel
         calls: each gate without `token_gate`'s checks and branches (`lean_gate`), the linear
         layers straight to their kernel (`PackedLinear.rows_forward`), the exact level's
-        attention in one call; or, where its linear layers run the small-rows kernel, in one
-        call in all (`_one_call_step`)."""
+        attention in one call (or, at precision "bf16" from N / 5 changes on, its recompute of
+        every row in bfloat16, as `_attend_cached` does it); or, where each linear layer runs
+        one kernel call, in one call in all (`_one_call_step`)."""
         count, measure = lean.count, trace is not None
         fused = self._one_call_step(x, state, lean, trace)
         if fused is not None:

@@ -13,7 +13,9 @@ On at most `SMALL_ROWS` rows, where oneDNN is several times slower than reading 
 memory, the layer runs the engine's own kernel (`eventful.core.kernels`) on a second copy of the
 weight laid out for it, made the same way, and the activation after it; where that kernel cannot
 be built, oneDNN runs every call. From `PLAIN_ROWS` rows on, the layer is `nn.Linear`'s own
-call, which is faster there.
+call, which is faster there. At precision "bf16", where the CPU has AMX tiles, a third copy laid
+out for the engine's tiles kernel serves the rows between `TILES_MIN_ROWS` and
+`TILES_MAX_ROWS`.
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ class PackedLinear(nn.Linear):
         self._panels: tuple[tuple, Tensor] | None = None
         self._rounded: tuple[tuple, Tensor] | None = None
         self._bias_bf16: tuple[tuple, Tensor] | None = None
+        self._tiles: tuple[tuple, Tensor] | None = None
 
     @classmethod
     def from_linear(
@@ -167,10 +170,17 @@ class PackedLinear(nn.Linear):
         self._panels = None
         self._rounded = None
         self._bias_bf16 = None
+        self._tiles = None
 
     def __getstate__(self) -> dict:
         # The packed weights follow the weight: copies and pickles repack them.
-        caches = {"_packed": None, "_panels": None, "_rounded": None, "_bias_bf16": None}
+        caches = {
+            "_packed": None,
+            "_panels": None,
+            "_rounded": None,
+            "_bias_bf16": None,
+            "_tiles": None,
+        }
         return {**self.__dict__, **caches}
 
     def __setstate__(self, state: dict) -> None:
@@ -178,6 +188,7 @@ class PackedLinear(nn.Linear):
         state.setdefault("precision", "fp32")
         state.setdefault("_rounded", None)
         state.setdefault("_bias_bf16", None)
+        state.setdefault("_tiles", None)
         super().__setstate__(state)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -220,8 +231,7 @@ class PackedLinear(nn.Linear):
         """Where `rows_forward` of that many float32 rows is one kernel call with the activation
         inside it (none, or the exact GELU): the small-rows kernel, or at precision "bf16" the
         tiles kernel, or above `BF16_SMALL_ROWS` rows oneDNN's prepacked bfloat16 linear; its
-        operands, for a caller
-        that runs the kernel itself (a block's step in one call,
+        operands, for a caller that runs the kernel itself (a block's step in one call,
         `EventfulBlock._block_step_weights`); else None."""
         if self._post_op == _NO_ACTIVATION:
             activation = "none"
@@ -317,7 +327,7 @@ class PackedLinear(nn.Linear):
     def _tiles_panels(self, tiles) -> Tensor:
         """The weight laid out for the tiles kernel, rounded to bfloat16, kept until it
         changes."""
-        return self._cached("_panels", tiles.pack, "tiles")
+        return self._cached("_tiles", tiles.pack)
 
     def _prepacked_bfloat16(self, rows: Tensor) -> Tensor:
         """Rows (M, in), float32 or bfloat16, rounded to bfloat16 and through oneDNN's prepacked
