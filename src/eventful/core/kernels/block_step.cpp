@@ -14,19 +14,21 @@
 //    - given the running sums, the exact level's update (exact_attention_update), which writes
 //      the rows into the qkv buffer; or, where attention runs in bfloat16 (precision "bf16")
 //      and the step recomputes every row (`dense_from` changes or more), the rows written and
-//      every row recomputed by PyTorch's fused attention in bfloat16, the sums set from it;
+//      every row recomputed in bfloat16 (the AMX kernel where it pays, else PyTorch's fused
+//      attention), the sums set from it;
 //    - without them, the tokenwise level: the rows written into the qkv buffer (rounded to its
 //      dtype), and attention of every row over the whole sequence: a float32 buffer on the
-//      engine's kernel (attention_rows), a bfloat16 one on PyTorch's fused attention in
-//      bfloat16, its output back to float32;
+//      engine's kernel (attention_rows), a bfloat16 one on the AMX kernel where it pays
+//      (bfloat16_attention) or PyTorch's fused attention in bfloat16, its output in float32;
 // 3. the proj gate on the attention output, the projection, the rows written into the proj
 //    buffer and the residual added (add_rows);
 // 4. the mlp gate with the second LayerNorm, fc1 with its GELU, fc2, the mlp buffer and the
 //    residual.
 //
-// Each linear layer runs the small-rows kernel (small_rows_linear), or at precision "bf16" above
-// its few rows oneDNN's prepacked bfloat16 linear (through the dispatcher, as Python calls it),
-// the MLP's hidden rows then in bfloat16 between fc1 and fc2.
+// Each linear layer runs the small-rows kernel (small_rows_linear), or at precision "bf16" the
+// tiles kernel (tiles_linear) or above the small-rows kernel's rows oneDNN's prepacked bfloat16
+// linear (through the dispatcher, as Python calls it), the MLP's hidden rows then in bfloat16
+// between fc1 and fc2.
 //
 // So the caches and the output are those of the lean step, bit for bit. Each gate's token
 // indices, its rows and, where asked (`measure`), its unprocessed share per stream are returned
@@ -46,7 +48,6 @@ namespace {
 using OptionalTensor = c10::optional<torch::Tensor>;
 using eventful_bfloat16::to_bfloat16;
 using eventful_bfloat16::to_float32;
-
 
 // Attention's output (B, H, N, dh) in bfloat16 as the tokens' rows (B, N, H dh) in float32.
 // PyTorch's fused attention writes the heads side by side, so that the rows are contiguous.
