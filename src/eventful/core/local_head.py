@@ -275,11 +275,11 @@ class LocalStack(nn.Module):
                 # (in rows: a channels-last view, no copy).
                 outputs = unflat(caches[f"input{index}"], shapes[index])
             if outputs is not None:
-                outputs = self._cached_dense_stage(index, conv, pointwise, outputs, caches)
+                outputs = self._dense_stage(index, conv, pointwise, outputs, caches, True)
             else:
                 change = self._sparse_stage(index, conv, pointwise, caches, change, shapes)
         # The last stage's output is in the cache (a sparse stage's, or a dense one's by
-        # `_cached_dense_stage`), or its own tensor.
+        # `_pointwise_into_cache`), or its own tensor.
         last = caches[f"input{len(self.stages)}"]
         if outputs is None or outputs.data_ptr() == last.data_ptr():
             return channels_first_copy(last, shapes[-1])
@@ -318,11 +318,20 @@ class LocalStack(nn.Module):
         pointwise: list[nn.Module],
         inputs: Tensor,
         caches: dict[str, Tensor],
+        into_cache: bool = False,
     ) -> Tensor:
         """Stage `index` on its whole input, as the original layers run (the convolution in
-        `compute_dtype` where one is set); its output."""
+        `compute_dtype` where one is set); its output. `into_cache`, within a step that updates
+        the head (after stages that ran sparsely, or from the cached input): where the stage's
+        pointwise layers are batch norms (eval) and ReLUs, they write its output rows straight
+        into the memory of its cached output from the last step (`_pointwise_into_cache`). A
+        dense step runs the original layers."""
         pre = self._convolve(index, conv, inputs)
         self.step.macs += dense_convolution_macs(conv, tuple(inputs.shape))
+        if into_cache:
+            outputs = self._pointwise_into_cache(index, pre, pointwise, caches)
+            if outputs is not None:
+                return outputs
         outputs = pre
         for layer in pointwise:
             outputs = layer(outputs)
@@ -332,20 +341,13 @@ class LocalStack(nn.Module):
         caches[f"input{index + 1}"] = flat_copy(outputs)
         return outputs
 
-    def _cached_dense_stage(
-        self,
-        index: int,
-        conv: nn.Module,
-        pointwise: list[nn.Module],
-        inputs: Tensor,
-        caches: dict[str, Tensor],
-    ) -> Tensor:
-        """Stage `index` on its whole input within a step that updates the head (after stages
-        that ran sparsely, or from the cached input): where its pointwise layers are batch
-        norms (eval) and ReLUs, they write the output rows straight into the memory of the
-        stage's cached output from the last step, as `pointwise_on_rows` computes them, and the
-        output is a channels-last view of that cache; else `_dense_stage`. A dense step runs
-        `_dense_stage`, the original layers.
+    def _pointwise_into_cache(
+        self, index: int, pre: Tensor, pointwise: list[nn.Module], caches: dict[str, Tensor]
+    ) -> Tensor | None:
+        """Stage `index`'s batch norms (eval) and ReLUs on its convolution's output `pre`,
+        written as `pointwise_on_rows` computes them into the memory of the stage's cached
+        output from the last step; the output, a channels-last view of that cache. None where
+        the stage has other pointwise layers or none, no cache yet, or gradients to record.
 
         On the saliency decoder's last stage (64 x 128 x 128), the normalisation, the ReLU and
         the cache's copy each took about 1 ms as separate passes over fresh memory."""
@@ -355,9 +357,7 @@ class LocalStack(nn.Module):
             for layer in pointwise
         )
         if not fits or not pointwise or cached is None or torch.is_grad_enabled():
-            return self._dense_stage(index, conv, pointwise, inputs, caches)
-        pre = self._convolve(index, conv, inputs)
-        self.step.macs += dense_convolution_macs(conv, tuple(inputs.shape))
+            return None
         rows = rows_of(pre)
         if cached.shape != rows.shape or cached.dtype != rows.dtype or not cached.is_contiguous():
             cached = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)

@@ -29,7 +29,8 @@ The sources of this folder build into one library of dispatcher operators
 `vectors.h` holds what they share: vectors of 16 floats where the build has AVX-512, else 8,
 their reductions, an exponential; `row_attention.h` and `key_swap.h` the rows' attention and the
 swap, which several kernels call; `bfloat16.h` conversions to bfloat16 and back, rounded as
-PyTorch rounds.
+PyTorch rounds; `tiles.h` the AMX tiles' build guard, permission and layout, which the two AMX
+kernels share.
 
 Each returns None where the library cannot be built: no C++ compiler, or `EVENTFUL_CPU_KERNELS=0`
 in the environment when the kernels are first asked for. Callers then use PyTorch's own
@@ -134,9 +135,7 @@ def bfloat16_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | N
     Arguments: q, k, v (G, H, N, 64) bfloat16 with contiguous features, the scale folded into
     q. Returns the output (G, H, N, 64) in float32, its heads side by side in memory, and each
     row's log-sum-exp (G, H, N)."""
-    if not _available() or not torch.ops.eventful.tiles_available():
-        return None
-    return torch.ops.eventful.bfloat16_attention
+    return torch.ops.eventful.bfloat16_attention if _tiles_available() else None
 
 
 def tiles_linear() -> SimpleNamespace | None:
@@ -145,15 +144,24 @@ def tiles_linear() -> SimpleNamespace | None:
     lays a float32 (out, in) weight out as the tiles read it, rounded to bfloat16;
     `linear(x, panels, bias, out, activation)` takes float32 rows (M, in) and returns float32
     (M, out), the bias and the activation ("none" or "gelu", the exact GELU) in float32."""
-    if not _available() or not torch.ops.eventful.tiles_available():
-        return None
-    return _tiles_operators()
+    return _tiles_operators() if _tiles_available() else None
 
 
 @functools.cache
 def _tiles_operators() -> SimpleNamespace:
     ops = torch.ops.eventful
     return SimpleNamespace(pack=ops.tiles_pack, linear=ops.tiles_linear)
+
+
+def _tiles_available() -> bool:
+    """Whether the build has the AMX kernels and the process may use the tiles: asked of the
+    library once, as the bfloat16 layers ask at every call."""
+    return _available() and _tiles_granted()
+
+
+@functools.cache
+def _tiles_granted() -> bool:
+    return bool(torch.ops.eventful.tiles_available())
 
 
 @functools.cache

@@ -18,7 +18,7 @@
 //
 // The arithmetic of a row does not depend on the rows or heads beside it, nor on the threads.
 // Built where the compiler targets AMX-BF16 (with AVX512-BF16); used where the kernel also
-// grants the process the tiles' state (`tiles_available`). The logits take no scale: it is
+// grants the process the tiles' state (tiles.h, `tiles_available`). The logits take no scale: it is
 // folded into q. Heads of 64 features.
 
 #include <torch/extension.h>
@@ -32,15 +32,7 @@
 #include <vector>
 
 #include "operators.h"
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define EVENTFUL_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define EVENTFUL_AMX 0
-#endif
+#include "tiles.h"
 
 namespace {
 
@@ -53,28 +45,12 @@ constexpr int64_t HEAD = 64;  // features per head
 // as much as the tiles save.
 constexpr int64_t MOST_TOKENS = 400;
 
-#if EVENTFUL_AMX
+#if EVENTFUL_TILES
 
 constexpr int64_t BLOCK = 16;            // query rows of a task, keys of a logit tile
 constexpr int64_t CHUNK = 32;            // keys of a weight tile
 constexpr int64_t KEY_TILE = 512;        // uint32 per block of keys: 32 feature pairs x 16 keys
 constexpr int64_t VALUE_CHUNK = 1024;    // uint32 per chunk of values: 4 x (16 key pairs x 16)
-
-// Every tile 16 rows of 64 bytes: 16 x 32 bfloat16, 16 x 16 float32 or 16 x 16 pairs.
-void configure_tiles() {
-  struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-  } config;
-  std::memset(&config, 0, sizeof(config));
-  config.palette = 1;
-  for (int tile = 0; tile < 8; ++tile) {
-    config.rows[tile] = 16;
-    config.bytes_per_row[tile] = 64;
-  }
-  _tile_loadconfig(&config);
-}
 
 // 16 rows of 16 32-bit values turned into their 16 columns, in registers.
 inline void transpose_16(__m512i rows[16]) {
@@ -289,20 +265,13 @@ void attend_block(const Head& head, int64_t tokens, int64_t first, Scratch& scra
   }
 }
 
-// Whether the kernel grants this process the tiles' state (once: Linux asks for it).
-bool tiles_permitted() {
-  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                        18 /* XFEATURE_XTILEDATA */) == 0;
-  return permitted;
-}
-
-#endif  // EVENTFUL_AMX
+#endif  // EVENTFUL_TILES
 
 }  // namespace
 
 bool eventful_kernels::tiles_available() {
-#if EVENTFUL_AMX
-  return tiles_permitted();
+#if EVENTFUL_TILES
+  return eventful_tiles::permitted();
 #else
   return false;
 #endif
@@ -330,7 +299,7 @@ std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::bfloat16_attention(
   const int64_t groups = q.size(0), heads = q.size(1), tokens = q.size(2);
   auto out = torch::empty({groups, tokens, heads, HEAD}, q.options().dtype(torch::kFloat32));
   auto logsumexp = torch::empty({groups, heads, tokens}, out.options());
-#if EVENTFUL_AMX
+#if EVENTFUL_TILES
   const int64_t pairs = groups * heads, blocks = (tokens + BLOCK - 1) / BLOCK;
   const int64_t chunks = (tokens + CHUNK - 1) / CHUNK;
   const int64_t per_pair = blocks * KEY_TILE + chunks * VALUE_CHUNK;
@@ -352,7 +321,7 @@ std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::bfloat16_attention(
   float* outs = out.data_ptr<float>();
   float* sums = logsumexp.data_ptr<float>();
   at::parallel_for(0, pairs * blocks, 1, [&](int64_t begin, int64_t end) {
-    configure_tiles();
+    eventful_tiles::configure();
     Scratch scratch(tokens);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / blocks, g = pair / heads, h = pair % heads;

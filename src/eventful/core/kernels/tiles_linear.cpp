@@ -12,7 +12,7 @@
 // the exact GELU of vectors.h) are applied in float32 as the sums leave the tiles, and the
 // output is float32. A row's result does not depend on the rows beside it, nor on the threads.
 // Built where the compiler targets AMX-BF16 and AVX512-BF16; used where the process is granted
-// the tiles (`tiles_available`, bfloat16_attention.cpp).
+// the tiles (tiles.h, `tiles_available`).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -24,14 +24,8 @@
 
 #include "bfloat16.h"
 #include "operators.h"
+#include "tiles.h"
 #include "vectors.h"
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define EVENTFUL_TILES 1
-#include <immintrin.h>
-#else
-#define EVENTFUL_TILES 0
-#endif
 
 namespace {
 
@@ -59,21 +53,6 @@ torch::Tensor tiles_pack(const torch::Tensor& weight) {
 }
 
 #if EVENTFUL_TILES
-
-void configure_tiles() {
-  struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-  } config;
-  std::memset(&config, 0, sizeof(config));
-  config.palette = 1;
-  for (int tile = 0; tile < 8; ++tile) {
-    config.rows[tile] = 16;
-    config.bytes_per_row[tile] = 64;
-  }
-  _tile_loadconfig(&config);
-}
 
 // Sums (16 rows x 16 outputs) of one tile, stored, plus the bias and through the activation,
 // into y's rows [row, row + 16) and columns [column, column + 16), those inside (rows, out):
@@ -160,7 +139,7 @@ torch::Tensor eventful_kernels::tiles_linear(const torch::Tensor& x, const torch
   const int64_t panel_pairs = panels.size(0) / 2, panel_size = blocks * 256;
   float* ys = y.data_ptr<float>();
   at::parallel_for(0, panel_pairs, 1, [&](int64_t begin, int64_t end) {
-    configure_tiles();
+    eventful_tiles::configure();
     float sums[4][256];
     for (int64_t pair = begin; pair < end; ++pair) {
       const uint32_t* first = weights + 2 * pair * panel_size;
