@@ -254,8 +254,7 @@ class PackedLinear(nn.Linear):
         if low == torch.bfloat16 and tiles is not None:
             return StepOperands(self._tiles_panels(tiles), self.bias, None, activation)
         if low == torch.bfloat16 and rows <= BF16_SMALL_ROWS:
-            panels = self._cached("_panels", lambda w: kernel.pack(w, None, True), torch.bfloat16)
-            return StepOperands(panels, self.bias, None, activation)
+            return StepOperands(self._bfloat16_panels(kernel), self.bias, None, activation)
         if low == torch.bfloat16 and PREPACKED_BF16:
             bias = None if self.bias is None else self._bfloat16_bias()
             return StepOperands(self._prepacked_bfloat16_weight(), bias, None, activation)
@@ -302,8 +301,7 @@ class PackedLinear(nn.Linear):
             return self._on_tiles(tiles, rows).view(*x.shape[:-1], self.out_features)
         kernel = kernels.small_rows_linear() if rows.shape[0] <= BF16_SMALL_ROWS else None
         if kernel is not None:
-            panels = self._cached("_panels", lambda w: kernel.pack(w, None, True), torch.bfloat16)
-            return self._small_rows(kernel, rows, panels, None).view(
+            return self._small_rows(kernel, rows, self._bfloat16_panels(kernel), None).view(
                 *x.shape[:-1], self.out_features
             )
         if not PREPACKED_BF16:
@@ -323,6 +321,11 @@ class PackedLinear(nn.Linear):
         if self._post_op == _EXACT_GELU:
             return tiles.linear(rows, panels, self.bias, self.out_features, "gelu")
         return self._activated(tiles.linear(rows, panels, self.bias, self.out_features))
+
+    def _bfloat16_panels(self, kernel) -> Tensor:
+        """The weight in the small-rows kernel's panels of bfloat16 pairs, kept until it
+        changes."""
+        return self._cached("_panels", lambda w: kernel.pack(w, None, True), torch.bfloat16)
 
     def _tiles_panels(self, tiles) -> Tensor:
         """The weight laid out for the tiles kernel, rounded to bfloat16, kept until it
