@@ -37,6 +37,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -194,6 +195,32 @@ torch::Tensor after_attention(const Block& block, const torch::Tensor& attended,
   return out;
 }
 
+// rows (M, W) written at the flat row indices `flat` (M,) of buffer (R, W) (contiguous), rounded
+// to the buffer's dtype where it is bfloat16: a copy per row, where `index_copy_` went element by
+// element.
+void write_rows(const torch::Tensor& buffer, const torch::Tensor& flat,
+                const torch::Tensor& rows) {
+  const auto values =
+      (buffer.scalar_type() == torch::kBFloat16 ? to_bfloat16(rows) : rows).contiguous();
+  TORCH_CHECK(buffer.is_contiguous() && values.scalar_type() == buffer.scalar_type() &&
+                  values.dim() == 2 && values.size(1) == buffer.size(-1) &&
+                  flat.scalar_type() == torch::kInt64 && flat.numel() == values.size(0),
+              "block_step expects rows (M, ", buffer.size(-1), ") of the buffer's dtype ",
+              buffer.scalar_type(), " for M flat indices, got ", values.scalar_type(), " ",
+              values.sizes(), " for ", flat.numel());
+  const auto indices = flat.contiguous();
+  const int64_t* at = indices.data_ptr<int64_t>();
+  const int64_t count = values.size(0), width = values.size(1), limit = buffer.numel() / width;
+  const int64_t bytes = width * static_cast<int64_t>(values.element_size());
+  auto* to = static_cast<char*>(buffer.data_ptr());
+  const auto* from = static_cast<const char*>(values.data_ptr());
+  for (int64_t j = 0; j < count; ++j) {
+    TORCH_CHECK(at[j] >= 0 && at[j] < limit, "block_step expects flat row indices in [0, ",
+                limit, "), got ", at[j]);
+    std::memcpy(to + at[j] * bytes, from + j * bytes, bytes);
+  }
+}
+
 // The tokenwise level's qkv buffer checked before the step writes anything: (B, N, 3 D) for x
 // (B, N, D), contiguous, float32 or bfloat16, its width split into `heads`.
 void check_every_row_buffer(const torch::Tensor& qkv, const torch::Tensor& x, int64_t heads) {
@@ -215,8 +242,7 @@ torch::Tensor attend_every_row(const torch::Tensor& qkv, const torch::Tensor& ro
                                const torch::Tensor& flat, int64_t heads) {
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3;
   const bool bfloat16 = qkv.scalar_type() == torch::kBFloat16;
-  auto buffer = qkv;  // the same tensor: written in place
-  buffer.view({-1, 3 * dim}).index_copy_(0, flat, bfloat16 ? to_bfloat16(rows) : rows);
+  write_rows(qkv, flat, rows);  // in place
   // q, k, v (B, H, N, dh): views of the buffer, as `EventfulBlock._split_heads` takes them.
   const auto heads_of = qkv.view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
   const auto q = heads_of[0], k = heads_of[1], v = heads_of[2];
@@ -266,8 +292,7 @@ torch::Tensor recompute_in_bfloat16(const torch::Tensor& qkv, const torch::Tenso
                                     torch::Tensor denominator, torch::Tensor shift,
                                     int64_t heads) {
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3;
-  auto buffer = qkv;  // the same tensor: written in place
-  buffer.view({-1, 3 * dim}).index_copy_(0, flat, rows);
+  write_rows(qkv, flat, rows);  // in place
   const auto heads_of =
       to_bfloat16(qkv).view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
   // The engine's kernel where it pays, as `attention.bfloat16_attention_kernel` decides.

@@ -8,11 +8,13 @@
 // threads, Intel Xeon with AMX). The weight is laid out once as the tiles read it (`tiles_pack`:
 // per 16 outputs and 32 input features, 16 pairs of features of 16 outputs); the rows are
 // rounded to bfloat16 once per call; each pair of 16-row blocks runs through pairs of 16-output
-// panels with four sums in tiles. The sums are float32; the bias and the activation (none, or
-// the exact GELU of vectors.h) are applied in float32 as the sums leave the tiles, and the
-// output is float32. A row's result does not depend on the rows beside it, nor on the threads.
-// Built where the compiler targets AMX-BF16 and AVX512-BF16; used where the process is granted
-// the tiles (tiles.h, `tiles_available`).
+// panels with four sums in tiles (two where the last pair has no rows in its lower block), the
+// next pair of panels asked for from memory block by block while the first rows' products run.
+// The sums are float32; the bias and the activation (none, or the exact GELU of vectors.h) are
+// applied in float32 as the sums leave the tiles, and the output is float32. A row's result
+// does not depend on the rows beside it, nor on the threads. Built where the compiler targets
+// AMX-BF16 and AVX512-BF16; used where the process is granted the tiles (tiles.h,
+// `tiles_available`).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -144,32 +146,47 @@ torch::Tensor eventful_kernels::tiles_linear(const torch::Tensor& x, const torch
     for (int64_t pair = begin; pair < end; ++pair) {
       const uint32_t* first = weights + 2 * pair * panel_size;
       const uint32_t* second = first + panel_size;
+      // The next pair of panels, asked for block by block beside the first rows' products, so
+      // that its lines come from memory while the tiles multiply.
+      const uint32_t* next = pair + 1 < end ? second + panel_size : nullptr;
       for (int64_t row_pair = 0; row_pair < row_pairs; ++row_pair) {
         const uint16_t* upper = low + row_pair * 32 * width;
         const uint16_t* lower = upper + 16 * width;
+        // A last pair of blocks with no rows in its lower block multiplies the upper one alone.
+        const bool lower_rows = row_pair * 32 + 16 < rows;
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t block = 0; block < blocks; ++block) {
+          if (row_pair == 0 && next != nullptr) {
+            for (int64_t at = block * 256; at < (block + 1) * 256; at += 16) {  // 64-byte lines
+              __builtin_prefetch(next + at, 0, 2);
+              __builtin_prefetch(next + panel_size + at, 0, 2);
+            }
+          }
           _tile_loadd(4, upper + block * FEATURES, width * 2);
           _tile_loadd(6, first + block * 256, 64);
           _tile_dpbf16ps(0, 4, 6);
           _tile_loadd(7, second + block * 256, 64);
           _tile_dpbf16ps(1, 4, 7);
-          _tile_loadd(5, lower + block * FEATURES, width * 2);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+          if (lower_rows) {
+            _tile_loadd(5, lower + block * FEATURES, width * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
         }
         _tile_stored(0, sums[0], 64);
         _tile_stored(1, sums[1], 64);
-        _tile_stored(2, sums[2], 64);
-        _tile_stored(3, sums[3], 64);
         const int64_t row = row_pair * 32, column = 2 * pair * OUTPUTS;
         finish_tile(sums[0], row, column, rows, out, bs, gelu, ys);
         finish_tile(sums[1], row, column + 16, rows, out, bs, gelu, ys);
-        finish_tile(sums[2], row + 16, column, rows, out, bs, gelu, ys);
-        finish_tile(sums[3], row + 16, column + 16, rows, out, bs, gelu, ys);
+        if (lower_rows) {
+          _tile_stored(2, sums[2], 64);
+          _tile_stored(3, sums[3], 64);
+          finish_tile(sums[2], row + 16, column, rows, out, bs, gelu, ys);
+          finish_tile(sums[3], row + 16, column + 16, rows, out, bs, gelu, ys);
+        }
       }
     }
     _tile_release();
