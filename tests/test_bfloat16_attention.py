@@ -67,10 +67,32 @@ def test_the_kernel_refuses_what_it_cannot_read_and_names_it():
     kernel = kernels.bfloat16_attention()
     with pytest.raises(RuntimeError, match="heads of 64 features, got 32"):
         kernel(q[..., :32], k[..., :32], v[..., :32])
-    with pytest.raises(RuntimeError, match="bfloat16 CPU tensors"):
-        kernel(q.float(), k.float(), v.float())
+    with pytest.raises(RuntimeError, match="bfloat16 \\(or float32\\) CPU tensors of one dtype"):
+        kernel(q.float(), k, v)
+    with pytest.raises(RuntimeError, match="bfloat16 \\(or float32\\) CPU tensors of one dtype"):
+        kernel(q.half(), k.half(), v.half())
     with pytest.raises(RuntimeError, match="of one shape"):
         kernel(q, k[:, :, :10], v)
+    with pytest.raises(RuntimeError, match=r"heads_out as a contiguous float32 tensor of shape"):
+        kernel(q, k, v, torch.empty(1, 2, 19, 64))
+    with pytest.raises(RuntimeError, match=r"heads_out as a contiguous float32 tensor of shape"):
+        kernel(q, k, v, torch.empty(1, 2, 64, 20).transpose(2, 3))
+
+
+@needs_tiles
+def test_float32_inputs_are_rounded_as_read_and_the_heads_output_takes_the_same_values():
+    """The one-call step hands the kernel its float32 qkv buffer: the same result, bit for bit,
+    as the buffer rounded to bfloat16 first; `heads_out` (G, H, N, dh) gets the output too."""
+    generator = torch.Generator().manual_seed(3)
+    buffer = torch.randn(2, 37, 3 * 2 * 64, generator=generator) / 4
+    single = buffer.view(2, 37, 3, 2, 64).permute(2, 0, 3, 1, 4).unbind(0)
+    rounded = buffer.bfloat16().view(2, 37, 3, 2, 64).permute(2, 0, 3, 1, 4).unbind(0)
+    kernel = kernels.bfloat16_attention()
+    heads_out = torch.full((2, 2, 37, 64), float("nan"))
+    output, logsumexp = kernel(*single, heads_out)
+    want, want_logsumexp = kernel(*rounded)
+    assert torch.equal(output, want) and torch.equal(logsumexp, want_logsumexp)
+    assert torch.equal(heads_out, want)
 
 
 def test_the_kernel_applies_only_where_it_can_and_pays():

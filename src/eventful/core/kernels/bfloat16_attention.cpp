@@ -4,9 +4,10 @@
 // PyTorch's fused attention in bfloat16 took 322 us for ViT-S/14's 6 heads of 257 tokens (2
 // threads, Intel Xeon with AMX): about 315 GFLOP/s, a fifth of the bfloat16 matmul peak that
 // BENCHMARKS.md's section "roofline" measures; this kernel took 217 us, most of it the softmax's
-// exponentials, about one cycle per logit. Here, per head, the keys are laid out
-// once as AMX tiles want them (pairs of features of 16 keys), as are the values (pairs of keys);
-// then each block of 16 query rows:
+// exponentials, about one cycle per logit. q, k and v are bfloat16, or float32 rounded to
+// bfloat16 as they are read (the exact level's float32 qkv buffer, without a rounded copy of it).
+// Here, per head, the keys are laid out once as AMX tiles want them (pairs of features of 16
+// keys), as are the values (pairs of keys); then each block of 16 query rows:
 //
 // 1. its logits against every key: two tile products per block of 16 keys (64 features as two
 //    halves of 32), into a row of float32 logits;
@@ -14,7 +15,8 @@
 //    weights rounded to bfloat16 (the tile product's input);
 // 3. the weights times the values, four tiles of 16 features, summed over the keys in blocks of
 //    32; each output row divided by its Z, written in float32 with the heads side by side (the
-//    tokens' layout), and its log-sum-exp m + ln Z.
+//    tokens' layout), and where asked a second time head by head (`heads_out`: the exact level's
+//    numerator), and its log-sum-exp m + ln Z.
 //
 // The arithmetic of a row does not depend on the rows or heads beside it, nor on the threads.
 // Built where the compiler targets AMX-BF16 (with AVX512-BF16); used where the kernel also
@@ -29,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "operators.h"
@@ -93,16 +96,32 @@ inline __m512 exp_of_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// One head's keys (tokens rows `stride` elements apart) as logit tiles: per block of 16 keys,
-// (32 feature pairs, 16 keys) of 32-bit pairs; keys past `tokens` zero.
-void lay_out_keys(const uint16_t* keys, int64_t stride, int64_t tokens, uint32_t* to) {
+// 32 features in bfloat16 from bfloat16 or float32 ones (these rounded to nearest, ties to even,
+// as PyTorch rounds finite values).
+inline __m512i bfloat16_32(const uint16_t* at) { return _mm512_loadu_si512(at); }
+inline __m512i bfloat16_32(const float* at) {
+  return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(at + 16), _mm512_loadu_ps(at));
+}
+
+// 16 features in bfloat16, each widened to 32 bits (its bits in the low half).
+inline __m512i bfloat16_16_widened(const uint16_t* at) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+}
+inline __m512i bfloat16_16_widened(const float* at) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(at)));
+}
+
+// One head's keys (tokens rows `stride` elements apart, bfloat16 or float32) as logit tiles: per
+// block of 16 keys, (32 feature pairs, 16 keys) of 32-bit pairs; keys past `tokens` zero.
+template <typename T>
+void lay_out_keys(const T* keys, int64_t stride, int64_t tokens, uint32_t* to) {
   const int64_t blocks = (tokens + BLOCK - 1) / BLOCK;
   for (int64_t block = 0; block < blocks; ++block) {
     for (int half = 0; half < 2; ++half) {  // features [0, 32) and [32, 64): pairs 0-15, 16-31
       __m512i rows[16];
       for (int j = 0; j < 16; ++j) {
         const int64_t key = block * BLOCK + j;
-        rows[j] = key < tokens ? _mm512_loadu_si512(keys + key * stride + half * 32)
+        rows[j] = key < tokens ? bfloat16_32(keys + key * stride + half * 32)
                                : _mm512_setzero_si512();
       }
       transpose_16(rows);
@@ -113,16 +132,17 @@ void lay_out_keys(const uint16_t* keys, int64_t stride, int64_t tokens, uint32_t
   }
 }
 
-// One head's values as weight-product tiles: per chunk of 32 keys and block of 16 features,
-// (16 key pairs, 16 features) of pairs (key 2 p, key 2 p + 1); keys past `tokens` zero.
-void lay_out_values(const uint16_t* values, int64_t stride, int64_t tokens, uint32_t* to) {
+// One head's values (bfloat16 or float32) as weight-product tiles: per chunk of 32 keys and block
+// of 16 features, (16 key pairs, 16 features) of pairs (key 2 p, key 2 p + 1); keys past `tokens`
+// zero.
+template <typename T>
+void lay_out_values(const T* values, int64_t stride, int64_t tokens, uint32_t* to) {
   const int64_t padded = (tokens + CHUNK - 1) / CHUNK * CHUNK;
   for (int64_t key = 0; key < padded; key += 2) {
     for (int feature_block = 0; feature_block < 4; ++feature_block) {
       auto features = [&](int64_t of) {  // 16 features of key `of` widened to 32 bits
         if (of >= tokens) return _mm512_setzero_si512();
-        const uint16_t* at = values + of * stride + feature_block * 16;
-        return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+        return bfloat16_16_widened(values + of * stride + feature_block * 16);
       };
       const __m512i low = features(key), high = features(key + 1);
       uint32_t* at =
@@ -132,14 +152,16 @@ void lay_out_values(const uint16_t* values, int64_t stride, int64_t tokens, uint
   }
 }
 
+template <typename T>
 struct Head {
-  const uint16_t* queries;  // row 0 of the head's queries
+  const T* queries;         // row 0 of the head's queries (bfloat16 or float32)
   int64_t query_stride;     // elements between rows
   const uint32_t* keys;     // lay_out_keys
   const uint32_t* values;   // lay_out_values
   float* out;               // row 0 of the head's output
   int64_t out_stride;       // floats between rows
   float* logsumexp;         // per row
+  float* heads_out;         // row 0 of the head's rows (N, 64) of a second output, or null
 };
 
 // Scratch of one thread: a block's logits (16 x padded keys), weights (16 x keys in chunks of
@@ -154,20 +176,33 @@ struct Scratch {
         queries(BLOCK * HEAD, 0) {}
 };
 
+// A block's query rows (`rows` of them from `from`, rows `stride` elements apart) in bfloat16
+// into scratch (16 x 64), zero rows after them.
+inline void copy_queries(const uint16_t* from, int64_t stride, int64_t rows, uint16_t* to) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(to + r * HEAD, from + r * stride, 2 * HEAD);
+}
+inline void copy_queries(const float* from, int64_t stride, int64_t rows, uint16_t* to) {
+  for (int64_t r = 0; r < rows; ++r) {
+    _mm512_storeu_si512(to + r * HEAD, bfloat16_32(from + r * stride));
+    _mm512_storeu_si512(to + r * HEAD + 32, bfloat16_32(from + r * stride + 32));
+  }
+}
+
 // Query rows [first, first + 16) of a head (fewer at the end) over its `tokens` keys.
-void attend_block(const Head& head, int64_t tokens, int64_t first, Scratch& scratch) {
+template <typename T>
+void attend_block(const Head<T>& head, int64_t tokens, int64_t first, Scratch& scratch) {
   const int64_t blocks = (tokens + BLOCK - 1) / BLOCK, padded = blocks * BLOCK;
   const int64_t chunks = (tokens + CHUNK - 1) / CHUNK, weight_stride = chunks * CHUNK;
   const int64_t rows = std::min<int64_t>(BLOCK, tokens - first);
-  const uint16_t* queries = head.queries + first * head.query_stride;
-  int64_t query_bytes = head.query_stride * 2;
-  if (rows < BLOCK) {  // the last block: its rows copied beside zero rows
-    std::fill(scratch.queries.begin(), scratch.queries.end(), 0);
-    for (int64_t r = 0; r < rows; ++r) {
-      std::memcpy(scratch.queries.data() + r * HEAD, queries + r * head.query_stride, 2 * HEAD);
-    }
-    queries = scratch.queries.data();
-    query_bytes = 2 * HEAD;
+  const T* block_queries = head.queries + first * head.query_stride;
+  const uint16_t* queries = scratch.queries.data();
+  int64_t query_bytes = 2 * HEAD;
+  if (std::is_same<T, uint16_t>::value && rows == BLOCK) {  // bfloat16 rows read in place
+    queries = reinterpret_cast<const uint16_t*>(block_queries);
+    query_bytes = head.query_stride * 2;
+  } else {  // float32 rows rounded, and a last block's rows beside zero rows, in scratch
+    if (rows < BLOCK) std::fill(scratch.queries.begin(), scratch.queries.end(), 0);
+    copy_queries(block_queries, head.query_stride, rows, scratch.queries.data());
   }
   float* logits = scratch.logits.data();
   _tile_loadd(1, queries, query_bytes);
@@ -258,8 +293,11 @@ void attend_block(const Head& head, int64_t tokens, int64_t first, Scratch& scra
   for (int64_t r = 0; r < rows; ++r) {
     const __m512 by = _mm512_set1_ps(1.0f / totals[r]);
     float* out = head.out + (first + r) * head.out_stride;
+    float* second = head.heads_out == nullptr ? nullptr : head.heads_out + (first + r) * HEAD;
     for (int64_t c = 0; c < HEAD; c += 16) {
-      _mm512_storeu_ps(out + c, _mm512_mul_ps(_mm512_loadu_ps(sums + r * HEAD + c), by));
+      const __m512 value = _mm512_mul_ps(_mm512_loadu_ps(sums + r * HEAD + c), by);
+      _mm512_storeu_ps(out + c, value);
+      if (second != nullptr) _mm512_storeu_ps(second + c, value);
     }
     head.logsumexp[first + r] = shifts[r] + std::log(totals[r]);
   }
@@ -281,8 +319,60 @@ bool eventful_kernels::bfloat16_attention_pays(int64_t tokens, int64_t head_feat
   return head_features == HEAD && tokens <= MOST_TOKENS && tiles_available();
 }
 
+namespace {
+
+#if EVENTFUL_TILES
+
+// The kernel on q, k, v of element type T (uint16_t: bfloat16 bits, or float), their (G, H, N,
+// dh) strides in elements; out (G, N, H, dh), logsumexp (G, H, N) and heads_out (G, H, N, dh) or
+// null, contiguous float32.
+template <typename T>
+void attend_every_row(const T* q, const T* k, const T* v, at::IntArrayRef q_strides,
+                      at::IntArrayRef k_strides, at::IntArrayRef v_strides, int64_t groups,
+                      int64_t heads, int64_t tokens, float* outs, float* sums,
+                      float* heads_outs) {
+  const int64_t pairs = groups * heads, blocks = (tokens + BLOCK - 1) / BLOCK;
+  const int64_t chunks = (tokens + CHUNK - 1) / CHUNK;
+  const int64_t per_pair = blocks * KEY_TILE + chunks * VALUE_CHUNK;
+  std::vector<uint32_t> laid_out(pairs * per_pair);
+  auto offset = [](at::IntArrayRef strides, int64_t g, int64_t h) {
+    return g * strides[0] + h * strides[1];
+  };
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t g = pair / heads, h = pair % heads;
+      uint32_t* keys = laid_out.data() + pair * per_pair;
+      lay_out_keys(k + offset(k_strides, g, h), k_strides[2], tokens, keys);
+      lay_out_values(v + offset(v_strides, g, h), v_strides[2], tokens, keys + blocks * KEY_TILE);
+    }
+  });
+  at::parallel_for(0, pairs * blocks, 1, [&](int64_t begin, int64_t end) {
+    eventful_tiles::configure();
+    Scratch scratch(tokens);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t pair = task / blocks, g = pair / heads, h = pair % heads;
+      const uint32_t* keys = laid_out.data() + pair * per_pair;
+      const Head<T> head{q + offset(q_strides, g, h),
+                         q_strides[2],
+                         keys,
+                         keys + blocks * KEY_TILE,
+                         outs + (g * tokens * heads + h) * HEAD,
+                         heads * HEAD,
+                         sums + pair * tokens,
+                         heads_outs == nullptr ? nullptr : heads_outs + pair * tokens * HEAD};
+      attend_block(head, tokens, (task % blocks) * BLOCK, scratch);
+    }
+    _tile_release();
+  });
+}
+
+#endif  // EVENTFUL_TILES
+
+}  // namespace
+
 std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::bfloat16_attention(
-    const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+    const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+    const c10::optional<torch::Tensor>& heads_out) {
   TORCH_CHECK(tiles_available(),
               "bfloat16_attention needs AMX-BF16 tiles, which this build or process lacks");
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
@@ -291,55 +381,44 @@ std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::bfloat16_attention(
   TORCH_CHECK(q.size(3) == HEAD, "bfloat16_attention expects heads of ", HEAD,
               " features, got ", q.size(3));
   for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->scalar_type() == torch::kBFloat16 && t->device().is_cpu() &&
+    TORCH_CHECK((t->scalar_type() == torch::kBFloat16 || t->scalar_type() == torch::kFloat32) &&
+                    t->scalar_type() == q.scalar_type() && t->device().is_cpu() &&
                     t->stride(3) == 1,
-                "bfloat16_attention expects bfloat16 CPU tensors with contiguous features, got ",
-                t->scalar_type(), " on ", t->device());
+                "bfloat16_attention expects bfloat16 (or float32) CPU tensors of one dtype with ",
+                "contiguous features, got ", t->scalar_type(), " on ", t->device());
   }
   const int64_t groups = q.size(0), heads = q.size(1), tokens = q.size(2);
+  float* heads_outs = nullptr;
+  if (heads_out.has_value() && heads_out->defined()) {
+    TORCH_CHECK(heads_out->scalar_type() == torch::kFloat32 && heads_out->is_contiguous() &&
+                    heads_out->sizes() == q.sizes(),
+                "bfloat16_attention expects heads_out as a contiguous float32 tensor of shape ",
+                q.sizes(), ", got ", heads_out->scalar_type(), " ", heads_out->sizes());
+    heads_outs = heads_out->data_ptr<float>();
+  }
   auto out = torch::empty({groups, tokens, heads, HEAD}, q.options().dtype(torch::kFloat32));
   auto logsumexp = torch::empty({groups, heads, tokens}, out.options());
 #if EVENTFUL_TILES
-  const int64_t pairs = groups * heads, blocks = (tokens + BLOCK - 1) / BLOCK;
-  const int64_t chunks = (tokens + CHUNK - 1) / CHUNK;
-  const int64_t per_pair = blocks * KEY_TILE + chunks * VALUE_CHUNK;
-  std::vector<uint32_t> laid_out(pairs * per_pair);
-  const auto* q_data = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
-  const auto* k_data = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
-  const auto* v_data = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
-  auto offset = [](const torch::Tensor& t, int64_t g, int64_t h) {
-    return g * t.stride(0) + h * t.stride(1);
-  };
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t g = pair / heads, h = pair % heads;
-      uint32_t* keys = laid_out.data() + pair * per_pair;
-      lay_out_keys(k_data + offset(k, g, h), k.stride(2), tokens, keys);
-      lay_out_values(v_data + offset(v, g, h), v.stride(2), tokens, keys + blocks * KEY_TILE);
-    }
-  });
   float* outs = out.data_ptr<float>();
   float* sums = logsumexp.data_ptr<float>();
-  at::parallel_for(0, pairs * blocks, 1, [&](int64_t begin, int64_t end) {
-    eventful_tiles::configure();
-    Scratch scratch(tokens);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t pair = task / blocks, g = pair / heads, h = pair % heads;
-      const uint32_t* keys = laid_out.data() + pair * per_pair;
-      const Head head{q_data + offset(q, g, h), q.stride(2), keys, keys + blocks * KEY_TILE,
-                      outs + (g * tokens * heads + h) * HEAD, heads * HEAD,
-                      sums + pair * tokens};
-      attend_block(head, tokens, (task % blocks) * BLOCK, scratch);
-    }
-    _tile_release();
-  });
+  if (q.scalar_type() == torch::kFloat32) {
+    attend_every_row(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), q.strides(),
+                     k.strides(), v.strides(), groups, heads, tokens, outs, sums, heads_outs);
+  } else {
+    auto bits = [](const torch::Tensor& t) {
+      return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+    };
+    attend_every_row(bits(q), bits(k), bits(v), q.strides(), k.strides(), v.strides(), groups,
+                     heads, tokens, outs, sums, heads_outs);
+  }
 #endif
   return {out.transpose(1, 2), logsumexp};
 }
 
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def(
-      "bfloat16_attention(Tensor q, Tensor k, Tensor v) -> (Tensor output, Tensor logsumexp)");
+      "bfloat16_attention(Tensor q, Tensor k, Tensor v, Tensor(a!)? heads_out=None) -> "
+      "(Tensor output, Tensor logsumexp)");
   library.def("tiles_available() -> bool");  // for this kernel and tiles_linear.cpp's
   library.def("bfloat16_attention_pays(int tokens, int head_features) -> bool");
 }

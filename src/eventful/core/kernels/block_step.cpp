@@ -293,17 +293,19 @@ torch::Tensor recompute_in_bfloat16(const torch::Tensor& qkv, const torch::Tenso
                                     int64_t heads) {
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / 3;
   write_rows(qkv, flat, rows);  // in place
-  const auto heads_of =
-      to_bfloat16(qkv).view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
-  // The engine's kernel where it pays, as `attention.bfloat16_attention_kernel` decides.
+  // The engine's kernel where it pays, as `attention.bfloat16_attention_kernel` decides: on the
+  // float32 buffer, which it rounds as it reads, the output written into the numerator too.
   if (eventful_kernels::bfloat16_attention_pays(tokens, dim / heads)) {
+    const auto heads_of =
+        qkv.view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
     const auto [out, logsumexp] =
-        eventful_kernels::bfloat16_attention(heads_of[0], heads_of[1], heads_of[2]);
-    numerator.copy_(out);
+        eventful_kernels::bfloat16_attention(heads_of[0], heads_of[1], heads_of[2], numerator);
     denominator.fill_(1.0);
     shift.copy_(logsumexp);
     return out.transpose(1, 2).reshape({batch, tokens, dim});
   }
+  const auto heads_of =
+      to_bfloat16(qkv).view({batch, tokens, 3, heads, dim / heads}).permute({2, 0, 3, 1, 4});
   const auto attention = at::_scaled_dot_product_flash_attention_for_cpu(
       heads_of[0], heads_of[1], heads_of[2], 0.0, false, c10::nullopt, 1.0);
   auto attended = output_rows(std::get<0>(attention));

@@ -42,9 +42,9 @@ std::tuple<torch::Tensor, torch::Tensor> exact_attention_update(
 // bfloat16_attention.cpp
 bool tiles_available();
 bool bfloat16_attention_pays(int64_t tokens, int64_t head_features);
-std::tuple<torch::Tensor, torch::Tensor> bfloat16_attention(const torch::Tensor& q,
-                                                            const torch::Tensor& k,
-                                                            const torch::Tensor& v);
+std::tuple<torch::Tensor, torch::Tensor> bfloat16_attention(
+    const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+    const c10::optional<torch::Tensor>& heads_out = c10::nullopt);
 
 // tiles_linear.cpp
 torch::Tensor tiles_linear(const torch::Tensor& x, const torch::Tensor& panels,
