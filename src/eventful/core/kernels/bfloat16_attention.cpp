@@ -303,26 +303,6 @@ void attend_block(const Head<T>& head, int64_t tokens, int64_t first, Scratch& s
   }
 }
 
-#endif  // EVENTFUL_TILES
-
-}  // namespace
-
-bool eventful_kernels::tiles_available() {
-#if EVENTFUL_TILES
-  return eventful_tiles::permitted();
-#else
-  return false;
-#endif
-}
-
-bool eventful_kernels::bfloat16_attention_pays(int64_t tokens, int64_t head_features) {
-  return head_features == HEAD && tokens <= MOST_TOKENS && tiles_available();
-}
-
-namespace {
-
-#if EVENTFUL_TILES
-
 // The kernel on q, k, v of element type T (uint16_t: bfloat16 bits, or float), their (G, H, N,
 // dh) strides in elements; out (G, N, H, dh), logsumexp (G, H, N) and heads_out (G, H, N, dh) or
 // null, contiguous float32.
@@ -369,6 +349,18 @@ void attend_every_row(const T* q, const T* k, const T* v, at::IntArrayRef q_stri
 #endif  // EVENTFUL_TILES
 
 }  // namespace
+
+bool eventful_kernels::tiles_available() {
+#if EVENTFUL_TILES
+  return eventful_tiles::permitted();
+#else
+  return false;
+#endif
+}
+
+bool eventful_kernels::bfloat16_attention_pays(int64_t tokens, int64_t head_features) {
+  return head_features == HEAD && tokens <= MOST_TOKENS && tiles_available();
+}
 
 std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::bfloat16_attention(
     const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
