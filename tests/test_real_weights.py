@@ -82,9 +82,13 @@ def test_fidelity_at_two_and_four_times_fewer_ops_on_bikes(dense, bikes, level, 
         r.encoder_macs for r in results
     )
     assert encoder_ratio >= ratio
-    # The eventful decoder saves too, but less: its windows around changed tokens overlap.
+    # The eventful decoder saves too, but less: its windows around changed tokens overlap. At
+    # half the encoder's ops they cover more than `local_head.DENSE_SHARE` of each stage's
+    # input, and its stages run densely: the comparison of its input with the cache the only
+    # ops it adds.
     head_ratio = sum(r.head_dense_macs for r in results) / sum(r.head_macs for r in results)
-    assert 1 < head_ratio < encoder_ratio
+    assert head_ratio < encoder_ratio
+    assert head_ratio > (1 if ratio >= 4 else 0.999)
     lowest_cosine, highest_mae = FIDELITY_BARS[(level, ratio)]
     assert np.mean([r.feature_cosine for r in results]) >= lowest_cosine
     assert np.mean([r.saliency_mae for r in results]) <= highest_mae
