@@ -72,10 +72,12 @@ SPARSE_MIN_WORK = 16
 # Above this share of changed input positions a convolution runs densely: its sparse update costs
 # as many multiply-accumulates per changed position as the dense layer per position, plus the
 # gather, the scatter and the pointwise layers on the touched rows, which cost more than the
-# arithmetic. On the saliency decoder (2 threads, Intel Xeon with AMX, frames alternating between
-# shares in one stream) 0.25 took 0.94-0.96x the step time of 0.5 at float32 and bfloat16, at a
-# quarter and at a twentieth of the tokens; 0.1 was faster in bfloat16 by as much but slower in
-# float32.
+# arithmetic. On the saliency model (2 threads, Intel Xeon with AMX, frames alternating between
+# shares in one stream) 0.25 took 0.94-0.99x the step time of 0.5 on bikes.mp4 at float32 and
+# bfloat16, at a quarter and at a twentieth of the tokens, and 1.01x on carphone_pristine.mp4 at
+# a twentieth in float32. On bikes.mp4 in bfloat16 at a quarter of the tokens, the decoder's
+# second and third stages took 3.8 and 7.2 ms per step updated sparsely, 1.8 and 2.0 densely.
+# 0.1 was as fast in bfloat16 but slower in float32.
 DENSE_SHARE = 0.25
 
 # Up to this many changed positions a convolution's kernel matrix multiplies on the small-rows
