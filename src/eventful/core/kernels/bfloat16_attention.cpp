@@ -34,6 +34,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bfloat16.h"
 #include "operators.h"
 #include "tiles.h"
 
@@ -183,8 +184,7 @@ inline void copy_queries(const uint16_t* from, int64_t stride, int64_t rows, uin
 }
 inline void copy_queries(const float* from, int64_t stride, int64_t rows, uint16_t* to) {
   for (int64_t r = 0; r < rows; ++r) {
-    _mm512_storeu_si512(to + r * HEAD, bfloat16_32(from + r * stride));
-    _mm512_storeu_si512(to + r * HEAD + 32, bfloat16_32(from + r * stride + 32));
+    eventful_bfloat16::round_values(from + r * stride, to + r * HEAD, HEAD);
   }
 }
 
