@@ -20,9 +20,21 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
+def count_blocks_in_one_call(monkeypatch, calls: list[int]) -> None:
+    """Adds to calls[0] the blocks that each call of `kernels.blocks_step` steps."""
+    kernel = kernels.blocks_step()
+
+    def counted(x, tensors, eps, integers, *args):
+        calls[0] += len(eps) // 2  # two LayerNorms' eps per block
+        return kernel(x, tensors, eps, integers, *args)
+
+    monkeypatch.setattr(kernels, "blocks_step", lambda: None if kernel is None else counted)
+
+
 @pytest.fixture
 def lean_calls(monkeypatch):
-    """How many blocks took the lean step since the fixture started."""
+    """How many blocks took the lean step since the fixture started (from Python, in one call
+    each, or with the other blocks in one call)."""
     calls = [0]
     lean_forward = block_module.EventfulBlock._lean_forward
 
@@ -31,6 +43,7 @@ def lean_calls(monkeypatch):
         return lean_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(block_module.EventfulBlock, "_lean_forward", counted)
+    count_blocks_in_one_call(monkeypatch, calls)
     return calls
 
 
@@ -125,7 +138,8 @@ def test_lean_step_stays_out_where_it_does_not_apply(monkeypatch, lean_calls):
 
 @pytest.fixture
 def block_step_calls(monkeypatch):
-    """How many blocks took their step in one kernel call since the fixture started."""
+    """How many blocks took their step in one kernel call since the fixture started (their own
+    call, or one with the other blocks)."""
     calls = [0]
     kernel = kernels.block_step()
 
@@ -134,6 +148,7 @@ def block_step_calls(monkeypatch):
         return kernel(*args)
 
     monkeypatch.setattr(kernels, "block_step", lambda: None if kernel is None else counted)
+    count_blocks_in_one_call(monkeypatch, calls)
     return calls
 
 
@@ -143,9 +158,12 @@ def block_step_calls(monkeypatch):
 @pytest.mark.parametrize("count_ops", [True, False])
 @pytest.mark.parametrize("level", ["tokenwise", "exact"])
 @pytest.mark.parametrize("count", [5, 14])
+@pytest.mark.parametrize("all_blocks", [True, False])
 def test_block_step_in_one_call_equals_the_lean_step(
-    level, chosen, batch, count_ops, count, monkeypatch, block_step_calls
+    level, chosen, batch, count_ops, count, all_blocks, monkeypatch, block_step_calls
 ):
+    # all_blocks: every block's step in one call (`block.steps_in_one_call`), else a call each.
+    monkeypatch.setattr(block_module, "BLOCKS_IN_ONE_CALL", all_blocks)
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     vit = tiny_vit()
     # 61 tokens per stream. 5 of them: up to 15 rows, which the small-rows kernel takes at every
@@ -201,6 +219,110 @@ def test_block_step_in_one_call_stays_out_where_a_layer_runs_elsewhere(
         assert lean_calls[0] > 0  # each took the lean step, from Python
         lean_calls[0] = 0
     assert block_step_calls[0] == 0
+
+
+def tapped_run(converted, video, batch: int, **options):
+    """Final and tapped outputs, op counts and unprocessed shares of a stream over the video."""
+    stream = converted.stream(batch_size=batch, **options)
+    finals, tapped, ops, shares = [], [], [], []
+    with torch.inference_mode():
+        for frames in video:
+            final, taps = stream(frames[:batch])
+            finals.append(final)
+            tapped.append(torch.stack(taps))
+            ops.append(stream.ops)
+            shares.append(None if stream.trace is None else stream.trace.unprocessed_share)
+    return torch.stack(finals), torch.stack(tapped), ops, shares
+
+
+@needs_kernels
+@pytest.mark.parametrize("level", ["tokenwise", "exact", ("exact", "full", "tokenwise")])
+@pytest.mark.parametrize("count_ops", [True, False])
+@pytest.mark.parametrize("chosen", ["fp32", "bf16"])
+def test_blocks_in_one_call_equal_a_call_per_block_with_taps(
+    level, count_ops, chosen, monkeypatch, block_step_calls
+):
+    """Every block's step in one call gives what a call per block gives, bit for bit: the final
+    and the tapped outputs, the op counts, the unprocessed shares. Where one block has no
+    one-call step (the full level), each block runs on its own."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    description = describe_vit(tiny_vit())
+    converted = EventfulViT(description, eventful.TopK(7), level, taps=(3, 0, 1), precision=chosen)
+    video = moving_squares(7, size=80, batch=2, seed=11)[..., 16:64, :]
+    options = {"count_ops": count_ops, "drift": None}
+    in_one_call = {}
+    for all_blocks in (False, True):
+        monkeypatch.setattr(block_module, "BLOCKS_IN_ONE_CALL", all_blocks)
+        all_calls = [0]
+        count_blocks_in_one_call(monkeypatch, all_calls)
+        in_one_call[all_blocks] = tapped_run(converted, video, 2, **options), all_calls[0]
+    (want, none), (got, blocks) = in_one_call[False], in_one_call[True]
+    assert none == 0
+    assert blocks == (0 if isinstance(level, tuple) else 6 * len(converted.encoder.blocks))
+    assert block_step_calls[0] > 0
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])  # the embedding's, then blocks 1 and 3's outputs
+    assert got[2] == want[2]
+    for shares, wanted in zip(got[3], want[3], strict=True):
+        assert (shares is None) == (wanted is None)
+        assert shares is None or torch.equal(shares, wanted)
+
+
+@needs_kernels
+def test_a_forward_hook_on_a_block_runs_at_every_step(monkeypatch, block_step_calls):
+    """A block with a forward hook runs its own step, so that the hook sees it; the outputs are
+    those of the steps in one call."""
+    video = moving_squares(5, size=64, batch=1, seed=12)
+
+    def outputs(hooked: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        converted = eventful.convert(tiny_vit(), policy=eventful.TopK(6), level="exact")
+        seen = []
+        if hooked:
+            hook = lambda module, args, output: seen.append(output.clone())  # noqa: E731
+            converted.encoder.blocks[1].register_forward_hook(hook)
+        stream = converted.stream(drift=None)
+        with torch.inference_mode():
+            return torch.stack([stream(frames) for frames in video]), seen
+
+    want, _ = outputs(hooked=False)
+    in_one_call = block_step_calls[0]
+    got, seen = outputs(hooked=True)
+    assert len(seen) == len(video)
+    assert block_step_calls[0] - in_one_call == in_one_call  # each block its own call now
+    assert torch.equal(got, want)
+
+
+@needs_kernels
+def test_blocks_step_refuses_what_it_cannot_take_and_leaves_the_state_alone():
+    converted = eventful.convert(tiny_vit(), policy=eventful.TopK(5), level="exact")
+    stream = converted.stream(drift=None)
+    video = moving_squares(2, size=64, batch=1, seed=13)
+    with torch.inference_mode():
+        for frames in video:
+            stream(frames)
+    blocks, states = converted.encoder.blocks, stream.state.blocks
+    before = [{name: tensor.clone() for name, tensor in state.items()} for state in states]
+    x = torch.randn(1, states[0]["qkv"].shape[1], tiny_vit().dim)
+    tensors, eps, integers = [], [], []
+    with torch.no_grad():
+        for block, state in zip(blocks, states, strict=True):
+            operands = block.one_call_operands(x, state, converted.encoder.policy, None)
+            tensors += operands.tensors
+            eps += operands.eps
+            integers += operands.integers
+    last_missing = [*tensors[:-28], None, *tensors[-27:]]
+    depth = len(blocks)
+    cases = {
+        "per block 28 tensors, 2 eps and 5 integers, got 83": (tensors[:-1], eps, integers, []),
+        rf"slot 0 of block {depth - 1}, got None": (last_missing, eps, integers, []),
+        rf"taps in \[1, {depth}\], got {depth + 1}": (tensors, eps, integers, [depth + 1]),
+    }
+    for refused, (given, given_eps, given_integers, taps) in cases.items():
+        with torch.no_grad(), pytest.raises(RuntimeError, match=refused):
+            kernels.blocks_step()(x, given, given_eps, given_integers, taps, 1e-3, False)
+        for state, kept in zip(states, before, strict=True):
+            for name, tensor in state.items():
+                assert torch.equal(tensor, kept[name]), (refused, name)
 
 
 @needs_kernels

@@ -20,6 +20,7 @@ only the groups that hold a changed token.
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -77,6 +78,10 @@ LEAN_STEPS = True
 # The lean step in one kernel call (`EventfulBlock._one_call_step`) where it applies; False runs
 # it from Python (tests compare the two).
 FUSED_BLOCK_STEPS = True
+
+# Where every block of a step would run in one kernel call, all of them in one call
+# (`steps_in_one_call`); False calls the kernel once per block (tests compare the two).
+BLOCKS_IN_ONE_CALL = True
 
 
 def _scaled_linear(linear: nn.Linear, scale: Tensor, precision: str) -> PackedLinear:
@@ -379,34 +384,70 @@ class EventfulBlock(nn.Module):
         bias or K/V pooling, on the engine's kernel (a float32 qkv buffer) or in bfloat16 (a
         buffer that holds it, `_qkv_dtype`). The same kernels in the same order, bit for bit,
         without the Python between them. None where it does not apply."""
+        operands = self._one_call_operands(x, state, lean)
+        if operands is None:
+            return None
+        tensors, (eps1, eps2) = operands.tensors, operands.eps
+        hidden, count, heads, dense_from, bfloat16_attention = operands.integers
+        out, lost, gates = kernels.block_step()(
+            x,
+            *tensors[:14],
+            eps1,
+            *tensors[14:16],
+            eps2,
+            *tensors[16:],
+            hidden,
+            count,
+            heads,
+            dense_from,
+            UNDERFLOW,
+            bool(bfloat16_attention),
+            trace is not None,
+        )
+        if trace is not None:
+            trace.record_block(_fused_gate_steps(gates, x.shape[1]), lost.tolist())
+        return out
+
+    def one_call_operands(
+        self,
+        x: Tensor,
+        state: dict[str, Tensor],
+        policy: Policy,
+        escalation: Escalation | None,
+    ) -> OneCallOperands | None:
+        """This step's operands for `kernels.blocks_step`, where the block's step (no fresh
+        stream) would run in one call (`_lean_step`, then `_one_call_step`) and no forward hook
+        watches the block; else None. Only x's shape, dtype and device are read: every block's
+        input has those of the first block's."""
+        if _runs_forward_hooks(self):
+            return None
+        lean = self._lean_step(x, state, policy, [], escalation)
+        return None if lean is None else self._one_call_operands(x, state, lean)
+
+    def _one_call_operands(
+        self, x: Tensor, state: dict[str, Tensor], lean: _LeanStep
+    ) -> OneCallOperands | None:
+        """The operands of `_one_call_step`, or None where it does not apply."""
         if self.level == "exact":
             sums = [state[name] for name in CACHES["exact"]]
         elif self._attends_every_row_in_one_call(state["qkv"]):
             sums = [None, None, None]
         else:
             return None
-        kernel = kernels.block_step()
-        weights = self._block_step_weights(x, lean, kernel)
+        weights = self._block_step_weights(x, lean, kernels.block_step())
         if weights is None:
             return None
-        out, lost, gates = kernel(
-            x,
+        tensors = [
             *(state[name] for name in STEP_STATE),
             *sums,
             *(state[f"{name}_scale"] for name in GATES),
-            *lean.norm1,
-            *lean.norm2,
-            *weights,
-            lean.count,
-            self.heads,
-            exact_dense_from(x.shape[1]),
-            UNDERFLOW,
-            self.attention_dtype == torch.bfloat16,
-            trace is not None,
-        )
-        if trace is not None:
-            trace.record_block(_fused_gate_steps(gates, x.shape[1]), lost.tolist())
-        return out
+            *lean.norm1[:2],
+            *lean.norm2[:2],
+            *weights[:-1],
+        ]
+        low = int(self.attention_dtype == torch.bfloat16)
+        integers = (weights[-1], lean.count, self.heads, exact_dense_from(x.shape[1]), low)
+        return OneCallOperands(tensors, (lean.norm1[2], lean.norm2[2]), integers)
 
     def _recomputes_in_attention_dtype(self, count: int, num_tokens: int) -> bool:
         """Whether the exact level's step with `count` changed tokens of `num_tokens` recomputes
@@ -778,6 +819,69 @@ GATES = ("qkv", "proj", "mlp")
 # The token state a block step in one call (`kernels.block_step`) updates, in its arguments'
 # order (the exact level's running sums follow).
 STEP_STATE = ("qkv_reference", "qkv", "proj_reference", "proj", "mlp_reference", "mlp")
+
+
+@dataclass(frozen=True)
+class OneCallOperands:
+    """A block's operands of a step in one call (`kernels.block_step`, `kernels.blocks_step`):
+    its 28 tensors in the kernels' order (`STEP_STATE`, the exact level's sums or three None, the
+    gates' scales, each LayerNorm's weight and bias, per linear layer its panels, bias and panel
+    scale), its LayerNorms' eps, and its integers: fc1's width, the tokens per stream, the heads,
+    `dense_from`, 1 where attention runs in bfloat16."""
+
+    tensors: list[Tensor | None]
+    eps: tuple[float, float]
+    integers: tuple[int, int, int, int, int]
+
+
+def steps_in_one_call(
+    blocks: Sequence[nn.Module],
+    states: Sequence[dict[str, Tensor]],
+    policy: Policy,
+    x: Tensor,
+    escalation: Escalation | None,
+    trace: StepTrace | None,
+    taps: Collection[int],
+) -> tuple[Tensor, list[Tensor]] | None:
+    """Consecutive blocks' steps without a fresh stream in one call of the CPU kernel
+    (`kernels.blocks_step`), where every block would run its step in one call
+    (`EventfulBlock.one_call_operands`): the same kernels in the same order, bit for bit,
+    without the Python between blocks, which took some 60 us a block at ViT-S's size, its
+    objects evicted from the caches by the block before. Returns the last block's output and
+    the outputs of the blocks (numbered from 1) in `taps`, in order; None where it does not
+    apply."""
+    kernel = kernels.blocks_step()
+    if kernel is None or not (FUSED_BLOCK_STEPS and BLOCKS_IN_ONE_CALL):
+        return None
+    tensors, eps, integers = [], [], []
+    for block, state in zip(blocks, states, strict=True):
+        if type(block) is not EventfulBlock:
+            return None
+        operands = block.one_call_operands(x, state, policy.for_block(state, []), escalation)
+        if operands is None:
+            return None
+        tensors += operands.tensors
+        eps += operands.eps
+        integers += operands.integers
+    stages = [stage for stage in range(1, len(blocks) + 1) if stage in taps]
+    measure = trace is not None
+    out, tapped, traced = kernel(x, tensors, eps, integers, stages, UNDERFLOW, measure)
+    if measure:
+        per_block = len(traced) // len(blocks)
+        for first in range(0, len(traced), per_block):
+            lost, *gates = traced[first : first + per_block]
+            trace.record_block(_fused_gate_steps(gates, x.shape[1]), lost.tolist())
+    return out, list(tapped)
+
+
+def _runs_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run forward hooks, its own or global ones."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
 
 
 def _bias_keys(layers: tuple[PackedLinear, ...]) -> tuple:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from eventful.core.block import LEVELS, EventfulBlock
+from eventful.core.block import LEVELS, EventfulBlock, steps_in_one_call
 from eventful.core.description import EncoderDescription
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl
 from eventful.core.escalation import Escalation
@@ -312,7 +312,15 @@ class EventfulViT(EventfulModule):
             tokens = self.embedding(frames)
             if 0 in self.taps:
                 tapped.append(tokens)
-            blocks = zip(self.blocks, state.blocks, strict=True)
+            in_one_call = None
+            if not fresh and self.reduction is None:
+                in_one_call = steps_in_one_call(
+                    self.blocks, state.blocks, self.policy, tokens, escalation, trace, self.taps
+                )
+            if in_one_call is not None:
+                tokens, tapped_by_blocks = in_one_call
+                tapped += tapped_by_blocks
+            blocks = zip(self.blocks, state.blocks, strict=True) if in_one_call is None else []
             allowed = None
             for stage, (block, block_state) in enumerate(blocks, start=1):
                 if self.reduction is not None and stage - 1 in self.reduction.starts:

@@ -23,8 +23,9 @@ The sources of this folder build into one library of dispatcher operators
   tiles, where the CPU has them;
 - `tiles_linear()`: `tiles_linear.cpp`, a linear layer in bfloat16 on AMX tiles, where the CPU
   has them;
-- `block_step()`: `block_step.cpp`, a block's whole step at the exact or tokenwise level, the
-  kernels above called one after the other from C++ (`operators.h` declares them).
+- `block_step()` and `blocks_step()`: `block_step.cpp`, a block's whole step at the exact or
+  tokenwise level, the kernels above called one after the other from C++ (`operators.h`
+  declares them), and consecutive blocks' steps in one call.
 
 `vectors.h` holds what they share: vectors of 16 floats where the build has AVX-512, else 8,
 their reductions, an exponential; `row_attention.h` and `key_swap.h` the rows' attention and the
@@ -213,6 +214,18 @@ def block_step() -> Callable[..., tuple] | None:
     recomputed (zeros at the tokenwise level), and per gate (qkv, proj, mlp) its token indices
     (B, count), its rows (B count, D) and its unprocessed share (B,) or None."""
     return torch.ops.eventful.block_step if _available() else None
+
+
+def blocks_step() -> Callable[..., tuple] | None:
+    """Consecutive blocks' lean steps in one call (`EventfulViT._blocks_in_one_call`): each
+    block's `block_step`, its output the next one's input. Arguments: x (B, N, D); per block, one
+    after another, its 28 tensors in `block_step`'s order (x left out; None where optional), its
+    two LayerNorms' eps, and its integers (fc1's width, the tokens per stream, the heads,
+    `dense_from`, 1 where attention runs in bfloat16); the blocks (numbered from 1) whose outputs
+    to return; `underflow`; whether to measure. Returns the last output, the tapped outputs and,
+    where measured, per block its lost rows and nine gate tensors (`block_step`'s); built on
+    first use, None if unavailable."""
+    return torch.ops.eventful.blocks_step if _available() else None
 
 
 def can_take(*tensors: torch.Tensor) -> bool:

@@ -387,9 +387,77 @@ std::tuple<torch::Tensor, torch::Tensor, std::vector<torch::Tensor>> block_step(
   return {out, lost, gates};
 }
 
+// Slots of one block in `blocks_step`'s flat arguments: its tensors in `block_step`'s order (x
+// left out), its two LayerNorms' eps, and its integers (hidden, count, heads, dense_from,
+// bfloat16_attention).
+constexpr size_t TENSORS_PER_BLOCK = 28;
+constexpr size_t EPS_PER_BLOCK = 2;
+constexpr size_t INTEGERS_PER_BLOCK = 5;
+
+// Consecutive blocks' steps in one call: `block_step` of each block in turn, each block's output
+// the next one's input, so that the Python between blocks (some 60 us a block at ViT-S's size,
+// its objects evicted from the caches by the block before) runs once per step. Returns the last
+// block's output, the outputs of the blocks listed in `taps` (numbered from 1, in that order)
+// and, where `measure`, per block its lost rows and its nine gate tensors (`block_step`'s), one
+// block after another; else nothing more, so that no tensor the step does not need goes back to
+// Python.
+std::tuple<torch::Tensor, std::vector<torch::Tensor>, std::vector<torch::Tensor>> blocks_step(
+    const torch::Tensor& x, const c10::List<OptionalTensor>& tensors, c10::ArrayRef<double> eps,
+    c10::IntArrayRef integers, c10::IntArrayRef taps, double underflow, bool measure) {
+  const size_t blocks = integers.size() / INTEGERS_PER_BLOCK;
+  TORCH_CHECK(blocks > 0 && integers.size() == blocks * INTEGERS_PER_BLOCK &&
+                  tensors.size() == blocks * TENSORS_PER_BLOCK &&
+                  eps.size() == blocks * EPS_PER_BLOCK,
+              "blocks_step expects per block ", TENSORS_PER_BLOCK, " tensors, ", EPS_PER_BLOCK,
+              " eps and ", INTEGERS_PER_BLOCK, " integers, got ", tensors.size(), ", ", eps.size(),
+              " and ", integers.size());
+  for (const int64_t tap : taps) {
+    TORCH_CHECK(tap >= 1 && tap <= static_cast<int64_t>(blocks), "blocks_step expects taps in [1, ",
+                blocks, "], got ", tap);
+  }
+  // Every block's required tensors are there before any block runs. (Each block checks the
+  // rest as it starts; a model whose step fails midway resets its streams.)
+  std::vector<OptionalTensor> all(tensors.begin(), tensors.end());
+  const std::vector<size_t> required_slots{0, 1, 2, 3, 4, 5, 9, 10, 11, 16, 19, 22, 25};
+  for (size_t b = 0; b < blocks; ++b) {
+    for (const size_t slot : required_slots) {
+      const auto& given = all[b * TENSORS_PER_BLOCK + slot];
+      TORCH_CHECK(given.has_value() && given->defined(), "blocks_step expects a tensor in slot ",
+                  slot, " of block ", b, ", got None");
+    }
+  }
+  auto required = [&](size_t slot) -> const torch::Tensor& { return *all[slot]; };
+  torch::Tensor out = x;
+  std::vector<torch::Tensor> tapped(taps.size()), traced;
+  for (size_t b = 0; b < blocks; ++b) {
+    const size_t t = b * TENSORS_PER_BLOCK;
+    const int64_t* ints = integers.data() + b * INTEGERS_PER_BLOCK;
+    auto [output, lost, gates] = block_step(
+        out, required(t), required(t + 1), required(t + 2), required(t + 3), required(t + 4),
+        required(t + 5), all[t + 6], all[t + 7], all[t + 8], required(t + 9), required(t + 10),
+        required(t + 11), all[t + 12], all[t + 13], eps[b * EPS_PER_BLOCK], all[t + 14],
+        all[t + 15], eps[b * EPS_PER_BLOCK + 1], required(t + 16), all[t + 17], all[t + 18],
+        required(t + 19), all[t + 20], all[t + 21], required(t + 22), all[t + 23], all[t + 24],
+        required(t + 25), all[t + 26], all[t + 27], ints[0], ints[1], ints[2], ints[3],
+        underflow, ints[4] != 0, measure);
+    out = std::move(output);
+    for (size_t i = 0; i < taps.size(); ++i) {
+      if (taps[i] == static_cast<int64_t>(b + 1)) tapped[i] = out;
+    }
+    if (measure) {
+      traced.push_back(std::move(lost));
+      for (auto& gate : gates) traced.push_back(std::move(gate));
+    }
+  }
+  return {out, tapped, traced};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
+  library.def(
+      "blocks_step(Tensor x, Tensor(a!)?[] tensors, float[] eps, int[] integers, int[] taps, "
+      "float underflow, bool measure) -> (Tensor output, Tensor[] tapped, Tensor[] traced)");
   library.def(
       "block_step(Tensor x, Tensor(a!) qkv_reference, Tensor(b!) qkv, "
       "Tensor(c!) proj_reference, Tensor(d!) proj, Tensor(e!) mlp_reference, Tensor(f!) mlp, "
@@ -403,7 +471,13 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
       "bool bfloat16_attention, bool measure) -> (Tensor output, Tensor lost, Tensor[] gates)");
 }
 
-TORCH_LIBRARY_IMPL(eventful, CPU, library) { library.impl("block_step", &block_step); }
+TORCH_LIBRARY_IMPL(eventful, CPU, library) {
+  library.impl("block_step", &block_step);
+  library.impl("blocks_step", &blocks_step);
+}
 
 // oneDNN's prepacked weights are tensors of the MkldnnCPU backend, which then picks the kernel.
-TORCH_LIBRARY_IMPL(eventful, MkldnnCPU, library) { library.impl("block_step", &block_step); }
+TORCH_LIBRARY_IMPL(eventful, MkldnnCPU, library) {
+  library.impl("block_step", &block_step);
+  library.impl("blocks_step", &blocks_step);
+}
