@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import eventful
+from eventful.core import kernels, local_head
 from eventful.core.local_head import (
     HeadStep,
     LocalStack,
@@ -32,6 +33,24 @@ CONVOLUTIONS = {
     "plain 1x1": lambda: nn.Conv2d(6, 16, 1),
     "plain 5x3 dilated": lambda: nn.Conv2d(6, 16, (5, 3), padding=(4, 1), dilation=(2, 1)),
 }
+
+
+needs_head_kernel = pytest.mark.skipif(
+    kernels.head_stage() is None, reason="the CPU kernels could not be built here"
+)
+
+
+def count_head_stage_calls(monkeypatch) -> list[int]:
+    """How many sparse stages ran in the CPU kernel since the call."""
+    calls = [0]
+    kernel = kernels.head_stage()
+
+    def counted(*args):
+        calls[0] += 1
+        return kernel(*args)
+
+    monkeypatch.setattr(kernels, "head_stage", lambda: None if kernel is None else counted)
+    return calls
 
 
 def stack_of(first: nn.Module) -> nn.Sequential:
@@ -306,3 +325,89 @@ def test_channels_first_turns_a_channels_last_output_around():
     assert turned.is_contiguous() and torch.equal(turned, outputs)
     already = torch.randn(2, 5, 4, 3)
     assert channels_first(already) is already
+
+
+def stage_kernel_runs(monkeypatch, layers, inputs, kernel: bool, context) -> tuple[list, list]:
+    """Outputs and op counts of a stack over the inputs, its sparse stages after their product
+    in the CPU kernel (`kernels.head_stage`) or in PyTorch operators."""
+    monkeypatch.setattr(local_head, "STAGE_KERNEL", kernel)
+    stack = LocalStack("head", layers)
+    with context():
+        outputs, steps = run_steps(stack, inputs)
+    return outputs, [step.macs for step in steps]
+
+
+@needs_head_kernel
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("name", CONVOLUTIONS)
+def test_the_stage_kernel_equals_the_python_stage_bit_for_bit(name, context, monkeypatch):
+    calls = count_head_stage_calls(monkeypatch)
+    layers = stack_of(CONVOLUTIONS[name]())
+    inputs = sparse_changes()
+    want = stage_kernel_runs(monkeypatch, layers, inputs, False, context)
+    assert calls[0] == 0
+    got = stage_kernel_runs(monkeypatch, layers, inputs, True, context)
+    assert calls[0] > 0
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0], strict=True))
+    assert got[1] == want[1]  # the op counts: the same contributions and touched positions
+
+
+@needs_head_kernel
+def test_the_stage_kernel_leaves_other_pointwise_layers_and_autograd_to_python(monkeypatch):
+    calls = count_head_stage_calls(monkeypatch)
+    torch.manual_seed(3)
+    gelu = nn.Sequential(nn.ConvTranspose2d(6, 16, 4, 2, 1), nn.GELU(), nn.Conv2d(16, 3, 1)).eval()
+    inputs = sparse_changes()
+    want = stage_kernel_runs(monkeypatch, gelu, inputs, False, torch.no_grad)
+    got = stage_kernel_runs(monkeypatch, gelu, inputs, True, torch.no_grad)
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0], strict=True))
+    stage_kernel_runs(
+        monkeypatch, stack_of(CONVOLUTIONS["plain 3/1/1"]()), inputs, True, torch.enable_grad
+    )
+    assert calls[0] == 0
+
+
+@needs_head_kernel
+def test_the_saliency_model_with_the_stage_kernel_equals_it_without(monkeypatch):
+    calls = count_head_stage_calls(monkeypatch)
+    model = saliency_model()
+    frames = frames_with_a_moving_square()
+    saliency = {}
+    for kernel in (False, True):
+        monkeypatch.setattr(local_head, "STAGE_KERNEL", kernel)
+        stream = eventful.convert(model, policy=eventful.TopK(6)).stream(drift=None)
+        with torch.inference_mode():
+            saliency[kernel] = torch.stack([stream(frame).saliency for frame in frames])
+    assert calls[0] > 0
+    assert torch.equal(saliency[True], saliency[False])
+
+
+@needs_head_kernel
+def test_the_stage_kernel_refuses_what_it_cannot_take_and_leaves_the_caches_alone():
+    kernel = kernels.head_stage()
+    pre, cached = torch.randn(2 * 16, 5), torch.randn(2 * 16, 5)
+    before = pre.clone(), cached.clone()
+    changed = torch.tensor([3, 20])
+    contributions = torch.randn(2, 9 * 5)
+    scale, shift = torch.ones(5), torch.zeros(5)
+    geometry = ((3, 3), (1, 1), (1, 1), (1, 1), (4, 4), (4, 4))
+    cases = {
+        r"changed positions in \[0, 32\), got 32": (
+            torch.tensor([3, 32]),
+            contributions,
+            [scale],
+            [shift],
+        ),
+        r"contributions of shape \[2, 45\], got \[2, 40\]": (
+            changed,
+            torch.randn(2, 40),
+            [scale],
+            [shift],
+        ),
+        "a scale and a shift .* or neither": (changed, contributions, [scale], [None]),
+        "5 scales and shifts, got 4 and 4": (changed, contributions, [scale[:4]], [shift[:4]]),
+    }
+    for refused, (positions, given, scales, shifts) in cases.items():
+        with pytest.raises(RuntimeError, match=refused):
+            kernel(positions, given, pre, cached, scales, shifts, False, *geometry)
+        assert torch.equal(pre, before[0]) and torch.equal(cached, before[1]), refused

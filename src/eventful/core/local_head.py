@@ -395,6 +395,33 @@ class LocalStack(nn.Module):
         _, out_channels, out_height, out_width = shapes[index + 1]
         kernel_h, kernel_w = conv.kernel_size
         contributions = self._contributions(index, conv, deltas)
+        # The delta product; the scattered adds and one subtraction per touched output element
+        # follow.
+        self.step.macs += deltas.numel() * kernel_h * kernel_w * out_channels
+        pre, cached = caches[f"pre{index}"], caches[f"input{index + 1}"]
+        kernel = _head_stage_kernel(pointwise, contributions, pre, cached)
+        if kernel is not None:
+            norms = [
+                batch_norm_scale_and_shift(layer) if isinstance(layer, nn.BatchNorm2d) else None
+                for layer in pointwise
+            ]
+            moved, difference, counts = kernel(
+                changed,
+                contributions.contiguous(),
+                pre,
+                cached,
+                [None if norm is None else norm[0] for norm in norms],
+                [None if norm is None else norm[1] for norm in norms],
+                isinstance(conv, nn.ConvTranspose2d),
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                (height, width),
+                (out_height, out_width),
+            )
+            self.step.macs += sum(counts.tolist()) * out_channels
+            return moved, difference
         contributions = contributions.view(-1, kernel_h * kernel_w, out_channels)
         stream, rest = changed // (height * width), changed % (height * width)
         rows = reach(conv, 0, rest // width, out_height)
@@ -404,22 +431,41 @@ class LocalStack(nn.Module):
         valid = (row_ok & col_ok).flatten().nonzero().squeeze(1)  # of (position, offset)
         targets = (stream[:, None, None] * out_height + row) * out_width + col
         targets = targets.flatten().index_select(0, valid)
-        pre = caches[f"pre{index}"]
         pre.index_add_(0, targets, contributions.view(-1, out_channels).index_select(0, valid))
         touched = sorted_distinct(targets, pre.shape[0])
         outputs = pre.index_select(0, touched)
         for layer in pointwise:
             outputs = pointwise_on_rows(layer, outputs)
-        cached = caches[f"input{index + 1}"]
         difference = outputs - cached.index_select(0, touched)
         cached.index_copy_(0, touched, outputs)
         # The rows with a nonzero (or NaN) difference: abs and amax run several times faster
         # than ne and any here.
         moved = difference.abs().amax(1).ne(0).nonzero().squeeze(1)
-        # The delta product, the scattered adds, and one subtraction per touched output element.
-        self.step.macs += deltas.numel() * kernel_h * kernel_w * out_channels
         self.step.macs += (len(targets) + len(touched)) * out_channels
         return touched.index_select(0, moved), difference.index_select(0, moved)
+
+
+# A sparse stage after its product in one call of the CPU kernel (`kernels.head_stage`) where it
+# applies; False runs it in PyTorch operators (tests compare the two).
+STAGE_KERNEL = True
+
+
+def _head_stage_kernel(
+    pointwise: list[nn.Module], contributions: Tensor, pre: Tensor, cached: Tensor
+) -> Callable[..., tuple[Tensor, Tensor, Tensor]] | None:
+    """`kernels.head_stage` where it computes what the Python stage computes: pointwise layers
+    that are batch norms in eval mode and ReLUs, float32 CPU tensors outside autograd,
+    contiguous caches; else None."""
+    if not STAGE_KERNEL or not all(
+        type(layer) is nn.ReLU or (type(layer) is nn.BatchNorm2d and not layer.training)
+        for layer in pointwise
+    ):
+        return None
+    if not kernels.can_take(contributions, pre, cached) or torch.is_grad_enabled():
+        return None
+    if not (pre.is_contiguous() and cached.is_contiguous()):
+        return None
+    return kernels.head_stage()
 
 
 def _kept(cache: dict, index: int, key: object, make: Callable[[], object]):
