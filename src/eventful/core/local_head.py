@@ -87,6 +87,10 @@ DENSE_SHARE = 0.25
 # (Intel Xeon with AVX-512, 2 threads).
 HEAD_SMALL_ROWS = 128
 
+# A sparse stage after its product in one call of the CPU kernel (`kernels.head_stage`) where it
+# applies; False runs it in PyTorch operators (tests compare the two).
+STAGE_KERNEL = True
+
 
 def is_local_convolution(layer: nn.Module) -> bool:
     return (
@@ -443,11 +447,6 @@ class LocalStack(nn.Module):
         moved = difference.abs().amax(1).ne(0).nonzero().squeeze(1)
         self.step.macs += (len(targets) + len(touched)) * out_channels
         return touched.index_select(0, moved), difference.index_select(0, moved)
-
-
-# A sparse stage after its product in one call of the CPU kernel (`kernels.head_stage`) where it
-# applies; False runs it in PyTorch operators (tests compare the two).
-STAGE_KERNEL = True
 
 
 def _head_stage_kernel(
