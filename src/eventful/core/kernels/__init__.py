@@ -232,7 +232,7 @@ def block_step() -> Callable[..., tuple] | None:
 
 
 def blocks_step() -> Callable[..., tuple] | None:
-    """Consecutive blocks' lean steps in one call (`EventfulViT._blocks_in_one_call`): each
+    """Consecutive blocks' lean steps in one call (`block.steps_in_one_call`): each
     block's `block_step`, its output the next one's input. Arguments: x (B, N, D); per block, one
     after another, its 28 tensors in `block_step`'s order (x left out; None where optional), its
     two LayerNorms' eps, and its integers (fc1's width, the tokens per stream, the heads,

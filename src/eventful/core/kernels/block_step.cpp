@@ -32,7 +32,7 @@
 //
 // So the caches and the output are those of the lean step, bit for bit. Each gate's token
 // indices, its rows and, where asked (`measure`), its unprocessed share per stream are returned
-// for the step's trace.
+// for the step's trace. `blocks_step` runs consecutive blocks' steps in one call.
 
 #include <torch/extension.h>
 
@@ -412,8 +412,8 @@ std::tuple<torch::Tensor, std::vector<torch::Tensor>, std::vector<torch::Tensor>
               " eps and ", INTEGERS_PER_BLOCK, " integers, got ", tensors.size(), ", ", eps.size(),
               " and ", integers.size());
   for (const int64_t tap : taps) {
-    TORCH_CHECK(tap >= 1 && tap <= static_cast<int64_t>(blocks), "blocks_step expects taps in [1, ",
-                blocks, "], got ", tap);
+    TORCH_CHECK(tap >= 1 && tap <= static_cast<int64_t>(blocks),
+                "blocks_step expects taps in [1, ", blocks, "], got ", tap);
   }
   // Every block's required tensors are there before any block runs. (Each block checks the
   // rest as it starts; a model whose step fails midway resets its streams.)
