@@ -17,7 +17,7 @@ from eventful.core.local_head import (
     sorted_distinct,
 )
 from eventful.models.saliency import SaliencyDecoder, SaliencyModel
-from tests.helpers import assert_equal_up_to_rounding, tiny_vit
+from tests.helpers import assert_equal_up_to_rounding, kernel_calls, tiny_vit
 
 # Every kind of layer geometry the scatter must place: transposed and plain, strides, paddings,
 # dilations, odd kernels, output padding. 16 output channels: enough work per input element for
@@ -38,19 +38,6 @@ CONVOLUTIONS = {
 needs_head_kernel = pytest.mark.skipif(
     kernels.head_stage() is None, reason="the CPU kernels could not be built here"
 )
-
-
-def count_head_stage_calls(monkeypatch) -> list[int]:
-    """How many sparse stages ran in the CPU kernel since the call."""
-    calls = [0]
-    kernel = kernels.head_stage()
-
-    def counted(*args):
-        calls[0] += 1
-        return kernel(*args)
-
-    monkeypatch.setattr(kernels, "head_stage", lambda: None if kernel is None else counted)
-    return calls
 
 
 def stack_of(first: nn.Module) -> nn.Sequential:
@@ -341,45 +328,47 @@ def stage_kernel_runs(monkeypatch, layers, inputs, kernel: bool, context) -> tup
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("name", CONVOLUTIONS)
 def test_the_stage_kernel_equals_the_python_stage_bit_for_bit(name, context, monkeypatch):
-    calls = count_head_stage_calls(monkeypatch)
-    layers = stack_of(CONVOLUTIONS[name]())
-    inputs = sparse_changes()
-    want = stage_kernel_runs(monkeypatch, layers, inputs, False, context)
-    assert calls[0] == 0
-    got = stage_kernel_runs(monkeypatch, layers, inputs, True, context)
-    assert calls[0] > 0
-    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0], strict=True))
-    assert got[1] == want[1]  # the op counts: the same contributions and touched positions
+    with kernel_calls("head_stage") as calls:
+        layers = stack_of(CONVOLUTIONS[name]())
+        inputs = sparse_changes()
+        want = stage_kernel_runs(monkeypatch, layers, inputs, False, context)
+        assert len(calls) == 0
+        got = stage_kernel_runs(monkeypatch, layers, inputs, True, context)
+        assert len(calls) > 0
+        assert all(torch.equal(a, b) for a, b in zip(got[0], want[0], strict=True))
+        assert got[1] == want[1]  # the op counts: the same contributions and touched positions
 
 
 @needs_head_kernel
 def test_the_stage_kernel_leaves_other_pointwise_layers_and_autograd_to_python(monkeypatch):
-    calls = count_head_stage_calls(monkeypatch)
-    torch.manual_seed(3)
-    gelu = nn.Sequential(nn.ConvTranspose2d(6, 16, 4, 2, 1), nn.GELU(), nn.Conv2d(16, 3, 1)).eval()
-    inputs = sparse_changes()
-    want = stage_kernel_runs(monkeypatch, gelu, inputs, False, torch.no_grad)
-    got = stage_kernel_runs(monkeypatch, gelu, inputs, True, torch.no_grad)
-    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0], strict=True))
-    stage_kernel_runs(
-        monkeypatch, stack_of(CONVOLUTIONS["plain 3/1/1"]()), inputs, True, torch.enable_grad
-    )
-    assert calls[0] == 0
+    with kernel_calls("head_stage") as calls:
+        torch.manual_seed(3)
+        gelu = nn.Sequential(
+            nn.ConvTranspose2d(6, 16, 4, 2, 1), nn.GELU(), nn.Conv2d(16, 3, 1)
+        ).eval()
+        inputs = sparse_changes()
+        want = stage_kernel_runs(monkeypatch, gelu, inputs, False, torch.no_grad)
+        got = stage_kernel_runs(monkeypatch, gelu, inputs, True, torch.no_grad)
+        assert all(torch.equal(a, b) for a, b in zip(got[0], want[0], strict=True))
+        stage_kernel_runs(
+            monkeypatch, stack_of(CONVOLUTIONS["plain 3/1/1"]()), inputs, True, torch.enable_grad
+        )
+        assert len(calls) == 0
 
 
 @needs_head_kernel
 def test_the_saliency_model_with_the_stage_kernel_equals_it_without(monkeypatch):
-    calls = count_head_stage_calls(monkeypatch)
-    model = saliency_model()
-    frames = frames_with_a_moving_square()
-    saliency = {}
-    for kernel in (False, True):
-        monkeypatch.setattr(local_head, "STAGE_KERNEL", kernel)
-        stream = eventful.convert(model, policy=eventful.TopK(6)).stream(drift=None)
-        with torch.inference_mode():
-            saliency[kernel] = torch.stack([stream(frame).saliency for frame in frames])
-    assert calls[0] > 0
-    assert torch.equal(saliency[True], saliency[False])
+    with kernel_calls("head_stage") as calls:
+        model = saliency_model()
+        frames = frames_with_a_moving_square()
+        saliency = {}
+        for kernel in (False, True):
+            monkeypatch.setattr(local_head, "STAGE_KERNEL", kernel)
+            stream = eventful.convert(model, policy=eventful.TopK(6)).stream(drift=None)
+            with torch.inference_mode():
+                saliency[kernel] = torch.stack([stream(frame).saliency for frame in frames])
+        assert len(calls) > 0
+        assert torch.equal(saliency[True], saliency[False])
 
 
 @needs_head_kernel
