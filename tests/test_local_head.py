@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import eventful
@@ -61,13 +62,14 @@ def run_steps(stack: LocalStack, inputs: list[torch.Tensor]) -> tuple[list, list
     return outputs, steps
 
 
-def sparse_changes(size: int = 9, steps: int = 5) -> list[torch.Tensor]:
-    """Inputs (2, 6, size, size) that change at a few positions per step, per stream."""
+def sparse_changes(size: int = 9, steps: int = 5, share: float = 0.15) -> list[torch.Tensor]:
+    """Inputs (2, 6, size, size) that change at about `share` of their positions per step, per
+    stream (a few by default)."""
     generator = torch.Generator().manual_seed(1)
     current = torch.randn(2, 6, size, size, generator=generator)
     inputs = [current.clone()]
     for _ in range(steps - 1):
-        mask = torch.rand(2, 1, size, size, generator=generator) < 0.15
+        mask = torch.rand(2, 1, size, size, generator=generator) < share
         current = current + mask * torch.randn(current.shape, generator=generator)
         inputs.append(current.clone())
     return inputs
@@ -339,6 +341,91 @@ def test_the_stage_kernel_equals_the_python_stage_bit_for_bit(name, context, mon
         assert got[1] == want[1]  # the op counts: the same contributions and touched positions
 
 
+def stage_runs(monkeypatch, layers, inputs, kernel: bool, dtype=None) -> tuple:
+    """Outputs of a stack over the inputs under inference mode, its convolutions in `dtype`
+    (`compute_dtype`), its stages after their products in the CPU kernels or in PyTorch
+    operators; the stack; and its caches after the last step."""
+    monkeypatch.setattr(local_head, "STAGE_KERNEL", kernel)
+    stack = LocalStack("head", layers, compute_dtype=dtype)
+    with torch.inference_mode():
+        outputs, steps = run_steps(stack, inputs)
+    return outputs, stack, steps[-1].caches["head"]
+
+
+@needs_head_kernel
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_dense_stage_within_a_step_writes_its_cache_in_the_kernel_bit_for_bit(dtype, monkeypatch):
+    layers = stack_of(CONVOLUTIONS["transposed 4/2/1"]())
+    inputs = sparse_changes(share=0.5)  # above DENSE_SHARE: the first stage runs densely
+    with kernel_calls("head_pointwise") as calls:
+        want, _, _ = stage_runs(monkeypatch, layers, inputs, False, dtype)
+        assert len(calls) == 0
+        got, _, caches = stage_runs(monkeypatch, layers, inputs, True, dtype)
+        assert len(calls) == len(inputs) - 1  # once a step after the first
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert all(cache.dtype == torch.float32 for cache in caches.values())
+
+
+@needs_head_kernel
+def test_at_bf16_sparse_stages_add_bfloat16_products_as_the_python_stage_does(monkeypatch):
+    layers = stack_of(CONVOLUTIONS["transposed 4/2/1"]())
+    inputs = sparse_changes(share=0.05)  # few enough for both stages to update sparsely
+    with kernel_calls("head_stage") as calls:
+        want, _, _ = stage_runs(monkeypatch, layers, inputs, False, torch.bfloat16)
+        got, stack, _ = stage_runs(monkeypatch, layers, inputs, True, torch.bfloat16)
+        assert len(calls) > 0
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert set(stack._low_matrices) == {0, 1}  # both stages' products in bfloat16
+    in_float32, _, _ = stage_runs(monkeypatch, layers, inputs, True)
+    for a, b in zip(got, in_float32, strict=True):  # bfloat16's rounding, no more
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+@needs_head_kernel
+def test_the_pointwise_kernel_computes_what_the_operators_compute_bit_for_bit():
+    kernel = kernels.head_pointwise()
+    generator = torch.Generator().manual_seed(4)
+    for channels in (64, 37, 5):
+        source = torch.randn(300, channels, generator=generator) * 4
+        source[0, 0], source[1, 1], source[2, 2] = float("nan"), -0.0, float("inf")
+        scale = torch.randn(channels, generator=generator) * 3
+        shift = torch.randn(channels, generator=generator)
+        for low in (False, True):
+            given = source.bfloat16() if low else source
+            values = given.float()
+            cases = [
+                ([scale, None], [shift, None], torch.addcmul(shift, values, scale).clamp_min(0)),
+                ([None, scale], [None, shift], torch.addcmul(shift, values.clamp_min(0), scale)),
+                ([None], [None], values.clamp_min(0)),
+            ]
+            for scales, shifts, want in cases:
+                output = torch.full_like(source, 7.0)
+                pre = torch.full_like(source, 7.0) if low else None
+                kernel(given, pre, output, scales, shifts)
+                torch.testing.assert_close(output, want, rtol=0, atol=0, equal_nan=True)
+                if low:
+                    torch.testing.assert_close(pre, values, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_head_kernel
+def test_the_pointwise_kernel_refuses_what_it_cannot_take_and_writes_nothing():
+    kernel = kernels.head_pointwise()
+    source, pre, output = torch.randn(12, 5), torch.randn(12, 5), torch.randn(12, 5)
+    before = pre.clone(), output.clone()
+    scale, shift = torch.ones(5), torch.zeros(5)
+    cases = {
+        "same shape, got .*12, 5.*12, 4": (source, pre[:, :4].contiguous(), output),
+        "float32 or bfloat16 CPU rows, got Double": (source.double(), None, output),
+        "output as contiguous float32 CPU rows": (source, None, output.t().contiguous().t()),
+    }
+    for refused, (given, widened, written) in cases.items():
+        with pytest.raises(RuntimeError, match=refused):
+            kernel(given, widened, written, [scale], [shift])
+    with pytest.raises(RuntimeError, match="5 contiguous float32 scales and shifts, got 4"):
+        kernel(source, pre, output, [scale[:4]], [shift[:4]])
+    assert torch.equal(pre, before[0]) and torch.equal(output, before[1])
+
+
 @needs_head_kernel
 def test_the_stage_kernel_leaves_other_pointwise_layers_and_autograd_to_python(monkeypatch):
     with kernel_calls("head_stage") as calls:
@@ -394,7 +481,12 @@ def test_the_stage_kernel_refuses_what_it_cannot_take_and_leaves_the_caches_alon
             [shift],
         ),
         "a scale and a shift .* or neither": (changed, contributions, [scale], [None]),
-        "5 scales and shifts, got 4 and 4": (changed, contributions, [scale[:4]], [shift[:4]]),
+        "5 contiguous float32 scales and shifts, got 4 and 4": (
+            changed,
+            contributions,
+            [scale[:4]],
+            [shift[:4]],
+        ),
     }
     for refused, (positions, given, scales, shifts) in cases.items():
         with pytest.raises(RuntimeError, match=refused):

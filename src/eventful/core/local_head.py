@@ -91,6 +91,10 @@ HEAD_SMALL_ROWS = 128
 # applies; False runs it in PyTorch operators (tests compare the two).
 STAGE_KERNEL = True
 
+# The dtypes of rows the kernels read (contributions, a dense stage's convolution output); what
+# they write is float32.
+KERNEL_ROWS = (torch.float32, torch.bfloat16)
+
 
 def is_local_convolution(layer: nn.Module) -> bool:
     return (
@@ -138,8 +142,9 @@ class LocalStack(nn.Module):
 
     `name` keys its caches in the stream state (`StreamState.heads`). It runs only inside a
     step of its wrapper, which sets `step`. With `compute_dtype` (bfloat16, for a model
-    converted at precision "bf16"), the convolutions of the stages that run densely multiply in
-    it outside autograd, their outputs returned to float32 for the caches and the layers after.
+    converted at precision "bf16"), outside autograd the convolutions of the stages that run
+    densely and the products of the stages updated sparsely multiply in it; their results are
+    added or returned to float32 for the caches and the layers after.
     """
 
     def __init__(
@@ -160,6 +165,7 @@ class LocalStack(nn.Module):
         self.step: HeadStep | None = None
         self._matrices: dict[int, tuple[tuple, Tensor]] = {}  # per stage, see below
         self._panels: dict[int, tuple[tuple, Tensor]] = {}
+        self._low_matrices: dict[int, tuple[tuple, Tensor]] = {}
         self._low_weights: dict[int, tuple[tuple, tuple[Tensor, Tensor | None]]] = {}
 
     def clear_weight_caches(self) -> None:
@@ -167,12 +173,16 @@ class LocalStack(nn.Module):
         (`forget_weight_caches`)."""
         self._matrices = {}
         self._panels = {}
+        self._low_matrices = {}
         self._low_weights = {}
 
-    def _convolve(self, index: int, conv: nn.Module, inputs: Tensor) -> Tensor:
+    def _convolve(
+        self, index: int, conv: nn.Module, inputs: Tensor, low_output: bool = False
+    ) -> Tensor:
         """`conv`, the convolution of stage `index`, on inputs: in `compute_dtype` where one is
         set, outside autograd, with its weight and bias rounded to it once (kept until they
-        change, `tensor_key`); the output in the inputs' dtype."""
+        change, `tensor_key`); the output in the inputs' dtype, or with `low_output` in the one it
+        was computed in."""
         dtype = self.compute_dtype
         if dtype is None or inputs.dtype == dtype or torch.is_grad_enabled():
             return conv(inputs)
@@ -191,7 +201,7 @@ class LocalStack(nn.Module):
             )
         else:
             out = F.conv2d(low, weight, bias, conv.stride, conv.padding, conv.dilation)
-        return out.to(inputs.dtype)
+        return out if low_output else out.to(inputs.dtype)
 
     def _kernel_matrix(self, index: int, conv: nn.Module) -> Tensor:
         """The weight of `conv`, the convolution of stage `index`, as (C_in, K * C_out): row c
@@ -206,11 +216,22 @@ class LocalStack(nn.Module):
         return _kept(self._matrices, index, tensor_key(weight), laid_out)
 
     def _contributions(self, index: int, conv: nn.Module, deltas: Tensor) -> Tensor:
-        """deltas (m, C_in) times the kernel matrix of stage `index`: (m, K * C_out). Up to
+        """deltas (m, C_in) times the kernel matrix of stage `index`: (m, K * C_out). In
+        `compute_dtype` where one is set, outside autograd, on the matrix rounded to it once
+        (kept until the weight changes): the contributions in that dtype. Else, up to
         `HEAD_SMALL_ROWS` float32 CPU rows outside autograd, the small-rows kernel on the matrix
-        laid out in its panels (kept until the weight changes), which reads it once from memory.
+        laid out in its panels (kept likewise), which reads it once from memory.
         """
         matrix = self._kernel_matrix(index, conv)
+        dtype = self.compute_dtype
+        if dtype is not None and deltas.dtype != dtype and not torch.is_grad_enabled():
+
+            def rounded() -> Tensor:
+                with torch.inference_mode(False):  # as in `_convolve`
+                    return matrix.to(dtype)
+
+            low = _kept(self._low_matrices, index, tensor_key(conv.weight), rounded)
+            return deltas.to(dtype) @ low
         small_rows = None
         if deltas.shape[0] <= HEAD_SMALL_ROWS and kernels.can_take(deltas, matrix):
             small_rows = kernels.small_rows_linear()
@@ -336,12 +357,13 @@ class LocalStack(nn.Module):
         pointwise layers are batch norms (eval) and ReLUs, they write its output rows straight
         into the memory of its cached output from the last step (`_pointwise_into_cache`). A
         dense step runs the original layers."""
-        pre = self._convolve(index, conv, inputs)
+        pre = self._convolve(index, conv, inputs, low_output=into_cache)
         self.step.macs += dense_convolution_macs(conv, tuple(inputs.shape))
         if into_cache:
-            outputs = self._pointwise_into_cache(index, pre, pointwise, caches)
+            outputs = self._pointwise_into_cache(index, pre, pointwise, caches, inputs.dtype)
             if outputs is not None:
                 return outputs
+            pre = pre.to(inputs.dtype)
         outputs = pre
         for layer in pointwise:
             outputs = layer(outputs)
@@ -352,34 +374,47 @@ class LocalStack(nn.Module):
         return outputs
 
     def _pointwise_into_cache(
-        self, index: int, pre: Tensor, pointwise: list[nn.Module], caches: dict[str, Tensor]
+        self,
+        index: int,
+        pre: Tensor,
+        pointwise: list[nn.Module],
+        caches: dict[str, Tensor],
+        dtype: torch.dtype,
     ) -> Tensor | None:
-        """Stage `index`'s batch norms (eval) and ReLUs on its convolution's output `pre`,
-        written as `pointwise_on_rows` computes them into the memory of the stage's cached
-        output from the last step; the output, a channels-last view of that cache. None where
-        the stage has other pointwise layers or none, no cache yet, or gradients to record.
+        """Stage `index`'s batch norms (eval) and ReLUs on its convolution's output `pre` (in
+        `dtype`, the caches', or in `compute_dtype`), written as `pointwise_on_rows` computes
+        them into the memory of the stage's cached output from the last step; the output, a
+        channels-last view of that cache. None where the stage has other pointwise layers or
+        none, no cache yet, or gradients to record. On float32 CPU caches, one pass of the
+        kernel (`kernels.head_pointwise`), which also widens a bfloat16 `pre` into the memory
+        of the cached pre-activation.
 
         On the saliency decoder's last stage (64 x 128 x 128), the normalisation, the ReLU and
         the cache's copy each took about 1 ms as separate passes over fresh memory."""
         cached = caches.get(f"input{index + 1}")
-        fits = all(
-            isinstance(layer, nn.ReLU) or (isinstance(layer, nn.BatchNorm2d) and not layer.training)
-            for layer in pointwise
-        )
-        if not fits or not pointwise or cached is None or torch.is_grad_enabled():
+        if not _norms_and_relus(pointwise) or cached is None or torch.is_grad_enabled():
             return None
         rows = rows_of(pre)
-        if cached.shape != rows.shape or cached.dtype != rows.dtype or not cached.is_contiguous():
-            cached = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-        source = rows
-        for layer in pointwise:
-            if isinstance(layer, nn.BatchNorm2d):
-                scale, shift = batch_norm_scale_and_shift(layer)
-                torch.addcmul(shift, source, scale, out=cached)
-            else:
-                torch.clamp_min(source, 0, out=cached)
-            source = cached
-        caches[f"pre{index}"] = rows  # the convolution's own output: memory of its own
+        cached = _reused(cached, rows, dtype)
+        kernel = None
+        if STAGE_KERNEL and kernels.can_take(cached) and rows.is_cpu and rows.dtype in KERNEL_ROWS:
+            kernel = kernels.head_pointwise()
+        if kernel is not None:
+            # The convolution's own output (memory of its own) is the pre-activation; one in
+            # another dtype is widened into the memory of the last step's.
+            kept = rows if rows.dtype == dtype else _reused(caches.get(f"pre{index}"), rows, dtype)
+            kernel(rows, None if kept is rows else kept, cached, *_norm_operands(pointwise))
+        else:
+            kept = rows = rows.to(dtype)
+            source = rows
+            for layer in pointwise:
+                if isinstance(layer, nn.BatchNorm2d):
+                    scale, shift = batch_norm_scale_and_shift(layer)
+                    torch.addcmul(shift, source, scale, out=cached)
+                else:
+                    torch.clamp_min(source, 0, out=cached)
+                source = cached
+        caches[f"pre{index}"] = kept
         caches[f"input{index + 1}"] = cached
         return unflat(cached, tuple(pre.shape))
 
@@ -405,17 +440,12 @@ class LocalStack(nn.Module):
         pre, cached = caches[f"pre{index}"], caches[f"input{index + 1}"]
         kernel = _head_stage_kernel(pointwise, contributions, pre, cached)
         if kernel is not None:
-            norms = [
-                batch_norm_scale_and_shift(layer) if isinstance(layer, nn.BatchNorm2d) else None
-                for layer in pointwise
-            ]
             moved, difference, counts = kernel(
                 changed,
                 contributions.contiguous(),
                 pre,
                 cached,
-                [None if norm is None else norm[0] for norm in norms],
-                [None if norm is None else norm[1] for norm in norms],
+                *_norm_operands(pointwise),
                 isinstance(conv, nn.ConvTranspose2d),
                 conv.kernel_size,
                 conv.stride,
@@ -426,7 +456,8 @@ class LocalStack(nn.Module):
             )
             self.step.macs += sum(counts.tolist()) * out_channels
             return moved, difference
-        contributions = contributions.view(-1, kernel_h * kernel_w, out_channels)
+        # Widened where they were multiplied in `compute_dtype` (exact), as the kernel adds them.
+        contributions = contributions.float().view(-1, kernel_h * kernel_w, out_channels)
         stream, rest = changed // (height * width), changed % (height * width)
         rows = reach(conv, 0, rest // width, out_height)
         cols = reach(conv, 1, rest % width, out_width)
@@ -453,18 +484,45 @@ def _head_stage_kernel(
     pointwise: list[nn.Module], contributions: Tensor, pre: Tensor, cached: Tensor
 ) -> Callable[..., tuple[Tensor, Tensor, Tensor]] | None:
     """`kernels.head_stage` where it computes what the Python stage computes: pointwise layers
-    that are batch norms in eval mode and ReLUs, float32 CPU tensors outside autograd,
-    contiguous caches; else None."""
-    if not STAGE_KERNEL or not all(
-        type(layer) is nn.ReLU or (type(layer) is nn.BatchNorm2d and not layer.training)
-        for layer in pointwise
-    ):
+    that are batch norms in eval mode and ReLUs, float32 CPU caches outside autograd,
+    contributions in float32 or bfloat16 on the CPU, contiguous caches; else None."""
+    if not STAGE_KERNEL or not _norms_and_relus(pointwise, allow_none=True):
         return None
-    if not kernels.can_take(contributions, pre, cached) or torch.is_grad_enabled():
+    if not kernels.can_take(pre, cached) or torch.is_grad_enabled():
+        return None
+    if not contributions.is_cpu or contributions.dtype not in KERNEL_ROWS:
         return None
     if not (pre.is_contiguous() and cached.is_contiguous()):
         return None
     return kernels.head_stage()
+
+
+def _norms_and_relus(pointwise: list[nn.Module], allow_none: bool = False) -> bool:
+    """Whether a stage's pointwise layers are all batch norms in eval mode and ReLUs (exactly
+    those types: a subclass may compute something else), and at least one unless `allow_none`:
+    what the kernels and `_pointwise_into_cache` compute themselves."""
+    return (allow_none or len(pointwise) > 0) and all(
+        type(layer) is nn.ReLU or (type(layer) is nn.BatchNorm2d and not layer.training)
+        for layer in pointwise
+    )
+
+
+def _norm_operands(pointwise: list[nn.Module]) -> tuple[list, list]:
+    """Per pointwise layer its batch norm's scale and shift, or None and None (a ReLU), as the
+    kernels take them."""
+    norms = [
+        batch_norm_scale_and_shift(layer) if isinstance(layer, nn.BatchNorm2d) else (None, None)
+        for layer in pointwise
+    ]
+    return [scale for scale, _ in norms], [shift for _, shift in norms]
+
+
+def _reused(kept: Tensor | None, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """`kept` where it can take `like`'s values in `dtype` (the same shape, that dtype,
+    contiguous), else new memory for them."""
+    if kept is None or kept.shape != like.shape or kept.dtype != dtype or not kept.is_contiguous():
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return kept
 
 
 def _kept(cache: dict, index: int, key: object, make: Callable[[], object]):

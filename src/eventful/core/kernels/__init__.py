@@ -12,9 +12,10 @@ The sources of this folder build into one library of dispatcher operators
   with each row's log-sum-exp;
 - `transposed()`: `transpose.cpp`, the last two dimensions of a tensor swapped into new memory:
   a convolutional head's channels-last rows to PyTorch's default layout and back;
-- `head_stage()`: `head_stage.cpp`, a convolutional head's sparse stage after its product: the
-  changed positions' contributions added where they reach, the pointwise layers on the rows
-  touched, the change passed on;
+- `head_stage()` and `head_pointwise()`: `head_stage.cpp`, a convolutional head's sparse stage
+  after its product (the changed positions' contributions added where they reach, the pointwise
+  layers on the rows touched, the change passed on), and the pointwise layers of a dense stage
+  written into its cached output in one pass;
 - `exact_attention_update()`: `exact_update.cpp`, one step of the exact level's attention over
   each stream's whole sequence in one call;
 - `full_attention_update()`: `full_update.cpp`, one step of the full level's attention update
@@ -125,13 +126,23 @@ def transposed() -> Callable[[torch.Tensor], torch.Tensor] | None:
 def head_stage() -> Callable[..., tuple] | None:
     """A sparse stage of an eventful head after its product (`LocalStack._sparse_stage`), built
     on first use; None if unavailable. Arguments: the changed input positions (m,) int64, their
-    contributions (m, kernel elements x C) float32, the stage's cached pre-activation and output
-    (positions, C) float32, updated in place, per pointwise layer its batch norm's scale and
-    shift (or None and None: a ReLU), whether the convolution is transposed, its kernel size,
-    stride, padding and dilation, the input's and the output's (rows, columns). Returns the
-    output positions that changed, their changes, and (2,) the contributions added and the
-    positions touched."""
+    contributions (m, kernel elements x C) float32 or bfloat16, the stage's cached
+    pre-activation and output (positions, C) float32, updated in place, per pointwise layer its
+    batch norm's scale and shift (or None and None: a ReLU), whether the convolution is
+    transposed, its kernel size, stride, padding and dilation, the input's and the output's
+    (rows, columns). Returns the output positions that changed, their changes, and (2,) the
+    contributions added and the positions touched."""
     return torch.ops.eventful.head_stage if _available() else None
+
+
+def head_pointwise() -> Callable[..., None] | None:
+    """The pointwise layers of a dense stage of an eventful head in one pass
+    (`LocalStack._pointwise_into_cache`), built on first use; None if unavailable. Arguments:
+    the stage's convolution output as rows (positions, C) float32 or bfloat16, contiguous; the
+    cached pre-activation (positions, C) float32 to widen them into, or None; the cached output
+    (positions, C) float32 to write; per pointwise layer its batch norm's scale and shift (or
+    None and None: a ReLU), as `head_stage` takes them."""
+    return torch.ops.eventful.head_pointwise if _available() else None
 
 
 def exact_attention_update() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:

@@ -1,28 +1,42 @@
-// A sparse stage of an eventful head (`LocalStack._sparse_stage`) after its product: the
-// contributions of the changed input positions added into the stage's cached pre-activation where
-// they reach, the pointwise layers on the output positions touched, and their change against the
-// cached output (float32, CPU).
+// A convolutional head's stage (`LocalStack`) around its product, float32 on the CPU:
 //
-// In PyTorch operators this is some twenty calls on a few hundred rows (the reach of each
-// position, a scatter-add, the distinct touched rows, gathers, the pointwise layers, the
+// - `head_stage`, a sparse stage after its product: the contributions of the changed input
+//   positions added into the stage's cached pre-activation where they reach, the pointwise layers
+//   on the output positions touched, and their change against the cached output;
+// - `head_pointwise`, a dense stage after its convolution: the pointwise layers on every position,
+//   written into the cached output in one pass (and, from a bfloat16 convolution, its output
+//   widened into the cached pre-activation in the same pass).
+//
+// In PyTorch operators a sparse stage is some twenty calls on a few hundred rows (the reach of
+// each position, a scatter-add, the distinct touched rows, gathers, the pointwise layers, the
 // difference, a scatter, the rows that moved), each with its fixed cost and the Python between
 // them: on the saliency decoder at 4 of 257 tokens, its three sparse stages took about 2.4 ms a
-// step with their products, about 1.9 ms with this kernel (2 threads, Intel Xeon). Here the
-// indexing runs in plain loops and the pointwise layers are PyTorch's own operators on the
-// gathered rows (a batch norm in eval mode as
-// `addcmul` of its shift, the rows and its scale; a ReLU as `relu`), so that the values are those
-// of the Python stage, bit for bit: the contributions are added one after the other in the order
-// `index_add_` takes them (position, then kernel row, then kernel column), one float addition
-// each.
+// step with their products, about 1.9 ms with this kernel (2 threads, Intel Xeon). A dense stage
+// is a pass over the output per pointwise layer, and one more to widen a bfloat16 output.
+//
+// The values are those of the Python stage, bit for bit: the contributions are added one after
+// the other in the order `index_add_` takes them (position, then kernel row, then kernel column),
+// one float addition each; a batch norm in eval mode is `addcmul` of its shift, the rows and its
+// scale, which PyTorch's CPU kernel computes as one fused multiply-add per value; a ReLU is
+// `clamp_min(x, 0)` (a NaN stays). Threads share the output positions: each adds the
+// contributions that land in its own, in the same order.
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <vector>
 
 namespace {
+
+// Below this many float additions a scatter runs on one thread: splitting costs more.
+constexpr int64_t SERIAL_WORK = 32768;
+// Rows per task of the passes over touched or all output rows.
+constexpr int64_t ROWS_PER_TASK = 256;
 
 // Where an input coordinate `at` reaches along one axis through kernel offset `offset`: the
 // output coordinate, or -1 outside the output (of `size`). A transposed convolution's input i
@@ -40,30 +54,134 @@ inline int64_t reached(bool transposed, int64_t at, int64_t offset, int64_t stri
   return to < size ? to : -1;
 }
 
-void check_rows(const torch::Tensor& t, const char* name) {
+inline float widened(float value) { return value; }
+inline float widened(at::BFloat16 value) { return static_cast<float>(value); }  // exact
+
+// The pointwise layers, in order, as per-channel scales and shifts: a batch norm where `scales`
+// holds one (x * scale + shift), else a ReLU.
+struct Pointwise {
+  std::vector<const float*> scales, shifts;
+
+  // A row of `channels` values from `from` through the layers into `to` (which may be `from`),
+  // layer after layer: each value rounded after each operation, as the operators round it.
+  template <typename T>
+  void apply(const T* from, float* to, int64_t channels) const {
+    for (int64_t c = 0; c < channels; ++c) to[c] = widened(from[c]);
+    for (size_t layer = 0; layer < scales.size(); ++layer) {
+      const float* scale = scales[layer];
+      const float* shift = shifts[layer];
+      if (scale != nullptr) {
+        for (int64_t c = 0; c < channels; ++c) to[c] = std::fma(to[c], scale[c], shift[c]);
+      } else {
+        for (int64_t c = 0; c < channels; ++c) {
+          to[c] = to[c] < 0.0f ? 0.0f : to[c];  // a NaN and -0 stay, as clamp_min(x, 0) keeps
+        }
+      }
+    }
+  }
+};
+
+void check_rows(const torch::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == 2 &&
                   t.is_contiguous(),
-              "head_stage expects ", name, " as contiguous float32 CPU rows (P, C), got ",
+              op, " expects ", name, " as contiguous float32 CPU rows (P, C), got ",
               t.scalar_type(), " on ", t.device(), " of shape ", t.sizes());
 }
 
+void check_low_rows(const torch::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() &&
+                  (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16) &&
+                  t.dim() == 2 && t.is_contiguous(),
+              op, " expects ", name, " as contiguous float32 or bfloat16 CPU rows, got ",
+              t.scalar_type(), " on ", t.device(), " of shape ", t.sizes());
+}
+
+Pointwise pointwise_layers(const c10::List<c10::optional<torch::Tensor>>& scales,
+                           const c10::List<c10::optional<torch::Tensor>>& shifts,
+                           int64_t channels, const char* op) {
+  TORCH_CHECK(scales.size() == shifts.size(), op, " expects a shift per scale, got ",
+              scales.size(), " scales and ", shifts.size(), " shifts");
+  Pointwise layers;
+  for (size_t layer = 0; layer < scales.size(); ++layer) {
+    const c10::optional<torch::Tensor> scale = scales.get(layer), shift = shifts.get(layer);
+    const bool has_scale = scale.has_value() && scale->defined();
+    const bool has_shift = shift.has_value() && shift->defined();
+    TORCH_CHECK(has_scale == has_shift, op, " expects pointwise layer ", layer,
+                " to have a scale and a shift (a batch norm) or neither (a ReLU)");
+    if (!has_scale) {
+      layers.scales.push_back(nullptr);
+      layers.shifts.push_back(nullptr);
+      continue;
+    }
+    for (const auto* t : {&*scale, &*shift}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 &&
+                      t->is_contiguous() && t->numel() == channels,
+                  op, " expects the batch norm of pointwise layer ", layer, " to have ",
+                  channels, " contiguous float32 scales and shifts, got ", scale->numel(),
+                  " and ", shift->numel());
+    }
+    layers.scales.push_back(scale->data_ptr<float>());
+    layers.shifts.push_back(shift->data_ptr<float>());
+  }
+  return layers;
+}
+
+// The contributions (m, offsets x C) of the changed positions `at` into `sums` (P, C) where they
+// reach, in index_add_'s order; marks the rows touched. Threads own ranges of output rows.
+template <typename T>
+int64_t scatter(const int64_t* at, int64_t count, const T* adds, float* sums, int64_t rows,
+                int64_t channels, uint8_t* touched, bool transposed, c10::IntArrayRef kernel,
+                c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                c10::IntArrayRef in_size, c10::IntArrayRef out_size) {
+  const int64_t offsets = kernel[0] * kernel[1], in_positions = in_size[0] * in_size[1];
+  const int64_t work = count * offsets * channels;
+  const int64_t threads = work < SERIAL_WORK ? 1 : at::get_num_threads();
+  std::atomic<int64_t> added{0};
+  at::parallel_for(0, rows, (rows + threads - 1) / threads, [&](int64_t begin, int64_t end) {
+    int64_t mine = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t stream = at[i] / in_positions, rest = at[i] % in_positions;
+      const int64_t row = rest / in_size[1], column = rest % in_size[1];
+      for (int64_t ky = 0; ky < kernel[0]; ++ky) {
+        const int64_t to_row =
+            reached(transposed, row, ky, stride[0], padding[0], dilation[0], out_size[0]);
+        if (to_row < 0) continue;
+        for (int64_t kx = 0; kx < kernel[1]; ++kx) {
+          const int64_t to_column =
+              reached(transposed, column, kx, stride[1], padding[1], dilation[1], out_size[1]);
+          if (to_column < 0) continue;
+          const int64_t target = (stream * out_size[0] + to_row) * out_size[1] + to_column;
+          if (target < begin || target >= end) continue;
+          float* into = sums + target * channels;
+          const T* from = adds + (i * offsets + ky * kernel[1] + kx) * channels;
+          for (int64_t c = 0; c < channels; ++c) into[c] += widened(from[c]);
+          touched[target] = 1;
+          ++mine;
+        }
+      }
+    }
+    added += mine;
+  });
+  return added.load();
+}
+
 // changed (m,) flat input positions (stream, row, column of the input grid `in_size`);
-// contributions (m, kernel rows x kernel columns x C): what each changed position adds to each
-// output channel through each kernel offset; pre and cached (B x out rows x out columns, C): the
-// stage's pre-activation and its output after the pointwise layers, both updated in place. The
-// pointwise layers, in order: a batch norm where `scales[i]` is given (x * scale + shift), else
-// a ReLU. Returns the output positions whose value changed (ascending), their changes (new minus
-// old, nonzero or NaN somewhere in each row), and (2,) the contributions added and the positions
-// touched.
+// contributions (m, kernel rows x kernel columns x C), float32 or bfloat16: what each changed
+// position adds to each output channel through each kernel offset; pre and cached (B x out rows x
+// out columns, C): the stage's pre-activation and its output after the pointwise layers, both
+// updated in place. The pointwise layers, in order: a batch norm where `scales[i]` is given
+// (x * scale + shift), else a ReLU. Returns the output positions whose value changed
+// (ascending), their changes (new minus old, nonzero or NaN somewhere in each row), and (2,)
+// the contributions added and the positions touched.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_stage(
     const torch::Tensor& changed, const torch::Tensor& contributions, torch::Tensor pre,
     torch::Tensor cached, const c10::List<c10::optional<torch::Tensor>>& scales,
     const c10::List<c10::optional<torch::Tensor>>& shifts, bool transposed,
     c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef dilation, c10::IntArrayRef in_size, c10::IntArrayRef out_size) {
-  check_rows(contributions, "contributions");
-  check_rows(pre, "pre");
-  check_rows(cached, "cached");
+  check_low_rows(contributions, "head_stage", "contributions");
+  check_rows(pre, "head_stage", "pre");
+  check_rows(cached, "head_stage", "cached");
   for (const auto* values : {&kernel, &stride, &padding, &dilation, &in_size, &out_size}) {
     TORCH_CHECK(values->size() == 2, "head_stage expects two values per geometry argument, got ",
                 *values);
@@ -85,18 +203,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_stage(
   TORCH_CHECK(contributions.size(0) == count && contributions.size(1) == offsets * channels,
               "head_stage expects contributions of shape [", count, ", ", offsets * channels,
               "], got ", contributions.sizes());
-  TORCH_CHECK(scales.size() == shifts.size(), "head_stage expects a shift per scale, got ",
-              scales.size(), " scales and ", shifts.size(), " shifts");
-  for (size_t layer = 0; layer < scales.size(); ++layer) {
-    const c10::optional<torch::Tensor> scale = scales.get(layer), shift = shifts.get(layer);
-    const bool has_scale = scale.has_value() && scale->defined();
-    const bool has_shift = shift.has_value() && shift->defined();
-    TORCH_CHECK(has_scale == has_shift, "head_stage expects pointwise layer ", layer,
-                " to have a scale and a shift (a batch norm) or neither (a ReLU)");
-    TORCH_CHECK(!has_scale || (scale->numel() == channels && shift->numel() == channels),
-                "head_stage expects the batch norm of pointwise layer ", layer, " to have ",
-                channels, " scales and shifts, got ", scale->numel(), " and ", shift->numel());
-  }
+  const Pointwise layers = pointwise_layers(scales, shifts, channels, "head_stage");
   const auto positions = changed.contiguous();
   const int64_t* at = positions.data_ptr<int64_t>();
   for (int64_t i = 0; i < count; ++i) {
@@ -104,80 +211,98 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_stage(
                 "positions in [0, ", streams * in_positions, "), got ", at[i]);
   }
 
-  // The contributions into the pre-activation, in index_add_'s order; the rows they touch.
+  // The contributions into the pre-activation; the rows they touch, ascending.
   float* sums = pre.data_ptr<float>();
-  const float* adds = contributions.data_ptr<float>();
   std::vector<uint8_t> touched_mark(pre.size(0), 0);
-  int64_t added = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t stream = at[i] / in_positions, rest = at[i] % in_positions;
-    const int64_t row = rest / in_size[1], column = rest % in_size[1];
-    for (int64_t ky = 0; ky < kernel[0]; ++ky) {
-      const int64_t to_row =
-          reached(transposed, row, ky, stride[0], padding[0], dilation[0], out_size[0]);
-      for (int64_t kx = 0; kx < kernel[1]; ++kx) {
-        const int64_t to_column =
-            reached(transposed, column, kx, stride[1], padding[1], dilation[1], out_size[1]);
-        if (to_row < 0 || to_column < 0) continue;
-        const int64_t target = (stream * out_size[0] + to_row) * out_size[1] + to_column;
-        float* into = sums + target * channels;
-        const float* from = adds + (i * offsets + ky * kernel[1] + kx) * channels;
-        for (int64_t c = 0; c < channels; ++c) into[c] += from[c];
-        touched_mark[target] = 1;
-        ++added;
-      }
-    }
-  }
+  const int64_t added =
+      contributions.scalar_type() == torch::kBFloat16
+          ? scatter(at, count, contributions.data_ptr<at::BFloat16>(), sums, pre.size(0),
+                    channels, touched_mark.data(), transposed, kernel, stride, padding, dilation,
+                    in_size, out_size)
+          : scatter(at, count, contributions.data_ptr<float>(), sums, pre.size(0), channels,
+                    touched_mark.data(), transposed, kernel, stride, padding, dilation, in_size,
+                    out_size);
   std::vector<int64_t> touched;
   for (int64_t p = 0; p < pre.size(0); ++p) {
     if (touched_mark[p]) touched.push_back(p);
   }
   const int64_t rows = static_cast<int64_t>(touched.size());
 
-  // The pointwise layers on the touched rows, as PyTorch's operators compute them.
-  auto outputs = torch::empty({rows, channels}, pre.options());
-  float* gathered = outputs.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(gathered + r * channels, sums + touched[r] * channels, channels * sizeof(float));
-  }
-  for (size_t layer = 0; layer < scales.size(); ++layer) {
-    const c10::optional<torch::Tensor> scale = scales.get(layer), shift = shifts.get(layer);
-    if (scale.has_value() && scale->defined()) {
-      outputs = at::addcmul(*shift, outputs, *scale);
-    } else {
-      outputs = at::relu(outputs);
-    }
-  }
-  outputs = outputs.contiguous();
-
-  // Their change against the cached output, which takes them; the rows that moved.
+  // Per touched row: the pointwise layers, the change against the cached output, which takes
+  // the new values; then the rows that moved.
   float* kept = cached.data_ptr<float>();
-  const float* news = outputs.data_ptr<float>();
   std::vector<float> difference(rows * channels);
+  std::vector<uint8_t> moves(rows, 0);
+  at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t begin, int64_t end) {
+    std::vector<float> news(channels);
+    for (int64_t r = begin; r < end; ++r) {
+      float* old = kept + touched[r] * channels;
+      float* change = difference.data() + r * channels;
+      layers.apply(sums + touched[r] * channels, news.data(), channels);
+      bool moved = false;
+      for (int64_t c = 0; c < channels; ++c) {
+        change[c] = news[c] - old[c];
+        moved |= !(change[c] == 0.0f);  // a NaN moves too
+      }
+      std::memcpy(old, news.data(), channels * sizeof(float));
+      moves[r] = moved;
+    }
+  });
   std::vector<int64_t> moved;
   for (int64_t r = 0; r < rows; ++r) {
-    float* old = kept + touched[r] * channels;
-    float* change = difference.data() + r * channels;
-    bool moves = false;
-    for (int64_t c = 0; c < channels; ++c) {
-      change[c] = news[r * channels + c] - old[c];
-      moves |= !(change[c] == 0.0f);  // a NaN moves too
-    }
-    std::memcpy(old, news + r * channels, channels * sizeof(float));
-    if (moves) moved.push_back(r);
+    if (moves[r]) moved.push_back(r);
   }
   const int64_t moving = static_cast<int64_t>(moved.size());
   auto moved_positions = torch::empty({moving}, positions.options());
   auto moved_changes = torch::empty({moving, channels}, pre.options());
   int64_t* moved_at = moved_positions.data_ptr<int64_t>();
   float* moved_by = moved_changes.data_ptr<float>();
-  for (int64_t j = 0; j < moving; ++j) {
-    moved_at[j] = touched[moved[j]];
-    std::memcpy(moved_by + j * channels, difference.data() + moved[j] * channels,
-                channels * sizeof(float));
-  }
+  at::parallel_for(0, moving, ROWS_PER_TASK, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      moved_at[j] = touched[moved[j]];
+      std::memcpy(moved_by + j * channels, difference.data() + moved[j] * channels,
+                  channels * sizeof(float));
+    }
+  });
   auto counts = torch::tensor({added, rows}, positions.options());
   return {moved_positions, moved_changes, counts};
+}
+
+// source (P, C), float32 or bfloat16: a dense stage's convolution output as rows. Writes the
+// pointwise layers of it into `output` (P, C) float32, and where `pre` (P, C) float32 is given,
+// source itself into it (widened). The layers as in `head_stage`.
+void head_pointwise(const torch::Tensor& source, const c10::optional<torch::Tensor>& pre,
+                    torch::Tensor output, const c10::List<c10::optional<torch::Tensor>>& scales,
+                    const c10::List<c10::optional<torch::Tensor>>& shifts) {
+  check_low_rows(source, "head_pointwise", "source");
+  check_rows(output, "head_pointwise", "output");
+  const bool widen = pre.has_value() && pre->defined();
+  if (widen) check_rows(*pre, "head_pointwise", "pre");
+  TORCH_CHECK(output.sizes() == source.sizes() && (!widen || pre->sizes() == source.sizes()),
+              "head_pointwise expects source, pre and output of the same shape, got ",
+              source.sizes(), ", ", widen ? pre->sizes() : source.sizes(), " and ",
+              output.sizes());
+  const int64_t rows = source.size(0), channels = source.size(1);
+  const Pointwise layers = pointwise_layers(scales, shifts, channels, "head_pointwise");
+  float* out = output.data_ptr<float>();
+  float* wide = widen ? pre->data_ptr<float>() : nullptr;
+  auto run = [&](auto* from) {
+    at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (wide != nullptr) {
+          for (int64_t c = 0; c < channels; ++c) {
+            wide[r * channels + c] = widened(from[r * channels + c]);
+          }
+        }
+        layers.apply(from + r * channels, out + r * channels, channels);
+      }
+    });
+  };
+  if (source.scalar_type() == torch::kBFloat16) {
+    run(source.data_ptr<at::BFloat16>());
+  } else {
+    run(source.data_ptr<float>());
+  }
 }
 
 }  // namespace
@@ -188,6 +313,12 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
       "Tensor?[] scales, Tensor?[] shifts, bool transposed, int[] kernel, int[] stride, "
       "int[] padding, int[] dilation, int[] in_size, int[] out_size) -> (Tensor moved, "
       "Tensor changes, Tensor counts)");
+  library.def(
+      "head_pointwise(Tensor source, Tensor(a!)? pre, Tensor(b!) output, Tensor?[] scales, "
+      "Tensor?[] shifts) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(eventful, CPU, library) { library.impl("head_stage", &head_stage); }
+TORCH_LIBRARY_IMPL(eventful, CPU, library) {
+  library.impl("head_stage", &head_stage);
+  library.impl("head_pointwise", &head_pointwise);
+}
