@@ -1,5 +1,7 @@
 """Eventful heads: local convolution stacks recompute only what their changed inputs reach."""
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -364,6 +366,58 @@ def test_a_dense_stage_within_a_step_writes_its_cache_in_the_kernel_bit_for_bit(
         assert len(calls) == len(inputs) - 1  # once a step after the first
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert all(cache.dtype == torch.float32 for cache in caches.values())
+
+
+needs_prepacked = pytest.mark.skipif(
+    not local_head.prepacks(torch.zeros(1)), reason="PyTorch has no oneDNN packed convolutions"
+)
+
+
+def prepacked_runs(monkeypatch, layers, inputs, prepacked: bool, dtype=None) -> tuple:
+    """`stage_runs` with the dense stages within a step on prepacked weights or PyTorch's."""
+    monkeypatch.setattr(local_head, "PREPACKED_CONVOLUTIONS", prepacked)
+    return stage_runs(monkeypatch, layers, inputs, True, dtype)
+
+
+@needs_prepacked
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", CONVOLUTIONS)
+def test_a_dense_stage_within_a_step_on_prepacked_weights_equals_the_convolution(
+    name, dtype, monkeypatch
+):
+    layers = stack_of(CONVOLUTIONS[name]())
+    for size in (9, 12):  # a new input size packs the weights again
+        inputs = sparse_changes(size=size, share=0.5)
+        want, _, _ = prepacked_runs(monkeypatch, layers, inputs, False, dtype)
+        got, stack, _ = prepacked_runs(monkeypatch, layers, inputs, True, dtype)
+        assert stack._prepacked  # the first stage ran densely within steps, on packed weights
+        for a, b in zip(got, want, strict=True):
+            assert_equal_up_to_rounding(a, b)
+
+
+@needs_prepacked
+def test_prepacked_weights_follow_the_weights_and_leave_copies_and_pickles_alone(monkeypatch):
+    layers = stack_of(CONVOLUTIONS["transposed 4/2/1"]())
+    inputs = sparse_changes(share=0.5)
+    _, stack, _ = prepacked_runs(monkeypatch, layers, inputs, True)
+    assert stack._prepacked
+    # oneDNN's packed weights cannot be copied or pickled: copies and pickles pack them again.
+    for copied in (copy.deepcopy(stack), pickle.loads(pickle.dumps(stack))):
+        assert not copied._prepacked
+        with torch.inference_mode():
+            got, _ = run_steps(copied, inputs)
+            want, _ = run_steps(stack, inputs)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with torch.no_grad():
+        layers[0].weight.mul_(2)  # in place: the packed weight follows
+    doubled, _, _ = prepacked_runs(monkeypatch, layers, inputs, True)
+    reference, _, _ = prepacked_runs(monkeypatch, layers, inputs, False)
+    for a, b in zip(doubled, reference, strict=True):
+        assert_equal_up_to_rounding(a, b)
+    with torch.inference_mode():
+        again, _ = run_steps(stack, inputs)  # the first stack, its packing made before
+    for a, b in zip(again, reference, strict=True):
+        assert_equal_up_to_rounding(a, b)
 
 
 @needs_head_kernel
