@@ -31,6 +31,7 @@ from user_sizes import ATTENTION_OPERATORS, GATE_OPERATORS, LINEAR_OPERATORS, op
 
 import eventful
 from eventful.core import kernels, packed_linear
+from eventful.core.ops import HEAD_LAYERS
 from eventful.core.packed_linear import PackedLinear
 from eventful.core.precision import native_bf16, quantized
 
@@ -142,8 +143,10 @@ def least_times(
     model, stream, num_tokens: int, peaks: dict[str, float], precision: str = "fp32"
 ) -> dict[str, float]:
     """Milliseconds each part needs at least on this machine, from the last step's op counts.
-    At precision bf16 the linear layers read bfloat16 weights and, with attention, multiply at
-    the bfloat16 peak; what later steps read stays float32, as the engine keeps it."""
+    At precision bf16 the linear layers read bfloat16 weights and, with attention and a head,
+    multiply at the bfloat16 peak; what later steps read stays float32, as the engine keeps it.
+    A model with a head (the saliency decoder) adds it: its multiply-accumulates, or its
+    convolution and linear weights read once."""
     flops, bandwidth = peaks[str(torch.float32)], peaks["bandwidth"]
     matmul_flops = peaks[str(torch.bfloat16)] if precision == "bf16" else flops
     ops = stream.ops.by_category
@@ -172,8 +175,21 @@ def least_times(
         "gates (error, norm, selection)": 1000 * depth * 3 * 2 * tokens_bytes / bandwidth,
         "norms and activations": 1000 * FLOAT * selected * dim * 2 / bandwidth,
         "patch embedding": 1000 * 2 * 3 * num_tokens * dim * patch**2 / flops,
+        "head": 1000
+        * max(2 * ops["head"] / matmul_flops, head_weight_bytes(model, precision) / bandwidth),
         "other operators": 0.0,
     }
+
+
+def head_weight_bytes(model, precision: str) -> int:
+    """Bytes of the weights of a model's layers outside its encoder (a head's convolutions and
+    linear layers), at the precision's weight size; 0 for a bare encoder."""
+    inside = {id(module) for module in model.encoder.modules()}
+    return sum(
+        WEIGHT_BYTES[precision] * module.weight.numel()
+        for module in model.modules()
+        if id(module) not in inside and isinstance(module, HEAD_LAYERS)
+    )
 
 
 def roofline_section(threads: int, steps: int) -> str:
