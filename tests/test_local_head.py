@@ -408,6 +408,12 @@ def test_prepacked_weights_follow_the_weights_and_leave_copies_and_pickles_alone
             got, _ = run_steps(copied, inputs)
             want, _ = run_steps(stack, inputs)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    # A stack pickled before some of its caches existed loads with them empty.
+    old = LocalStack.__new__(LocalStack)
+    state = stack.__getstate__()
+    del state["_low_matrices"], state["_prepacked"]
+    old.__setstate__(state)
+    assert old._low_matrices == {} and old._prepacked == {}
     with torch.no_grad():
         layers[0].weight.mul_(2)  # in place: the packed weight follows
     doubled, _, _ = prepacked_runs(monkeypatch, layers, inputs, True)
