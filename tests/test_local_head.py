@@ -242,6 +242,26 @@ def test_a_head_that_is_not_local_runs_densely_and_says_so_once():
     assert stream.ops.by_category["head"] == 48 * 10 + 10  # runs in full on every step
 
 
+def test_a_head_with_a_norm_over_features_converts_and_runs_it_densely():
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = tiny_vit()
+            self.norm = nn.LayerNorm(48)  # weights of its own, neither pointwise nor a layer
+            self.tags = nn.Linear(48, 5)
+
+        def forward(self, frames):
+            return self.tags(self.norm(self.backbone(frames)))
+
+    model = Tagger().eval()
+    with pytest.warns(UserWarning, match="run densely"):
+        converted = eventful.convert(model, policy=eventful.TopK(65))
+    assert converted.dense_head_layers == ["norm (LayerNorm)", "tags (Linear)"]
+    frame = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert_equal_up_to_rounding(converted.stream(drift=None)(frame), model(frame))
+
+
 def test_counting_off_changes_no_output():
     model = saliency_model()
     converted = eventful.convert(model, policy=eventful.TopK(16))
@@ -439,6 +459,34 @@ def test_at_bf16_sparse_stages_add_bfloat16_products_as_the_python_stage_does(mo
     in_float32, _, _ = stage_runs(monkeypatch, layers, inputs, True)
     for a, b in zip(got, in_float32, strict=True):  # bfloat16's rounding, no more
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+@needs_head_kernel
+def test_the_kernels_batch_norm_operands_follow_the_norms_statistics(monkeypatch):
+    layers = stack_of(CONVOLUTIONS["transposed 4/2/1"]())
+    inputs = sparse_changes()
+    _, stack, _ = stage_runs(monkeypatch, layers, inputs, True)
+    assert stack._norms  # kept from step to step
+    with torch.no_grad():
+        layers[1].running_var.mul_(3)
+        layers[1].weight.add_(0.5)
+    with torch.inference_mode():
+        got, _ = run_steps(stack, inputs)
+    want, _, _ = stage_runs(monkeypatch, layers, inputs, False)  # computed anew at every stage
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_a_batch_norm_without_running_statistics_is_not_pointwise():
+    def stack(norm: nn.BatchNorm2d) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(6, 16, 3, padding=1), norm, nn.ReLU()).eval()
+
+    assert local_head.is_local_stack(stack(nn.BatchNorm2d(16)))
+    # In eval mode too it normalises with its batch's statistics: each position depends on all.
+    batch_statistics = stack(nn.BatchNorm2d(16, track_running_stats=False))
+    assert not local_head.is_local_stack(batch_statistics)
+    head = nn.Sequential(batch_statistics)
+    stacks, dense = local_head.convert_heads(head, "encoder")
+    assert stacks == ["0.0"] and dense == ["0.1 (BatchNorm2d)"]
 
 
 @needs_head_kernel
