@@ -239,8 +239,18 @@ void attend_block(const Head<T>& head, int64_t tokens, int64_t first, Scratch& s
   for (int64_t r = 0; r < BLOCK; ++r) {
     const float* row = logits + r * padded;
     uint16_t* weights = scratch.weights.data() + r * weight_stride;
-    __m512 most = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < whole; j += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(row + j));
+    // Four running maxima: one alone waits for each maximum before the next (a maximum is
+    // exact in any order).
+    __m512 most = _mm512_set1_ps(-INFINITY), most1 = most, most2 = most, most3 = most;
+    int64_t j4 = 0;
+    for (; j4 + 64 <= whole; j4 += 64) {
+      most = _mm512_max_ps(most, _mm512_loadu_ps(row + j4));
+      most1 = _mm512_max_ps(most1, _mm512_loadu_ps(row + j4 + 16));
+      most2 = _mm512_max_ps(most2, _mm512_loadu_ps(row + j4 + 32));
+      most3 = _mm512_max_ps(most3, _mm512_loadu_ps(row + j4 + 48));
+    }
+    for (; j4 < whole; j4 += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(row + j4));
+    most = _mm512_max_ps(_mm512_max_ps(most, most1), _mm512_max_ps(most2, most3));
     if (tail) {
       const __m512 rest = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, row + whole);
       most = _mm512_max_ps(most, rest);
