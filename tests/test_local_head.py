@@ -1,7 +1,10 @@
 """Eventful heads: local convolution stacks recompute only what their changed inputs reach."""
 
 import copy
+import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -509,10 +512,31 @@ def test_the_pointwise_kernel_computes_what_the_operators_compute_bit_for_bit():
             for scales, shifts, want in cases:
                 output = torch.full_like(source, 7.0)
                 pre = torch.full_like(source, 7.0) if low else None
-                kernel(given, pre, output, scales, shifts)
+                kernel(given, pre, output, scales, shifts, local_head.addcmul_fuses())
                 torch.testing.assert_close(output, want, rtol=0, atol=0, equal_nan=True)
                 if low:
                     torch.testing.assert_close(pre, values, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_head_kernel
+def test_without_avx2_the_kernels_round_a_batch_norm_as_addcmul_does_there():
+    # PyTorch's kernels for CPUs without AVX2 round addcmul's product and sum apart; where the
+    # CPU has AVX2 they fuse them. The kernels follow whichever PyTorch runs.
+    script = (
+        "import torch\n"
+        "from eventful.core import kernels, local_head\n"
+        "assert not local_head.addcmul_fuses()\n"
+        "torch.manual_seed(0)\n"
+        "source, scale, shift = torch.randn(300, 37) * 4, torch.randn(37) * 3, torch.randn(37)\n"
+        "output = torch.empty_like(source)\n"
+        "kernels.head_pointwise()(source, None, output, [scale], [shift], False)\n"
+        "assert torch.equal(output, torch.addcmul(shift, source, scale))\n"
+    )
+    environment = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
 
 
 @needs_head_kernel
@@ -528,9 +552,9 @@ def test_the_pointwise_kernel_refuses_what_it_cannot_take_and_writes_nothing():
     }
     for refused, (given, widened, written) in cases.items():
         with pytest.raises(RuntimeError, match=refused):
-            kernel(given, widened, written, [scale], [shift])
+            kernel(given, widened, written, [scale], [shift], True)
     with pytest.raises(RuntimeError, match="5 contiguous float32 scales and shifts, got 4"):
-        kernel(source, pre, output, [scale[:4]], [shift[:4]])
+        kernel(source, pre, output, [scale[:4]], [shift[:4]], True)
     assert torch.equal(pre, before[0]) and torch.equal(output, before[1])
 
 
@@ -598,5 +622,5 @@ def test_the_stage_kernel_refuses_what_it_cannot_take_and_leaves_the_caches_alon
     }
     for refused, (positions, given, scales, shifts) in cases.items():
         with pytest.raises(RuntimeError, match=refused):
-            kernel(positions, given, pre, cached, scales, shifts, False, *geometry)
+            kernel(positions, given, pre, cached, scales, shifts, True, False, *geometry)
         assert torch.equal(pre, before[0]) and torch.equal(cached, before[1]), refused

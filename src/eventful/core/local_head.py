@@ -287,11 +287,11 @@ class LocalStack(nn.Module):
         weight, bias = _kept(self._prepacked, index, key, packed)
         return convolve(inputs, weight, bias, *geometry, 1, "none", [], None)
 
-    def _norm_operands(self, index: int, pointwise: list[nn.Module]) -> tuple[list, list]:
+    def _norm_operands(self, index: int, pointwise: list[nn.Module]) -> tuple[list, list, bool]:
         """Per pointwise layer of stage `index` its batch norm's scale and shift, or None and
-        None (a ReLU), as the kernels take them; kept until the norms' statistics, parameters or
-        eps change (`tensor_key`): computed anew, they took about 0.2 ms a step on the saliency
-        decoder."""
+        None (a ReLU), and whether to round as a fused multiply-add (`addcmul_fuses`), as the
+        kernels take them; kept until the norms' statistics, parameters or eps change
+        (`tensor_key`): computed anew, they took about 0.2 ms a step on the saliency decoder."""
         norms = [layer for layer in pointwise if isinstance(layer, nn.BatchNorm2d)]
         key = tuple(
             (layer.eps, *(tensor_key(t) if t is not None else None for t in _norm_tensors(layer)))
@@ -308,7 +308,8 @@ class LocalStack(nn.Module):
                 ]
 
         operands = _kept(self._norms, index, key, made)
-        return [scale for scale, _ in operands], [shift for _, shift in operands]
+        scales, shifts = [scale for scale, _ in operands], [shift for _, shift in operands]
+        return scales, shifts, addcmul_fuses()
 
     def _kernel_matrix(self, index: int, conv: nn.Module) -> Tensor:
         """The weight of `conv`, the convolution of stage `index`, as (C_in, K * C_out): row c
@@ -672,6 +673,16 @@ def pointwise_on_rows(layer: nn.Module, rows: Tensor) -> Tensor:
         return layer(rows)
     scale, shift = batch_norm_scale_and_shift(layer)
     return torch.addcmul(shift, rows, scale)
+
+
+@functools.cache
+def addcmul_fuses() -> bool:
+    """Whether PyTorch's `addcmul` on the CPU rounds a batch norm's product and sum once (a
+    fused multiply-add: its kernels built for AVX2 and above) or twice (its kernel for CPUs
+    without): the head's kernels round as it does, so that they equal the Python stages bit for
+    bit. 1 + 2^-12 squared needs more bits than a float has; only the fused form keeps them."""
+    values = torch.full((64,), 1 + 2**-12)  # enough values for the vectorised kernel
+    return bool(torch.addcmul(torch.full((64,), -(1 + 2**-11)), values, values).ne(0).all())
 
 
 def _norm_tensors(layer: nn.BatchNorm2d) -> tuple[Tensor | None, ...]:

@@ -128,8 +128,9 @@ def head_stage() -> Callable[..., tuple] | None:
     on first use; None if unavailable. Arguments: the changed input positions (m,) int64, their
     contributions (m, kernel elements x C) float32 or bfloat16, the stage's cached
     pre-activation and output (positions, C) float32, updated in place, per pointwise layer its
-    batch norm's scale and shift (or None and None: a ReLU), whether the convolution is
-    transposed, its kernel size, stride, padding and dilation, the input's and the output's
+    batch norm's scale and shift (or None and None: a ReLU), whether a batch norm rounds once (a
+    fused multiply-add, as PyTorch's `addcmul` does on CPUs with AVX2), whether the convolution
+    is transposed, its kernel size, stride, padding and dilation, the input's and the output's
     (rows, columns). Returns the output positions that changed, their changes, and (2,) the
     contributions added and the positions touched."""
     return torch.ops.eventful.head_stage if _available() else None
@@ -141,7 +142,7 @@ def head_pointwise() -> Callable[..., None] | None:
     the stage's convolution output as rows (positions, C) float32 or bfloat16, contiguous; the
     cached pre-activation (positions, C) float32 to widen them into, or None; the cached output
     (positions, C) float32 to write; per pointwise layer its batch norm's scale and shift (or
-    None and None: a ReLU), as `head_stage` takes them."""
+    None and None: a ReLU) and whether a batch norm rounds once, as `head_stage` takes them."""
     return torch.ops.eventful.head_pointwise if _available() else None
 
 

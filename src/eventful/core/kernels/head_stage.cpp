@@ -17,7 +17,8 @@
 // The values are those of the Python stage, bit for bit: the contributions are added one after
 // the other in the order `index_add_` takes them (position, then kernel row, then kernel column),
 // one float addition each; a batch norm in eval mode is `addcmul` of its shift, the rows and its
-// scale, which PyTorch's CPU kernel computes as one fused multiply-add per value; a ReLU is
+// scale, rounded as PyTorch's CPU kernel rounds it (`fused`: once, a fused multiply-add, as its
+// kernels built for AVX2 and above do; else the product, then the sum); a ReLU is
 // `clamp_min(x, 0)` (a NaN stays). Threads share the output positions: each adds the
 // contributions that land in its own, in the same order.
 
@@ -58,9 +59,10 @@ inline float widened(float value) { return value; }
 inline float widened(at::BFloat16 value) { return static_cast<float>(value); }  // exact
 
 // The pointwise layers, in order, as per-channel scales and shifts: a batch norm where `scales`
-// holds one (x * scale + shift), else a ReLU.
+// holds one (x * scale + shift, rounded once where `fused`), else a ReLU.
 struct Pointwise {
   std::vector<const float*> scales, shifts;
+  bool fused = true;
 
   // A row of `channels` values from `from` through the layers into `to` (which may be `from`),
   // layer after layer: each value rounded after each operation, as the operators round it.
@@ -70,8 +72,14 @@ struct Pointwise {
     for (size_t layer = 0; layer < scales.size(); ++layer) {
       const float* scale = scales[layer];
       const float* shift = shifts[layer];
-      if (scale != nullptr) {
+      if (scale != nullptr && fused) {
         for (int64_t c = 0; c < channels; ++c) to[c] = std::fma(to[c], scale[c], shift[c]);
+      } else if (scale != nullptr) {
+        for (int64_t c = 0; c < channels; ++c) {
+          float product = to[c] * scale[c];
+          asm("" : "+x"(product));  // rounded here: the compiler may not fuse it with the sum
+          to[c] = shift[c] + product;
+        }
       } else {
         for (int64_t c = 0; c < channels; ++c) {
           to[c] = to[c] < 0.0f ? 0.0f : to[c];  // a NaN and -0 stay, as clamp_min(x, 0) keeps
@@ -97,11 +105,12 @@ void check_low_rows(const torch::Tensor& t, const char* op, const char* name) {
 }
 
 Pointwise pointwise_layers(const c10::List<c10::optional<torch::Tensor>>& scales,
-                           const c10::List<c10::optional<torch::Tensor>>& shifts,
+                           const c10::List<c10::optional<torch::Tensor>>& shifts, bool fused,
                            int64_t channels, const char* op) {
   TORCH_CHECK(scales.size() == shifts.size(), op, " expects a shift per scale, got ",
               scales.size(), " scales and ", shifts.size(), " shifts");
   Pointwise layers;
+  layers.fused = fused;
   for (size_t layer = 0; layer < scales.size(); ++layer) {
     const c10::optional<torch::Tensor> scale = scales.get(layer), shift = shifts.get(layer);
     const bool has_scale = scale.has_value() && scale->defined();
@@ -170,13 +179,13 @@ int64_t scatter(const int64_t* at, int64_t count, const T* adds, float* sums, in
 // position adds to each output channel through each kernel offset; pre and cached (B x out rows x
 // out columns, C): the stage's pre-activation and its output after the pointwise layers, both
 // updated in place. The pointwise layers, in order: a batch norm where `scales[i]` is given
-// (x * scale + shift), else a ReLU. Returns the output positions whose value changed
+// (x * scale + shift, rounded once where `fused`), else a ReLU. Returns the output positions whose value changed
 // (ascending), their changes (new minus old, nonzero or NaN somewhere in each row), and (2,)
 // the contributions added and the positions touched.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_stage(
     const torch::Tensor& changed, const torch::Tensor& contributions, torch::Tensor pre,
     torch::Tensor cached, const c10::List<c10::optional<torch::Tensor>>& scales,
-    const c10::List<c10::optional<torch::Tensor>>& shifts, bool transposed,
+    const c10::List<c10::optional<torch::Tensor>>& shifts, bool fused, bool transposed,
     c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef dilation, c10::IntArrayRef in_size, c10::IntArrayRef out_size) {
   check_low_rows(contributions, "head_stage", "contributions");
@@ -203,7 +212,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_stage(
   TORCH_CHECK(contributions.size(0) == count && contributions.size(1) == offsets * channels,
               "head_stage expects contributions of shape [", count, ", ", offsets * channels,
               "], got ", contributions.sizes());
-  const Pointwise layers = pointwise_layers(scales, shifts, channels, "head_stage");
+  const Pointwise layers = pointwise_layers(scales, shifts, fused, channels, "head_stage");
   const auto positions = changed.contiguous();
   const int64_t* at = positions.data_ptr<int64_t>();
   for (int64_t i = 0; i < count; ++i) {
@@ -273,7 +282,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_stage(
 // source itself into it (widened). The layers as in `head_stage`.
 void head_pointwise(const torch::Tensor& source, const c10::optional<torch::Tensor>& pre,
                     torch::Tensor output, const c10::List<c10::optional<torch::Tensor>>& scales,
-                    const c10::List<c10::optional<torch::Tensor>>& shifts) {
+                    const c10::List<c10::optional<torch::Tensor>>& shifts, bool fused) {
   check_low_rows(source, "head_pointwise", "source");
   check_rows(output, "head_pointwise", "output");
   const bool widen = pre.has_value() && pre->defined();
@@ -283,7 +292,7 @@ void head_pointwise(const torch::Tensor& source, const c10::optional<torch::Tens
               source.sizes(), ", ", widen ? pre->sizes() : source.sizes(), " and ",
               output.sizes());
   const int64_t rows = source.size(0), channels = source.size(1);
-  const Pointwise layers = pointwise_layers(scales, shifts, channels, "head_pointwise");
+  const Pointwise layers = pointwise_layers(scales, shifts, fused, channels, "head_pointwise");
   float* out = output.data_ptr<float>();
   float* wide = widen ? pre->data_ptr<float>() : nullptr;
   auto run = [&](auto* from) {
@@ -310,12 +319,12 @@ void head_pointwise(const torch::Tensor& source, const c10::optional<torch::Tens
 TORCH_LIBRARY_FRAGMENT(eventful, library) {
   library.def(
       "head_stage(Tensor changed, Tensor contributions, Tensor(a!) pre, Tensor(b!) cached, "
-      "Tensor?[] scales, Tensor?[] shifts, bool transposed, int[] kernel, int[] stride, "
-      "int[] padding, int[] dilation, int[] in_size, int[] out_size) -> (Tensor moved, "
-      "Tensor changes, Tensor counts)");
+      "Tensor?[] scales, Tensor?[] shifts, bool fused, bool transposed, int[] kernel, "
+      "int[] stride, int[] padding, int[] dilation, int[] in_size, int[] out_size) -> "
+      "(Tensor moved, Tensor changes, Tensor counts)");
   library.def(
       "head_pointwise(Tensor source, Tensor(a!)? pre, Tensor(b!) output, Tensor?[] scales, "
-      "Tensor?[] shifts) -> ()");
+      "Tensor?[] shifts, bool fused) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
