@@ -98,7 +98,7 @@ def efficiency_section(steps: int) -> str:
                         f"{ms['eventful']:.1f}",
                         f"{speedup:.2f}",
                         f"{ratio:.2f}",
-                        f"{speedup / ratio:.2f}",
+                        f"{speedup / ratio:.3f}",  # a target on the second decimal
                         f"{target}: {'met' if met else 'missed'}",
                     ]
                 )
