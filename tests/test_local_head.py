@@ -366,13 +366,15 @@ def test_the_stage_kernel_equals_the_python_stage_bit_for_bit(name, context, mon
         assert got[1] == want[1]  # the op counts: the same contributions and touched positions
 
 
-def stage_runs(monkeypatch, layers, inputs, kernel: bool, dtype=None) -> tuple:
-    """Outputs of a stack over the inputs under inference mode, its convolutions in `dtype`
+def stage_runs(
+    monkeypatch, layers, inputs, kernel: bool, dtype=None, context=torch.inference_mode
+) -> tuple:
+    """Outputs of a stack over the inputs under `context`, its convolutions in `dtype`
     (`compute_dtype`), its stages after their products in the CPU kernels or in PyTorch
     operators; the stack; and its caches after the last step."""
     monkeypatch.setattr(local_head, "STAGE_KERNEL", kernel)
     stack = LocalStack("head", layers, compute_dtype=dtype)
-    with torch.inference_mode():
+    with context():
         outputs, steps = run_steps(stack, inputs)
     return outputs, stack, steps[-1].caches["head"]
 
@@ -396,23 +398,26 @@ needs_prepacked = pytest.mark.skipif(
 )
 
 
-def prepacked_runs(monkeypatch, layers, inputs, prepacked: bool, dtype=None) -> tuple:
+def prepacked_runs(
+    monkeypatch, layers, inputs, prepacked: bool, dtype=None, context=torch.inference_mode
+) -> tuple:
     """`stage_runs` with the dense stages within a step on prepacked weights or PyTorch's."""
     monkeypatch.setattr(local_head, "PREPACKED_CONVOLUTIONS", prepacked)
-    return stage_runs(monkeypatch, layers, inputs, True, dtype)
+    return stage_runs(monkeypatch, layers, inputs, True, dtype, context)
 
 
 @needs_prepacked
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("name", CONVOLUTIONS)
 def test_a_dense_stage_within_a_step_on_prepacked_weights_equals_the_convolution(
-    name, dtype, monkeypatch
+    name, dtype, context, monkeypatch
 ):
     layers = stack_of(CONVOLUTIONS[name]())
     for size in (9, 12):  # a new input size packs the weights again
         inputs = sparse_changes(size=size, share=0.5)
-        want, _, _ = prepacked_runs(monkeypatch, layers, inputs, False, dtype)
-        got, stack, _ = prepacked_runs(monkeypatch, layers, inputs, True, dtype)
+        want, _, _ = prepacked_runs(monkeypatch, layers, inputs, False, dtype, context)
+        got, stack, _ = prepacked_runs(monkeypatch, layers, inputs, True, dtype, context)
         assert stack._prepacked  # the first stage ran densely within steps, on packed weights
         for a, b in zip(got, want, strict=True):
             assert_equal_up_to_rounding(a, b)
