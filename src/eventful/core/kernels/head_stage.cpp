@@ -76,8 +76,8 @@ struct Pointwise {
         for (int64_t c = 0; c < channels; ++c) to[c] = std::fma(to[c], scale[c], shift[c]);
       } else if (scale != nullptr) {
         for (int64_t c = 0; c < channels; ++c) {
-          float product = to[c] * scale[c];
-          asm("" : "+x"(product));  // rounded here: the compiler may not fuse it with the sum
+          // Through memory: rounded there, the compiler cannot fuse it with the sum.
+          const volatile float product = to[c] * scale[c];
           to[c] = shift[c] + product;
         }
       } else {
