@@ -344,10 +344,7 @@ def test_channels_first_turns_a_channels_last_output_around():
 def stage_kernel_runs(monkeypatch, layers, inputs, kernel: bool, context) -> tuple[list, list]:
     """Outputs and op counts of a stack over the inputs, its sparse stages after their product
     in the CPU kernel (`kernels.head_stage`) or in PyTorch operators."""
-    monkeypatch.setattr(local_head, "STAGE_KERNEL", kernel)
-    stack = LocalStack("head", layers)
-    with context():
-        outputs, steps = run_steps(stack, inputs)
+    outputs, _, steps = stage_runs(monkeypatch, layers, inputs, kernel, context=context)
     return outputs, [step.macs for step in steps]
 
 
@@ -371,12 +368,12 @@ def stage_runs(
 ) -> tuple:
     """Outputs of a stack over the inputs under `context`, its convolutions in `dtype`
     (`compute_dtype`), its stages after their products in the CPU kernels or in PyTorch
-    operators; the stack; and its caches after the last step."""
+    operators; the stack; and its steps (`HeadStep`: caches, op counts)."""
     monkeypatch.setattr(local_head, "STAGE_KERNEL", kernel)
     stack = LocalStack("head", layers, compute_dtype=dtype)
     with context():
         outputs, steps = run_steps(stack, inputs)
-    return outputs, stack, steps[-1].caches["head"]
+    return outputs, stack, steps
 
 
 @needs_head_kernel
@@ -387,10 +384,10 @@ def test_a_dense_stage_within_a_step_writes_its_cache_in_the_kernel_bit_for_bit(
     with kernel_calls("head_pointwise") as calls:
         want, _, _ = stage_runs(monkeypatch, layers, inputs, False, dtype)
         assert len(calls) == 0
-        got, _, caches = stage_runs(monkeypatch, layers, inputs, True, dtype)
+        got, _, steps = stage_runs(monkeypatch, layers, inputs, True, dtype)
         assert len(calls) == len(inputs) - 1  # once a step after the first
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    assert all(cache.dtype == torch.float32 for cache in caches.values())
+    assert all(cache.dtype == torch.float32 for cache in steps[-1].caches["head"].values())
 
 
 needs_prepacked = pytest.mark.skipif(
@@ -552,7 +549,7 @@ def test_the_pointwise_kernel_refuses_what_it_cannot_take_and_writes_nothing():
     scale, shift = torch.ones(5), torch.zeros(5)
     cases = {
         "same shape, got .*12, 5.*12, 4": (source, pre[:, :4].contiguous(), output),
-        "float32 or bfloat16 CPU rows, got Double": (source.double(), None, output),
+        r"float32 or bfloat16 CPU rows \(P, C\), got Double": (source.double(), None, output),
         "output as contiguous float32 CPU rows": (source, None, output.t().contiguous().t()),
     }
     for refused, (given, widened, written) in cases.items():

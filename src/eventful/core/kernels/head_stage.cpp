@@ -89,19 +89,15 @@ struct Pointwise {
   }
 };
 
-void check_rows(const torch::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == 2 &&
-                  t.is_contiguous(),
-              op, " expects ", name, " as contiguous float32 CPU rows (P, C), got ",
-              t.scalar_type(), " on ", t.device(), " of shape ", t.sizes());
-}
-
-void check_low_rows(const torch::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() &&
-                  (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16) &&
-                  t.dim() == 2 && t.is_contiguous(),
-              op, " expects ", name, " as contiguous float32 or bfloat16 CPU rows, got ",
-              t.scalar_type(), " on ", t.device(), " of shape ", t.sizes());
+// Contiguous CPU rows (P, C) of float32, or with `bfloat16` of either dtype.
+void check_rows(const torch::Tensor& t, const char* op, const char* name,
+                bool bfloat16 = false) {
+  const bool dtype = t.scalar_type() == torch::kFloat32 ||
+                     (bfloat16 && t.scalar_type() == torch::kBFloat16);
+  TORCH_CHECK(t.device().is_cpu() && dtype && t.dim() == 2 && t.is_contiguous(), op, " expects ",
+              name, " as contiguous ", bfloat16 ? "float32 or bfloat16" : "float32",
+              " CPU rows (P, C), got ", t.scalar_type(), " on ", t.device(), " of shape ",
+              t.sizes());
 }
 
 Pointwise pointwise_layers(const c10::List<c10::optional<torch::Tensor>>& scales,
@@ -188,7 +184,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_stage(
     const c10::List<c10::optional<torch::Tensor>>& shifts, bool fused, bool transposed,
     c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef dilation, c10::IntArrayRef in_size, c10::IntArrayRef out_size) {
-  check_low_rows(contributions, "head_stage", "contributions");
+  check_rows(contributions, "head_stage", "contributions", true);
   check_rows(pre, "head_stage", "pre");
   check_rows(cached, "head_stage", "cached");
   for (const auto* values : {&kernel, &stride, &padding, &dilation, &in_size, &out_size}) {
@@ -283,7 +279,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> head_stage(
 void head_pointwise(const torch::Tensor& source, const c10::optional<torch::Tensor>& pre,
                     torch::Tensor output, const c10::List<c10::optional<torch::Tensor>>& scales,
                     const c10::List<c10::optional<torch::Tensor>>& shifts, bool fused) {
-  check_low_rows(source, "head_pointwise", "source");
+  check_rows(source, "head_pointwise", "source", true);
   check_rows(output, "head_pointwise", "output");
   const bool widen = pre.has_value() && pre->defined();
   if (widen) check_rows(*pre, "head_pointwise", "pre");
