@@ -40,8 +40,15 @@ using eventful_vectors::WIDTH;
 
 constexpr int64_t PANEL = 2 * WIDTH;                    // output columns per panel: 2 vectors
 // Rows per pass: 2 ROWS accumulators, which with the weights fill most of the vector registers
-// (16 with AVX2, 32 with AVX-512).
-constexpr int ROWS = WIDTH == 16 ? 12 : 6;
+// (16 with AVX2, 32 with AVX-512). A pass after the first reads the weights from cache, and
+// its time adds to the time of reading them from memory, where the first pass's arithmetic
+// hides behind it: at 13 and 14 rows one pass of 14 took 0.75-0.8 of the time of a pass of 12
+// and another of the rest, weights from memory (Intel Xeon with AVX-512, 2 threads); 15 rows in
+// one pass measured slower than 14 (the registers run out). Passes over bfloat16 pairs spend
+// their time multiplying rather than waiting on memory: there 12 rows and the rest measured
+// faster than 14 and the rest at 16 rows.
+constexpr int ROWS = WIDTH == 16 ? 14 : 6;
+constexpr int BFLOAT16_ROWS = WIDTH == 16 ? 12 : 6;
 // How far ahead of its loads a pass asks for the weights: at a few rows the passes are bound by
 // reading the weights from the last-level cache or memory, and the hardware's own prefetching
 // measured 1.5-1.8x slower at 4 and 16 rows (Intel Xeon with AVX-512, 2 threads). Float32
@@ -341,16 +348,17 @@ void rest_rows(int rows, const X* x, int64_t in, const W* panels, int64_t begin,
 template <typename X, typename W>
 void rows_by_all_panels(const X* xs, int64_t rows, int64_t in, const W* ps, int64_t panels,
                         const float* scale, const float* bs, float* ys, int64_t out, bool gelu) {
+  constexpr int PASS = std::is_same_v<X, uint32_t> ? BFLOAT16_ROWS : ROWS;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; group += GROUP) {
       const int64_t stop = std::min(group + GROUP, end);
       int64_t r = 0;
-      for (; r + ROWS <= rows; r += ROWS) {
-        rows_by_panel_range<ROWS, 1>(xs + r * in, in, ps, group, stop, scale, bs, ys + r * out,
+      for (; r + PASS <= rows; r += PASS) {
+        rows_by_panel_range<PASS, 1>(xs + r * in, in, ps, group, stop, scale, bs, ys + r * out,
                                      out);
       }
       // The rest in one pass, so that each weight is loaded (and widened) once per group.
-      rest_rows<ROWS - 1>(static_cast<int>(rows - r), xs + r * in, in, ps, group, stop, scale,
+      rest_rows<PASS - 1>(static_cast<int>(rows - r), xs + r * in, in, ps, group, stop, scale,
                           bs, ys + r * out, out);
       if (gelu) {
         const int64_t first = group * PANEL, last = std::min(stop * PANEL, out);
