@@ -488,6 +488,63 @@ def test_the_exact_step_kernel_recomputes_rows_that_underflowed():
 
 
 @needs_exact_step_kernel
+@pytest.mark.parametrize("changes", [(20, 25), (3, 17)], ids=["around the layout bound", "few"])
+def test_the_exact_step_kernel_equals_the_update_of_each_stream_bit_for_bit(changes):
+    """Two streams, each with its own count of changed tokens: below the kernel's bound for
+    laying out each head's keys (`COPY_VALUES_FROM_ROWS`, 24 rows) the changed rows form their
+    logits from the keys in their rows, in one or two vectors of rows (more than 16 rows);
+    above it, from the keys laid out by feature. Both equal `update_exact_attention` on each
+    stream alone (the rows' kernel), bit for bit."""
+    heads, tokens, dh = 2, 131, 24  # dh not a whole number of vectors of either width
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, heads, tokens, dh, generator=generator) for _ in range(3))
+    sums = [
+        torch.zeros(2, heads, tokens, dh),
+        torch.zeros(2, heads, tokens),
+        torch.zeros(2, heads, tokens),
+    ]
+    for b in range(2):
+        attention.recompute_attention_rows(
+            *(t[b] for t in sums), q[b], k[b], v[b], torch.arange(tokens)
+        )
+    ours = [t.clone() for t in sums]
+    qkv = torch.cat([qkv_of(q[b], k[b], v[b]) for b in range(2)])
+    indices, new_rows = [], []
+    for b, count in enumerate(changes):
+        index = torch.randperm(tokens, generator=generator)[:count].sort().values
+        old_keys, old_values = k[b][:, index].clone(), v[b][:, index].clone()
+        q[b][:, index] += torch.randn(heads, count, dh, generator=generator)
+        k[b][:, index] += torch.randn(heads, count, dh, generator=generator)
+        v[b][:, index] += torch.randn(heads, count, dh, generator=generator)
+        lost = attention.update_exact_attention(
+            *(t[b] for t in sums), q[b], k[b], v[b], old_keys, old_values, index
+        )
+        assert lost == 0 and count < attention.exact_dense_from(tokens)
+        indices.append(index + b * tokens)
+        new_rows.append(qkv_of(q[b], k[b], v[b])[0, index])
+    output, lost = kernels.exact_attention_update()(
+        qkv,
+        torch.cat(new_rows).contiguous(),
+        torch.cat(indices),
+        *ours,
+        heads,
+        attention.exact_dense_from(tokens),
+        attention.UNDERFLOW,
+    )
+    assert lost.tolist() == [0, 0]
+    for got, want in zip(ours, sums, strict=True):
+        assert torch.equal(got, want)
+    for b in range(2):
+        want = (sums[0][b] / sums[1][b].unsqueeze(-1)).transpose(0, 1).flatten(1)
+        assert torch.equal(output[b], want)
+        dense = torch.softmax(q[b] @ k[b].transpose(1, 2), dim=-1) @ v[b]
+        # The swapped sums round otherwise than one softmax (logits here spread over tens).
+        torch.testing.assert_close(
+            output[b], dense.transpose(0, 1).flatten(1), atol=1e-3, rtol=1e-3
+        )
+
+
+@needs_exact_step_kernel
 def test_the_exact_step_kernel_refuses_bad_input_and_names_it_leaving_the_state_as_it_was():
     generator = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, 10, 3 * 8, generator=generator)

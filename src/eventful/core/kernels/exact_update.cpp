@@ -214,36 +214,40 @@ std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::exact_attention_updat
         s.heads, s.tokens, plan.dense, underflow, lost_counts + b);
   }
 
-  // Recompute: each head's keys laid out transposed once, then tasks of (stream, head, blocks
-  // of rows).
+  // Recompute, tasks of (stream, head, blocks of rows). A stream that recomputes many rows has
+  // each head's keys laid out transposed and its values copied side by side once, for all its
+  // blocks of rows; one that recomputes fewer forms its rows' logits from the keys in their own
+  // rows (`logits_from_key_rows`, the same sums): laying out every key for a few rows took
+  // about a third of the recompute (Intel Xeon with AVX-512, 2 threads, 13 of 257 rows changed).
   std::vector<int64_t> recomputing;  // streams with rows to recompute
   for (int64_t b = 0; b < s.streams; ++b) {
     if (!plans[b].recomputed.empty()) recomputing.push_back(b);
   }
-  // Where a stream recomputes many rows, each head's values are copied side by side first.
-  auto copies_values = [&](int64_t b) {
+  auto lays_out = [&](int64_t b) {
     return static_cast<int64_t>(plans[b].recomputed.size()) >=
            eventful_attention::COPY_VALUES_FROM_ROWS;
   };
-  const bool any_copies = std::any_of(recomputing.begin(), recomputing.end(), copies_values);
+  const bool any_laid_out = std::any_of(recomputing.begin(), recomputing.end(), lays_out);
   const int64_t padded = (s.tokens + WIDTH - 1) / WIDTH * WIDTH;
-  const int64_t keys_size = dh * padded, values_size = any_copies ? s.tokens * dh : 0;
+  const int64_t keys_size = any_laid_out ? dh * padded : 0;
+  const int64_t values_size = any_laid_out ? s.tokens * dh : 0;
   const int64_t pairs = static_cast<int64_t>(recomputing.size()) * s.heads;
   std::unique_ptr<float[]> laid_out(new float[pairs * (keys_size + values_size) + LINE]);
   float* keys_by_feature = aligned(laid_out.get());
   float* values_by_row = keys_by_feature + pairs * keys_size;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t b = recomputing[pair / s.heads], h = pair % s.heads;
-      const float* stream_rows = buffer + b * s.tokens * qkv_row;
-      eventful_attention::transpose_keys(stream_rows + s.dim + h * dh, qkv_row, s.tokens, dh,
-                                         keys_by_feature + pair * keys_size, padded);
-      if (copies_values(b)) {
+  if (any_laid_out) {
+    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t b = recomputing[pair / s.heads], h = pair % s.heads;
+        if (!lays_out(b)) continue;
+        const float* stream_rows = buffer + b * s.tokens * qkv_row;
+        eventful_attention::transpose_keys(stream_rows + s.dim + h * dh, qkv_row, s.tokens, dh,
+                                           keys_by_feature + pair * keys_size, padded);
         eventful_attention::copy_rows(stream_rows + 2 * s.dim + h * dh, qkv_row, s.tokens, dh,
                                       values_by_row + pair * values_size);
       }
-    }
-  });
+    });
+  }
   std::vector<int64_t> rows_per_pair(pairs);
   for (int64_t pair = 0; pair < pairs; ++pair) {
     rows_per_pair[pair] =
@@ -254,10 +258,14 @@ std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::exact_attention_updat
   const int64_t recompute_tasks = static_cast<int64_t>(tasks_of.pair.size());
   at::parallel_for(0, recompute_tasks, 1, [&](int64_t begin, int64_t end) {
     constexpr int ROWS = eventful_attention::ROWS;
-    std::vector<float> scratch(ROWS * padded + 2 * ROWS * dh + 2 * LINE);
-    float* logits = aligned(scratch.data());
-    float* queries = aligned(logits + ROWS * padded);
-    float* outputs = queries + ROWS * dh;
+    constexpr int64_t TASK_ROWS = RECOMPUTE_BLOCKS_PER_TASK * ROWS;
+    std::vector<float> scratch(TASK_ROWS * padded + TASK_ROWS * dh + ROWS * dh +
+                               padded * WIDTH + dh * WIDTH + 4 * LINE);
+    float* logits = aligned(scratch.data());  // (TASK_ROWS, padded)
+    float* queries = aligned(logits + TASK_ROWS * padded);  // (TASK_ROWS, dh)
+    float* outputs = queries + TASK_ROWS * dh;  // (ROWS, dh)
+    float* by_key = aligned(outputs + ROWS * dh);  // (padded, WIDTH)
+    float* query_lanes = aligned(by_key + padded * WIDTH);  // (dh, WIDTH)
     float logsumexp[ROWS];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = tasks_of.pair[task];
@@ -265,31 +273,46 @@ std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::exact_attention_updat
       const std::vector<int64_t>& rows_of = plans[b].recomputed;
       const int64_t total = static_cast<int64_t>(rows_of.size());
       const float* stream_rows = buffer + b * s.tokens * qkv_row;
-      const int64_t first_block = tasks_of.first_block[task];
-      const int64_t last_row = std::min(total, (first_block + RECOMPUTE_BLOCKS_PER_TASK) * ROWS);
-      for (int64_t first = first_block * ROWS; first < last_row; first += ROWS) {
-        const int count_rows = static_cast<int>(std::min<int64_t>(ROWS, last_row - first));
-        for (int r = 0; r < count_rows; ++r) {
-          std::memcpy(queries + r * dh, stream_rows + rows_of[first + r] * qkv_row + h * dh,
-                      dh * sizeof(float));
+      const int64_t task_first = tasks_of.first_block[task] * ROWS;
+      const int64_t last_row = std::min(total, task_first + TASK_ROWS);
+      const bool from_key_rows = !lays_out(b);
+      for (int64_t r = task_first; r < last_row; ++r) {
+        std::memcpy(queries + (r - task_first) * dh, stream_rows + rows_of[r] * qkv_row + h * dh,
+                    dh * sizeof(float));
+      }
+      if (from_key_rows) {
+        for (int64_t first = task_first; first < last_row; first += WIDTH) {
+          eventful_attention::logits_from_key_rows(
+              queries + (first - task_first) * dh, std::min<int64_t>(WIDTH, last_row - first),
+              stream_rows + s.dim + h * dh, qkv_row, s.tokens, dh, padded, by_key, query_lanes,
+              logits + (first - task_first) * padded);
         }
+      }
+      for (int64_t first = task_first; first < last_row; first += ROWS) {
+        const int count_rows = static_cast<int>(std::min<int64_t>(ROWS, last_row - first));
         eventful_attention::Head head;
-        head.queries = queries;
+        head.queries = queries + (first - task_first) * dh;
         head.query_stride = dh;
-        head.keys_by_feature = keys_by_feature + pair * keys_size;
-        if (copies_values(b)) {
-          head.values = values_by_row + pair * values_size;
-          head.value_stride = dh;
-        } else {
+        head.keys_by_feature = from_key_rows ? nullptr : keys_by_feature + pair * keys_size;
+        if (from_key_rows) {
           head.values = stream_rows + 2 * s.dim + h * dh;
           head.value_stride = qkv_row;
+        } else {
+          head.values = values_by_row + pair * values_size;
+          head.value_stride = dh;
         }
         head.bias = nullptr;
         head.bias_stride = 0;
         head.out = outputs;
         head.out_stride = dh;
         head.logsumexp = logsumexp;
-        eventful_attention::attend_rows(head, count_rows, s.tokens, padded, dh, logits);
+        float* block_logits = logits + (first - task_first) * padded;
+        if (from_key_rows) {
+          eventful_attention::attend_rows_from_logits(head, count_rows, s.tokens, padded, dh,
+                                                      block_logits);
+        } else {
+          eventful_attention::attend_rows(head, count_rows, s.tokens, padded, dh, block_logits);
+        }
         for (int r = 0; r < count_rows; ++r) {
           const int64_t at = sums_offset(b, h, rows_of[first + r]);
           std::memcpy(numerators + at * dh, outputs + r * dh, dh * sizeof(float));

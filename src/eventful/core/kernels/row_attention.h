@@ -167,12 +167,52 @@ struct Head {
   float* logsumexp;  // the block's first row's
 };
 
-// `values` false: the rows' log-sum-exp only (head.values and head.out are not read).
+// The logits of `rows` (at most WIDTH) query rows (`queries`, (rows, dh) contiguous) over the
+// `length` keys in their own rows (key j at keys + j * key_stride), into logits (rows, padded):
+// each logit the same sum in the same order as `rows_logits` forms it from the keys laid out by
+// feature (a product in a fused multiply-add is exact whichever factor is broadcast), without
+// laying the keys out. The queries go by feature into the lanes of a vector, so that each key's
+// feature, broadcast, serves every row; KEYS keys keep their sums in flight. Lanes past `rows`
+// and logits past `length` hold nothing of use (softmax_row reads no logit past `length`).
+// Scratch: by_key (padded, WIDTH) and query_lanes (dh, WIDTH), on cache lines.
+inline void logits_from_key_rows(const float* queries, int64_t rows, const float* keys,
+                                 int64_t key_stride, int64_t length, int64_t dh, int64_t padded,
+                                 float* by_key, float* query_lanes, float* logits) {
+  constexpr int64_t KEYS = 8;
+  std::fill(query_lanes, query_lanes + dh * WIDTH, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < dh; ++d) query_lanes[d * WIDTH + r] = queries[r * dh + d];
+  }
+  int64_t j = 0;
+  for (; j + KEYS <= length; j += KEYS) {
+    // The next keys' rows, far apart in the qkv buffer, asked for while these form their sums.
+    for (int64_t next = j + KEYS; next < std::min(j + 2 * KEYS, length); ++next) {
+      for (int64_t d = 0; d < dh; d += LINE) __builtin_prefetch(keys + next * key_stride + d);
+    }
+    Vector sums[KEYS] = {};
+    for (int64_t d = 0; d < dh; ++d) {
+      const Vector q = load(query_lanes + d * WIDTH);
+      for (int64_t k = 0; k < KEYS; ++k) {
+        sums[k] = multiply_add(splat(keys[(j + k) * key_stride + d]), q, sums[k]);
+      }
+    }
+    for (int64_t k = 0; k < KEYS; ++k) store(by_key + (j + k) * WIDTH, sums[k]);
+  }
+  for (; j < length; ++j) {
+    Vector sum{};
+    for (int64_t d = 0; d < dh; ++d) {
+      sum = multiply_add(splat(keys[j * key_stride + d]), load(query_lanes + d * WIDTH), sum);
+    }
+    store(by_key + j * WIDTH, sum);
+  }
+  std::fill(by_key + length * WIDTH, by_key + padded * WIDTH, 0.0f);
+  transpose(by_key, WIDTH, padded, rows, logits, padded);
+}
+
+// The rows' weights, log-sum-exp and weighted values from their logits (R, padded).
 template <int R>
-inline void attend_block(const Head& head, int64_t length, int64_t padded, int64_t dh, float* logits,
-                         bool values) {
-  rows_logits<R, (R >= 4 ? COLUMNS : 4)>(head.queries, head.query_stride, head.keys_by_feature, dh,
-                                    padded, logits);
+inline void attend_block_logits(const Head& head, int64_t length, int64_t padded, int64_t dh,
+                                float* logits, bool values) {
   float inverse[R];
   for (int r = 0; r < R; ++r) {
     const float* bias = head.bias == nullptr ? nullptr : head.bias + r * head.bias_stride;
@@ -181,6 +221,29 @@ inline void attend_block(const Head& head, int64_t length, int64_t padded, int64
   if (!values) return;
   weighted_values<R>(logits, padded, length, head.values, head.value_stride, dh, inverse,
                      head.out, head.out_stride);
+}
+
+// `values` false: the rows' log-sum-exp only (head.values and head.out are not read).
+template <int R>
+inline void attend_block(const Head& head, int64_t length, int64_t padded, int64_t dh, float* logits,
+                         bool values) {
+  rows_logits<R, (R >= 4 ? COLUMNS : 4)>(head.queries, head.query_stride, head.keys_by_feature, dh,
+                                    padded, logits);
+  attend_block_logits<R>(head, length, padded, dh, logits, values);
+}
+
+// `attend_block` of `rows` rows whose logits (rows, padded) are given: head.queries and
+// head.keys_by_feature are not read.
+inline void attend_rows_from_logits(const Head& head, int rows, int64_t length, int64_t padded,
+                                    int64_t dh, float* logits) {
+  switch (rows) {
+    case 6: return attend_block_logits<6>(head, length, padded, dh, logits, true);
+    case 5: return attend_block_logits<5>(head, length, padded, dh, logits, true);
+    case 4: return attend_block_logits<4>(head, length, padded, dh, logits, true);
+    case 3: return attend_block_logits<3>(head, length, padded, dh, logits, true);
+    case 2: return attend_block_logits<2>(head, length, padded, dh, logits, true);
+    default: return attend_block_logits<1>(head, length, padded, dh, logits, true);
+  }
 }
 
 inline void attend_rows(const Head& head, int rows, int64_t length, int64_t padded, int64_t dh,
