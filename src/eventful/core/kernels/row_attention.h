@@ -172,9 +172,9 @@ struct Head {
 // each logit the same sum in the same order as `rows_logits` forms it from the keys laid out by
 // feature (a product in a fused multiply-add is exact whichever factor is broadcast), without
 // laying the keys out. The queries go by feature into the lanes of a vector, so that each key's
-// feature, broadcast, serves every row; KEYS keys keep their sums in flight. Lanes past `rows`
-// and logits past `length` hold nothing of use (softmax_row reads no logit past `length`).
-// Scratch: by_key (padded, WIDTH) and query_lanes (dh, WIDTH), on cache lines.
+// feature, broadcast, serves every row; KEYS keys keep their sums in flight. The logits past
+// `length` are zero, as from the laid-out keys' zero padding. Scratch: by_key (padded, WIDTH)
+// and query_lanes (dh, WIDTH), on cache lines.
 inline void logits_from_key_rows(const float* queries, int64_t rows, const float* keys,
                                  int64_t key_stride, int64_t length, int64_t dh, int64_t padded,
                                  float* by_key, float* query_lanes, float* logits) {
