@@ -307,13 +307,8 @@ std::tuple<torch::Tensor, torch::Tensor> eventful_kernels::exact_attention_updat
         head.out = outputs;
         head.out_stride = dh;
         head.logsumexp = logsumexp;
-        float* block_logits = logits + (first - task_first) * padded;
-        if (from_key_rows) {
-          eventful_attention::attend_rows_from_logits(head, count_rows, s.tokens, padded, dh,
-                                                      block_logits);
-        } else {
-          eventful_attention::attend_rows(head, count_rows, s.tokens, padded, dh, block_logits);
-        }
+        eventful_attention::attend_rows(head, count_rows, s.tokens, padded, dh,
+                                        logits + (first - task_first) * padded);
         for (int r = 0; r < count_rows; ++r) {
           const int64_t at = sums_offset(b, h, rows_of[first + r]);
           std::memcpy(numerators + at * dh, outputs + r * dh, dh * sizeof(float));

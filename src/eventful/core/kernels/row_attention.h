@@ -157,7 +157,7 @@ inline float softmax_row(float* logits, const float* bias, int64_t length, int64
 struct Head {
   const float* queries;  // the block's first query row
   int64_t query_stride;
-  const float* keys_by_feature;  // (dh, padded)
+  const float* keys_by_feature;  // (dh, padded), or null where the logits are given
   const float* values;
   int64_t value_stride;
   const float* bias;  // the block's first row of bias, or null
@@ -209,10 +209,16 @@ inline void logits_from_key_rows(const float* queries, int64_t rows, const float
   transpose(by_key, WIDTH, padded, rows, logits, padded);
 }
 
-// The rows' weights, log-sum-exp and weighted values from their logits (R, padded).
+// `values` false: the rows' log-sum-exp only (head.values and head.out are not read).
+// head.keys_by_feature null: the rows' logits (R, padded) are given in `logits`
+// (`logits_from_key_rows`), and head.queries is not read.
 template <int R>
-inline void attend_block_logits(const Head& head, int64_t length, int64_t padded, int64_t dh,
-                                float* logits, bool values) {
+inline void attend_block(const Head& head, int64_t length, int64_t padded, int64_t dh, float* logits,
+                         bool values) {
+  if (head.keys_by_feature != nullptr) {
+    rows_logits<R, (R >= 4 ? COLUMNS : 4)>(head.queries, head.query_stride, head.keys_by_feature,
+                                      dh, padded, logits);
+  }
   float inverse[R];
   for (int r = 0; r < R; ++r) {
     const float* bias = head.bias == nullptr ? nullptr : head.bias + r * head.bias_stride;
@@ -221,29 +227,6 @@ inline void attend_block_logits(const Head& head, int64_t length, int64_t padded
   if (!values) return;
   weighted_values<R>(logits, padded, length, head.values, head.value_stride, dh, inverse,
                      head.out, head.out_stride);
-}
-
-// `values` false: the rows' log-sum-exp only (head.values and head.out are not read).
-template <int R>
-inline void attend_block(const Head& head, int64_t length, int64_t padded, int64_t dh, float* logits,
-                         bool values) {
-  rows_logits<R, (R >= 4 ? COLUMNS : 4)>(head.queries, head.query_stride, head.keys_by_feature, dh,
-                                    padded, logits);
-  attend_block_logits<R>(head, length, padded, dh, logits, values);
-}
-
-// `attend_block` of `rows` rows whose logits (rows, padded) are given: head.queries and
-// head.keys_by_feature are not read.
-inline void attend_rows_from_logits(const Head& head, int rows, int64_t length, int64_t padded,
-                                    int64_t dh, float* logits) {
-  switch (rows) {
-    case 6: return attend_block_logits<6>(head, length, padded, dh, logits, true);
-    case 5: return attend_block_logits<5>(head, length, padded, dh, logits, true);
-    case 4: return attend_block_logits<4>(head, length, padded, dh, logits, true);
-    case 3: return attend_block_logits<3>(head, length, padded, dh, logits, true);
-    case 2: return attend_block_logits<2>(head, length, padded, dh, logits, true);
-    default: return attend_block_logits<1>(head, length, padded, dh, logits, true);
-  }
 }
 
 inline void attend_rows(const Head& head, int rows, int64_t length, int64_t padded, int64_t dh,
