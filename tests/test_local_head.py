@@ -626,3 +626,65 @@ def test_the_stage_kernel_refuses_what_it_cannot_take_and_leaves_the_caches_alon
         with pytest.raises(RuntimeError, match=refused):
             kernel(positions, given, pre, cached, scales, shifts, True, False, *geometry)
         assert torch.equal(pre, before[0]) and torch.equal(cached, before[1]), refused
+
+
+def stack_named(converted, name: str) -> LocalStack:
+    return next(stack for stack in converted.local_stacks() if stack.name == name)
+
+
+def saliency_with_and_without_handing_rows(monkeypatch, context) -> dict[bool, torch.Tensor]:
+    model = saliency_model()
+    frames = frames_with_a_moving_square()
+    saliency = {}
+    for hand in (False, True):
+        monkeypatch.setattr(local_head, "HAND_ROWS", hand)
+        converted = eventful.convert(model, policy=eventful.TopK(6))
+        stream = converted.stream(drift=None)
+        with context():
+            saliency[hand] = torch.stack([stream(frame).saliency for frame in frames])
+        stages = stack_named(converted, "decoder.stages")
+        assert stages.hands_rows  # its output went straight into the final convolution
+        assert not stack_named(converted, "decoder.final_conv").hands_rows
+    return saliency
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_a_stack_that_hands_its_cached_rows_to_the_next_gives_the_same_saliency(
+    monkeypatch, context
+):
+    saliency = saliency_with_and_without_handing_rows(monkeypatch, context)
+    assert_equal_up_to_rounding(saliency[True], saliency[False])
+
+
+def test_an_output_handed_out_as_the_cache_keeps_its_values_when_kept(monkeypatch):
+    monkeypatch.setattr(local_head, "HAND_ROWS", True)
+    converted = eventful.convert(saliency_model(), policy=eventful.TopK(6))
+    kept, values = [], []
+
+    def keep_input(module, inputs, output):  # a user's hook that keeps what the stack got
+        kept.append(inputs[0])
+        values.append(inputs[0].clone())
+
+    stack_named(converted, "decoder.final_conv").register_forward_hook(keep_input)
+    stream = converted.stream(drift=None)
+    with torch.no_grad():
+        for frame in frames_with_a_moving_square():
+            stream(frame)
+    # From the third step on, the stages handed out their cache itself (a channels-last view);
+    # each step after copied the cache before writing into it, as the hook still held it.
+    assert not kept[-1].is_contiguous() and kept[-1].is_contiguous(
+        memory_format=torch.channels_last
+    )
+    for tensor, value in zip(kept, values, strict=True):
+        assert torch.equal(tensor, value)
+
+
+def test_copies_and_pickles_of_a_stack_learn_anew_where_its_output_goes():
+    converted = eventful.convert(saliency_model(), policy=eventful.TopK(6))
+    stream = converted.stream(drift=None)
+    with torch.no_grad():
+        for frame in frames_with_a_moving_square(3):
+            stream(frame)
+    assert stack_named(converted, "decoder.stages").hands_rows
+    for copied in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+        assert not stack_named(copied, "decoder.stages").hands_rows

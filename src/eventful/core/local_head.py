@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,10 @@ HEAD_SMALL_ROWS = 128
 # A sparse stage after its product in one call of the CPU kernel (`kernels.head_stage`) where it
 # applies; False runs it in PyTorch operators (tests compare the two).
 STAGE_KERNEL = True
+
+# A stack whose output went straight into another stack's input returns its cached output as it
+# is where this is True (`LocalStack._returned`); False: a copy (tests compare the two).
+HAND_ROWS = True
 
 # A stage run densely within a step convolves on weights packed once for oneDNN where this is
 # True and `prepacks` allows (`LocalStack._convolve_prepacked`); False: PyTorch's convolution.
@@ -173,6 +177,9 @@ class HeadStep:
     shares: Callable[[], list[float] | None] = lambda: None
     macs: int = 0
     dense_macs: int = 0
+    # Each stack's output in this step, by stack name, with the stack: a stack whose input is
+    # another's output learns that it feeds it (`LocalStack.hands_rows`).
+    outputs: dict[str, tuple[LocalStack, Tensor]] = field(default_factory=dict)
 
 
 class LocalStack(nn.Module):
@@ -201,6 +208,9 @@ class LocalStack(nn.Module):
             else:
                 self.stages[-1][1].append(layer)
         self.step: HeadStep | None = None
+        # Whether this stack's output went straight into another stack's input in an earlier
+        # step: then a sparse step returns its cached output as it is (`_returned`).
+        self.hands_rows = False
         self._matrices: dict[int, tuple[tuple, Tensor]] = {}  # per stage, see below
         self._panels: dict[int, tuple[tuple, Tensor]] = {}
         self._low_matrices: dict[int, tuple[tuple, Tensor]] = {}
@@ -217,13 +227,17 @@ class LocalStack(nn.Module):
     def __getstate__(self) -> dict:
         # The caches follow the weights: copies and pickles make them again (oneDNN's packed
         # weights cannot be copied or pickled at all).
-        return {**super().__getstate__(), **{cache: {} for cache in WEIGHT_CACHES}}
+        # A copy learns anew where its output goes.
+        caches = {cache: {} for cache in WEIGHT_CACHES}
+        return {**super().__getstate__(), **caches, "hands_rows": False}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for cache in WEIGHT_CACHES:  # stacks pickled before a cache existed
             if not hasattr(self, cache):
                 setattr(self, cache, {})
+        if not hasattr(self, "hands_rows"):
+            self.hands_rows = False
 
     def _convolve(
         self, index: int, conv: nn.Module, inputs: Tensor, within_step: bool = False
@@ -364,6 +378,15 @@ class LocalStack(nn.Module):
                 f"the eventful head {self.name!r} runs only inside a step of its eventful model "
                 "(call the converted model or its stream, not the inner module)"
             )
+        for producer, output in step.outputs.values():
+            if inputs is output:
+                producer.hands_rows = True
+        outputs = self._step(step, inputs)
+        step.outputs[self.name] = (self, outputs)
+        return outputs
+
+    def _step(self, step: HeadStep, inputs: Tensor) -> Tensor:
+        """This step's output of the stack for inputs (B, C, H, W)."""
         if inputs.dim() != 4:
             raise ValueError(
                 f"the head {self.name!r} expects (B, C, H, W) inputs, got {tuple(inputs.shape)}"
@@ -404,6 +427,7 @@ class LocalStack(nn.Module):
                 outputs = self._dense_stage(index, conv, pointwise, outputs, caches)
             return outputs
         change = self._input_change(inputs, caches, shares)
+        _own_memory(caches, f"input{len(self.stages)}")
         outputs = None
         for index, (conv, pointwise) in enumerate(self.stages):
             step.dense_macs += dense_convolution_macs(conv, shapes[index])
@@ -417,12 +441,24 @@ class LocalStack(nn.Module):
                 outputs = self._dense_stage(index, conv, pointwise, outputs, caches, True)
             else:
                 change = self._sparse_stage(index, conv, pointwise, caches, change, shapes)
-        # The last stage's output is in the cache (a sparse stage's, or a dense one's by
-        # `_pointwise_into_cache`), or its own tensor.
-        last = caches[f"input{len(self.stages)}"]
-        if outputs is None or outputs.data_ptr() == last.data_ptr():
-            return channels_first_copy(last, shapes[-1])
-        return channels_first(outputs)
+        return self._returned(outputs, caches[f"input{len(self.stages)}"], shapes[-1])
+
+    def _returned(self, outputs: Tensor | None, last: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """What a step that updated the stack returns: its last stage's output, which is in the
+        cache `last` (a sparse stage's, or a dense one's by `_pointwise_into_cache`: `outputs`
+        None or a view of it) or its own tensor `outputs`.
+
+        As a contiguous tensor of its own, as the original layers return it; or, where the
+        output went straight into another stack in an earlier step (`hands_rows`, the saliency
+        decoder's transposed convolutions into its final 1 x 1 convolution), as it is: a
+        channels-last view of the cache, which the next stack reads as its rows. Copying
+        64 x 128 x 128 floats took about a thirtieth of a still camera's step. The next step
+        copies the cache before writing into it wherever anything else still holds its memory
+        (`_own_memory`), so that an output kept by anyone keeps its values."""
+        in_cache = outputs is None or outputs.data_ptr() == last.data_ptr()
+        if HAND_ROWS and self.hands_rows and _can_count_holders():
+            return unflat(last, shape) if in_cache else outputs
+        return channels_first_copy(last, shape) if in_cache else channels_first(outputs)
 
     def _input_change(
         self, inputs: Tensor, caches: dict[str, Tensor], shares: list[float] | None
@@ -632,6 +668,26 @@ def _kept(cache: dict, index: int, key: object, make: Callable[[], object]):
         kept = (key, make())
         cache[index] = kept
     return kept[1]
+
+
+def _can_count_holders() -> bool:
+    """Whether this PyTorch tells how many tensors hold a storage (`_holders`)."""
+    return hasattr(torch._C, "_storage_Use_Count")
+
+
+def _holders(tensor: Tensor) -> int:
+    """How many tensors (and storage objects) hold the memory of `tensor`, itself included."""
+    # The storage object made here holds it too.
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1
+
+
+def _own_memory(caches: dict[str, Tensor], key: str) -> None:
+    """caches[key] replaced by a copy where anything else holds its memory (an output handed
+    out as a view of it, `LocalStack._returned`), so that writing into the cache leaves that
+    holder's values as they were."""
+    cache = caches.get(key)
+    if cache is not None and _can_count_holders() and _holders(cache) > 1:
+        caches[key] = cache.clone()
 
 
 def sorted_distinct(indices: Tensor, size: int) -> Tensor:
