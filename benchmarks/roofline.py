@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 from report import markdown_table, write_or_print
-from speed import Timings, real_frames
+from speed import TURN, Timings, interleaved, real_frames
 from user_sizes import ATTENTION_OPERATORS, GATE_OPERATORS, LINEAR_OPERATORS, operator_profile
 
 import eventful
@@ -313,25 +313,22 @@ def fixed_cost_section(threads: int, steps: int) -> str:
                 return dense_model(frame.to(cast))
 
             for level in LEVELS:
-                dense, ratios, points, least_points = Timings(), [], [], []
+                dense, ratios, points, least_points = [], [], [], []
                 for divisor in divisors:
                     k = max(1, round(num_tokens / divisor))
                     model = eventful.convert(
                         vit, policy=eventful.TopK(k), level=level, precision=precision
                     )
                     stream = model.stream(drift=None, check_finite=False, count_ops=False)
-                    timed = Timings()
-                    for index, frame in enumerate(frames):
-                        pair = [(dense, run_dense), (timed, stream)]
-                        for timings, call in pair if index % 2 == 0 else reversed(pair):
-                            timings.add(call, frame)
-                    ms = timed.summary()[0]
+                    medians = interleaved({"dense": run_dense, "eventful": stream}, frames)
+                    dense.append(medians["dense"])
+                    ms = medians["eventful"]
                     ratios.append(ms)
                     if divisor > 1:
                         points.append((k, ms))
                         least = least_step_ms(model, frames, num_tokens, peaks, precision)
                         least_points.append((k, least))
-                dense_ms = dense.summary()[0]
+                dense_ms = statistics.median(dense)
                 a, b = fit(points)
                 cells = [f"{ms:.1f} ({ms / dense_ms:.2f})" for ms in ratios]
                 least_a = f"{fit(least_points)[0] / dense_ms:.2f}"
@@ -341,9 +338,11 @@ def fixed_cost_section(threads: int, steps: int) -> str:
     return (
         "### The fixed cost of a step (CPU, batch 1)\n\n"
         f"{threads} threads, {steps} steps per k, each interleaved with the dense model at the "
-        "same precision on the same real frames (bikes.mp4), medians over the steps after the "
-        "first; random weights, TopK(k), no drift control, no op counting. Precision bf16 (where "
-        "the CPU multiplies bfloat16 natively): the engine converted with `precision='bf16'`, "
+        f"same precision on the same real frames (bikes.mp4) in turns of {TURN} frames (which "
+        "goes first alternates), medians over the steps after the first of each turn (dense: "
+        "the median of its runs beside each k); random weights, TopK(k), no drift control, no "
+        "op counting. Precision bf16 (where the CPU multiplies bfloat16 natively): the engine "
+        "converted with `precision='bf16'`, "
         "against the dense model cast to bfloat16 (`model.to(torch.bfloat16)`). Each cell: "
         "milliseconds per step (over a dense step). Fit: ms = a + b k over k = N/4, N/16, N/64; "
         "a / dense is the share of a dense step that no policy removes. Least a / dense: the "

@@ -150,6 +150,32 @@ class Timings:
         return statistics.median(steady), min(steady), max(steady)
 
 
+TURN = 6  # frames per turn of each call in `interleaved`
+
+
+def interleaved(
+    calls: dict[str, object], frames: list[torch.Tensor], turn: int = TURN
+) -> dict[str, float]:
+    """Median ms per step of each call over `frames`, the calls taking turns of `turn`
+    consecutive frames (which call goes first alternates per turn). A deployed model runs its
+    stream on its own: the caches hold its weights and state from one frame to the next. The
+    first step of each turn finds them filled by the other call instead, so it is left out. With
+    `turn` 1 the calls alternate step by step and every step after the first counts (the still
+    camera of targets.py reports both)."""
+    timings = {name: Timings() for name in calls}
+    names = list(calls)
+    for first in range(0, len(frames), turn):
+        order = names if first // turn % 2 == 0 else list(reversed(names))
+        for name in order:
+            for index, frame in enumerate(frames[first : first + turn]):
+                if index == 0 and (turn > 1 or first == 0):
+                    with torch.no_grad():
+                        calls[name](frame)
+                else:
+                    timings[name].add(calls[name], frame)
+    return {name: statistics.median(timing.milliseconds) for name, timing in timings.items()}
+
+
 def measure(subject: Subject, batch: int, threads: int, steps: int, levels, fractions):
     """Our dense model against transformers', then each eventful variant against our dense
     model, each pair interleaved step by step; one variant's caches live at a time."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 from report import markdown_table, write_or_print
 from roofline import fit, least_step_ms, machine_peaks, models
-from speed import Timings, real_frames
+from speed import TURN, interleaved, real_frames
 
 import eventful
 from eventful.models.imgfocus import imgfocus_saliency
@@ -41,32 +40,6 @@ from eventful.video.decode import decode_frames
 from eventful.video.preprocess import letterbox
 
 LEVELS = ("tokenwise", "exact")
-
-
-TURN = 6  # frames per turn of each call in `interleaved`
-
-
-def interleaved(
-    calls: dict[str, object], frames: list[torch.Tensor], turn: int = TURN
-) -> dict[str, float]:
-    """Median ms per step of each call over `frames`, the calls taking turns of `turn`
-    consecutive frames (which call goes first alternates per turn). A deployed model runs its
-    stream on its own: the caches hold its weights and state from one frame to the next. The
-    first step of each turn finds them filled by the other call instead, so it is left out. With
-    `turn` 1 the calls alternate step by step and every step after the first counts (the still
-    camera's column "step by step")."""
-    timings = {name: Timings() for name in calls}
-    names = list(calls)
-    for first in range(0, len(frames), turn):
-        order = names if first // turn % 2 == 0 else list(reversed(names))
-        for name in order:
-            for index, frame in enumerate(frames[first : first + turn]):
-                if index == 0 and (turn > 1 or first == 0):
-                    with torch.no_grad():
-                        calls[name](frame)
-                else:
-                    timings[name].add(calls[name], frame)
-    return {name: statistics.median(timing.milliseconds) for name, timing in timings.items()}
 
 
 def op_ratio(model, frames: list[torch.Tensor]) -> float:
