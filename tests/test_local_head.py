@@ -639,12 +639,18 @@ def saliency_with_and_without_handing_rows(monkeypatch, context) -> dict[bool, t
     for hand in (False, True):
         monkeypatch.setattr(local_head, "HAND_ROWS", hand)
         converted = eventful.convert(model, policy=eventful.TopK(6))
+        final = stack_named(converted, "decoder.final_conv")
+        views = []  # the channel stride of the final convolution's input, per step
+        final.register_forward_hook(
+            lambda _m, inputs, _o, views=views: views.append(inputs[0].stride(1))
+        )
         stream = converted.stream(drift=None)
         with context():
             saliency[hand] = torch.stack([stream(frame).saliency for frame in frames])
-        stages = stack_named(converted, "decoder.stages")
-        assert stages.hands_rows  # its output went straight into the final convolution
-        assert not stack_named(converted, "decoder.final_conv").hands_rows
+        assert stack_named(converted, "decoder.stages").hands_rows  # it fed the final conv
+        assert not final.hands_rows
+        # A channels-last view has a channel stride of 1; a contiguous copy has H * W.
+        assert (1 in views) == hand
     return saliency
 
 
