@@ -381,11 +381,11 @@ class LocalStack(nn.Module):
         for producer, output in step.outputs.values():
             if inputs is output:
                 producer.hands_rows = True
-        outputs = self._step(step, inputs)
+        outputs = self._output(step, inputs)
         step.outputs[self.name] = (self, outputs)
         return outputs
 
-    def _step(self, step: HeadStep, inputs: Tensor) -> Tensor:
+    def _output(self, step: HeadStep, inputs: Tensor) -> Tensor:
         """This step's output of the stack for inputs (B, C, H, W)."""
         if inputs.dim() != 4:
             raise ValueError(
