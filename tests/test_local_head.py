@@ -593,6 +593,32 @@ def test_the_saliency_model_with_the_stage_kernel_equals_it_without(monkeypatch)
 
 
 @needs_head_kernel
+def test_the_stage_kernel_returns_only_the_rows_that_moved():
+    """Where every touched row moved, the kernel returns the changes it wrote; where a ReLU
+    keeps some rows at zero, only the others. Both as the stage computes them in Python."""
+    kernel = kernels.head_stage()
+    geometry = ((1, 1), (1, 1), (0, 0), (1, 1), (4, 4), (4, 4))  # a 1 x 1 convolution
+    changed = torch.tensor([9, 2, 14, 5])
+    contributions = torch.randn(4, 3) * 0.1
+    for stays in ([], [2, 14]):  # positions whose sums stay below zero
+        pre = torch.full((16, 3), 10.0)
+        pre[stays] = -10.0
+        cached = torch.relu(pre)
+        want_pre = pre.clone()
+        want_pre[changed] += contributions
+        touched = changed.sort().values
+        difference = torch.relu(want_pre[touched]) - cached[touched]
+        moved = difference.abs().amax(1).ne(0)
+        positions, changes, counts = kernel(
+            changed, contributions, pre, cached, [None], [None], True, False, *geometry
+        )
+        assert torch.equal(positions, touched[moved])
+        assert torch.equal(changes, difference[moved])
+        assert torch.equal(pre, want_pre) and torch.equal(cached, torch.relu(want_pre))
+        assert counts.tolist() == [4, 4] and len(positions) == 4 - len(stays)
+
+
+@needs_head_kernel
 def test_the_stage_kernel_refuses_what_it_cannot_take_and_leaves_the_caches_alone():
     kernel = kernels.head_stage()
     pre, cached = torch.randn(2 * 16, 5), torch.randn(2 * 16, 5)
