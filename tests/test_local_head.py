@@ -599,7 +599,7 @@ def test_the_stage_kernel_returns_only_the_rows_that_moved():
     kernel = kernels.head_stage()
     geometry = ((1, 1), (1, 1), (0, 0), (1, 1), (4, 4), (4, 4))  # a 1 x 1 convolution
     changed = torch.tensor([9, 2, 14, 5])
-    contributions = torch.randn(4, 3) * 0.1
+    contributions = torch.tensor([0.25, -0.5, 0.125]) * torch.arange(1.0, 5.0).unsqueeze(1)
     for stays in ([], [2, 14]):  # positions whose sums stay below zero
         pre = torch.full((16, 3), 10.0)
         pre[stays] = -10.0
