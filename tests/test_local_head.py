@@ -363,6 +363,26 @@ def test_the_stage_kernel_equals_the_python_stage_bit_for_bit(name, context, mon
         assert got[1] == want[1]  # the op counts: the same contributions and touched positions
 
 
+@needs_head_kernel
+@pytest.mark.parametrize("name", ["transposed 4/2/1", "plain 3/2/1", "plain 5x3 dilated"])
+def test_the_stage_kernel_equals_the_python_stage_where_threads_split_the_rows(name, monkeypatch):
+    """Enough changes that the kernel's threads take spans of the touched rows (balanced by the
+    contributions landing on them), on two threads whatever the machine has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernel_calls("head_stage") as calls:
+            layers = stack_of(CONVOLUTIONS[name]())
+            inputs = sparse_changes(size=40, share=0.1)
+            want = stage_kernel_runs(monkeypatch, layers, inputs, False, torch.inference_mode)
+            got = stage_kernel_runs(monkeypatch, layers, inputs, True, torch.inference_mode)
+            assert len(calls) > 0
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0], strict=True))
+    assert got[1] == want[1]
+
+
 def stage_runs(
     monkeypatch, layers, inputs, kernel: bool, dtype=None, context=torch.inference_mode
 ) -> tuple:
