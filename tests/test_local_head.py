@@ -364,7 +364,9 @@ def test_the_stage_kernel_equals_the_python_stage_bit_for_bit(name, context, mon
 
 
 @needs_head_kernel
-@pytest.mark.parametrize("name", ["transposed 4/2/1", "plain 3/2/1", "plain 5x3 dilated"])
+@pytest.mark.parametrize(
+    "name", ["transposed 4/2/1", "transposed dilated", "plain 3/1/1", "plain 5x3 dilated"]
+)
 def test_the_stage_kernel_equals_the_python_stage_where_threads_split_the_rows(name, monkeypatch):
     """Enough changes that the kernel's threads take spans of the touched rows (balanced by the
     contributions landing on them), on two threads whatever the machine has."""

@@ -35,7 +35,7 @@
 
 namespace {
 
-// Below this many float additions a scatter runs on one thread: splitting costs more.
+// Below this many float additions a stage runs on one thread: splitting costs more.
 constexpr int64_t SERIAL_WORK = 32768;
 // Rows per task of the passes over touched or all output rows.
 constexpr int64_t ROWS_PER_TASK = 256;
