@@ -2,6 +2,7 @@
 
 import copy
 import io
+import pickle
 from dataclasses import replace
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import eventful
 from eventful.core import block as block_module
 from eventful.core import kernels, packed_linear, precision
+from eventful.core.fingerprint import forget_weight_caches
 from eventful.core.model import EventfulViT
 from eventful.models.vit import describe_vit
 from eventful.synthetic import moving_squares
@@ -445,3 +447,82 @@ def test_a_bf16_one_call_step_follows_a_bias_changed_in_place(monkeypatch, block
     if packed_linear.PREPACKED_BF16:
         assert block_step_calls[0] > 0
     assert torch.equal(got, want)
+
+
+@needs_kernels
+def test_kept_operands_of_the_blocks_in_one_call_follow_every_change_between_steps(monkeypatch):
+    """A stream keeps its operands of the blocks in one call between steps
+    (`block.KeptOperands`); each change below must reach the next step as it reaches the steps
+    of a call per block, which ask the blocks anew, and no step without a change may make them
+    anew. A weight made in inference mode has no version counter: its change in place reaches
+    the step through `forget_weight_caches`."""
+    video = moving_squares(16, size=64, batch=1, seed=21)
+    donor = eventful.convert(tiny_vit(), policy=eventful.TopK(6), level="exact")
+    with torch.no_grad():
+        for parameter in donor.parameters():
+            parameter.mul_(0.9)
+
+    def outputs(all_blocks: bool) -> tuple[torch.Tensor, list[bool]]:
+        monkeypatch.setattr(block_module, "BLOCKS_IN_ONE_CALL", all_blocks)
+        converted = eventful.convert(tiny_vit(), policy=eventful.TopK(6), level="exact")
+        blocks = converted.encoder.blocks
+        stream = converted.stream(drift=None)
+        frames = iter(video)
+        got, made_anew = [], []
+
+        def step(grad_mode=torch.inference_mode) -> None:
+            before = stream.state.kept_operands
+            with grad_mode():
+                got.append(stream(next(frames)))
+            kept = stream.state.kept_operands
+            dense_step = len(got) == 1
+            assert isinstance(kept, block_module.KeptOperands) == (all_blocks and not dense_step)
+            made_anew.append(kept is not before)
+
+        def changed(change, grad_mode=torch.no_grad) -> None:
+            with grad_mode():
+                change()
+
+        for _ in range(3):
+            step()
+        changed(lambda: setattr(blocks[0].norm1, "eps", 1e-3))
+        step()
+        replacement = copy.deepcopy(blocks[1].fc2)
+        changed(lambda: replacement.weight.mul_(1.5))
+        changed(lambda: setattr(blocks[1], "fc2", replacement))
+        step()
+        norm = blocks[0].norm2
+        changed(lambda: setattr(norm, "weight", torch.nn.Parameter(torch.rand_like(norm.weight))))
+        step()
+        changed(lambda: blocks[1].qkv.weight.add_(0.01))  # in place: its version moves
+        step()
+        changed(lambda: converted.load_state_dict(donor.state_dict()))
+        step()
+        with torch.inference_mode():
+            made_in_inference_mode = blocks[0].fc1.weight.clone()
+        blocks[0].fc1.weight = torch.nn.Parameter(made_in_inference_mode, requires_grad=False)
+        step()
+        changed(lambda: blocks[0].fc1.weight.mul_(1.25), torch.inference_mode)
+        forget_weight_caches(converted)
+        step()
+        converted.policy = eventful.TopK(4)
+        step()
+        step()
+        step(torch.no_grad)  # the caches made in inference mode become ordinary tensors
+        snapshot = stream.state_dict()
+        step()
+        stream.load_state_dict(snapshot)
+        step()
+        # Copies and pickles of the stream make their operands anew (they hold the weights).
+        assert copy.deepcopy(stream).state.kept_operands is None
+        assert pickle.loads(pickle.dumps(stream.state)).kept_operands is None
+        return torch.stack(got), made_anew
+
+    want, _ = outputs(all_blocks=False)
+    got, made_anew = outputs(all_blocks=True)
+    assert torch.equal(got, want)
+    # Made on the second step (the first is dense), after each change, and kept otherwise.
+    # The changes: eps, fc2, norm2's weight, qkv's weight, the state dict, fc1's weight made in
+    # inference mode and then changed in it; the policy; the step under no_grad; the snapshot.
+    expected = [False, True, False, *[True] * 7, True, False, True, False, True]
+    assert made_anew == expected

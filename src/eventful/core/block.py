@@ -52,7 +52,7 @@ from eventful.core.attention import (
 )
 from eventful.core.description import BlockDescription
 from eventful.core.escalation import Escalation
-from eventful.core.fingerprint import tensor_key
+from eventful.core.fingerprint import ModuleWatch, tensor_key
 from eventful.core.gates import (
     GateStep,
     add_rows,
@@ -68,6 +68,7 @@ from eventful.core.packed_linear import PackedLinear, current_compute_dtype, mlp
 from eventful.core.partition import GroupLayout, group_layout, whole_sequence_layout
 from eventful.core.policies import Policy
 from eventful.core.selection import Selection
+from eventful.core.state import StreamState
 
 LEVELS = ("tokenwise", "qk", "full", "exact")
 
@@ -155,6 +156,9 @@ class EventfulBlock(nn.Module):
         # The linear layers' operands of the last one-call block step, and what they hold for
         # (`_block_step_weights`).
         self._step_weights: tuple[tuple, list | None, tuple | None] | None = None
+        # How often `clear_weight_caches` ran: what streams' kept operands (`KeptOperands`) of
+        # the blocks in one call check for it.
+        self.weight_caches_cleared = 0
         # Baselines, set by EventfulViT: the STGT gates (change since the previous step), and
         # the K/V pooling factor of the tokenwise level's attention.
         self.previous_frame_gates = False
@@ -506,6 +510,7 @@ class EventfulBlock(nn.Module):
     def clear_weight_caches(self) -> None:
         """Forget the one-call block step's operands (`forget_weight_caches`)."""
         self._step_weights = None
+        self.weight_caches_cleared += 1
 
     def __getstate__(self) -> dict:
         # The kept operands follow the weights: copies and pickles ask the layers again.
@@ -513,6 +518,7 @@ class EventfulBlock(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_step_weights", None)  # blocks pickled before it was kept
+        state.setdefault("weight_caches_cleared", 0)
         super().__setstate__(state)
 
     def _update_exact_sequences(
@@ -836,7 +842,7 @@ class OneCallOperands:
 
 def steps_in_one_call(
     blocks: Sequence[nn.Module],
-    states: Sequence[dict[str, Tensor]],
+    state: StreamState,
     policy: Policy,
     x: Tensor,
     escalation: Escalation | None,
@@ -851,18 +857,16 @@ def steps_in_one_call(
     the outputs of the blocks (numbered from 1) in `taps`, in order; None where it does not
     apply."""
     kernel = kernels.blocks_step()
-    if kernel is None or not (FUSED_BLOCK_STEPS and BLOCKS_IN_ONE_CALL):
+    if kernel is None or not (FUSED_BLOCK_STEPS and BLOCKS_IN_ONE_CALL and LEAN_STEPS):
         return None
-    tensors, eps, integers = [], [], []
-    for block, state in zip(blocks, states, strict=True):
-        if type(block) is not EventfulBlock:
-            return None
-        operands = block.one_call_operands(x, state, policy.for_block(state, []), escalation)
-        if operands is None:
-            return None
-        tensors += operands.tensors
-        eps += operands.eps
-        integers += operands.integers
+    if escalation is not None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if any(type(block) is not EventfulBlock or _runs_forward_hooks(block) for block in blocks):
+        return None
+    operands = _blocks_operands(blocks, state, policy, x)
+    if operands is None:
+        return None
+    tensors, eps, integers = operands
     stages = [stage for stage in range(1, len(blocks) + 1) if stage in taps]
     measure = trace is not None
     out, tapped, traced = kernel(x, tensors, eps, integers, stages, UNDERFLOW, measure)
@@ -872,6 +876,83 @@ def steps_in_one_call(
             lost, *gates = traced[first : first + per_block]
             trace.record_block(_fused_gate_steps(gates, x.shape[1]), lost.tolist())
     return out, list(tapped)
+
+
+def _blocks_operands(
+    blocks: Sequence[EventfulBlock], state: StreamState, policy: Policy, x: Tensor
+) -> tuple[list, list, list] | None:
+    """The operands of `kernels.blocks_step` for this step, or None where a block would not run
+    its step in one call. Kept on the stream's state (`KeptOperands`) while they hold: asking
+    every block again took some 0.4 ms a step at ViT-S's size, about 2% of a still camera's."""
+    policies = [policy.for_block(block_state, []) for block_state in state.blocks]
+    num_tokens = x.shape[1]
+    key = (
+        tuple(x.shape),
+        x.dtype,
+        x.device,
+        x.is_contiguous(),
+        current_compute_dtype(),
+        tuple((p.norm, p.largest_count(num_tokens)) for p in policies),
+    )
+    kept = state.kept_operands
+    if isinstance(kept, KeptOperands) and kept.hold(key, blocks, state.blocks):
+        return kept.tensors, kept.eps, kept.integers
+    state.kept_operands = None
+    tensors, eps, integers = [], [], []
+    for block, block_state, block_policy in zip(blocks, state.blocks, policies, strict=True):
+        operands = block.one_call_operands(x, block_state, block_policy, None)
+        if operands is None:
+            return None
+        tensors += operands.tensors
+        eps += operands.eps
+        integers += operands.integers
+    state.kept_operands = KeptOperands(key, blocks, state.blocks, tensors, eps, integers)
+    return tensors, eps, integers
+
+
+class KeptOperands:
+    """A stream's operands of its last step of the blocks in one call (`_blocks_operands`), and
+    what tells whether they still hold: the step's key (x's shape, dtype, device and layout, the
+    compute dtype, each block's policy norm and count); the blocks themselves, each block's
+    submodules, parameters and buffers (`ModuleWatch`), its norms' eps and how often its weight
+    caches were cleared (`forget_weight_caches`); and the stream's cached tensors, each the same
+    object. What else the operands depend on (a block's
+    level, heads, precision) is fixed at conversion."""
+
+    def __init__(
+        self,
+        key: tuple,
+        blocks: Sequence[EventfulBlock],
+        states: Sequence[dict[str, Tensor]],
+        tensors: list,
+        eps: list,
+        integers: list,
+    ) -> None:
+        self.key = key
+        self.blocks = list(blocks)
+        self.watches = [ModuleWatch(block) for block in blocks]
+        self.norms = [(norm, norm.eps) for block in blocks for norm in (block.norm1, block.norm2)]
+        self.cleared = [block.weight_caches_cleared for block in blocks]
+        self.states = [list(block_state.values()) for block_state in states]
+        self.tensors, self.eps, self.integers = tensors, eps, integers
+
+    def hold(
+        self, key: tuple, blocks: Sequence[EventfulBlock], states: Sequence[dict[str, Tensor]]
+    ) -> bool:
+        """Whether these operands are those `_blocks_operands` would make now."""
+        if key != self.key or len(blocks) != len(self.blocks) or len(states) != len(self.states):
+            return False
+        for block, kept, cleared in zip(blocks, self.blocks, self.cleared, strict=True):
+            if block is not kept or block.weight_caches_cleared != cleared:
+                return False
+        if not all(norm.eps == eps for norm, eps in self.norms):
+            return False
+        for block_state, kept in zip(states, self.states, strict=True):
+            if len(block_state) != len(kept):
+                return False
+            if not all(t is k for t, k in zip(block_state.values(), kept, strict=True)):
+                return False
+        return all(watch.unchanged() for watch in self.watches)
 
 
 def _runs_forward_hooks(module: nn.Module) -> bool:

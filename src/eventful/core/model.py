@@ -315,7 +315,7 @@ class EventfulViT(EventfulModule):
             in_one_call = None
             if not fresh and self.reduction is None:
                 in_one_call = steps_in_one_call(
-                    self.blocks, state.blocks, self.policy, tokens, escalation, trace, self.taps
+                    self.blocks, state, self.policy, tokens, escalation, trace, self.taps
                 )
             if in_one_call is not None:
                 tokens, tapped_by_blocks = in_one_call

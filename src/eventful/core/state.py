@@ -38,6 +38,17 @@ class StreamState:
         self.blocks: list[dict[str, Tensor]] = []
         # Per eventful head stack (`eventful.core.local_head`), its caches; filled by its steps.
         self.heads: dict[str, dict[str, Tensor]] = {}
+        # The operands of the last step of the blocks in one call, and what they were made from
+        # (`eventful.core.block.KeptOperands`): not part of the state, never copied or saved.
+        self.kept_operands: object | None = None
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles make their operands anew: the kept ones hold the model's weights.
+        return {**self.__dict__, "kept_operands": None}
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("kept_operands", None)  # states pickled before operands were kept
+        self.__dict__.update(state)
 
     @property
     def allocated(self) -> bool:
@@ -64,6 +75,7 @@ class StreamState:
         """(Re)build every cache, zero-filled, for inputs of `input_size` (H, W) pixels.
 
         specs: per block, each tensor's name, shape and dtype."""
+        self.kept_operands = None
         self.blocks = [
             {
                 name: torch.zeros(shape, dtype=dtype, device=device)
@@ -103,6 +115,7 @@ class StreamState:
 
     def to(self, device: torch.device | str) -> StreamState:
         """Move every cache to `device`, in place; returns self."""
+        self.kept_operands = None
         self.blocks = [
             {name: tensor.to(device) for name, tensor in block.items()} for block in self.blocks
         ]
@@ -140,6 +153,7 @@ class StreamState:
                 f"snapshot holds {snapshot['batch_size']} streams, expected {self.batch_size}"
             )
         self.fresh = list(snapshot["fresh"])
+        self.kept_operands = None
         self.input_size = None if snapshot["input_size"] is None else tuple(snapshot["input_size"])
         self.blocks = [
             {name: t.clone() for name, t in block.items()} for block in snapshot["blocks"]
