@@ -742,3 +742,98 @@ def test_copies_and_pickles_of_a_stack_learn_anew_where_its_output_goes():
     assert stack_named(converted, "decoder.stages").hands_rows
     for copied in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
         assert not stack_named(copied, "decoder.stages").hands_rows
+
+
+class SkippingHead(nn.Module):
+    """A ViT, a local stack, and a 1x1 convolution on the stack's output that the forward leaves
+    out while `skip` is set (the stack's output averaged over channels instead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.backbone = tiny_vit()
+        self.stages = nn.Sequential(
+            nn.ConvTranspose2d(48, 16, 2, stride=2), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        self.stages[1].running_var.uniform_(0.5, 2.0)
+        self.final = nn.Conv2d(16, 2, 1)
+        self.skip = False
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone(frames)[:, 1:]
+        features = tokens.transpose(1, 2).reshape(tokens.shape[0], 48, 8, 8)
+        stages = self.stages(features)
+        return stages.mean(1, keepdim=True) if self.skip else self.final(stages)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_a_one_by_one_convolution_fed_by_a_stack_recomputes_only_where_its_input_moved(
+    monkeypatch, context
+):
+    """The saliency decoder's final 1x1 convolution, fed by its stages: where they ran sparsely,
+    only the positions of their output that moved (`FED_UPDATES`); the same saliency up to
+    float rounding as every position at every step, on fewer multiply-accumulates, and its
+    kept output travels with snapshots."""
+    model = saliency_model()
+    frames = frames_with_a_moving_square()
+    saliency, final_macs = {}, {}
+    for fed in (False, True):
+        monkeypatch.setattr(local_head, "FED_UPDATES", fed)
+        # Two tokens a step: few enough that the stages stay sparse to the last.
+        converted = eventful.convert(model, policy=eventful.TopK(2))
+        final = stack_named(converted, "decoder.final_conv")
+        macs = []  # per step, what the final convolution added to the head's count
+
+        def before(stack, _inputs, macs=macs):
+            macs.append(-stack.step.macs)
+
+        def after(stack, _inputs, _output, macs=macs):
+            macs[-1] += stack.step.macs
+
+        final.register_forward_pre_hook(before)
+        final.register_forward_hook(after)
+        stream = converted.stream(drift=None)
+        with context():
+            saliency[fed] = torch.stack([stream(frame).saliency for frame in frames])
+        final_macs[fed] = macs
+        kept = [key for key in stream.state.heads["decoder.stages"] if key.startswith("fed:")]
+        assert kept == (["fed:decoder.final_conv"] if fed else [])
+    assert_equal_up_to_rounding(saliency[True], saliency[False])
+    assert final_macs[True][0] == final_macs[False][0]  # the dense step
+    assert all(
+        0 < fed < every
+        for fed, every in zip(final_macs[True][1:], final_macs[False][1:], strict=True)
+    )
+
+
+@pytest.mark.parametrize("skipped", [1, 3])
+def test_a_one_by_one_convolution_left_out_of_a_step_recomputes_every_position_after(
+    monkeypatch, skipped
+):
+    """A step that runs the feeding stack without the 1x1 convolution drops what the convolution
+    kept: after it, the stack's output moved where the convolution's kept output no longer
+    tells, so the convolution recomputes every position once."""
+    # A still background; a square appears at the step left out, another one step after it,
+    # elsewhere: after that step the output differs from the convolution's kept one around the
+    # first square too, where the stack's output did not move in it.
+    background = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    frames = []
+    for index in range(6):
+        frame = background.clone()
+        if index >= skipped:
+            frame[..., 8:24, 8:24] += 1.5
+        if index >= skipped + 1:
+            frame[..., 40:56, 40:56] -= 1.5
+        frames.append(frame)
+    outputs = {}
+    for fed in (False, True):
+        monkeypatch.setattr(local_head, "FED_UPDATES", fed)
+        converted = eventful.convert(SkippingHead().eval(), policy=eventful.TopK(12))
+        stream = converted.stream(drift=None)
+        got = []
+        with torch.no_grad():
+            for index, frame in enumerate(frames):
+                converted.model.skip = index == skipped
+                got.append(stream(frame))
+        outputs[fed] = torch.stack([output for index, output in enumerate(got) if index != skipped])
+    assert_equal_up_to_rounding(outputs[True], outputs[False])

@@ -96,6 +96,13 @@ STAGE_KERNEL = True
 # is where this is True (`LocalStack._returned`); False: a copy (tests compare the two).
 HAND_ROWS = True
 
+# A 1x1 convolution fed by another stack recomputes only where its input moved, from its output
+# of the last step kept among the caches of the stack that feeds it, under this prefix
+# (`LocalStack._without_own_changes`); False: every position at every step (tests compare the
+# two).
+FED_UPDATES = True
+FED = "fed:"
+
 # A stage run densely within a step convolves on weights packed once for oneDNN where this is
 # True and `prepacks` allows (`LocalStack._convolve_prepacked`); False: PyTorch's convolution.
 PREPACKED_CONVOLUTIONS = True
@@ -180,6 +187,10 @@ class HeadStep:
     # Each stack's output in this step, by stack name, with the stack: a stack whose input is
     # another's output learns that it feeds it (`LocalStack.hands_rows`).
     outputs: dict[str, tuple[LocalStack, Tensor]] = field(default_factory=dict)
+    # By stack name, where every stage of it ran sparsely: the flat positions (B * H * W) where
+    # its output moved in this step (elsewhere it holds its values of the last step), and what
+    # the stacks it fed in its last step kept among its caches (`LocalStack._without_own_changes`).
+    moved: dict[str, tuple[Tensor, dict[str, Tensor]]] = field(default_factory=dict)
 
 
 class LocalStack(nn.Module):
@@ -406,18 +417,7 @@ class LocalStack(nn.Module):
             or any(isinstance(layer, nn.BatchNorm2d) and layer.training for layer in self.layers)
         )
         if not any(sparse_pays(conv) for conv, _ in self.stages):
-            # Nothing to save (the decoder's final 1x1 convolution): the layers, no caches. Off
-            # dense steps a 1x1 convolution runs as a matrix product: on the CPU, oneDNN's
-            # convolution to a few output channels is several times slower than one.
-            outputs = inputs
-            for index, (conv, pointwise) in enumerate(self.stages):
-                macs = dense_convolution_macs(conv, shapes[index])
-                step.macs += macs
-                step.dense_macs += macs
-                outputs = conv(outputs) if dense_step else convolution_as_product(conv, outputs)
-                for layer in pointwise:
-                    outputs = layer(outputs)
-            return outputs
+            return self._without_own_changes(step, inputs, shapes, dense_step)
         if dense:
             # The original layers on the input itself; their results become the caches.
             step.caches[self.name] = caches = {"input0": flat_copy(inputs)}
@@ -426,6 +426,9 @@ class LocalStack(nn.Module):
                 step.dense_macs += dense_convolution_macs(conv, shapes[index])
                 outputs = self._dense_stage(index, conv, pointwise, outputs, caches)
             return outputs
+        # What stacks fed by this one's output kept in its caches (`_without_own_changes`): theirs
+        # to take in this step only, where this one says where its output moved.
+        fed = {key: caches.pop(key) for key in [key for key in caches if key.startswith(FED)]}
         change = self._input_change(inputs, caches, shares)
         _own_memory(caches, f"input{len(self.stages)}")
         outputs = None
@@ -441,7 +444,73 @@ class LocalStack(nn.Module):
                 outputs = self._dense_stage(index, conv, pointwise, outputs, caches, True)
             else:
                 change = self._sparse_stage(index, conv, pointwise, caches, change, shapes)
+        if outputs is None:  # every stage sparse: the output moved where the last one did
+            step.moved[self.name] = (change[0], fed)
         return self._returned(outputs, caches[f"input{len(self.stages)}"], shapes[-1])
+
+    def _without_own_changes(
+        self, step: HeadStep, inputs: Tensor, shapes: list[tuple[int, ...]], dense_step: bool
+    ) -> Tensor:
+        """A stack whose convolutions save nothing by finding the changes of their input (the
+        saliency decoder's final 1x1 convolution: finding them reads more than the product):
+        its layers on the whole input, off dense steps a 1x1 convolution as a matrix product
+        (on the CPU, oneDNN's convolution to a few output channels is several times slower).
+
+        Except where its input is the output of another stack and it is one 1x1 convolution and
+        pointwise layers (`_keeps_output_rows`): it keeps its output in rows among the caches
+        of that stack, under `FED` and its name, and where that stack says where its output
+        moved in this step and hands back what this one kept in its last step (`HeadStep.moved`:
+        the feeding stack's previous output, which this one read), recomputes those positions
+        alone. A step that runs the feeding stack without this one drops what it kept."""
+        dense_macs = [
+            dense_convolution_macs(conv, shapes[index])
+            for index, (conv, _) in enumerate(self.stages)
+        ]
+        step.dense_macs += sum(dense_macs)
+        # Outside autograd: the kept rows would hold every step's graph.
+        keeps = FED_UPDATES and not torch.is_grad_enabled() and self._keeps_output_rows()
+        feeder = _feeding_stack(step, inputs) if keeps else None
+        key = f"{FED}{self.name}"
+        moved, kept = None, None
+        if feeder is not None and not dense_step and feeder in step.moved:
+            moved, fed = step.moved[feeder]
+            kept = fed.get(key)
+        output_rows = (positions(shapes[-1]), shapes[-1][1])
+        if (
+            kept is not None
+            and tuple(kept.shape) == output_rows
+            and kept.dtype == inputs.dtype
+            and kept.device == inputs.device
+        ):
+            conv, pointwise = self.stages[0]
+            rows = flat(inputs).index_select(0, moved)
+            outputs = rows @ conv.weight.reshape(conv.out_channels, conv.in_channels).t()
+            if conv.bias is not None:
+                outputs += conv.bias
+            for layer in pointwise:
+                outputs = pointwise_on_rows(layer, outputs)
+            step.macs += rows.numel() * conv.out_channels
+            kept.index_copy_(0, moved, outputs)
+            step.caches[feeder][key] = kept
+            return channels_first_copy(kept, shapes[-1])
+        step.macs += sum(dense_macs)
+        outputs = inputs
+        for conv, pointwise in self.stages:
+            outputs = conv(outputs) if dense_step else convolution_as_product(conv, outputs)
+            for layer in pointwise:
+                outputs = layer(outputs)
+        if feeder is not None and feeder in step.caches:
+            step.caches[feeder][key] = flat_copy(outputs)
+        return outputs
+
+    def _keeps_output_rows(self) -> bool:
+        """Whether this stack is one 1x1 convolution and pointwise layers (no batch norm in
+        training), which `_without_own_changes` updates at the positions its input moved."""
+        if len(self.stages) != 1 or not is_one_by_one(self.stages[0][0]):
+            return False
+        return not any(
+            isinstance(layer, nn.BatchNorm2d) and layer.training for layer in self.layers
+        )
 
     def _returned(self, outputs: Tensor | None, last: Tensor, shape: tuple[int, ...]) -> Tensor:
         """What a step that updated the stack returns: its last stage's output, which is in the
@@ -699,11 +768,10 @@ def sorted_distinct(indices: Tensor, size: int) -> Tensor:
     return marks.nonzero().squeeze(1)
 
 
-def convolution_as_product(conv: nn.Module, inputs: Tensor) -> Tensor:
-    """`conv` on inputs (B, C, H, W); a 1x1 convolution with stride 1 and no padding, dilation
-    or groups as one matrix product of its (O, C) weight with each stream's (C, H W) positions
-    (equal to the convolution up to float rounding), any other layer as it is."""
-    one_by_one = (
+def is_one_by_one(conv: nn.Module) -> bool:
+    """Whether `conv` is a 1x1 convolution with stride 1 and no padding, dilation or groups: a
+    matrix product of its (O, C) weight with each position's C channels."""
+    return (
         isinstance(conv, nn.Conv2d)
         and conv.kernel_size == (1, 1)
         and conv.stride == (1, 1)
@@ -712,7 +780,21 @@ def convolution_as_product(conv: nn.Module, inputs: Tensor) -> Tensor:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
     )
-    if not one_by_one:
+
+
+def _feeding_stack(step: HeadStep, inputs: Tensor) -> str | None:
+    """The name of the stack whose output in this step inputs are, if any."""
+    for name, (_, output) in step.outputs.items():
+        if output is inputs:
+            return name
+    return None
+
+
+def convolution_as_product(conv: nn.Module, inputs: Tensor) -> Tensor:
+    """`conv` on inputs (B, C, H, W); a 1x1 convolution (`is_one_by_one`) as one matrix product
+    of its (O, C) weight with each stream's (C, H W) positions (equal to the convolution up to
+    float rounding), any other layer as it is."""
+    if not is_one_by_one(conv):
         return conv(inputs)
     batch, channels, height, width = inputs.shape
     weight = conv.weight.view(conv.out_channels, channels)
