@@ -46,7 +46,8 @@ from torch import Tensor, nn
 
 from eventful.core import kernels
 from eventful.core.fingerprint import tensor_key
-from eventful.core.ops import HEAD_LAYERS, layer_macs
+from eventful.core.gates import error_norms_of
+from eventful.core.ops import HEAD_LAYERS, layer_macs_of_sizes
 from eventful.core.precision import autocast_dtype
 
 # Layers that act on each position alone. BatchNorm2d in training mode uses batch statistics: a
@@ -535,8 +536,8 @@ class LocalStack(nn.Module):
         """The input positions passed on in this step (flat indices), and their deltas."""
         current = flat(inputs)
         cached = caches["input0"]
-        difference = current - cached
-        norms = torch.linalg.vector_norm(difference, dim=1)
+        # In one pass without a temporary where the gates' kernel takes them.
+        norms = error_norms_of(current.unsqueeze(0), cached.unsqueeze(0), 2).squeeze(0)
         self.step.macs += 2 * current.numel()  # a subtraction and a square per element
         batch = inputs.shape[0]
         per_stream = norms.view(batch, -1)
@@ -552,8 +553,10 @@ class LocalStack(nn.Module):
                 chosen.append(top + stream * count)
             changed = torch.cat(chosen)
         # Rows by index_select: advanced indexing takes several times as long for rows.
-        cached.index_copy_(0, changed, current.index_select(0, changed))
-        return changed, difference.index_select(0, changed)
+        rows = current.index_select(0, changed)
+        difference = rows - cached.index_select(0, changed)
+        cached.index_copy_(0, changed, rows)
+        return changed, difference
 
     def _dense_stage(
         self,
@@ -931,9 +934,8 @@ def output_shape(conv: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ..
 
 def dense_convolution_macs(conv: nn.Module, input_shape: tuple[int, ...]) -> int:
     """`layer_macs` of a local convolution run densely on an input of `input_shape`."""
-    inputs = torch.empty(input_shape, device="meta")
-    outputs = torch.empty(output_shape(conv, input_shape), device="meta")
-    return layer_macs(conv, inputs, outputs)
+    outputs = output_shape(conv, input_shape)
+    return layer_macs_of_sizes(conv, math.prod(input_shape), math.prod(outputs))
 
 
 def convert_heads(

@@ -133,13 +133,18 @@ class OpCount:
 
 def layer_macs(layer: nn.Module, inputs: Tensor, output: Tensor) -> int:
     """Multiply-accumulates of one call of a linear or convolution layer (`HEAD_LAYERS`)."""
-    bias = output.numel() if getattr(layer, "bias", None) is not None else 0
+    return layer_macs_of_sizes(layer, inputs.numel(), output.numel())
+
+
+def layer_macs_of_sizes(layer: nn.Module, input_values: int, output_values: int) -> int:
+    """`layer_macs` of a call whose input and output hold that many values."""
+    bias = output_values if getattr(layer, "bias", None) is not None else 0
     if isinstance(layer, nn.Linear):
-        return output.numel() * layer.in_features + bias
+        return output_values * layer.in_features + bias
     kernel = math.prod(layer.kernel_size)
     if layer.transposed:
-        return inputs.numel() * (layer.out_channels // layer.groups) * kernel + bias
-    return output.numel() * (layer.in_channels // layer.groups) * kernel + bias
+        return input_values * (layer.out_channels // layer.groups) * kernel + bias
+    return output_values * (layer.in_channels // layer.groups) * kernel + bias
 
 
 def linear_macs(rows: int, layer: nn.Linear) -> int:

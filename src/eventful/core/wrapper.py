@@ -8,6 +8,7 @@ runs unchanged on the eventful encoder's tokens.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -130,11 +131,12 @@ class EventfulWrapper(EventfulModule):
         }
         call._step = {"arguments": arguments, "called": False}
         dense = bool(state.fresh_streams()) or bool(refresh)
+        # Asked by each stack once the encoder has run, the same all through the step.
         head = HeadStep(
             state.heads,
             dense,
-            grid=lambda: self.encoder.embedding.grid_size(*state.input_size),
-            shares=lambda: self._head_shares(state, trace),
+            grid=functools.cache(lambda: self.encoder.embedding.grid_size(*state.input_size)),
+            shares=functools.cache(lambda: self._head_shares(state, trace)),
         )
         stacks = self.local_stacks()
         for stack in stacks:
