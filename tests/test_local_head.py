@@ -494,13 +494,19 @@ def test_the_kernels_batch_norm_operands_follow_the_norms_statistics(monkeypatch
     inputs = sparse_changes()
     _, stack, _ = stage_runs(monkeypatch, layers, inputs, True)
     assert stack._norms  # kept from step to step
-    with torch.no_grad():
-        layers[1].running_var.mul_(3)
-        layers[1].weight.add_(0.5)
-    with torch.inference_mode():
-        got, _ = run_steps(stack, inputs)
-    want, _, _ = stage_runs(monkeypatch, layers, inputs, False)  # computed anew at every stage
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    changes = [
+        lambda: layers[1].running_var.mul_(3),  # in place
+        lambda: layers[1].weight.add_(0.5),
+        lambda: setattr(layers[1], "eps", 0.25),
+        lambda: setattr(layers[1], "running_mean", layers[1].running_mean + 1),  # a new tensor
+    ]
+    for change in changes:
+        with torch.no_grad():
+            change()
+        with torch.inference_mode():
+            got, _ = run_steps(stack, inputs)
+        want, _, _ = stage_runs(monkeypatch, layers, inputs, False)  # computed anew each stage
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_a_batch_norm_without_running_statistics_is_not_pointwise():
