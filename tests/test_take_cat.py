@@ -168,12 +168,23 @@ def test_the_remembered_fingerprint_follows_the_weights():
     assert cached_fingerprint(vit) == model_fingerprint(tiny_vit(seed=1))
 
 
-def test_a_model_with_an_eventful_head_keeps_its_head_caches_through_take_and_cat():
+# TopK(2) without drift control: so few changes that the head's stages stay sparse to the last,
+# and its final 1x1 convolution updates its output, kept among their caches (`local_head.FED`),
+# where they moved. (Drift control refreshes one stream at a time, and a batch's head then runs
+# densely for all its streams.)
+@pytest.mark.parametrize(
+    "policy, options",
+    [(POLICY, {}), (eventful.TopK(2), {"drift": None})],
+    ids=["fraction", "two tokens"],
+)
+def test_a_model_with_an_eventful_head_keeps_its_head_caches_through_take_and_cat(
+    policy, options
+):
     from tests.test_local_head import saliency_model
 
-    model = eventful.convert(saliency_model(), policy=POLICY, level="exact")
+    model = eventful.convert(saliency_model(), policy=policy, level="exact")
     cameras = [camera(seed) for seed in (1, 2)]
-    alone = [model.stream() for _ in cameras]
+    alone = [model.stream(**options) for _ in cameras]
     for step in range(3):
         for stream, frames in zip(alone, cameras, strict=True):
             stream(frames[step])
@@ -184,5 +195,7 @@ def test_a_model_with_an_eventful_head_keeps_its_head_caches_through_take_and_ca
         for index, (stream, frames) in enumerate(zip(alone, cameras, strict=True)):
             want = stream(frames[step]).saliency
             assert_equal_up_to_rounding(together.saliency[index : index + 1], want)
+    fed = [name for name in joined.state.heads["decoder.stages"] if name.startswith("fed:")]
+    assert fed == ["fed:decoder.final_conv"]
     back = joined.take([1])
     assert_equal_up_to_rounding(back(cameras[1][6]).saliency, alone[1](cameras[1][6]).saliency)

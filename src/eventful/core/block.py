@@ -916,8 +916,8 @@ class KeptOperands:
     compute dtype, each block's policy norm and count); the blocks themselves, each block's
     submodules, parameters and buffers (`ModuleWatch`), its norms' eps and how often its weight
     caches were cleared (`forget_weight_caches`); and the stream's cached tensors, each the same
-    object. What else the operands depend on (a block's
-    level, heads, precision) is fixed at conversion."""
+    object. What else the operands depend on (a block's level, heads, precision) is fixed at
+    conversion."""
 
     def __init__(
         self,
