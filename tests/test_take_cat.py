@@ -177,9 +177,7 @@ def test_the_remembered_fingerprint_follows_the_weights():
     [(POLICY, {}), (eventful.TopK(2), {"drift": None})],
     ids=["fraction", "two tokens"],
 )
-def test_a_model_with_an_eventful_head_keeps_its_head_caches_through_take_and_cat(
-    policy, options
-):
+def test_a_model_with_an_eventful_head_keeps_its_head_caches_through_take_and_cat(policy, options):
     from tests.test_local_head import saliency_model
 
     model = eventful.convert(saliency_model(), policy=policy, level="exact")
