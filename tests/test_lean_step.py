@@ -496,6 +496,9 @@ def test_kept_operands_of_the_blocks_in_one_call_follow_every_change_between_ste
         step()
         changed(lambda: blocks[1].qkv.weight.add_(0.01))  # in place: its version moves
         step()
+        weight = blocks[1].fc1.weight
+        changed(lambda: setattr(weight, "data", weight.data * 1.1))  # the same tensor, new memory
+        step()
         changed(lambda: converted.load_state_dict(donor.state_dict()))
         step()
         with torch.inference_mode():
@@ -522,7 +525,8 @@ def test_kept_operands_of_the_blocks_in_one_call_follow_every_change_between_ste
     got, made_anew = outputs(all_blocks=True)
     assert torch.equal(got, want)
     # Made on the second step (the first is dense), after each change, and kept otherwise.
-    # The changes: eps, fc2, norm2's weight, qkv's weight, the state dict, fc1's weight made in
-    # inference mode and then changed in it; the policy; the step under no_grad; the snapshot.
-    expected = [False, True, False, *[True] * 7, True, False, True, False, True]
+    # The changes: eps, fc2, norm2's weight, qkv's weight, fc1's weight's memory, the state
+    # dict, fc1's weight made in inference mode and then changed in it; the policy; the step
+    # under no_grad; the snapshot.
+    expected = [False, True, False, *[True] * 8, True, False, True, False, True]
     assert made_anew == expected

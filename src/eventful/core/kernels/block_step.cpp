@@ -336,8 +336,6 @@ std::tuple<torch::Tensor, torch::Tensor, std::vector<torch::Tensor>> block_step(
     const OptionalTensor& fc2_bias, const OptionalTensor& fc2_panel_scale, int64_t hidden,
     int64_t count, int64_t heads, int64_t dense_from, double underflow, bool bfloat16_attention,
     bool measure) {
-  // Outside autograd (the kernels' only callers): the operators below skip its dispatch keys.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x.dim() == 3, "block_step expects x as (B, N, D), got ", x.sizes());
   TORCH_CHECK(count > 0 && count < x.size(1), "block_step expects a count in [1, ", x.size(1),
               "), got ", count);
@@ -406,7 +404,6 @@ constexpr size_t INTEGERS_PER_BLOCK = 5;
 std::tuple<torch::Tensor, std::vector<torch::Tensor>, std::vector<torch::Tensor>> blocks_step(
     const torch::Tensor& x, const c10::List<OptionalTensor>& tensors, c10::ArrayRef<double> eps,
     c10::IntArrayRef integers, c10::IntArrayRef taps, double underflow, bool measure) {
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in `block_step`
   const size_t blocks = integers.size() / INTEGERS_PER_BLOCK;
   TORCH_CHECK(blocks > 0 && integers.size() == blocks * INTEGERS_PER_BLOCK &&
                   tensors.size() == blocks * TENSORS_PER_BLOCK &&
