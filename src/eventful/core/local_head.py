@@ -318,7 +318,7 @@ class LocalStack(nn.Module):
         None (a ReLU), and whether to round as a fused multiply-add (`addcmul_fuses`), as the
         kernels take them; kept while the norms hold the same statistics and parameters
         (`ModuleWatch`) and eps: computed anew, they took about 0.2 ms a step on the saliency
-        decoder, and asking each tensor's `tensor_key` through the modules 0.04 ms."""
+        decoder."""
         norms = [layer for layer in pointwise if isinstance(layer, nn.BatchNorm2d)]
         eps = [layer.eps for layer in norms]
         kept = self._norms.get(index)
