@@ -389,15 +389,16 @@ class LocalStack(nn.Module):
                 f"the eventful head {self.name!r} runs only inside a step of its eventful model "
                 "(call the converted model or its stream, not the inner module)"
             )
-        for producer, output in step.outputs.values():
-            if inputs is output:
-                producer.hands_rows = True
-        outputs = self._output(step, inputs)
+        feeder = _feeding_stack(step, inputs)
+        if feeder is not None:
+            step.outputs[feeder][0].hands_rows = True
+        outputs = self._output(step, inputs, feeder)
         step.outputs[self.name] = (self, outputs)
         return outputs
 
-    def _output(self, step: HeadStep, inputs: Tensor) -> Tensor:
-        """This step's output of the stack for inputs (B, C, H, W)."""
+    def _output(self, step: HeadStep, inputs: Tensor, feeder: str | None) -> Tensor:
+        """This step's output of the stack for inputs (B, C, H, W), which are the output of the
+        stack named `feeder` in this step, if any."""
         if inputs.dim() != 4:
             raise ValueError(
                 f"the head {self.name!r} expects (B, C, H, W) inputs, got {tuple(inputs.shape)}"
@@ -417,7 +418,7 @@ class LocalStack(nn.Module):
             or any(isinstance(layer, nn.BatchNorm2d) and layer.training for layer in self.layers)
         )
         if not any(sparse_pays(conv) for conv, _ in self.stages):
-            return self._without_own_changes(step, inputs, shapes, dense_step)
+            return self._without_own_changes(step, inputs, feeder, shapes, dense_step)
         if dense:
             # The original layers on the input itself; their results become the caches.
             step.caches[self.name] = caches = {"input0": flat_copy(inputs)}
@@ -449,27 +450,33 @@ class LocalStack(nn.Module):
         return self._returned(outputs, caches[f"input{len(self.stages)}"], shapes[-1])
 
     def _without_own_changes(
-        self, step: HeadStep, inputs: Tensor, shapes: list[tuple[int, ...]], dense_step: bool
+        self,
+        step: HeadStep,
+        inputs: Tensor,
+        feeder: str | None,
+        shapes: list[tuple[int, ...]],
+        dense_step: bool,
     ) -> Tensor:
         """A stack whose convolutions save nothing by finding the changes of their input (the
         saliency decoder's final 1x1 convolution: finding them reads more than the product):
         its layers on the whole input, off dense steps a 1x1 convolution as a matrix product
         (on the CPU, oneDNN's convolution to a few output channels is several times slower).
 
-        Except where its input is the output of another stack and it is one 1x1 convolution and
-        pointwise layers (`_keeps_output_rows`): it keeps its output in rows among the caches
-        of that stack, under `FED` and its name, and where that stack says where its output
-        moved in this step and hands back what this one kept in its last step (`HeadStep.moved`:
-        the feeding stack's previous output, which this one read), recomputes those positions
-        alone. A step that runs the feeding stack without this one drops what it kept."""
+        Except where its input is the output of another stack (`feeder`) and it is one 1x1
+        convolution and pointwise layers (`_keeps_output_rows`): it keeps its output in rows
+        among the caches of that stack, under `FED` and its name, and where that stack says
+        where its output moved in this step and hands back what this one kept in its last step
+        (`HeadStep.moved`: the feeding stack's previous output, which this one read), recomputes
+        those positions alone. A step that runs the feeding stack without this one drops what
+        it kept."""
         dense_macs = [
             dense_convolution_macs(conv, shapes[index])
             for index, (conv, _) in enumerate(self.stages)
         ]
         step.dense_macs += sum(dense_macs)
         # Outside autograd: the kept rows would hold every step's graph.
-        keeps = FED_UPDATES and not torch.is_grad_enabled() and self._keeps_output_rows()
-        feeder = _feeding_stack(step, inputs) if keeps else None
+        if not (FED_UPDATES and not torch.is_grad_enabled() and self._keeps_output_rows()):
+            feeder = None
         key = f"{FED}{self.name}"
         moved, kept = None, None
         if feeder is not None and not dense_step and feeder in step.moved:
