@@ -143,6 +143,8 @@ def test_output_types_and_pooler_presence_follow_the_original():
         assert type(output).__name__ == "BaseModelOutputWithPooling"
         assert output.last_hidden_state.shape == (BATCH, 17, HIDDEN)
         assert (output.pooler_output is not None) == pooled
+        # The step ran in inference mode; called outside it, it returns ordinary tensors.
+        assert not any(field.is_inference() for field in output.values())
     converted = eventful.convert(
         build("Dinov2WithRegistersForImageClassification"), policy=eventful.TopK(5)
     )

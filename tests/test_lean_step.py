@@ -470,10 +470,10 @@ def test_kept_operands_of_the_blocks_in_one_call_follow_every_change_between_ste
         frames = iter(video)
         got, made_anew = [], []
 
-        def step(grad_mode=torch.inference_mode) -> None:
+        def step(grad_mode=torch.inference_mode, call=stream) -> None:
             before = stream.state.kept_operands
             with grad_mode():
-                got.append(stream(next(frames)))
+                got.append(call(next(frames)))
             kept = stream.state.kept_operands
             dense_step = len(got) == 1
             assert isinstance(kept, block_module.KeptOperands) == (all_blocks and not dense_step)
@@ -511,7 +511,9 @@ def test_kept_operands_of_the_blocks_in_one_call_follow_every_change_between_ste
         converted.policy = eventful.TopK(4)
         step()
         step()
-        step(torch.no_grad)  # the caches made in inference mode become ordinary tensors
+        # Stepped by the model itself outside inference mode (a stream's steps run inside it),
+        # the caches made in inference mode become ordinary tensors.
+        step(torch.no_grad, lambda frames: converted(frames, stream.state))
         snapshot = stream.state_dict()
         step()
         stream.load_state_dict(snapshot)
@@ -526,7 +528,7 @@ def test_kept_operands_of_the_blocks_in_one_call_follow_every_change_between_ste
     assert torch.equal(got, want)
     # Made on the second step (the first is dense), after each change, and kept otherwise.
     # The changes: eps, fc2, norm2's weight, qkv's weight, fc1's weight's memory, the state
-    # dict, fc1's weight made in inference mode and then changed in it; the policy; the step
-    # under no_grad; the snapshot.
+    # dict, fc1's weight made in inference mode and then changed in it; the policy; the model's
+    # own step under no_grad; the snapshot.
     expected = [False, True, False, *[True] * 8, True, False, True, False, True]
     assert made_anew == expected

@@ -1,6 +1,7 @@
 """Used the way PyTorch users use modules: grad modes, copies, saving and loading, threads, and
 weights changed after conversion."""
 
+import contextlib
 import copy
 import importlib.util
 import io
@@ -131,6 +132,37 @@ def test_a_camera_batch_serves_the_same_under_inference_mode():
     with torch.inference_mode():
         got = served(model, frames)
     assert_all_equal(got, want)
+
+
+@pytest.mark.parametrize("with_head", [False, True], ids=["vit", "saliency"])
+@pytest.mark.parametrize("mode", ["default", "no_grad"])
+def test_a_step_outside_inference_mode_returns_ordinary_tensors_of_its_own(with_head, mode):
+    """A stream's step runs under inference mode; called outside it, the step returns ordinary
+    tensors (in-place changes and autograd work on them, as on any output) that share no memory
+    with the stream, and the same values as a step called inside it."""
+    dense = saliency_model() if with_head else tiny_vit()
+    model = eventful.convert(dense, policy=POLICY)
+    frames = video(4)
+    reference = model.stream()
+    with torch.inference_mode():
+        want = [reference(frame) for frame in frames]
+    stream = model.stream()
+    context = torch.no_grad() if mode == "no_grad" else contextlib.nullcontext()
+    with context:
+        got = [stream(frame) for frame in frames]
+    assert_all_equal(got, want)
+    for output in got:
+        for tensor in tensors_of(output):
+            assert not tensor.is_inference()
+            assert not tensor.requires_grad
+            tensor.add_(1.0)  # an inference tensor refuses this outside inference mode
+    # Changing what a step returned changes nothing in the stream: the next step is the same.
+    with torch.inference_mode():
+        want_next = reference(frames[0])
+    assert_all_equal([stream(frames[0])], [want_next])
+    weight = torch.ones((), requires_grad=True)
+    (tensors_of(got[-1])[0] * weight).sum().backward()
+    assert weight.grad is not None
 
 
 def test_streams_taken_and_joined_under_inference_mode_continue_outside_it():

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from eventful.core.drift import DEFAULT_DRIFT, DriftControl, DriftEvent, DriftMonitor
 from eventful.core.estimate import FidelityEstimate
@@ -21,6 +22,13 @@ from eventful.profile import part
 
 # The format of `Stream.state_dict` snapshots; a snapshot of another format is refused.
 SNAPSHOT_FORMAT = "eventful-stream/1"
+
+
+def _ordinary(value: Any) -> Any:
+    """An inference tensor copied into an ordinary one; anything else as it is."""
+    if isinstance(value, Tensor) and value.is_inference():
+        return value.clone()
+    return value
 
 
 def _levels_text(levels: list[str] | None) -> str:
@@ -90,9 +98,18 @@ class Stream:
     @torch.no_grad()
     def __call__(self, frames: Tensor) -> Any:
         """One time step: frames (B, C, H, W) -> what the converted model returns. Safe to call
-        from several threads (`step_lock`)."""
+        from several threads (`step_lock`).
+
+        A step never records gradients, so it runs under `torch.inference_mode`, which spares
+        every operator autograd's bookkeeping; called outside inference mode, the step returns
+        its outputs as ordinary tensors (copies), which may be changed in place and used with
+        autograd like any other. Forward hooks inside the step see inference tensors."""
         with step_lock(self.model):
-            return self._call(frames)
+            if torch.is_inference_mode_enabled():
+                return self._call(frames)
+            with torch.inference_mode():
+                output = self._call(frames)
+            return tree_map(_ordinary, output)
 
     def _call(self, frames: Tensor) -> Any:
         policy = self.model.encoder.policy
