@@ -488,6 +488,41 @@ def test_at_bf16_sparse_stages_add_bfloat16_products_as_the_python_stage_does(mo
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_stage_runs_densely_from_a_smaller_share_where_it_multiplies_in_bfloat16(
+    dtype, monkeypatch
+):
+    """Between `LOW_PRECISION_DENSE_SHARE` and `DENSE_SHARE` of changed input positions, a
+    stack that multiplies in bfloat16 runs its first stage densely and a float32 one sparsely;
+    both give the original layers' outputs (bfloat16's rounding for the one)."""
+    share = (local_head.LOW_PRECISION_DENSE_SHARE + local_head.DENSE_SHARE) / 2
+    layers = stack_of(CONVOLUTIONS["transposed 4/2/1"]())
+    inputs = sparse_changes(size=16, steps=4, share=share)
+    changed = (inputs[1] != inputs[0]).any(1).float().mean(dim=(1, 2))
+    low, high = local_head.LOW_PRECISION_DENSE_SHARE, local_head.DENSE_SHARE
+    assert all(low < fraction < high for fraction in changed.tolist())
+    dense_stages = []
+    original = LocalStack._dense_stage
+
+    def spy(self, index, *args, **kwargs):
+        if self.step is not None and not self.step.dense:
+            dense_stages.append(index)
+        return original(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStack, "_dense_stage", spy)
+    outputs, _, _ = stage_runs(monkeypatch, layers, inputs, True, dtype)
+    in_bfloat16 = dtype == torch.bfloat16
+    # The first stage densely in every step after the first, or never.
+    assert dense_stages.count(0) == (len(inputs) - 1 if in_bfloat16 else 0)
+    with torch.no_grad():
+        for got, frame in zip(outputs, inputs, strict=True):
+            want = layers(frame)
+            if in_bfloat16:
+                assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+            else:
+                assert_equal_up_to_rounding(got, want)
+
+
 @needs_head_kernel
 def test_the_kernels_batch_norm_operands_follow_the_norms_statistics(monkeypatch):
     layers = stack_of(CONVOLUTIONS["transposed 4/2/1"]())

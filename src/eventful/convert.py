@@ -99,8 +99,8 @@ def _convert(
     wrapped, path = replace_encoder(
         model, lambda encoder: _encoder_call(encoder, policy, level, cache_dtype, precision)
     )
-    # At precision bf16 the head's dense convolutions multiply in bfloat16 too, as they do in
-    # the dense model cast to bfloat16 (the sparse updates' products stay float32).
+    # At precision bf16 the head's convolutions multiply in bfloat16 too, as they do in the
+    # dense model cast to bfloat16; its caches, and the sums the sparse updates add, stay float32.
     head_dtype = torch.bfloat16 if precision == "bf16" else None
     _, dense_layers = convert_heads(wrapped, path, head_dtype)
     if dense_layers:

@@ -24,7 +24,8 @@ A step in which any stream of the batch runs densely (its first step, a refresh,
 size), or in which the encoder's policy selects every token, runs every convolution as the
 original layers do: with every token selected the stack computes exactly what the dense head
 computes. Within a step, a convolution runs densely (on its cached input) when more than
-`DENSE_SHARE` of its input positions changed, when it is too small for a sparse update to pay
+`DENSE_SHARE` of its input positions changed (`LOW_PRECISION_DENSE_SHARE` where the stack
+multiplies in a lower precision), when it is too small for a sparse update to pay
 (`SPARSE_MIN_WORK`), or after one that ran densely. Incremental updates add deltas to cached
 sums: equal to the dense head up to float rounding (README, "What is exact").
 
@@ -79,8 +80,17 @@ SPARSE_MIN_WORK = 16
 # bfloat16, at a quarter and at a twentieth of the tokens, and 1.01x on carphone_pristine.mp4 at
 # a twentieth in float32. On bikes.mp4 in bfloat16 at a quarter of the tokens, the decoder's
 # second and third stages took 3.8 and 7.2 ms per step updated sparsely, 1.8 and 2.0 densely.
-# 0.1 was as fast in bfloat16 but slower in float32.
+# 0.1 was as fast in bfloat16 at a quarter of the tokens but slower in float32 (1.4x the step at
+# a twentieth on carphone_pristine.mp4).
 DENSE_SHARE = 0.25
+# The same for a stack that multiplies in a lower precision (`compute_dtype`): its dense
+# convolutions run on the CPU's bfloat16 units, several times faster than float32, while a sparse
+# update's scatters into its float32 caches take as long as in float32, so the dense layer pays
+# from a smaller share. On the saliency model at precision bf16 (same machine, interleaved in one
+# process), 0.12 against 0.25 took 0.93-0.95x the step time on bikes.mp4 at 3% and 5% of the
+# tokens (its second and third stages then run densely), 0.96x on carphone_pristine.mp4 at 5%,
+# and the same time at 1/64 and at 10% (where 0.1 ran the first stage densely: 1.03x).
+LOW_PRECISION_DENSE_SHARE = 0.12
 
 # Up to this many changed positions a convolution's kernel matrix multiplies on the small-rows
 # kernel (which reads the matrix once from memory), above on PyTorch's matmul. Lower than the
@@ -432,11 +442,12 @@ class LocalStack(nn.Module):
         fed = {key: caches.pop(key) for key in [key for key in caches if key.startswith(FED)]}
         change = self._input_change(inputs, caches, shares)
         _own_memory(caches, f"input{len(self.stages)}")
+        dense_share = DENSE_SHARE if self.compute_dtype is None else LOW_PRECISION_DENSE_SHARE
         outputs = None
         for index, (conv, pointwise) in enumerate(self.stages):
             step.dense_macs += dense_convolution_macs(conv, shapes[index])
             if outputs is None and (
-                len(change[0]) > DENSE_SHARE * positions(shapes[index]) or not sparse_pays(conv)
+                len(change[0]) > dense_share * positions(shapes[index]) or not sparse_pays(conv)
             ):
                 # From here on densely, on the cached input, which holds the changes passed on
                 # (in rows: a channels-last view, no copy).
