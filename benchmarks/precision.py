@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from report import markdown_table, write_or_print
+from roofline import least_step_ms, machine_peaks
 
 import eventful
 from eventful.core.precision import cpu_flags, native_bf16
@@ -213,8 +214,58 @@ def main() -> None:
         "one), over every frame. The engine's int8 is `precision='int8'`: int8 weights per "
         f"output channel, float32 arithmetic.{bf16_note}\n\n" + markdown_table(header, rows)
     )
+    body += "\n\n" + roofline_table(times, precisions, args.frames)
     print(json.dumps(summary, indent=2))
     write_or_print("precision", body, args.write)
+
+
+# The dense model a user runs at each precision, as named in the timings.
+SAME_PRECISION = {
+    "fp32": "ours, dense, fp32",
+    "int8": "ours, dense, torch.ao dynamic int8",
+    "bf16": "ours, dense, cast to bfloat16",
+}
+
+
+def roofline_table(times: dict, precisions: list[str], count: int) -> str:
+    """The CLI defaults at each precision against the dense model at that precision and
+    against the least time this machine needs for their step (section roofline), measured here
+    after the timed processes have ended."""
+    peaks = machine_peaks()
+    dense = imgfocus_saliency().eval()
+    clip = frames(min(count, 3))
+    num_tokens = dense.backbone.embedding.num_tokens(224, 224)
+    rows = []
+    for chosen in precisions:
+        converted = eventful.convert(
+            dense, policy=eventful.TopFraction(0.25), level="exact", precision=chosen
+        )
+        least = least_step_ms(converted, clip, num_tokens, peaks, chosen)
+        ms = statistics.median(times[f"engine, CLI defaults, {chosen}"][1:])
+        same = statistics.median(times[SAME_PRECISION[chosen]][1:])
+        rows.append(
+            [
+                chosen,
+                f"{ms:.1f}",
+                f"{same:.1f}",
+                f"{same / ms:.2f}",
+                f"{least:.1f}",
+                f"{same / least:.1f}",
+            ]
+        )
+    header = ["precision", "CLI defaults ms", "dense at that precision ms", "speedup"]
+    header += ["least ms", "dense over least"]
+    return (
+        "#### The CLI defaults against this machine's roofline\n\n"
+        "Least ms: the least time this machine needs for the CLI defaults' step (section "
+        "roofline: every part at the float32 or, for bfloat16 products, the bfloat16 peak, or "
+        "its bytes at the copy bandwidth, whichever takes longer; the step's multiply-adds "
+        "from the op counts of its second step, without drift control), measured after the "
+        "timed processes ended. Dense over least: the most any implementation of this step "
+        "could gain over the dense model at the same precision on this machine. The engine's "
+        "int8 multiplies in float32, so its least time takes the float32 peak. Target (issue "
+        "26): at least 2x the dense model at the same precision.\n\n" + markdown_table(header, rows)
+    )
 
 
 if __name__ == "__main__":
