@@ -524,6 +524,41 @@ def test_a_stage_runs_densely_from_a_smaller_share_where_it_multiplies_in_bfloat
 
 
 @needs_head_kernel
+@pytest.mark.parametrize("shares", [None, [0.2, 0.5]], ids=["every change", "shares"])
+def test_the_input_change_kernel_passes_on_what_the_operators_pass_on(shares, monkeypatch):
+    """`kernels.head_input_change` against the PyTorch operators it replaces, bit for bit: the
+    positions in the same order (which orders the sums after them), their deltas and the cached
+    input, for two streams, with equal changes at several positions (ties) and a NaN."""
+    generator = torch.Generator().manual_seed(3)
+    before = torch.randn(2, 6, 5, 5, generator=generator)
+    now = before.clone()
+    now[0, :, 1, 1:4] += 1.0  # three positions with the same change
+    now[0, :, 3, 3] += torch.randn(6, generator=generator)
+    now[1, :, 0, :] += torch.randn(6, 5, generator=generator)
+    now[1, 2, 4, 4] = float("nan")
+    layers = stack_of(CONVOLUTIONS["transposed 4/2/1"]())
+    results = []
+    for kernel in (False, True):
+        monkeypatch.setattr(local_head, "INPUT_KERNEL", kernel)
+        stack = LocalStack("head", layers)
+        stack.step = HeadStep({}, dense=False, grid=lambda: (5, 5), shares=lambda: shares)
+        caches = {"input0": local_head.flat_copy(before)}
+        with kernel_calls("head_input_change") as calls, torch.inference_mode():
+            changed, difference = stack._input_change(now, caches, shares)
+        assert len(calls) == (1 if kernel else 0)
+        results.append((changed, difference, caches["input0"]))
+    (want_changed, want_difference, want_cached), (changed, difference, cached) = results
+    assert torch.equal(changed, want_changed)
+    exactly = {"rtol": 0, "atol": 0, "equal_nan": True}
+    torch.testing.assert_close(difference, want_difference, **exactly)
+    torch.testing.assert_close(cached, want_cached, **exactly)
+    # Every changed position (the NaN's too), or per stream those of its share that changed
+    # (4 of 5 in the first; the 5 of 12 that changed in the second, a NaN not above 0).
+    assert len(changed) == (10 if shares is None else 9)
+    assert torch.isnan(difference).any() == (shares is None)
+
+
+@needs_head_kernel
 def test_the_kernels_batch_norm_operands_follow_the_norms_statistics(monkeypatch):
     layers = stack_of(CONVOLUTIONS["transposed 4/2/1"]())
     inputs = sparse_changes()

@@ -92,6 +92,10 @@ DENSE_SHARE = 0.25
 # and the same time at 1/64 and at 10% (where 0.1 ran the first stage densely: 1.03x).
 LOW_PRECISION_DENSE_SHARE = 0.12
 
+# The input's change in one call of the CPU kernel (`kernels.head_input_change`) where it takes
+# the tensors; False runs the PyTorch operators it replaces (tests compare the two).
+INPUT_KERNEL = True
+
 # Up to this many changed positions a convolution's kernel matrix multiplies on the small-rows
 # kernel (which reads the matrix once from memory), above on PyTorch's matmul. Lower than the
 # linear layers' bound (`packed_linear.SMALL_ROWS`): a head's convolutions have few input
@@ -550,21 +554,27 @@ class LocalStack(nn.Module):
     def _input_change(
         self, inputs: Tensor, caches: dict[str, Tensor], shares: list[float] | None
     ) -> tuple[Tensor, Tensor]:
-        """The input positions passed on in this step (flat indices), and their deltas."""
+        """The input positions passed on in this step (flat indices), and their deltas: per
+        stream the `shares` of positions of largest change that changed (every changed
+        position without shares, or at another grid). One call of the CPU kernel where it
+        takes the tensors (`kernels.head_input_change`), the same as the operators below."""
         current = flat(inputs)
         cached = caches["input0"]
+        counts = self._input_counts(inputs, shares)
+        self.step.macs += 2 * current.numel()  # a subtraction and a square per element
+        kernel = kernels.head_input_change() if INPUT_KERNEL else None
+        if kernel is not None and kernels.can_take(current, cached) and current.is_contiguous():
+            return kernel(current, cached, counts)
         # In one pass without a temporary where the gates' kernel takes them.
         norms = error_norms_of(current.unsqueeze(0), cached.unsqueeze(0), 2).squeeze(0)
-        self.step.macs += 2 * current.numel()  # a subtraction and a square per element
         batch = inputs.shape[0]
         per_stream = norms.view(batch, -1)
         count = per_stream.shape[1]
-        if shares is None or tuple(inputs.shape[2:]) != self.step.grid():
+        if not counts:
             changed = norms.ne(0).nonzero().squeeze(1)
         else:
             chosen = []
-            for stream, share in enumerate(shares):
-                k = min(count, max(1, round(share * count)))
+            for stream, k in enumerate(counts):
                 top = per_stream[stream].topk(k, sorted=False).indices
                 top = top[per_stream[stream, top] > 0]  # an unchanged position needs nothing
                 chosen.append(top + stream * count)
@@ -574,6 +584,15 @@ class LocalStack(nn.Module):
         difference = rows - cached.index_select(0, changed)
         cached.index_copy_(0, changed, rows)
         return changed, difference
+
+    def _input_counts(self, inputs: Tensor, shares: list[float] | None) -> list[int]:
+        """Per stream, how many positions of largest change a step takes from the input: its
+        share of the positions, at least one; none (every changed position) without shares or
+        at another grid than the encoder's."""
+        if shares is None or tuple(inputs.shape[2:]) != self.step.grid():
+            return []
+        count = positions(tuple(inputs.shape)) // inputs.shape[0]
+        return [min(count, max(1, round(share * count))) for share in shares]
 
     def _dense_stage(
         self,

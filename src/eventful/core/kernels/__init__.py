@@ -12,10 +12,11 @@ The sources of this folder build into one library of dispatcher operators
   with each row's log-sum-exp;
 - `transposed()`: `transpose.cpp`, the last two dimensions of a tensor swapped into new memory:
   a convolutional head's channels-last rows to PyTorch's default layout and back;
-- `head_stage()` and `head_pointwise()`: `head_stage.cpp`, a convolutional head's sparse stage
-  after its product (the changed positions' contributions added where they reach, the pointwise
-  layers on the rows touched, the change passed on), and the pointwise layers of a dense stage
-  written into its cached output in one pass;
+- `head_stage()`, `head_pointwise()` and `head_input_change()`: `head_stage.cpp`, a
+  convolutional head's sparse stage after its product (the changed positions' contributions
+  added where they reach, the pointwise layers on the rows touched, the change passed on), the
+  pointwise layers of a dense stage written into its cached output in one pass, and what a step
+  passes on from the head's input (the positions of largest change and their deltas);
 - `exact_attention_update()`: `exact_update.cpp`, one step of the exact level's attention over
   each stream's whole sequence in one call;
 - `full_attention_update()`: `full_update.cpp`, one step of the full level's attention update
@@ -144,6 +145,16 @@ def head_pointwise() -> Callable[..., None] | None:
     (positions, C) float32 to write; per pointwise layer its batch norm's scale and shift (or
     None and None: a ReLU) and whether a batch norm rounds once, as `head_stage` takes them."""
     return torch.ops.eventful.head_pointwise if _available() else None
+
+
+def head_input_change() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """What a step of an eventful head passes on from its input (`LocalStack._input_change`),
+    built on first use; None if unavailable. Arguments: the input as rows (P, C) and the cached
+    input (P, C), float32, contiguous, the cached one updated in place; per stream the count of
+    positions of largest change to take (`topk`, in its order, those with a change), or an
+    empty list for every changed position in order. Returns the flat positions (M,) int64 and
+    their deltas (M, C)."""
+    return torch.ops.eventful.head_input_change if _available() else None
 
 
 def exact_attention_update() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
