@@ -882,6 +882,43 @@ def test_a_one_by_one_convolution_fed_by_a_stack_recomputes_only_where_its_input
     )
 
 
+@needs_head_kernel
+def test_the_rows_product_kernel_recomputes_as_the_operators_do(monkeypatch):
+    """The fed 1x1 convolution in one kernel call (`kernels.head_rows_product`) against the
+    PyTorch operators it replaces: the same saliency up to float rounding; and a position's value
+    depends neither on the positions recomputed beside it nor on the threads."""
+    model = saliency_model()
+    frames = frames_with_a_moving_square()
+    saliency = {}
+    for kernel in (False, True):
+        monkeypatch.setattr(local_head, "ROWS_PRODUCT_KERNEL", kernel)
+        stream = eventful.convert(model, policy=eventful.TopK(2)).stream(drift=None)
+        with kernel_calls("head_rows_product") as calls, torch.inference_mode():
+            saliency[kernel] = torch.stack([stream(frame).saliency for frame in frames])
+        assert (len(calls) > 0) == kernel
+    assert_equal_up_to_rounding(saliency[True], saliency[False])
+
+    product = kernels.head_rows_product()
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randn(300, 67, generator=generator)  # channels not a multiple of a vector
+    weight, bias = torch.randn(3, 67, generator=generator), torch.randn(3, generator=generator)
+    every = torch.arange(300)
+    some = torch.tensor([299, 7, 150, 8])
+    threads = torch.get_num_threads()
+    kept = {}
+    try:
+        for name, moved, count in (("every", every, 2), ("some", some, 2), ("one", every, 1)):
+            torch.set_num_threads(count)
+            kept[name] = torch.zeros(300, 3)
+            product(rows, moved, weight, bias, kept[name])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(kept["some"][some], kept["every"][some])
+    assert kept["some"].count_nonzero() == 4 * 3  # nothing written elsewhere
+    assert torch.equal(kept["one"], kept["every"])
+    assert_equal_up_to_rounding(kept["every"], rows @ weight.t() + bias)
+
+
 @pytest.mark.parametrize("skipped", [1, 3])
 def test_a_one_by_one_convolution_left_out_of_a_step_recomputes_every_position_after(
     monkeypatch, skipped

@@ -92,6 +92,11 @@ DENSE_SHARE = 0.25
 # and the same time at 1/64 and at 10% (where 0.1 ran the first stage densely: 1.03x).
 LOW_PRECISION_DENSE_SHARE = 0.12
 
+# The final 1x1 convolution at the positions its input moved in one call of the CPU kernel
+# (`kernels.head_rows_product`) where it takes the tensors and no pointwise layer follows; False
+# runs the PyTorch operators (a matrix product), which round the sums otherwise.
+ROWS_PRODUCT_KERNEL = True
+
 # The input's change in one call of the CPU kernel (`kernels.head_input_change`) where it takes
 # the tensors; False runs the PyTorch operators it replaces (tests compare the two).
 INPUT_KERNEL = True
@@ -505,14 +510,26 @@ class LocalStack(nn.Module):
             and kept.device == inputs.device
         ):
             conv, pointwise = self.stages[0]
-            rows = flat(inputs).index_select(0, moved)
-            outputs = rows @ conv.weight.reshape(conv.out_channels, conv.in_channels).t()
-            if conv.bias is not None:
-                outputs += conv.bias
-            for layer in pointwise:
-                outputs = pointwise_on_rows(layer, outputs)
-            step.macs += rows.numel() * conv.out_channels
-            kept.index_copy_(0, moved, outputs)
+            source = flat(inputs)
+            weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
+            step.macs += len(moved) * conv.in_channels * conv.out_channels
+            kernel = kernels.head_rows_product() if ROWS_PRODUCT_KERNEL else None
+            if (
+                kernel is not None
+                and not pointwise
+                and kernels.can_take(source, weight, kept)
+                and source.is_contiguous()
+                and weight.is_contiguous()
+                and (conv.bias is None or kernels.can_take(conv.bias))
+            ):
+                kernel(source, moved, weight, conv.bias, kept)
+            else:
+                outputs = source.index_select(0, moved) @ weight.t()
+                if conv.bias is not None:
+                    outputs += conv.bias
+                for layer in pointwise:
+                    outputs = pointwise_on_rows(layer, outputs)
+                kept.index_copy_(0, moved, outputs)
             step.caches[feeder][key] = kept
             return channels_first_copy(kept, shapes[-1])
         step.macs += sum(dense_macs)

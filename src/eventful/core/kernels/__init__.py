@@ -12,10 +12,11 @@ The sources of this folder build into one library of dispatcher operators
   with each row's log-sum-exp;
 - `transposed()`: `transpose.cpp`, the last two dimensions of a tensor swapped into new memory:
   a convolutional head's channels-last rows to PyTorch's default layout and back;
-- `head_stage()`, `head_pointwise()` and `head_input_change()`: `head_stage.cpp`, a
-  convolutional head's sparse stage after its product (the changed positions' contributions
-  added where they reach, the pointwise layers on the rows touched, the change passed on), the
-  pointwise layers of a dense stage written into its cached output in one pass, and what a step
+- `head_stage()`, `head_pointwise()`, `head_rows_product()` and `head_input_change()`:
+  `head_stage.cpp`, a convolutional head's sparse stage after its product (the changed
+  positions' contributions added where they reach, the pointwise layers on the rows touched, the
+  change passed on), the pointwise layers of a dense stage written into its cached output in one
+  pass, a 1x1 convolution recomputed at some positions of its kept output, and what a step
   passes on from the head's input (the positions of largest change and their deltas);
 - `exact_attention_update()`: `exact_update.cpp`, one step of the exact level's attention over
   each stream's whole sequence in one call;
@@ -145,6 +146,15 @@ def head_pointwise() -> Callable[..., None] | None:
     (positions, C) float32 to write; per pointwise layer its batch norm's scale and shift (or
     None and None: a ReLU) and whether a batch norm rounds once, as `head_stage` takes them."""
     return torch.ops.eventful.head_pointwise if _available() else None
+
+
+def head_rows_product() -> Callable[..., None] | None:
+    """A 1x1 convolution recomputed at some positions of its output kept as rows
+    (`LocalStack._without_own_changes`), built on first use; None if unavailable. Arguments: the
+    input as rows (P, C), the positions (M,) int64, the weight (O, C), the bias (O,) or None and
+    the kept output (P, O) written at those positions; float32, contiguous. Each output is one
+    sum over the channels in a fixed order, then the bias."""
+    return torch.ops.eventful.head_rows_product if _available() else None
 
 
 def head_input_change() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:

@@ -6,6 +6,9 @@
 // - `head_pointwise`, a dense stage after its convolution: the pointwise layers on every position,
 //   written into the cached output in one pass (and, from a bfloat16 convolution, its output
 //   widened into the cached pre-activation in the same pass);
+// - `head_rows_product`, a 1x1 convolution after a sparse stack recomputed at the positions its
+//   input moved (`LocalStack._without_own_changes`) into its output kept as rows: gather,
+//   product, bias and scatter in one call instead of four;
 // - `head_input_change`, what a step passes on from the head's input
 //   (`LocalStack._input_change`): the positions of largest change per stream, their rows' deltas,
 //   and the cached input brought up to date there. In PyTorch operators that is some ten calls
@@ -39,6 +42,7 @@
 #include <vector>
 
 #include "operators.h"
+#include "vectors.h"
 
 namespace {
 
@@ -379,6 +383,61 @@ void head_pointwise(const torch::Tensor& source, const c10::optional<torch::Tens
   }
 }
 
+// rows (P, C): a 1x1 convolution's input as rows; moved (M,) int64: the positions to recompute;
+// weight (O, C) and bias (O,) or none; kept (P, O): the convolution's output as rows, written at
+// the moved positions. Each output is one sum over the input channels in a fixed order (the
+// lanes of a vector, then across them), plus the bias: a row's value depends on neither the
+// rows beside it nor the threads. All float32, contiguous, on the CPU.
+void head_rows_product(const torch::Tensor& rows, const torch::Tensor& moved,
+                       const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                       torch::Tensor kept) {
+  check_rows(rows, "head_rows_product", "rows");
+  check_rows(weight, "head_rows_product", "weight");
+  check_rows(kept, "head_rows_product", "kept");
+  const int64_t positions = rows.size(0), channels = rows.size(1), outs = weight.size(0);
+  TORCH_CHECK(weight.size(1) == channels && kept.size(0) == positions && kept.size(1) == outs,
+              "head_rows_product expects weight (O, ", channels, ") and kept (", positions,
+              ", O), got ", weight.sizes(), " and ", kept.sizes());
+  TORCH_CHECK(moved.dim() == 1 && moved.scalar_type() == torch::kInt64 && moved.device().is_cpu(),
+              "head_rows_product expects moved as 1-D int64 CPU positions, got ",
+              moved.scalar_type(), " of shape ", moved.sizes());
+  const bool biased = bias.has_value() && bias->defined();
+  if (biased) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() &&
+                    bias->numel() == outs,
+                "head_rows_product expects a contiguous float32 bias of ", outs,
+                " values, got ", bias->sizes());
+  }
+  const auto at = moved.contiguous();
+  const int64_t* position = at.data_ptr<int64_t>();
+  const int64_t count = at.size(0);
+  for (int64_t j = 0; j < count; ++j) {
+    TORCH_CHECK(position[j] >= 0 && position[j] < positions, "head_rows_product expects ",
+                "positions in [0, ", positions, "), got ", position[j]);
+  }
+  const float* from = rows.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* b = biased ? bias->data_ptr<float>() : nullptr;
+  float* out = kept.data_ptr<float>();
+  const int64_t whole = channels / eventful_vectors::WIDTH * eventful_vectors::WIDTH;
+  at::parallel_for(0, count, ROWS_PER_TASK, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const float* row = from + position[j] * channels;
+      for (int64_t o = 0; o < outs; ++o) {
+        const float* column = w + o * channels;
+        eventful_vectors::Vector sum = eventful_vectors::splat(0.0f);
+        for (int64_t c = 0; c < whole; c += eventful_vectors::WIDTH) {
+          sum = eventful_vectors::multiply_add(eventful_vectors::load(row + c),
+                                               eventful_vectors::load(column + c), sum);
+        }
+        float value = eventful_vectors::sum_of(sum);
+        for (int64_t c = whole; c < channels; ++c) value = std::fma(row[c], column[c], value);
+        out[position[j] * outs + o] = b == nullptr ? value : value + b[o];
+      }
+    }
+  });
+}
+
 // current and cached (P, C) float32 rows, contiguous: a head's input this step and as last
 // passed on, P = streams x positions. Per stream s, with counts given (one per stream), the
 // counts[s] positions of largest L2 change (`topk`, unsorted, as the Python stage takes them,
@@ -449,6 +508,9 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
       "head_pointwise(Tensor source, Tensor(a!)? pre, Tensor(b!) output, Tensor?[] scales, "
       "Tensor?[] shifts, bool fused) -> ()");
   library.def(
+      "head_rows_product(Tensor rows, Tensor moved, Tensor weight, Tensor? bias, "
+      "Tensor(a!) kept) -> ()");
+  library.def(
       "head_input_change(Tensor current, Tensor(a!) cached, int[] counts) -> "
       "(Tensor changed, Tensor difference)");
 }
@@ -456,5 +518,6 @@ TORCH_LIBRARY_FRAGMENT(eventful, library) {
 TORCH_LIBRARY_IMPL(eventful, CPU, library) {
   library.impl("head_stage", &head_stage);
   library.impl("head_pointwise", &head_pointwise);
+  library.impl("head_rows_product", &head_rows_product);
   library.impl("head_input_change", &head_input_change);
 }
