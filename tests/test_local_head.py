@@ -675,19 +675,26 @@ def test_the_stage_kernel_leaves_other_pointwise_layers_and_autograd_to_python(m
         assert len(calls) == 0
 
 
+def saliency_with_and_without(monkeypatch, switch: str, kernel: str, k: int) -> dict:
+    """By the value of `local_head.<switch>` (False, then True), the saliency of the converted
+    `saliency_model` (TopK(k)) over `frames_with_a_moving_square` under inference mode; each run
+    checks that the CPU kernel `kernel` ran exactly when the switch was on."""
+    model = saliency_model()
+    frames = frames_with_a_moving_square()
+    saliency = {}
+    for on in (False, True):
+        monkeypatch.setattr(local_head, switch, on)
+        stream = eventful.convert(model, policy=eventful.TopK(k)).stream(drift=None)
+        with kernel_calls(kernel) as calls, torch.inference_mode():
+            saliency[on] = torch.stack([stream(frame).saliency for frame in frames])
+        assert (len(calls) > 0) == on
+    return saliency
+
+
 @needs_head_kernel
 def test_the_saliency_model_with_the_stage_kernel_equals_it_without(monkeypatch):
-    with kernel_calls("head_stage") as calls:
-        model = saliency_model()
-        frames = frames_with_a_moving_square()
-        saliency = {}
-        for kernel in (False, True):
-            monkeypatch.setattr(local_head, "STAGE_KERNEL", kernel)
-            stream = eventful.convert(model, policy=eventful.TopK(6)).stream(drift=None)
-            with torch.inference_mode():
-                saliency[kernel] = torch.stack([stream(frame).saliency for frame in frames])
-        assert len(calls) > 0
-        assert torch.equal(saliency[True], saliency[False])
+    saliency = saliency_with_and_without(monkeypatch, "STAGE_KERNEL", "head_stage", 6)
+    assert torch.equal(saliency[True], saliency[False])
 
 
 @needs_head_kernel
@@ -887,15 +894,7 @@ def test_the_rows_product_kernel_recomputes_as_the_operators_do(monkeypatch):
     """The fed 1x1 convolution in one kernel call (`kernels.head_rows_product`) against the
     PyTorch operators it replaces: the same saliency up to float rounding; and a position's value
     depends neither on the positions recomputed beside it nor on the threads."""
-    model = saliency_model()
-    frames = frames_with_a_moving_square()
-    saliency = {}
-    for kernel in (False, True):
-        monkeypatch.setattr(local_head, "ROWS_PRODUCT_KERNEL", kernel)
-        stream = eventful.convert(model, policy=eventful.TopK(2)).stream(drift=None)
-        with kernel_calls("head_rows_product") as calls, torch.inference_mode():
-            saliency[kernel] = torch.stack([stream(frame).saliency for frame in frames])
-        assert (len(calls) > 0) == kernel
+    saliency = saliency_with_and_without(monkeypatch, "ROWS_PRODUCT_KERNEL", "head_rows_product", 2)
     assert_equal_up_to_rounding(saliency[True], saliency[False])
 
     product = kernels.head_rows_product()
